@@ -1,0 +1,143 @@
+"""The Python API: `LLM(model_dir).generate(prompts, params)` and `.chat(messages, params)`, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tiermoe.config import EngineConfig
+from tiermoe.decode import autoregressive
+from tiermoe.decode.kv_cache import KVCache
+from tiermoe.decode.sequence import Sequence
+from tiermoe.errors import RequestError
+from tiermoe.models.loader import load_model
+from tiermoe.models.registry import DEFAULT_MODEL
+from tiermoe.offload.store import ResidentStore
+from tiermoe.outputs import RequestOutput
+from tiermoe.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """A model loaded for generation. Keyword arguments are EngineConfig fields (dtype, max_model_len, threads)."""
+
+    def __init__(self, model: str | Path = DEFAULT_MODEL, **kwargs):
+        self.config = EngineConfig(model=model, **kwargs)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.model, self.index, self.hf_config = load_model(self.config.model, self.config.torch_dtype)
+        self.store = ResidentStore(self.index, self.config.torch_dtype)
+        for block in self.model.moe_blocks:
+            block.store = self.store
+        self.tokenizer = load_tokenizer(self.config.model)
+        self.eos_ids = eos_token_ids(self.config.model, self.hf_config, self.tokenizer)
+        self.max_model_len = self.config.max_model_len or self.model.shape.max_position_embeddings
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs in prompt order.
+
+        The progress bar is on by default for more than one prompt.
+        """
+        seqs = self._make_sequences(prompts, sampling_params)
+        with tqdm(total=len(seqs), desc="Generating", unit="req", disable=not (use_tqdm or
+                                                                          (use_tqdm is None and len(seqs) > 1))) as bar:
+            def on_step(running: list[Sequence]) -> None:
+                bar.update(sum(s.finished for s in running))
+
+            autoregressive.generate(self.model, seqs, self.tokenizer, on_step)
+        return [s.to_output() for s in seqs]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield a cumulative RequestOutput after every generated token; the last one has `finished` set.
+
+        While running, the text holds back an incomplete character or a possible start of a stop string.
+        """
+        (seq,) = self._make_sequences([prompt], sampling_params)
+        with torch.inference_mode():
+            while not seq.finished:
+                autoregressive.step(self.model, [seq], self.tokenizer)
+                out = seq.to_output()
+                out.outputs[0].text = seq.stable_text()
+                yield out
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate the replies."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
+
+    def chat_prompt(self, messages: list[dict]) -> dict[str, list[int]]:
+        """Token ids of a conversation rendered with the chat template, ending with the assistant's turn."""
+        tok = self._require_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise RequestError(f"{self.config.model} has no chat template")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+
+    def _make_sequences(self, prompts, sampling_params) -> list[Sequence]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and
+                                                isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise RequestError("no prompts given")
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        return [self._make_sequence(p, sp or SamplingParams()) for p, sp in zip(prompts, params, strict=True)]
+
+    def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} "
+                               "tokens, which must also hold at least one generated token")
+        if max(ids) >= self.model.shape.vocab_size or min(ids) < 0:
+            raise RequestError(f"prompt token ids must be in [0, {self.model.shape.vocab_size})")
+        capacity = min(len(ids) + params.max_tokens, self.max_model_len)
+        return Sequence(str(next(self._ids)), text, ids, params, KVCache(capacity), self.max_model_len,
+                        self.eos_ids)
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt", "")
+        if isinstance(prompt, str):
+            return prompt, self._require_tokenizer().encode(prompt) if prompt else []
+        return None, list(prompt)
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise RequestError(f"{self.config.model} has no tokenizer: pass prompts as token ids")
+        return self.tokenizer
+
+
+def load_tokenizer(folder: Path):
+    """The folder's Hugging Face tokenizer, or None when it has no tokenizer files."""
+    if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def eos_token_ids(folder: Path, config: dict, tokenizer) -> frozenset[int]:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
+    gen_path = folder / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

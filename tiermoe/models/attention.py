@@ -1,0 +1,67 @@
+"""Grouped-query attention over per-sequence KV caches (Mixtral, Qwen-MoE, OLMoE, LLaDA).
+
+Shape legend as in layers.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tiermoe.models.layers import ForwardBatch, RMSNorm, apply_rotary, attend
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionArgs:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # None, "head" (per-head RMSNorm, Qwen3) or "full" (over the projection, OLMoE)
+    eps: float = 1e-6
+    clip_qkv: float | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, layer: int, a: AttentionArgs):
+        super().__init__()
+        self.layer, self.a = layer, a
+        self.q_proj = nn.Linear(a.hidden, a.heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
+        if a.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.eps), RMSNorm(a.head_dim, a.eps)
+        elif a.qk_norm == "full":
+            self.q_norm = RMSNorm(a.heads * a.head_dim, a.eps)
+            self.k_norm = RMSNorm(a.kv_heads * a.head_dim, a.eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        a, T = self.a, x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if a.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if a.clip_qkv is not None:
+            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+        q = q.view(T, a.heads, a.head_dim)  # [T, h, d]
+        k = k.view(T, a.kv_heads, a.head_dim)  # [T, g, d]
+        v = v.view(T, a.kv_heads, a.head_dim)
+        if a.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(attend_batch(self.layer, q, k, v, batch).reshape(T, -1))
+
+
+def attend_batch(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                 scale: float | None = None) -> torch.Tensor:
+    """Append each sequence's new k, v to its cache and attend; q [T, h, d] -> [T, h, dv]."""
+    out = q.new_empty(*q.shape[:2], v.shape[-1])
+    for s in batch.seqs:
+        rows = slice(s.start, s.start + s.length)
+        keys, values = s.cache.update(layer, s.past, k[rows], v[rows])
+        out[rows] = attend(q[rows], keys, values, s.past, scale)
+    return out

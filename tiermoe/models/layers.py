@@ -1,0 +1,118 @@
+"""Building blocks shared by the model families.
+
+Shape legend: T = tokens in the forward pass (all sequences of the batch, flattened), H = hidden size,
+S = tokens in one sequence's KV cache, h = query heads, g = KV heads, d = head dim, E = experts, A = activated (top-k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in fp32, scaled in the input dtype (as the reference implementations do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    """Dense gated MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Rotary:
+    """Rotary position embedding tables; `dim` is the rotated width (partial rotary rotates a prefix)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
+        self.inv_freq = inv_freq.float().to("cpu")  # [dim / 2]
+        self.scaling = scaling
+
+    @classmethod
+    def default(cls, dim: int, theta: float) -> Rotary:
+        # explicit device: models are built under torch.device("meta") and these tables are not weights
+        return cls(1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)))
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq  # [T, dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] with cos/sin [T, d_rot]; rotates the first d_rot dims (all of them unless partial)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    d_rot = cos.shape[-1]
+    if d_rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, keep = x[..., :d_rot], x[..., d_rot:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's layout: rotated pairs are (x0, x1), (x2, x3), ...; output is de-interleaved (evens then odds)."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[:, None, :half], sin[:, None, :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@dataclass(slots=True)
+class SeqSlice:
+    """One sequence's rows in a flattened forward pass."""
+
+    cache: object  # KVCache of the sequence
+    start: int  # first row in the [T, ...] tensors
+    length: int  # rows of this sequence in this pass
+    past: int  # tokens already in the cache before this pass
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """What a forward pass needs besides token ids: positions and where each sequence's rows are."""
+
+    positions: torch.Tensor  # [T] long
+    seqs: list[SeqSlice]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float | None) -> torch.Tensor:
+    """Causal attention of one sequence's new rows over its whole cache.
+
+    q [t, h, d], k [S, g, d], v [S, g, dv] with S = past + t; returns [t, h, dv].
+    """
+    t = q.shape[0]
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
+    if t == 1:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    elif past == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        rows = torch.arange(t)[:, None] + past
+        mask = torch.arange(k.shape[1])[None, :] <= rows  # [t, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)

@@ -1,0 +1,107 @@
+"""Routers and the sparse MoE block. Routed expert weights come from the expert store, never from the module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tiermoe.offload.store import ExpertStore
+
+
+@dataclass(frozen=True, slots=True)
+class RouterArgs:
+    """How a layer's router turns logits into (weights, expert ids)."""
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # "softmax" or "sigmoid"
+    norm_topk_prob: bool = False
+    scaling_factor: float = 1.0
+    n_group: int = 1  # group-limited routing: keep topk_group of n_group groups
+    topk_group: int = 1
+    group_score: str = "max"  # "max" (DeepSeek-V2) or "top2_sum" (DeepSeek-V3, LLaDA2)
+    correction_bias: bool = False  # sigmoid routers: a bias used for selection only
+    fp32_logits: bool = False  # compute the router matmul in fp32 (DeepSeek)
+
+
+class Router(nn.Module):
+    """Linear scorer over experts plus the family's selection rule."""
+
+    def __init__(self, hidden: int, args: RouterArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.zeros(args.num_experts, hidden))
+        if args.correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(args.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> weights [T, A] (fp32), expert ids [T, A]."""
+        a = self.args
+        logits = F.linear(x.float(), self.weight.float()) if a.fp32_logits else F.linear(x, self.weight)
+        scores = logits.float().softmax(-1) if a.scoring == "softmax" else logits.float().sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias if a.correction_bias else scores
+        if a.n_group > 1:
+            choice = _mask_groups(choice, a)
+        _, ids = torch.topk(choice, a.top_k, dim=-1)  # [T, A]
+        weights = scores.gather(1, ids)
+        if a.norm_topk_prob and a.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if a.scoring == "sigmoid" else 0.0))
+        return weights * a.scaling_factor, ids
+
+
+def _mask_groups(choice: torch.Tensor, a: RouterArgs) -> torch.Tensor:
+    """Keep the experts of the topk_group best groups; the others can't be chosen."""
+    grouped = choice.view(choice.shape[0], a.n_group, -1)  # [T, G, E / G]
+    if a.group_score == "max":
+        group_scores = grouped.max(-1).values
+        fill = 0.0
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        fill = float("-inf")
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(group_scores, a.topk_group, dim=-1).indices, True)  # [T, G]
+    return grouped.masked_fill(~keep[..., None], fill).view_as(choice)
+
+
+class SparseMoE(nn.Module):
+    """Routed experts (from the store), plus optional shared expert(s) and a sigmoid gate on the shared output."""
+
+    def __init__(self, layer: int, hidden: int, router: RouterArgs, shared: nn.Module | None = None,
+                 shared_gate: bool = False, act: Callable = F.silu):
+        super().__init__()
+        self.layer = layer
+        self.gate = Router(hidden, router)
+        self.shared_expert = shared
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+        self.act = act
+        self.store: ExpertStore | None = None  # set by the engine
+        self.on_route: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None  # trace recording hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)  # [T, A], [T, A]
+        if self.on_route is not None:
+            self.on_route(self.layer, ids, weights)
+        out = self.routed(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's experts of weight * expert(x), experts taken in ascending id order."""
+        experts = torch.unique(ids).tolist()
+        loaded = self.store.fetch(self.layer, experts)
+        out = torch.zeros_like(x)
+        for e in experts:
+            rows, slot = torch.where(ids == e)
+            w = loaded[e]
+            gate, up = F.linear(x[rows], w.gate_up).chunk(2, dim=-1)  # [n, I] each
+            y = F.linear(self.act(gate) * up, w.down) * weights[rows, slot, None]  # [n, H]
+            out.index_add_(0, rows, y.to(x.dtype))
+        return out

@@ -1,0 +1,70 @@
+"""The expert-store interface the model calls, and its simplest implementation: everything fetched stays resident.
+
+NOTE: the model never reads expert weights itself. Each MoE layer asks the store for its whole routed set at once,
+so that a tiered store can read the misses in parallel, overlap the reads with compute, and account every byte.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from tiermoe.checkpoint import CheckpointIndex, ExpertSpec
+
+
+@dataclass(slots=True)
+class ExpertWeights:
+    """One routed expert ready to compute with."""
+
+    gate_up: torch.Tensor  # [2I, H]: gate rows then up rows, so one matmul serves both
+    down: torch.Tensor  # [H, I]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+def build_expert(spec: ExpertSpec, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 dtype: torch.dtype) -> ExpertWeights:
+    """Assemble an expert from its three raw tensors, converted to the compute dtype."""
+    return ExpertWeights(torch.cat([gate, up]).to(dtype), down.to(dtype).contiguous())
+
+
+class ExpertStore(ABC):
+    """Source of routed expert weights for the model."""
+
+    @abstractmethod
+    def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
+        """Called once per MoE layer per forward pass with the distinct experts the batch routed to.
+
+        Returns every requested expert; the weights stay valid until the next `fetch` call.
+        """
+
+    def expert_nbytes(self, layer: int, expert: int) -> int:
+        """Bytes one expert occupies once loaded (used for budgets)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release threads and file handles."""
+
+
+class ResidentStore(ExpertStore):
+    """Reads each expert on first use and keeps it for the life of the engine."""
+
+    def __init__(self, index: CheckpointIndex, dtype: torch.dtype):
+        self.index = index
+        self.dtype = dtype
+        self.resident: dict[tuple[int, int], ExpertWeights] = {}
+
+    def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
+        out = {}
+        for e in experts:
+            w = self.resident.get((layer, e))
+            if w is None:
+                spec = self.index.expert(layer, e)
+                w = build_expert(spec, *(p.read() for p in spec.parts), self.dtype)
+                self.resident[(layer, e)] = w
+            out[e] = w
+        return out
