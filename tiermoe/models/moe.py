@@ -26,6 +26,7 @@ class RouterArgs:
     group_score: str = "max"  # "max" (DeepSeek-V2) or "top2_sum" (DeepSeek-V3, LLaDA2)
     correction_bias: bool = False  # sigmoid routers: a bias used for selection only
     fp32_logits: bool = False  # compute the router matmul in fp32 (DeepSeek)
+    weights_in_input_dtype: bool = False  # round the weights to the activations' dtype (Qwen-MoE, OLMoE)
 
 
 class Router(nn.Module):
@@ -39,7 +40,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(args.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> weights [T, A] (fp32), expert ids [T, A]."""
+        """x [T, H] -> weights [T, A], expert ids [T, A]."""
         a = self.args
         logits = F.linear(x.float(), self.weight.float()) if a.fp32_logits else F.linear(x, self.weight)
         scores = logits.float().softmax(-1) if a.scoring == "softmax" else logits.float().sigmoid()  # [T, E]
@@ -50,7 +51,8 @@ class Router(nn.Module):
         weights = scores.gather(1, ids)
         if a.norm_topk_prob and a.top_k > 1:
             weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if a.scoring == "sigmoid" else 0.0))
-        return weights * a.scaling_factor, ids
+        weights = weights * a.scaling_factor
+        return (weights.to(x.dtype) if a.weights_in_input_dtype else weights), ids
 
 
 def _mask_groups(choice: torch.Tensor, a: RouterArgs) -> torch.Tensor:
