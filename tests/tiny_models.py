@@ -46,7 +46,7 @@ def make_reference(family: str, seed: int = 0):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             # default init is tiny (std 0.02): widen it so routing and logits are far from ties
             if p.dim() >= 2:
                 p.normal_(0.0, 0.15)

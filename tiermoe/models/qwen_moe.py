@@ -51,7 +51,8 @@ def build(config: dict[str, Any]):
     shape = LMShape(a.vocab_size, a.hidden_size, a.num_hidden_layers, a.num_experts, a.num_experts_per_tok,
                     a.max_position_embeddings, a.tie_word_embeddings)
     attn = AttentionArgs(a.hidden_size, a.num_attention_heads, a.num_key_value_heads or a.num_attention_heads,
-                         head_dim, qkv_bias=a.attention_bias if qwen3 else a.qkv_bias, o_bias=qwen3 and a.attention_bias,
+                         head_dim, qkv_bias=a.attention_bias if qwen3 else a.qkv_bias,
+                         o_bias=qwen3 and a.attention_bias,
                          qk_norm="head" if qwen3 else None, eps=a.rms_norm_eps)
     router = RouterArgs(a.num_experts, a.num_experts_per_tok, norm_topk_prob=a.norm_topk_prob,
                         weights_in_input_dtype=True)

@@ -46,7 +46,7 @@ class ExpertStore(ABC):
         """Bytes one expert occupies once loaded (used for budgets)."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release threads and file handles."""
 
 
