@@ -31,6 +31,10 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 
+# The aligned expert-contiguous layout written by `tiermoe convert`.
+CONVERTED_INDEX = "experts.json"
+EXPERTS_FILE = "experts.bin"
+
 # Canonical expert names, after a family's `sanitize` has renamed its checkpoint keys.
 PER_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 FUSED_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(?:\.weight)?$")
@@ -46,14 +50,18 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
-    def read(self) -> torch.Tensor:
-        """Read the tensor with a plain buffered read."""
+    def read_bytes(self) -> bytes:
+        """The tensor's raw bytes, with a plain buffered read."""
         with open(self.file, "rb") as f:
             f.seek(self.offset)
             data = f.read(self.nbytes)
         if len(data) != self.nbytes:
             raise CheckpointError(f"{self.file}: short read at byte {self.offset} ({len(data)} of {self.nbytes} bytes)")
-        return from_bytes(data, self.dtype, self.shape)
+        return data
+
+    def read(self) -> torch.Tensor:
+        """Read the tensor with a plain buffered read."""
+        return from_bytes(self.read_bytes(), self.dtype, self.shape)
 
     def row_slice(self, first: int, count: int) -> TensorInfo:
         """The contiguous sub-tensor `self[first:first + count]` along dim 0."""
@@ -85,6 +93,12 @@ class ExpertSpec:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
+
+    @property
+    def contiguous(self) -> bool:
+        """True when gate, up and down lie back to back in one file (one read fetches the expert)."""
+        g, u, d = self.parts
+        return g.file == u.file == d.file and u.offset == g.offset + g.nbytes and d.offset == u.offset + u.nbytes
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -138,7 +152,8 @@ class CheckpointIndex:
                 canonical = rename(name)
                 if canonical is not None:
                     self.tensors[canonical] = info
-        self._experts = _index_experts(self.tensors)
+        converted = self.folder / CONVERTED_INDEX
+        self._experts = _read_converted(converted) if converted.exists() else _index_experts(self.tensors)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -151,6 +166,10 @@ class CheckpointIndex:
 
     def non_expert_names(self) -> list[str]:
         return [n for n in self.tensors if not (PER_EXPERT_KEY.match(n) or FUSED_EXPERT_KEY.match(n))]
+
+    def experts(self) -> dict[tuple[int, int], ExpertSpec]:
+        """Every routed expert found, keyed by (layer, expert)."""
+        return dict(self._experts)
 
     def expert(self, layer: int, expert: int) -> ExpertSpec:
         """Byte ranges of one routed expert; raises CheckpointError naming the missing tensor."""
@@ -170,7 +189,33 @@ class CheckpointIndex:
 
     @property
     def expert_layout(self) -> str:
+        if (self.folder / CONVERTED_INDEX).exists():
+            return "converted"
         return "fused" if any(FUSED_EXPERT_KEY.match(n) for n in self.tensors) else "per_expert"
+
+
+def _read_converted(path: Path) -> dict[tuple[int, int], ExpertSpec]:
+    """Experts of a folder written by `tiermoe convert`; refuses an experts file changed since conversion."""
+    try:
+        meta = json.loads(path.read_text())
+        data = path.parent / meta["file"]
+        if not data.exists():
+            raise CheckpointError(f"{data}: missing (listed in {path})")
+        st = data.stat()
+        if st.st_size != meta["file_size"] or st.st_mtime_ns != meta["file_mtime_ns"]:
+            raise CheckpointError(f"{data} changed after conversion (size or modification time differs from {path}); "
+                                  "convert the checkpoint again")
+        experts = {}
+        for key, entry in meta["experts"].items():
+            layer, e = map(int, key.split("/"))
+            parts = [TensorInfo(data, entry["offset"] + p["offset"], p["nbytes"], getattr(torch, p["dtype"]),
+                                tuple(p["shape"])) for p in entry["parts"]]
+            experts[(layer, e)] = ExpertSpec(*parts)
+        return experts
+    except (KeyError, ValueError, TypeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: malformed expert index ({e!r})") from e
 
 
 def _index_experts(tensors: dict[str, TensorInfo]) -> dict[tuple[int, int], ExpertSpec]:
