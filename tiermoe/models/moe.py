@@ -96,14 +96,19 @@ class SparseMoE(nn.Module):
         return out
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Sum over each token's experts of weight * expert(x), experts taken in ascending id order."""
-        experts = torch.unique(ids).tolist()
-        loaded = self.store.fetch(self.layer, experts)
-        out = torch.zeros_like(x)
-        for e in experts:
+        """Sum over each token's experts of weight * expert(x).
+
+        Experts are computed in the order the store delivers them but summed in ascending id order, so the result
+        is bit-identical whatever was resident: that order is what makes offloading lossless.
+        """
+        experts = torch.unique(ids).tolist()  # ascending
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for e, w in self.store.fetch(self.layer, experts):
             rows, slot = torch.where(ids == e)
-            w = loaded[e]
             gate, up = F.linear(x[rows], w.gate_up).chunk(2, dim=-1)  # [n, I] each
             y = F.linear(self.act(gate) * up, w.down) * weights[rows, slot, None]  # [n, H]
-            out.index_add_(0, rows, y.to(x.dtype))
+            outputs[e] = (rows, y.to(x.dtype))
+        out = torch.zeros_like(x)
+        for e in experts:
+            out.index_add_(0, *outputs[e])
         return out

@@ -7,6 +7,7 @@ so that a tiered store can read the misses in parallel, overlap the reads with c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,12 @@ class ExpertStore(ABC):
     """Source of routed expert weights for the model."""
 
     @abstractmethod
-    def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
-        """Called once per MoE layer per forward pass with the distinct experts the batch routed to.
+    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Called once per MoE layer per forward pass with the distinct experts the batch routed to (ascending).
 
-        Returns every requested expert; the weights stay valid until the next `fetch` call.
+        Yields every requested expert exactly once, in the order they become ready (resident ones first). A yielded
+        expert's weights are valid until the next item is requested: compute with them before asking for more, so
+        a store whose budget holds fewer experts than one request can serve it in turns.
         """
 
     def expert_nbytes(self, layer: int, expert: int) -> int:
@@ -58,13 +61,11 @@ class ResidentStore(ExpertStore):
         self.dtype = dtype
         self.resident: dict[tuple[int, int], ExpertWeights] = {}
 
-    def fetch(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
-        out = {}
+    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
         for e in experts:
             w = self.resident.get((layer, e))
             if w is None:
                 spec = self.index.expert(layer, e)
                 w = build_expert(spec, *(p.read() for p in spec.parts), self.dtype)
                 self.resident[(layer, e)] = w
-            out[e] = w
-        return out
+            yield e, w
