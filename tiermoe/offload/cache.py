@@ -1,0 +1,137 @@
+"""The resident set of a tier: which expert keys are held, under a capacity, with a policy choosing evictions.
+
+This is bookkeeping only (no weights): the live tiered store keeps its tensors in a dict beside it and loads the
+misses / frees the evicted that `request` reports; the simulator just counts. Both thus apply the same rules:
+
+- every requested key is reported to the policy (`on_access`), hit or miss;
+- the keys of the current request are never evicted (the token being computed needs all of them at once);
+- the resident size never exceeds the capacity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Hashable, Iterable
+from typing import NamedTuple
+
+from tiermoe.offload.policies import CachePolicy
+
+Key = Hashable
+
+
+class RequestOutcome(NamedTuple):
+    """What one `ExpertCache.request` did; unpacks as `hits, misses, evicted`."""
+
+    hits: list[Key]  # requested keys that were resident, in request order
+    misses: list[Key]  # requested keys that were not resident and are now, in request order
+    evicted: list[Key]  # keys removed to make room, in eviction order
+
+
+class ExpertCache:
+    """A capacity-bounded resident set driven by a `CachePolicy`.
+
+    Capacity is counted in items when `size_of` is None (every key weighs 1), else in whatever unit `size_of(key)`
+    returns (bytes for the live store). `size_of` is called once per key when it is first seen; a key's size must
+    not change.
+    """
+
+    def __init__(self, capacity: int, policy: CachePolicy, size_of: Callable[[Key], int] | None = None):
+        if capacity < 0:
+            raise ValueError(f"cache capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self.policy = policy
+        self._size_of = size_of
+        self._sizes: dict[Key, int] = {}  # memo of size_of
+        self._resident: dict[Key, int] = {}  # key -> size, in insertion order
+        self.used = 0  # sum of resident sizes
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._resident
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    @property
+    def resident(self) -> list[Key]:
+        """The resident keys, oldest insertion first (a copy)."""
+        return list(self._resident)
+
+    def size(self, key: Key) -> int:
+        """The size one key counts for against the capacity."""
+        if self._size_of is None:
+            return 1
+        s = self._sizes.get(key)
+        if s is None:
+            s = self._sizes[key] = int(self._size_of(key))
+            if s < 0:
+                raise ValueError(f"size_of({key!r}) returned a negative size {s}")
+        return s
+
+    def min_capacity(self, keys: Iterable[Key]) -> int:
+        """The smallest capacity that can serve a request for `keys` (they must all be resident at once)."""
+        return self._total(set(keys))
+
+    def _total(self, keys: Collection[Key]) -> int:
+        """Sum of sizes of distinct `keys` (a len() in items mode: this runs on every replayed request)."""
+        if self._size_of is None:
+            return len(keys)
+        return sum(self.size(k) for k in keys)
+
+    def request(self, keys: Iterable[Key], step: int) -> RequestOutcome:
+        """Serves one request at logical time `step`: all of `keys` are resident afterwards.
+
+        `keys` may be a set, or a sequence whose order is the access order the policy sees (duplicates ignored).
+        Raises ValueError, naming the minimum capacity, if the keys together exceed the capacity; nothing changes
+        in the cache then, though the policy has seen the accesses.
+        """
+        keys = list(dict.fromkeys(keys))
+        hits: list[Key] = []
+        misses: list[Key] = []
+        on_access, resident = self.policy.on_access, self._resident  # locals: this loop runs per replayed expert
+        for key in keys:
+            on_access(key, step)
+            (hits if key in resident else misses).append(key)
+        evicted = self._make_room(keys, misses, step) if misses else []
+        for key in misses:
+            self._insert(key, step)
+        return RequestOutcome(hits, misses, evicted)
+
+    def _make_room(self, keys: list[Key], misses: list[Key], step: int) -> list[Key]:
+        """Evicts residents outside `keys` until `misses` fit; returns them in eviction order."""
+        need = self.used + self._total(misses) - self.capacity
+        if need <= 0:
+            return []
+        least = self._total(keys)
+        if least > self.capacity:
+            unit = "items" if self._size_of is None else "size units"
+            raise ValueError(
+                f"one request needs {least} {unit} resident at once but the cache capacity is {self.capacity}; "
+                f"the minimum capacity is {least}")
+        candidates = self._resident.keys() - keys  # a new set
+        evicted = []
+        while need > 0:
+            key = self.policy.victim(candidates, step)
+            if key not in candidates:
+                raise RuntimeError(f"{type(self.policy).__name__}.victim returned {key!r}, not an evictable resident")
+            candidates.remove(key)
+            need -= self._evict(key)
+            evicted.append(key)
+        return evicted
+
+    def discard(self, key: Key) -> bool:
+        """Drops `key` outside any request (e.g. the store frees it); returns whether it was resident."""
+        if key not in self._resident:
+            return False
+        self._evict(key)
+        return True
+
+    def _insert(self, key: Key, step: int) -> None:
+        size = self.size(key)
+        self._resident[key] = size
+        self.used += size
+        self.policy.on_insert(key, step)
+
+    def _evict(self, key: Key) -> int:
+        size = self._resident.pop(key)
+        self.used -= size
+        self.policy.on_evict(key)
+        return size

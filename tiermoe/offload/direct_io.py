@@ -1,0 +1,290 @@
+"""Aligned direct-I/O reads of byte ranges (expert tensors) from files on the SSD tier.
+
+`O_DIRECT` bypasses the page cache, so the RAM that expert reads use is the RAM our budget accounts for (and a
+cold read is cold). It requires the file offset, the length and the buffer address to be block aligned; safetensors
+tensors start at arbitrary offsets, so a read rounds its range out to 4 KiB pages into a page-aligned anonymous
+`mmap` buffer and hands back a view of exactly the requested bytes.
+
+What a read returns is a `Segment`: `segment.view` is a writable memoryview of the requested bytes inside the
+buffer, and `segment.as_tensor(dtype, shape)` is `torch.frombuffer` over it: a tensor of any dtype and shape sharing
+the buffer's memory, no copy. The buffer lives as long as any view or tensor over it; `segment.release()` returns it
+to the reader's pool for reuse, after which its contents will be overwritten, so release only once every tensor
+built on it is dead or copied (e.g. after converting to the compute dtype).
+
+Filesystems that refuse `O_DIRECT` (EINVAL on open or on the first read: tmpfs on older kernels, some FUSE and
+network filesystems) are read through the page cache instead; `DirectReader.fallbacks` records which files and why.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+PAGE = 4096  # alignment of offsets, lengths and buffers: the largest logical block size of common SSDs
+
+# Linux transfers at most this many bytes per read call (0x7ffff000); longer ranges are read in several calls.
+_MAX_CALL = 0x7FFFF000 & ~(PAGE - 1)
+
+
+class ShortReadError(OSError):
+    """The file ended (or a read returned nothing) before the whole requested range was read."""
+
+    def __init__(self, path: str, offset: int, nbytes: int, got: int):
+        got = max(got, 0)
+        super().__init__(errno.EIO, f"short read of {path}: wanted bytes [{offset}, {offset + nbytes}) "
+                                    f"({nbytes} bytes) but got {got} (file truncated?)", path)
+        self.offset, self.nbytes, self.got = offset, nbytes, got
+
+
+def align_down(n: int) -> int:
+    return n & ~(PAGE - 1)
+
+
+def align_up(n: int) -> int:
+    return (n + PAGE - 1) & ~(PAGE - 1)
+
+
+class BufferPool:
+    """Page-aligned anonymous mmap buffers, recycled by exact (page-rounded) size.
+
+    Expert reads of one model come in few distinct sizes, so exact-size free lists reuse well without the up to 2x
+    waste of power-of-two classes. At most `max_bytes` are kept idle; the rest are left to the garbage collector.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.idle_bytes = 0  # kept for reuse
+        self.in_use = 0  # buffers handed out and not released yet (a leak shows here)
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> mmap.mmap:
+        """A buffer of `align_up(nbytes)` bytes whose address is page aligned (mmap always is)."""
+        size = max(align_up(nbytes), PAGE)
+        with self._lock:
+            self.in_use += 1
+            free = self._free.get(size)
+            if free:
+                self.idle_bytes -= size
+                return free.pop()
+        return mmap.mmap(-1, size)
+
+    def release(self, buf: mmap.mmap) -> None:
+        """Takes a buffer back (the caller must hold no view of it any more)."""
+        with self._lock:
+            self.in_use -= 1
+            if self.idle_bytes + len(buf) <= self.max_bytes:
+                self._free.setdefault(len(buf), []).append(buf)
+                self.idle_bytes += len(buf)
+
+
+@dataclass(eq=False)
+class Segment:
+    """The bytes [offset, offset + nbytes) of a file, held in a page-aligned buffer."""
+
+    path: str
+    offset: int
+    nbytes: int
+    view: memoryview  # exactly the requested bytes, writable, inside `buffer`
+    buffer: mmap.mmap | None = field(repr=False)
+    _pool: BufferPool | None = field(default=None, repr=False)
+
+    def as_tensor(self, dtype: Any = None, shape: Sequence[int] | None = None) -> Any:
+        """A torch tensor over the bytes (uint8 by default), sharing the buffer's memory: no copy.
+
+        `dtype`'s item size must divide `nbytes`; `shape` defaults to 1-D.
+        """
+        import torch
+
+        t = torch.frombuffer(self.view, dtype=dtype or torch.uint8)
+        return t if shape is None else t.view(tuple(shape))
+
+    def release(self) -> None:
+        """Returns the buffer to the reader's pool; this segment's view and tensors must no longer be used."""
+        if self.buffer is None:
+            return
+        # NOTE: the view is dropped, never `.release()`d: a tensor from `as_tensor` points into the buffer while
+        # only holding a reference to the view, so the view must keep the mmap mapped for as long as it lives.
+        buf, pool = self.buffer, self._pool
+        self.view = memoryview(b"")
+        self.buffer = None
+        if pool is not None:
+            pool.release(buf)
+
+    def __enter__(self) -> Segment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class _OpenFile:
+    fd: int
+    direct: bool
+
+
+class DirectReader:
+    """Reads byte ranges of files with O_DIRECT into pooled page-aligned buffers, in parallel if asked.
+
+    `direct=False` forces page-cache reads everywhere (e.g. to compare with warm buffered reads). File descriptors
+    stay open until `close()`; the reader is a context manager.
+    """
+
+    def __init__(self, max_workers: int = 4, pool: BufferPool | None = None, direct: bool = True):
+        self.max_workers = max_workers
+        self.pool = pool or BufferPool()
+        self.direct = direct
+        self.fallbacks: dict[str, str] = {}  # path -> why it is read through the page cache
+        self._files: dict[str, _OpenFile] = {}
+        self._retired: list[int] = []  # descriptors replaced by a fallback, closed with the reader
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    # --- files ---------------------------------------------------------------------------------------------------
+
+    def is_direct(self, path: str | os.PathLike) -> bool:
+        """Whether reads of `path` bypass the page cache (opens the file if needed)."""
+        return self._file(os.fspath(path)).direct
+
+    def _file(self, path: str) -> _OpenFile:
+        f = self._files.get(path)
+        if f is None:
+            with self._lock:
+                f = self._files.get(path)
+                if f is None:
+                    f = self._files[path] = self._open(path)
+        return f
+
+    def _open(self, path: str) -> _OpenFile:
+        if self.direct and hasattr(os, "O_DIRECT"):
+            try:
+                return _OpenFile(os.open(path, os.O_RDONLY | os.O_DIRECT), True)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.fallbacks[path] = "the filesystem refuses O_DIRECT (EINVAL on open)"
+        elif self.direct:
+            self.fallbacks[path] = "O_DIRECT is not available on this platform"
+        return _OpenFile(os.open(path, os.O_RDONLY), False)
+
+    def _reopen_buffered(self, path: str, reason: str) -> _OpenFile:
+        with self._lock:
+            old = self._files[path]
+            if old.direct:
+                self.fallbacks[path] = reason
+                self._files[path] = _OpenFile(os.open(path, os.O_RDONLY), False)
+                # Other threads may still be reading on the old descriptor: close it only in close().
+                self._retired.append(old.fd)
+            return self._files[path]
+
+    # --- reads -----------------------------------------------------------------------------------------------------
+
+    def read(self, path: str | os.PathLike, offset: int, nbytes: int) -> Segment:
+        """Bytes [offset, offset + nbytes) of `path`; raises ShortReadError if the file ends before them."""
+        path = os.fspath(path)
+        if offset < 0 or nbytes < 0:
+            raise ValueError(f"bad range of {path}: offset {offset}, nbytes {nbytes}")
+        start = align_down(offset)
+        end = align_up(offset + nbytes)
+        buf = self.pool.acquire(end - start)
+        try:
+            got = self._read_into(path, buf, start, end - start)
+        except BaseException:
+            self.pool.release(buf)
+            raise
+        if got < offset + nbytes - start:
+            self.pool.release(buf)
+            raise ShortReadError(path, offset, nbytes, got - (offset - start))
+        view = memoryview(buf)[offset - start:offset - start + nbytes]
+        return Segment(path, offset, nbytes, view, buf, self.pool)
+
+    def _read_into(self, path: str, buf: mmap.mmap, start: int, length: int) -> int:
+        """Fills buf[:length] from file offset `start` (both page aligned); returns the bytes read (less at EOF)."""
+        f = self._file(path)
+        try:
+            return _pread_full(f.fd, buf, start, length, f.direct)
+        except OSError as e:
+            if not (f.direct and e.errno == errno.EINVAL):
+                raise
+        # Some filesystems accept O_DIRECT at open and refuse it at read time.
+        f = self._reopen_buffered(path, "the filesystem refuses O_DIRECT reads (EINVAL on read)")
+        return _pread_full(f.fd, buf, start, length, f.direct)
+
+    def read_many(self, ranges: Iterable[tuple[str | os.PathLike, int, int]]) -> list[Segment]:
+        """Reads `(path, offset, nbytes)` ranges in parallel on the reader's threads; results in input order.
+
+        If any read fails, the segments already read are released and the first error is raised.
+        """
+        ranges = list(ranges)
+        if len(ranges) <= 1 or self.max_workers <= 1:
+            return [self.read(*r) for r in ranges]
+        futures = [self._pool_executor().submit(self.read, *r) for r in ranges]
+        out, error = [], None
+        for fut in futures:
+            try:
+                out.append(fut.result())
+            except Exception as e:  # keep collecting so no buffer leaks out of the pool
+                error = error or e
+        if error is not None:
+            for seg in out:
+                seg.release()
+            raise error
+        return out
+
+    def _pool_executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="direct-read")
+        return self._executor
+
+    def close(self) -> None:
+        """Stops the threads and closes the files."""
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        with self._lock:
+            for fd in [f.fd for f in self._files.values()] + self._retired:
+                os.close(fd)
+            self._files.clear()
+            self._retired.clear()
+
+    def __enter__(self) -> DirectReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pread_full(fd: int, buf: mmap.mmap, start: int, length: int, direct: bool) -> int:
+    """preadv until `length` bytes are in, the file ends, or (direct) a read ends off a page boundary (= EOF)."""
+    view = memoryview(buf)
+    done = 0
+    try:
+        while done < length:
+            n = os.preadv(fd, [view[done:done + min(length - done, _MAX_CALL)]], start + done)
+            if n <= 0:
+                break
+            done += n
+            if direct and done % PAGE:  # O_DIRECT returns a partial block only at the end of the file
+                break
+    finally:
+        view.release()
+    return done
+
+
+def drop_page_cache(path: str | os.PathLike) -> None:
+    """Evicts `path`'s pages from the page cache (for cold-cache measurements); dirty pages are written first."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # DONTNEED skips dirty pages, so flush them first
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -1,0 +1,180 @@
+"""Cache eviction policies: small objects with one interface, driven alike by the live store and the simulator.
+
+NOTE: a policy only keeps score-keeping state and answers "which of these residents goes?". The resident set, the
+capacity and the rule that a token's own experts are never evicted belong to the cache that drives it
+(`tiermoe.offload.cache.ExpertCache`), so the live engine and the simulator share one piece of bookkeeping and one
+set of policies, and what the simulator reports about a policy is a statement about the code that runs.
+
+Keys are any hashable: the live store uses `(layer, expert)` tuples in one cache across all layers; the simulator
+uses one policy per layer keyed by expert id.
+
+Time has two clocks. `step` is the caller's logical time: one step is one token's request of one layer's top-k set,
+so several keys share a step. Inside a step, the order of `on_access` calls breaks recency ties (the cache makes
+them in the order the request lists its keys; the simulator lists a row in router rank order).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+Key = Hashable
+
+# Scores below pack two integers into one so that `min`/`max` with a dict lookup as key stay in C:
+# primary * _SHIFT + secondary, where the secondary (an access tick) is always below _SHIFT.
+_SHIFT = 1 << 40
+
+
+class CachePolicy(ABC):
+    """Chooses eviction victims for a capacity-bounded cache of expert weights."""
+
+    #: True when the policy must be constructed with the future access sequence (`future=`), e.g. Belady.
+    needs_future: bool = False
+
+    @abstractmethod
+    def on_access(self, key: Key, step: int) -> None:
+        """Called for every requested key, hit or miss, at logical time `step`, before any eviction of that step."""
+
+    @abstractmethod
+    def on_insert(self, key: Key, step: int) -> None:
+        """Called when `key` becomes resident at `step` (after the evictions that made room for it)."""
+
+    @abstractmethod
+    def on_evict(self, key: Key) -> None:
+        """Called when `key` leaves the cache: right after `victim` chose it, or when its owner drops it."""
+
+    @abstractmethod
+    def victim(self, candidates: Iterable[Key], step: int) -> Key:
+        """Called when room is needed at `step`: return one of `candidates` (the evictable residents) to evict.
+
+        The caller has already removed the keys of the request being served, so those are never offered.
+        """
+
+
+class _TickPolicy(CachePolicy):
+    """Base for policies that need an access order finer than `step`: every `on_access` takes the next tick."""
+
+    def __init__(self) -> None:
+        self._ticks = itertools.count(1)
+
+
+class LRUPolicy(_TickPolicy):
+    """Least recently used: evicts the candidate whose latest access is oldest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[Key, int] = {}  # key -> tick of its latest access (or insert)
+
+    def on_access(self, key: Key, step: int) -> None:
+        """Marks `key` as the most recent access."""
+        self.last[key] = next(self._ticks)
+
+    def on_insert(self, key: Key, step: int) -> None:
+        """A key inserted without an access (e.g. prefetched) counts as just used."""
+        if key not in self.last:
+            self.last[key] = next(self._ticks)
+
+    def on_evict(self, key: Key) -> None:
+        """Forgets the key: its recency only matters while it is resident."""
+        self.last.pop(key, None)
+
+    def victim(self, candidates: Iterable[Key], step: int) -> Key:
+        """The least recently used candidate."""
+        return min(candidates, key=self.last.__getitem__)
+
+
+class LFUPolicy(_TickPolicy):
+    """Least frequently used, counting every access since the policy was created (resident or not).
+
+    Counts survive eviction, so a popular expert that was pushed out returns with its history ("perfect" LFU rather
+    than in-cache LFU). Ties in count are broken by least recent access.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: dict[Key, int] = {}
+        self._score: dict[Key, int] = {}  # count * _SHIFT + last tick: lower is evicted first
+
+    def on_access(self, key: Key, step: int) -> None:
+        """Counts the access and refreshes the key's recency."""
+        n = self.count[key] = self.count.get(key, 0) + 1
+        self._score[key] = n * _SHIFT + next(self._ticks)
+
+    def on_insert(self, key: Key, step: int) -> None:
+        """A key inserted without an access (e.g. prefetched) starts with its past count, and is recent."""
+        if key not in self._score:
+            self._score[key] = self.count.get(key, 0) * _SHIFT + next(self._ticks)
+
+    def on_evict(self, key: Key) -> None:
+        """Keeps the count (all accesses count), drops the per-resident score."""
+        self._score.pop(key, None)
+
+    def victim(self, candidates: Iterable[Key], step: int) -> Key:
+        """The candidate with the fewest accesses; among equals, the least recently used."""
+        return min(candidates, key=self._score.__getitem__)
+
+
+class BeladyPolicy(_TickPolicy):
+    """Belady's offline optimum: evicts the candidate whose next use lies farthest in the future.
+
+    `future[s]` is the set of keys requested at step `s`; the caller's steps must index this list. Keys never used
+    again count as farthest of all. Ties (two keys next needed by the same step) go to the least recently used.
+    """
+
+    needs_future = True
+
+    def __init__(self, future: Sequence[Iterable[Key]]) -> None:
+        super().__init__()
+        self._never = len(future)  # the "next use" of a key that is not used again
+        self._uses: dict[Key, list[int]] = {}  # key -> ascending steps at which it is requested
+        for step, keys in enumerate(future):
+            for key in keys:
+                self._uses.setdefault(key, []).append(step)
+        self._score: dict[Key, int] = {}  # next use * _SHIFT - last tick: higher is evicted first
+
+    def next_use(self, key: Key, step: int) -> int:
+        """First step after `step` at which `key` is requested, or `len(future)` if none."""
+        uses = self._uses.get(key)
+        if not uses:
+            return self._never
+        i = bisect.bisect_right(uses, step)
+        return uses[i] if i < len(uses) else self._never
+
+    def on_access(self, key: Key, step: int) -> None:
+        """Looks up the key's next use after this step."""
+        self._score[key] = self.next_use(key, step) * _SHIFT - next(self._ticks)
+
+    def on_insert(self, key: Key, step: int) -> None:
+        """Scores a key inserted without an access at this step (e.g. prefetched)."""
+        if key not in self._score:
+            self._score[key] = self.next_use(key, step) * _SHIFT - next(self._ticks)
+
+    def on_evict(self, key: Key) -> None:
+        """Drops the key's score; it is recomputed when the key is accessed again."""
+        self._score.pop(key, None)
+
+    def victim(self, candidates: Iterable[Key], step: int) -> Key:
+        """The candidate used farthest in the future (never-used-again first).
+
+        A candidate's score was computed at its last access, before `step`; since it is not requested at `step` (the
+        caller excludes the current request) nor in between, that next use is still its next use after `step`.
+        """
+        return max(candidates, key=self._score.__getitem__)
+
+
+POLICIES: dict[str, type[CachePolicy]] = {
+    "lru": LRUPolicy,
+    "lfu": LFUPolicy,
+    "belady": BeladyPolicy,
+}
+
+
+def make_policy(name: str, **kw: Any) -> CachePolicy:
+    """Builds the policy registered as `name` (case-insensitive) with keyword arguments `kw`."""
+    cls = POLICIES.get(name.lower())
+    if cls is None:
+        raise ValueError(f"unknown cache policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
+    return cls(**kw)

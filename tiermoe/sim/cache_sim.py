@@ -1,0 +1,150 @@
+"""Trace-driven cache simulation: replay routing traces through the same policy and cache objects the store uses.
+
+Model of the replay (the rules the live store follows, minus the weights):
+- one `ExpertCache` per MoE layer, keyed by expert id, each with its own policy object;
+- its capacity is a share of that layer's experts: `floor(fraction * E + 0.5)` items (round half up, so 25% of 64 is
+  16 and 12.5% of 60 is 8); a capacity below top-k is refused, naming the minimum, since a token needs its whole
+  top-k set resident at once;
+- a token's top-k set at a layer is one request (`step` = index of the token in the replayed rows), listed in router
+  rank order; entries of -1 (layer not computed) are skipped;
+- decode tokens only by default (`include_prefill` replays prompt tokens too); caches start empty and persist
+  across sequences, as a serving process's cache would;
+- hit rate of a layer = hits / requested experts; the mean is the unweighted mean over layers.
+Belady, being offline, is given the replayed rows of its own layer as its future.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tiermoe.offload.cache import ExpertCache
+from tiermoe.offload.policies import POLICIES, CachePolicy, make_policy
+from tiermoe.sim.trace import Trace
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """A cache size per layer: a share of the layer's experts, or a fixed number of experts."""
+
+    fraction: float | None = None
+    items: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.items is None):
+            raise ValueError("give exactly one of fraction and items")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"capacity fraction must be in (0, 1], got {self.fraction}")
+        if self.items is not None and self.items < 1:
+            raise ValueError(f"capacity must be at least 1 expert, got {self.items}")
+
+    @classmethod
+    def parse(cls, text: str) -> Capacity:
+        """'25%' -> a quarter of the experts, '0.25' -> the same, '16' -> 16 experts."""
+        text = text.strip()
+        try:
+            if text.endswith("%"):
+                return cls(fraction=float(text[:-1]) / 100)
+            if "." in text:
+                return cls(fraction=float(text))
+            return cls(items=int(text))
+        except ValueError as e:
+            raise ValueError(f"bad capacity {text!r} ({e}); use e.g. 25%, 0.25 or 16") from None
+
+    def items_for(self, num_experts: int) -> int:
+        """Number of experts the cache of one layer holds."""
+        if self.items is not None:
+            return self.items
+        return math.floor(self.fraction * num_experts + 0.5)
+
+    @property
+    def label(self) -> str:
+        return f"{self.fraction * 100:g}%" if self.fraction is not None else str(self.items)
+
+
+@dataclass
+class PolicyRun:
+    """Hit rates of one policy at one capacity."""
+
+    policy: str
+    capacity: str  # as given, e.g. "25%"
+    capacity_items: int  # experts per layer cache
+    per_layer: list[float]  # hit rate of each MoE layer
+    mean: float  # unweighted mean of per_layer
+    hits: int  # over all layers
+    requests: int  # requested experts over all layers
+
+
+@dataclass
+class CacheSimResult:
+    """Everything one `simulate` call measured."""
+
+    trace: str  # trace file stem
+    tokens: int  # replayed rows
+    include_prefill: bool
+    num_layers: int
+    num_experts: int
+    top_k: int
+    runs: list[PolicyRun] = field(default_factory=list)
+
+    def run(self, policy: str, capacity: str) -> PolicyRun:
+        """The run of `policy` at the capacity labelled `capacity` (e.g. "25%")."""
+        for r in self.runs:
+            if r.policy == policy and r.capacity == capacity:
+                return r
+        raise KeyError((policy, capacity))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def replay_layer(requests: Sequence[Sequence[int]], capacity: int, policy: CachePolicy) -> int:
+    """Replays one layer's requests (step = list index) through a fresh cache; returns the number of hits."""
+    cache = ExpertCache(capacity, policy)
+    hits = 0
+    for step, keys in enumerate(requests):
+        if keys:
+            hits += len(cache.request(keys, step).hits)
+    return hits
+
+
+def _policy_for(name: str, requests: Sequence[Sequence[int]]) -> CachePolicy:
+    cls = POLICIES.get(name.lower())
+    if cls is not None and cls.needs_future:
+        return make_policy(name, future=requests)
+    return make_policy(name)
+
+
+def _check_capacity(items: int, label: str, top_k: int) -> None:
+    if items < top_k:
+        raise ValueError(f"capacity {label} gives {items} experts per layer, below top-k {top_k}: a token needs its "
+                         f"whole top-k set resident at once, so the minimum capacity is {top_k} experts")
+
+
+def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacity],
+             include_prefill: bool = False) -> CacheSimResult:
+    """Hit rates of every policy at every capacity on `trace` (see the module docstring for the rules)."""
+    for name in policies:
+        if name.lower() not in POLICIES:
+            make_policy(name)  # raises the ValueError listing the known policies
+    rows = np.arange(trace.num_tokens) if include_prefill else trace.decode_rows()
+    result = CacheSimResult(trace.name, len(rows), include_prefill, trace.num_layers, trace.num_experts, trace.top_k)
+    sizes = [(cap.label, cap.items_for(trace.num_experts)) for cap in capacities]
+    for label, items in sizes:
+        _check_capacity(items, label, trace.top_k)
+    layers = [trace.layer_requests(layer, rows) for layer in range(trace.num_layers)]
+    requested = [sum(map(len, reqs)) for reqs in layers]
+    for name in policies:
+        for label, items in sizes:
+            hits = [replay_layer(reqs, items, _policy_for(name, reqs)) for reqs in layers]
+            rates = [h / n if n else 0.0 for h, n in zip(hits, requested, strict=True)]
+            result.runs.append(PolicyRun(name.lower(), label, items, rates, float(np.mean(rates)) if rates else 0.0,
+                                         sum(hits), sum(requested)))
+    return result

@@ -1,0 +1,111 @@
+"""`sim` commands: `sim cache` replays a routing trace through cache policies and reports hit rates.
+
+The main CLI registers these with `add_parser(subparsers)` and runs `args.func(args)` (an exit code); until then,
+`python -m tiermoe.sim.cli cache --trace FILE ...` runs them standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tiermoe.offload.policies import POLICIES
+from tiermoe.sim.cache_sim import CacheSimResult, Capacity, simulate
+from tiermoe.sim.trace import Trace
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_cache_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("cache", help="hit rates of cache policies replayed on a routing trace",
+                            description="Replay a routing trace through per-layer expert caches and report hit rates.")
+    p.add_argument("--trace", required=True, type=Path, help="trace .npz (its .json sidecar is read beside it)")
+    p.add_argument("--capacity", default="25%,50%", type=_csv,
+                   help="comma-separated cache sizes per layer: 25%% / 0.25 (share of experts) or 16 (experts); "
+                        "shares round half up (default: %(default)s)")
+    p.add_argument("--policy", default="lru,lfu,belady", type=_csv,
+                   help=f"comma-separated policies among {', '.join(POLICIES)} (default: %(default)s)")
+    p.add_argument("--include-prefill", action="store_true", help="replay prompt tokens too (default: decode only)")
+    p.add_argument("--json", action="store_true", help="print only the result as JSON on stdout")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw mean hit rate vs capacity per policy")
+    p.set_defaults(func=run_cache)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers `sim` (with its `cache` command) on the main CLI's subparsers; returns the `sim` parser."""
+    sim = subparsers.add_parser("sim", help="trace-driven simulation of offload policies")
+    _add_cache_command(sim.add_subparsers(dest="sim_command", required=True, metavar="COMMAND"))
+    return sim
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    """Runs `sim cache` for parsed arguments; returns the exit code."""
+    try:
+        trace = Trace.load(args.trace)
+        capacities = [Capacity.parse(c) for c in args.capacity]
+        result = simulate(trace, args.policy, capacities, include_prefill=args.include_prefill)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.plot:
+        plot_hit_rates(result, args.plot)
+    print(result.to_json() if args.json else format_result(result))
+    return 0
+
+
+def format_result(result: CacheSimResult) -> str:
+    """A summary table (policy x capacity) followed by a per-layer table (layers x runs)."""
+    tokens = "all" if result.include_prefill else "decode"
+    lines = [f"trace {result.trace}: {result.tokens} {tokens} tokens, {result.num_layers} layers x "
+             f"{result.num_experts} experts, top-{result.top_k}", "",
+             f"{'policy':<8} {'capacity':>8} {'experts':>7} {'mean hit':>8} {'min layer':>9} {'max layer':>9}"]
+    for r in result.runs:
+        lines.append(f"{r.policy:<8} {r.capacity:>8} {r.capacity_items:>7} {r.mean:>8.4f} "
+                     f"{min(r.per_layer):>9.4f} {max(r.per_layer):>9.4f}")
+    heads = [f"{r.policy}@{r.capacity}" for r in result.runs]
+    width = max(8, *map(len, heads))
+    lines += ["", "per-layer hit rate", f"{'layer':<5} " + " ".join(f"{h:>{width}}" for h in heads)]
+    for layer in range(result.num_layers):
+        lines.append(f"{layer:<5} " + " ".join(f"{r.per_layer[layer]:>{width}.4f}" for r in result.runs))
+    return "\n".join(lines)
+
+
+def plot_hit_rates(result: CacheSimResult, path: Path) -> None:
+    """Writes a PNG of mean hit rate against cache capacity (experts per layer), one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for policy in dict.fromkeys(r.policy for r in result.runs):
+        runs = sorted((r for r in result.runs if r.policy == policy), key=lambda r: r.capacity_items)
+        x = [100 * r.capacity_items / result.num_experts for r in runs]
+        ax.plot(x, [r.mean for r in runs], marker="o", label=policy)
+    ax.set_xlabel(f"cache capacity (% of the {result.num_experts} experts per layer)")
+    ax.set_ylabel("mean hit rate over layers")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tokens = "all" if result.include_prefill else "decode"
+    ax.set_title(f"{result.trace}\n{result.tokens} {tokens} tokens, top-{result.top_k}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: `python -m tiermoe.sim.cli cache ...`."""
+    parser = argparse.ArgumentParser(prog="tiermoe sim", description="trace-driven simulation of offload policies")
+    _add_cache_command(parser.add_subparsers(dest="sim_command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
