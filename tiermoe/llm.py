@@ -15,10 +15,13 @@ from tiermoe.config import EngineConfig
 from tiermoe.decode import autoregressive
 from tiermoe.decode.kv_cache import KVCache
 from tiermoe.decode.sequence import Sequence
-from tiermoe.errors import RequestError
+from tiermoe.errors import ConfigError, RequestError
 from tiermoe.models.loader import load_model
 from tiermoe.models.registry import DEFAULT_MODEL
-from tiermoe.offload.store import ResidentStore
+from tiermoe.offload.budget import parse_budget
+from tiermoe.offload.policies import POLICIES, make_policy
+from tiermoe.offload.store import ExpertStore, ResidentStore
+from tiermoe.offload.tiered_store import TieredStore, loaded_nbytes
 from tiermoe.outputs import RequestOutput
 from tiermoe.sampling_params import SamplingParams
 
@@ -33,7 +36,7 @@ class LLM:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.model, self.index, self.hf_config = load_model(self.config.model, self.config.torch_dtype)
-        self.store = ResidentStore(self.index, self.config.torch_dtype)
+        self.store = make_store(self.config, self.index, self.model)
         for block in self.model.moe_blocks:
             block.store = self.store
         self.tokenizer = load_tokenizer(self.config.model)
@@ -120,6 +123,20 @@ class LLM:
         if self.tokenizer is None:
             raise RequestError(f"{self.config.model} has no tokenizer: pass prompts as token ids")
         return self.tokenizer
+
+
+def make_store(config: EngineConfig, index, model) -> ExpertStore:
+    """All-resident store without a budget; otherwise the RAM tier over the checkpoint files."""
+    dtype = config.torch_dtype
+    if config.expert_cache is None:
+        return ResidentStore(index, dtype)
+    total = sum(loaded_nbytes(spec, dtype) for spec in index.experts().values())
+    budget = parse_budget(config.expert_cache, total)
+    if config.cache_policy not in POLICIES or POLICIES[config.cache_policy].needs_future:
+        raise ConfigError(f"cache_policy {config.cache_policy!r} cannot run live; choose one of "
+                          f"{', '.join(n for n, p in sorted(POLICIES.items()) if not p.needs_future)}")
+    return TieredStore(index, dtype, min(budget, total), make_policy(config.cache_policy),
+                       [b.layer for b in model.moe_blocks], model.shape.top_k, config.io_threads, config.direct_io)
 
 
 def load_tokenizer(folder: Path):

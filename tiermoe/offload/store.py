@@ -29,8 +29,8 @@ class ExpertWeights:
 
 def build_expert(spec: ExpertSpec, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  dtype: torch.dtype) -> ExpertWeights:
-    """Assemble an expert from its three raw tensors, converted to the compute dtype."""
-    return ExpertWeights(torch.cat([gate, up]).to(dtype), down.to(dtype).contiguous())
+    """Assemble an expert from its three raw tensors, converted to the compute dtype; never aliases the inputs."""
+    return ExpertWeights(torch.cat([gate, up]).to(dtype), down.to(dtype, copy=True).contiguous())
 
 
 class ExpertStore(ABC):

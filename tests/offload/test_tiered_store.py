@@ -1,0 +1,161 @@
+"""The RAM tier over the disk: lossless at every budget and policy, the budget never exceeded, faults contained."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.convert import convert
+from tiermoe.errors import CheckpointError, ConfigError, ExpertIOError
+from tiermoe.offload.direct_io import DirectReader, ShortReadError
+from tiermoe.offload.policies import make_policy
+from tiermoe.offload.store import ResidentStore
+from tiermoe.offload.tiered_store import TieredStore, loaded_nbytes, min_budget
+
+PROMPTS = [[3, 17, 42, 9, 77, 5, 61, 23], [88, 1, 64], [12, 99, 31, 7]]
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+
+
+def tokens(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def disk_models(tiny_models, tmp_path_factory):
+    """Tiny checkpoints copied to a disk-backed folder (O_DIRECT works there, unlike tmpfs), plus converted copies."""
+    root = tmp_path_factory.mktemp("disk", numbered=True)
+    cache = {}
+
+    def get(family, layout):
+        if (family, layout) not in cache:
+            if layout == "converted":
+                cache[(family, layout)] = convert(get(family, "fused"), root / f"{family}-converted")
+            else:
+                cache[(family, layout)] = shutil.copytree(tiny_models(family, layout), root / f"{family}-{layout}")
+        return cache[(family, layout)]
+
+    return get
+
+
+def budgets(folder):
+    llm = LLM(folder)
+    index, layers = llm.index, [b.layer for b in llm.model.moe_blocks]
+    total = sum(loaded_nbytes(s, torch.float32) for s in index.experts().values())
+    return ["100%", "50%", "25%", min_budget(index, layers, llm.model.shape.top_k, torch.float32)], total
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("layout", ["per_expert", "fused", "converted"])
+def test_every_budget_and_policy_is_token_identical_to_all_resident(family, layout, disk_models):
+    folder = disk_models(family, layout)
+    expected = tokens(LLM(folder))
+    sizes, _ = budgets(folder)
+    for budget in sizes:
+        for policy in ("lru", "lfu"):
+            llm = LLM(folder, expert_cache=budget, cache_policy=policy)
+            assert tokens(llm) == expected, (budget, policy)
+            assert llm.store.cache.used <= llm.store.budget
+            assert llm.store.stats.total.misses > 0
+
+
+def test_smallest_budget_reads_and_misses(disk_models):
+    folder = disk_models("mixtral", "converted")
+    sizes, _ = budgets(folder)
+    llm = LLM(folder, expert_cache=sizes[-1])
+    tokens(llm)
+    total = llm.store.stats.total
+    assert total.bytes_read >= total.misses * llm.store.expert_nbytes(0, 0) > 0
+    assert llm.store.reader.fallbacks == {}, "expected O_DIRECT reads on a disk-backed folder"
+
+
+def test_budget_below_one_token_is_refused_with_the_minimum(disk_models):
+    folder = disk_models("qwen3_moe", "per_expert")
+    least = budgets(folder)[0][-1]
+    with pytest.raises(ConfigError, match=rf"the minimum is .*\({least} bytes\)"):
+        LLM(folder, expert_cache=least - 1)
+    with pytest.raises(ConfigError, match="cannot read budget"):
+        LLM(folder, expert_cache="lots")
+    with pytest.raises(ConfigError, match="cannot run live"):
+        LLM(folder, expert_cache="50%", cache_policy="belady")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_resident_bytes_never_exceed_the_budget(data, disk_models):
+    folder = disk_models("qwen3_moe", "converted")
+    llm = LLM(folder)
+    index, layers, k = llm.index, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
+    least = min_budget(index, layers, k, torch.float32)
+    total = sum(loaded_nbytes(s, torch.float32) for s in index.experts().values())
+    budget = data.draw(st.integers(least, total), label="budget")
+    store = TieredStore(index, torch.float32, budget, make_policy(data.draw(st.sampled_from(["lru", "lfu"]))),
+                        layers, k, io_threads=2)
+    reference = ResidentStore(index, torch.float32)
+    requests = data.draw(st.lists(st.tuples(st.sampled_from(layers), st.sets(st.integers(0, 7), min_size=1)),
+                                  min_size=1, max_size=12), label="requests")
+    try:
+        for layer, experts in requests:
+            ids = sorted(experts)
+            got = {}
+            for e, w in store.fetch(layer, ids):
+                assert store.resident_bytes <= budget and store.cache.used <= budget
+                assert (layer, e) in store.weights  # the expert being computed is resident
+                got[e] = w
+            assert sorted(got) == ids
+            for e, w in reference.fetch(layer, ids):
+                assert torch.equal(got[e].gate_up, w.gate_up) and torch.equal(got[e].down, w.down)
+    finally:
+        store.close()
+
+
+class FaultyReader(DirectReader):
+    """Fails the reads of chosen byte ranges: an injected I/O error or short read."""
+
+    def __init__(self, fail_offsets: set[int], error: str):
+        super().__init__(max_workers=1)
+        self.fail_offsets, self.error = fail_offsets, error
+
+    def read(self, path, offset, nbytes):
+        if offset in self.fail_offsets:
+            if self.error == "eio":
+                raise OSError(5, "Input/output error", os.fspath(path))
+            raise ShortReadError(os.fspath(path), offset, nbytes, nbytes // 2)
+        return super().read(path, offset, nbytes)
+
+
+@pytest.mark.parametrize("error", ["eio", "short"])
+def test_read_faults_name_file_and_expert_and_leave_the_store_consistent(error, disk_models):
+    folder = disk_models("mixtral", "converted")
+    expected = tokens(LLM(folder))
+    llm = LLM(folder, expert_cache="50%")
+    spec = llm.index.expert(1, 3)
+    llm.store.reader = FaultyReader({spec.gate.offset}, error)
+    with pytest.raises(ExpertIOError, match=r"expert 3 of layer 1 from .*experts\.bin"):
+        for _ in range(4):  # expert 3 of layer 1 is routed to by some prompt
+            tokens(llm)
+    store = llm.store
+    assert set(store.cache.resident) == set(store.weights)
+    assert store.cache.used == store.resident_bytes <= store.budget
+    llm.store.reader = DirectReader(max_workers=1)
+    assert tokens(llm) == expected
+
+
+def test_checkpoint_changed_under_a_running_engine(disk_models, tmp_path):
+    folder = shutil.copytree(disk_models("mixtral", "per_expert"), tmp_path / "m")
+    llm = LLM(folder, expert_cache="25%")
+    path = next(folder.glob("*.safetensors"))
+    os.utime(path, ns=(0, 0))
+    with pytest.raises(ExpertIOError, match=r"model\.safetensors changed .*expert \d+ of layer \d+"):
+        tokens(llm)
+
+
+def test_converted_experts_changed_after_conversion(disk_models, tmp_path):
+    folder = shutil.copytree(disk_models("mixtral", "converted"), tmp_path / "c")
+    with open(folder / "experts.bin", "r+b") as f:
+        f.truncate(os.path.getsize(folder / "experts.bin") - 4096)
+    with pytest.raises(CheckpointError, match=r"experts\.bin changed after conversion"):
+        LLM(folder)
