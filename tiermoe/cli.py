@@ -16,6 +16,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--expert-cache", default=None,
+                   help="RAM budget for routed experts, e.g. 2GiB or 25%% (default: keep all resident)")
+    p.add_argument("--cache-policy", default="lru", help="eviction policy of the expert cache (lru, lfu)")
+    p.add_argument("--io-threads", type=int, default=4, help="threads reading experts from disk")
+    p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
+                   help="read experts through the page cache instead of O_DIRECT")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +42,9 @@ def sampling_params(args: argparse.Namespace):
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads)
+    return dict(dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads,
+                expert_cache=args.expert_cache, cache_policy=args.cache_policy, io_threads=args.io_threads,
+                direct_io=args.direct_io)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -45,18 +53,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, **engine_kwargs(args))
     params = sampling_params(args)
     prompt = llm.chat_prompt(_messages(args)) if args.chat else args.prompt
-    if args.json:
-        (out,) = llm.generate([prompt], params)
-        print(json.dumps(out.to_dict()))
-        return 0
-    shown = 0
+    if args.json or args.record_trace:
+        (out,) = llm.generate([prompt], params, record_trace=args.record_trace)
+        print(json.dumps(out.to_dict()) if args.json else _prompt_echo(args) + out.outputs[0].text)
+    else:
+        out = _stream(llm, prompt, params, _prompt_echo(args))
+    if args.stats:
+        print(llm.store.stats.table(), file=sys.stderr)
+    return 0
+
+
+def _prompt_echo(args: argparse.Namespace) -> str:
+    return "" if args.chat else args.prompt
+
+
+def _stream(llm, prompt, params, echo: str):
+    """Print tokens as they are produced; returns the final output."""
+    shown, out = 0, None
     for i, out in enumerate(llm.stream(prompt, params)):
-        if i == 0 and not args.chat:
-            print(args.prompt, end="", flush=True)
+        if i == 0:
+            print(echo, end="", flush=True)
         text = out.outputs[0].text
         print(text[shown:], end="", flush=True)
         shown = len(text)
     print()
+    return out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tiermoe.convert import convert
+
+    dst = convert(args.src, args.dst)
+    print(f"wrote {dst} (experts in {dst / 'experts.bin'}, aligned to 4 KiB, index {dst / 'experts.json'})")
     return 0
 
 
@@ -75,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     gen.add_argument("--system", default=None, help="system message for --chat")
+    gen.add_argument("--stats", action="store_true", help="print expert-store statistics (stderr) at the end")
+    gen.add_argument("--record-trace", default=None, metavar="FILE",
+                     help="write every token's routing to FILE.npz/.json (../shared/traces format)")
     gen.set_defaults(func=cmd_generate)
+    conv = sub.add_parser("convert", help="rewrite a checkpoint so every expert is one aligned read")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.set_defaults(func=cmd_convert)
     _add_optional_commands(sub)
     return parser
 

@@ -14,16 +14,19 @@ from tqdm import tqdm
 from tiermoe.config import EngineConfig
 from tiermoe.decode import autoregressive
 from tiermoe.decode.kv_cache import KVCache
+from tiermoe.decode.routing import RoutingRecorder, RoutingReplay
 from tiermoe.decode.sequence import Sequence
 from tiermoe.errors import ConfigError, RequestError
 from tiermoe.models.loader import load_model
 from tiermoe.models.registry import DEFAULT_MODEL
 from tiermoe.offload.budget import parse_budget
 from tiermoe.offload.policies import POLICIES, make_policy
+from tiermoe.offload.stats import StoreStats
 from tiermoe.offload.store import ExpertStore, ResidentStore
 from tiermoe.offload.tiered_store import TieredStore, loaded_nbytes
 from tiermoe.outputs import RequestOutput
 from tiermoe.sampling_params import SamplingParams
+from tiermoe.sim.trace import Trace
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -45,19 +48,63 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool | None = None, record_trace: str | Path | None = None) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs in prompt order.
 
-        The progress bar is on by default for more than one prompt.
+        The progress bar is on by default for more than one prompt. `record_trace` writes every token's routing to
+        FILE.npz + FILE.json in the ../shared/traces format. Each output's `stats` holds this call's expert-store
+        statistics.
         """
         seqs = self._make_sequences(prompts, sampling_params)
-        with tqdm(total=len(seqs), desc="Generating", unit="req", disable=not (use_tqdm or
-                                                                          (use_tqdm is None and len(seqs) > 1))) as bar:
+        recorder = RoutingRecorder(self.model) if record_trace else None
+        try:
+            outputs = self._run(seqs, use_tqdm, recorder)
+        finally:
+            self._detach_observer()
+        if recorder is not None:
+            recorder.save(record_trace, {"model": str(self.config.model), "model_type": self.hf_config["model_type"]})
+        return outputs
+
+    def replay(self, trace: str | Path, sequences: list[int] | None = None,
+               use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Benchmarks only: decode with the router's choices taken from a routing trace (see RoutingReplay).
+
+        Each trace sequence becomes one request with a filler prompt as long as its traced context; generated text
+        is meaningless, the expert I/O is the traced model's. Outputs' stats say `"routing": "replayed"`.
+        """
+        replay = RoutingReplay(self.model, Trace.load(trace))
+        specs = replay.prompts(self.model.shape.vocab_size)
+        chosen = range(len(specs)) if sequences is None else sequences
+        seqs = []
+        for i in chosen:
+            prompt, max_tokens = specs[i]
+            seq = self._make_sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            replay.sequence_of[seq.request_id] = i
+            seqs.append(seq)
+        try:
+            outputs = self._run(seqs, use_tqdm, replay)
+        finally:
+            self._detach_observer()
+        for out in outputs:
+            out.stats["routing"] = f"replayed from {trace}"
+        return outputs
+
+    def _run(self, seqs: list[Sequence], use_tqdm: bool | None, observer) -> list[RequestOutput]:
+        self.store.stats = StoreStats()
+        show = use_tqdm or (use_tqdm is None and len(seqs) > 1)
+        with tqdm(total=len(seqs), desc="Generating", unit="req", disable=not show) as bar:
             def on_step(running: list[Sequence]) -> None:
                 bar.update(sum(s.finished for s in running))
 
-            autoregressive.generate(self.model, seqs, self.tokenizer, on_step)
-        return [s.to_output() for s in seqs]
+            autoregressive.generate(self.model, seqs, self.tokenizer, on_step, observer)
+        outputs = [s.to_output() for s in seqs]
+        for out in outputs:
+            out.stats = self.store.stats.to_dict()
+        return outputs
+
+    def _detach_observer(self) -> None:
+        for block in self.model.moe_blocks:
+            block.on_route = None
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield a cumulative RequestOutput after every generated token; the last one has `finished` set.
@@ -65,11 +112,14 @@ class LLM:
         While running, the text holds back an incomplete character or a possible start of a stop string.
         """
         (seq,) = self._make_sequences([prompt], sampling_params)
+        self.store.stats = StoreStats()
         with torch.inference_mode():
             while not seq.finished:
                 autoregressive.step(self.model, [seq], self.tokenizer)
                 out = seq.to_output()
                 out.outputs[0].text = seq.stable_text()
+                if seq.finished:
+                    out.stats = self.store.stats.to_dict()
                 yield out
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,

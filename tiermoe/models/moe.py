@@ -81,12 +81,13 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
         self.act = act
         self.store: ExpertStore | None = None  # set by the engine
-        self.on_route: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None  # trace recording hook
+        # Router observer (trace recording, routing replay): sees (layer, ids, weights), returns the pair to use.
+        self.on_route: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)  # [T, A], [T, A]
         if self.on_route is not None:
-            self.on_route(self.layer, ids, weights)
+            ids, weights = self.on_route(self.layer, ids, weights)
         out = self.routed(x, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

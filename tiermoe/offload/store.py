@@ -6,6 +6,7 @@ so that a tiered store can read the misses in parallel, overlap the reads with c
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tiermoe.checkpoint import CheckpointIndex, ExpertSpec
+from tiermoe.offload.stats import StoreStats
 
 
 @dataclass(slots=True)
@@ -34,7 +36,9 @@ def build_expert(spec: ExpertSpec, gate: torch.Tensor, up: torch.Tensor, down: t
 
 
 class ExpertStore(ABC):
-    """Source of routed expert weights for the model."""
+    """Source of routed expert weights for the model. `stats` counts hits, misses and reads since the last reset."""
+
+    stats: StoreStats
 
     @abstractmethod
     def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
@@ -60,12 +64,21 @@ class ResidentStore(ExpertStore):
         self.index = index
         self.dtype = dtype
         self.resident: dict[tuple[int, int], ExpertWeights] = {}
+        self.stats = StoreStats()
 
     def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        stats = self.stats.layer(layer)
         for e in experts:
             w = self.resident.get((layer, e))
             if w is None:
                 spec = self.index.expert(layer, e)
+                start = time.perf_counter()
                 w = build_expert(spec, *(p.read() for p in spec.parts), self.dtype)
                 self.resident[(layer, e)] = w
+                stats.misses += 1
+                stats.bytes_read += spec.nbytes
+                stats.read_time += time.perf_counter() - start
+                stats.stall_time += time.perf_counter() - start
+            else:
+                stats.hits += 1
             yield e, w

@@ -1,0 +1,135 @@
+"""Observers of the router: record every token's routing as a trace, or replay a trace's routing (benchmarks only).
+
+Both see a forward pass as `begin(seqs)` -> one `on_route(layer, ...)` per MoE layer -> `end()`; the rows of the
+pass are the sequences' new tokens, flattened in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tiermoe.decode.sequence import Sequence
+from tiermoe.errors import ConfigError
+from tiermoe.models.transformer import CausalLM
+from tiermoe.sim.trace import Trace, TraceRecorder
+
+
+@dataclass(slots=True)
+class _Row:
+    seq: Sequence
+    position: int
+    token: int
+
+
+def _rows(seqs: list[Sequence]) -> list[_Row]:
+    """One entry per token of the coming forward pass, in row order."""
+    return [_Row(s, s.cached + i, t) for s in seqs for i, t in enumerate(s.new_tokens())]
+
+
+class RoutingRecorder:
+    """Records the experts each token was routed to, and writes them in the ../shared/traces format.
+
+    Rows are written per request (its prompt, then its generated tokens), requests in arrival order, whatever
+    the batching interleaved.
+    """
+
+    def __init__(self, model: CausalLM):
+        self.layers = [b.layer for b in model.moe_blocks]
+        self.top_k = model.shape.top_k
+        self.num_experts = model.shape.num_experts
+        for block in model.moe_blocks:
+            block.on_route = self.on_route
+        self._rows: list[_Row] = []
+        self._pass: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._by_seq: dict[str, list[tuple]] = {}
+
+    def begin(self, seqs: list[Sequence]) -> None:
+        self._rows, self._pass = _rows(seqs), {}
+
+    def on_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._pass[layer] = (ids, weights)
+        return ids, weights
+
+    def end(self) -> None:
+        ids = torch.stack([self._pass[lay][0] for lay in self.layers], dim=1)  # [T, L, A]
+        weights = torch.stack([self._pass[lay][1].float() for lay in self.layers], dim=1)
+        for i, row in enumerate(self._rows):
+            prefill = row.position < len(row.seq.prompt_ids)
+            self._by_seq.setdefault(row.seq.request_id, []).append(
+                (ids[i].numpy(), weights[i].numpy(), prefill, row.position, row.token))
+
+    def save(self, path, meta: dict | None = None) -> Trace:
+        recorder = TraceRecorder()
+        for rows in self._by_seq.values():
+            recorder.begin_sequence()
+            for row in rows:
+                recorder.record(*row)
+        base = {"layers": len(self.layers), "num_experts": self.num_experts, "top_k": self.top_k,
+                "weights_meaning": "router weight of each selected expert, as applied to its output"}
+        return recorder.save(path, {**base, **(meta or {})})
+
+
+class RoutingReplay:
+    """Routes the token at position p of request i as the row of trace sequence i at position p did; tokens the
+    trace has no row for (e.g. the prompt of a decode-only trace) use the model's own router.
+
+    For benchmarks only: a synthetic-weight model shaped like the traced model then performs exactly the expert
+    I/O the real model performed. Outputs are not meaningful text.
+    """
+
+    def __init__(self, model: CausalLM, trace: Trace):
+        layers = [b.layer for b in model.moe_blocks]
+        if trace.num_layers != len(layers) or trace.top_k != model.shape.top_k:
+            raise ConfigError(f"trace has {trace.num_layers} MoE layers x top-{trace.top_k}; the model has "
+                              f"{len(layers)} x top-{model.shape.top_k}")
+        if trace.num_experts > model.shape.num_experts:
+            raise ConfigError(f"trace routes to {trace.num_experts} experts; the model has {model.shape.num_experts}")
+        self.trace, self.layer_index = trace, {lay: i for i, lay in enumerate(layers)}
+        self.bounds = trace.sequence_bounds()
+        self.sequence_of: dict[str, int] = {}  # request id -> trace sequence
+        for block in model.moe_blocks:
+            block.on_route = self.on_route
+        self._trace_rows = np.empty(0, dtype=np.int64)
+
+    def begin(self, seqs: list[Sequence]) -> None:
+        rows = []
+        for r in _rows(seqs):
+            start, end = self.bounds[self.sequence_of[r.seq.request_id]]
+            row = start + r.position - int(self.trace.positions[start])  # a sequence's rows are consecutive positions
+            rows.append(row if start <= row < end else -1)
+        self._trace_rows = np.array(rows, dtype=np.int64)
+
+    def on_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._trace_rows
+        have = rows >= 0
+        if not have.any():
+            return ids, weights
+        lay = self.layer_index[layer]
+        traced = torch.from_numpy(self.trace.experts[rows[have], lay].astype(np.int64))  # [n, A]
+        ok = (traced >= 0).all(dim=1)  # -1: the layer was not computed for that token in the source
+        sel = torch.from_numpy(np.flatnonzero(have))[ok]
+        ids, weights = ids.clone(), weights.clone()
+        ids[sel] = traced[ok]
+        weights[sel] = torch.from_numpy(self.trace.weights[rows[have], lay].astype(np.float32))[ok].to(weights.dtype)
+        return ids, weights
+
+    def end(self) -> None:
+        pass
+
+    def prompts(self, vocab_size: int) -> list[tuple[list[int], int]]:
+        """Per trace sequence: a prompt as long as the traced context before its first decode row, and max_tokens
+        such that every decode row is replayed (the last sampled token is never fed back, hence + 1)."""
+        out = []
+        t = self.trace
+        for start, end in self.bounds:
+            prefill = int(t.is_prefill[start:end].sum())
+            length = int(t.positions[start]) + prefill
+            prompt = [1] * length
+            if t.token_ids is not None and prefill:  # the traced prompt tokens, where recorded
+                first = int(t.positions[start])
+                prompt[first:] = [int(x) % vocab_size if x >= 0 else 1 for x in t.token_ids[start:start + prefill]]
+            out.append((prompt, end - start - prefill + 1))
+        return out
