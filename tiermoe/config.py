@@ -24,6 +24,10 @@ class EngineConfig:
     cache_policy: str = "lru"  # eviction policy, see tiermoe.offload.policies.POLICIES
     io_threads: int = 4  # threads reading experts
     direct_io: bool = True  # O_DIRECT reads (the page cache would be RAM outside the budget)
+    # Accelerator: "cpu", "cuda" (or "cuda:N"), or "auto" (cuda when torch sees one). On an accelerator the dense
+    # weights live there and `gpu_expert_cache` bytes of experts too; other experts run on the CPU or are promoted.
+    device: str = "cpu"
+    gpu_expert_cache: str | int | None = None
 
     def __post_init__(self):
         self.model = Path(self.model)
@@ -35,8 +39,21 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.gpu_expert_cache is not None and self.torch_device.type != "cuda":
+            raise ConfigError("gpu_expert_cache needs device='cuda' (or 'auto' on a machine with a GPU)")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but torch sees no CUDA device")
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
+        return device
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -19,11 +19,12 @@ from tiermoe.decode.sequence import Sequence
 from tiermoe.errors import ConfigError, RequestError
 from tiermoe.models.loader import load_model
 from tiermoe.models.registry import DEFAULT_MODEL
+from tiermoe.offload.accelerator import AcceleratorStore, profile_costs
 from tiermoe.offload.budget import parse_budget
 from tiermoe.offload.policies import POLICIES, make_policy
 from tiermoe.offload.stats import StoreStats
-from tiermoe.offload.store import ExpertStore, ResidentStore
-from tiermoe.offload.tiered_store import TieredStore, loaded_nbytes
+from tiermoe.offload.store import ExpertStore, ResidentStore, loaded_nbytes
+from tiermoe.offload.tiered_store import TieredStore
 from tiermoe.outputs import RequestOutput
 from tiermoe.sampling_params import SamplingParams
 from tiermoe.sim.trace import Trace
@@ -39,6 +40,7 @@ class LLM:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.model, self.index, self.hf_config = load_model(self.config.model, self.config.torch_dtype)
+        self.model.to(self.config.torch_device)
         self.store = make_store(self.config, self.index, self.model)
         for block in self.model.moe_blocks:
             block.store = self.store
@@ -176,17 +178,29 @@ class LLM:
 
 
 def make_store(config: EngineConfig, index, model) -> ExpertStore:
-    """All-resident store without a budget; otherwise the RAM tier over the checkpoint files."""
+    """All-resident store without a budget, else the RAM tier over the checkpoint files; under an accelerator tier
+    when `gpu_expert_cache` is set."""
     dtype = config.torch_dtype
-    if config.expert_cache is None:
-        return ResidentStore(index, dtype)
     total = sum(loaded_nbytes(spec, dtype) for spec in index.experts().values())
-    budget = parse_budget(config.expert_cache, total)
-    if config.cache_policy not in POLICIES or POLICIES[config.cache_policy].needs_future:
-        raise ConfigError(f"cache_policy {config.cache_policy!r} cannot run live; choose one of "
+    if config.expert_cache is None:
+        store = ResidentStore(index, dtype)
+    else:
+        store = TieredStore(index, dtype, min(parse_budget(config.expert_cache, total), total),
+                            live_policy(config.cache_policy), [b.layer for b in model.moe_blocks], model.shape.top_k,
+                            config.io_threads, config.direct_io)
+    if config.gpu_expert_cache is None:
+        return store
+    device = config.torch_device
+    return AcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total),
+                            live_policy(config.cache_policy), profile_costs(device))
+
+
+def live_policy(name: str):
+    """A policy that can run without knowing the future."""
+    if name not in POLICIES or POLICIES[name].needs_future:
+        raise ConfigError(f"cache_policy {name!r} cannot run live; choose one of "
                           f"{', '.join(n for n, p in sorted(POLICIES.items()) if not p.needs_future)}")
-    return TieredStore(index, dtype, min(budget, total), make_policy(config.cache_policy),
-                       [b.layer for b in model.moe_blocks], model.shape.top_k, config.io_threads, config.direct_io)
+    return make_policy(name)
 
 
 def load_tokenizer(folder: Path):

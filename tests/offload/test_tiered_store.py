@@ -13,8 +13,8 @@ from tiermoe.convert import convert
 from tiermoe.errors import CheckpointError, ConfigError, ExpertIOError
 from tiermoe.offload.direct_io import DirectReader, ShortReadError
 from tiermoe.offload.policies import make_policy
-from tiermoe.offload.store import ResidentStore
-from tiermoe.offload.tiered_store import TieredStore, loaded_nbytes, min_budget
+from tiermoe.offload.store import ResidentStore, loaded_nbytes
+from tiermoe.offload.tiered_store import TieredStore, min_budget
 
 PROMPTS = [[3, 17, 42, 9, 77, 5, 61, 23], [88, 1, 64], [12, 99, 31, 7]]
 GREEDY = SamplingParams(temperature=0, max_tokens=16)

@@ -26,14 +26,15 @@ def forward_new_tokens(model: CausalLM, seqs: list[Sequence], observer=None) -> 
         positions.extend(range(seq.cached, seq.cached + len(new)))
         slices.append(SeqSlice(seq.cache, start, len(new), seq.cached))
         start += len(new)
-    batch = ForwardBatch(torch.tensor(positions), slices)
-    hidden = model(torch.tensor(ids), batch)  # [T, H]
+    device = model.lm_head.weight.device
+    batch = ForwardBatch(torch.tensor(positions, device=device), slices)
+    hidden = model(torch.tensor(ids, device=device), batch)  # [T, H]
     if observer is not None:
         observer.end()
-    last_rows = torch.tensor([s.start + s.length - 1 for s in slices])
+    last_rows = torch.tensor([s.start + s.length - 1 for s in slices], device=device)
     for seq, s in zip(seqs, slices, strict=True):
         seq.cached += s.length
-    return model.logits(hidden[last_rows])  # only the rows that sample: [n, V]
+    return model.logits(hidden[last_rows]).cpu()  # only the rows that sample: [n, V]
 
 
 def step(model: CausalLM, seqs: list[Sequence], tokenizer, observer=None) -> None:

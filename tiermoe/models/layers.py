@@ -54,7 +54,7 @@ class Rotary:
         return cls(1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq  # [T, dim / 2]
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)  # [T, dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, dim]
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
 
@@ -98,13 +98,20 @@ class ForwardBatch:
 
     positions: torch.Tensor  # [T] long
     seqs: list[SeqSlice]
+    # Which keys a query sees: those whose block (position // attn_block) is not after the query's own block.
+    # 1 = causal (autoregressive), B = block-causal (LLaDA2's block diffusion), None = bidirectional (LLaDA).
+    attn_block: int | None = 1
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float | None) -> torch.Tensor:
-    """Causal attention of one sequence's new rows over its whole cache.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float | None,
+           block: int | None = 1) -> torch.Tensor:
+    """Causal attention of one sequence's new rows over its whole cache (block-causal or bidirectional when
+    `block` is not 1, see ForwardBatch.attn_block).
 
     q [t, h, d], k [S, g, d], v [S, g, dv] with S = past + t; returns [t, h, dv].
     """
+    if block != 1:
+        return attend_blocks(q, k, v, past, scale, block)
     t = q.shape[0]
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
     if t == 1:
@@ -112,7 +119,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: 
     elif past == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        rows = torch.arange(t)[:, None] + past
-        mask = torch.arange(k.shape[1])[None, :] <= rows  # [t, S]
+        rows = torch.arange(t, device=q.device)[:, None] + past
+        mask = torch.arange(k.shape[1], device=q.device)[None, :] <= rows  # [t, S]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float | None,
+                  block: int | None) -> torch.Tensor:
+    """Block-causal (`block` positions per block) or, with block None, bidirectional attention; shapes as attend.
+
+    Positions are cache indices, so blocks are aligned to position 0 as in LLaDA2's block diffusion mask.
+    """
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
+    mask = None
+    if block is not None:
+        query_block = (torch.arange(q.shape[1], device=q.device) + past) // block  # [t]
+        key_block = torch.arange(k.shape[1], device=q.device) // block  # [S]
+        mask = key_block[None, :] <= query_block[:, None]  # [t, S]
+        if bool(mask.all()):  # rows of one block over earlier blocks: nothing to hide
+            mask = None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1)

@@ -102,13 +102,15 @@ class SparseMoE(nn.Module):
         Experts are computed in the order the store delivers them but summed in ascending id order, so the result
         is bit-identical whatever was resident: that order is what makes offloading lossless.
         """
-        experts = torch.unique(ids).tolist()  # ascending
+        unique, counts = torch.unique(ids, return_counts=True)
+        experts = unique.tolist()  # ascending
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e, w in self.store.fetch(self.layer, experts):
+        for e, w in self.store.fetch(self.layer, experts, counts.tolist()):
             rows, slot = torch.where(ids == e)
-            gate, up = F.linear(x[rows], w.gate_up).chunk(2, dim=-1)  # [n, I] each
-            y = F.linear(self.act(gate) * up, w.down) * weights[rows, slot, None]  # [n, H]
-            outputs[e] = (rows, y.to(x.dtype))
+            h = x[rows].to(w.down.device)  # an expert may run where its weights are (CPU or accelerator)
+            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, I] each
+            y = F.linear(self.act(gate) * up, w.down) * weights[rows, slot, None].to(h.device)  # [n, H]
+            outputs[e] = (rows, y.to(x.device, x.dtype))
         out = torch.zeros_like(x)
         for e in experts:
             out.index_add_(0, *outputs[e])

@@ -29,6 +29,12 @@ class ExpertWeights:
         return self.gate_up.nbytes + self.down.nbytes
 
 
+def loaded_nbytes(spec: ExpertSpec, dtype: torch.dtype) -> int:
+    """Bytes an expert occupies in RAM once converted to the compute dtype."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(p.nbytes // p.dtype.itemsize for p in spec.parts) * itemsize
+
+
 def build_expert(spec: ExpertSpec, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  dtype: torch.dtype) -> ExpertWeights:
     """Assemble an expert from its three raw tensors, converted to the compute dtype; never aliases the inputs."""
@@ -41,8 +47,10 @@ class ExpertStore(ABC):
     stats: StoreStats
 
     @abstractmethod
-    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
-        """Called once per MoE layer per forward pass with the distinct experts the batch routed to (ascending).
+    def fetch(self, layer: int, experts: list[int],
+              counts: list[int] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+        """Called once per MoE layer per forward pass with the distinct experts the batch routed to (ascending),
+        and how many tokens each got (a placement hint: where an expert runs may depend on its workload).
 
         Yields every requested expert exactly once, in the order they become ready (resident ones first). A yielded
         expert's weights are valid until the next item is requested: compute with them before asking for more, so
@@ -51,7 +59,7 @@ class ExpertStore(ABC):
 
     def expert_nbytes(self, layer: int, expert: int) -> int:
         """Bytes one expert occupies once loaded (used for budgets)."""
-        raise NotImplementedError
+        return loaded_nbytes(self.index.expert(layer, expert), self.dtype)
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release threads and file handles."""
@@ -66,7 +74,8 @@ class ResidentStore(ExpertStore):
         self.resident: dict[tuple[int, int], ExpertWeights] = {}
         self.stats = StoreStats()
 
-    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    def fetch(self, layer: int, experts: list[int],
+              counts: list[int] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
         stats = self.stats.layer(layer)
         for e in experts:
             w = self.resident.get((layer, e))

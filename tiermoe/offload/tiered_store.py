@@ -21,19 +21,13 @@ from tiermoe.offload.cache import ExpertCache
 from tiermoe.offload.direct_io import DirectReader
 from tiermoe.offload.policies import CachePolicy
 from tiermoe.offload.stats import StoreStats
-from tiermoe.offload.store import ExpertStore, ExpertWeights, build_expert
+from tiermoe.offload.store import ExpertStore, ExpertWeights, build_expert, loaded_nbytes
 
 Key = tuple[int, int]  # (layer, expert)
 
 # Parts of one expert closer together than this are fetched with one read (save_pretrained writes an expert's
 # down, gate and up tensors next to each other).
 COALESCE_GAP = 64 << 10
-
-
-def loaded_nbytes(spec: ExpertSpec, dtype: torch.dtype) -> int:
-    """Bytes an expert occupies in RAM once converted to the compute dtype."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(p.nbytes // p.dtype.itemsize for p in spec.parts) * itemsize
 
 
 def min_budget(index: CheckpointIndex, moe_layers: list[int], top_k: int, dtype: torch.dtype) -> int:
@@ -68,10 +62,8 @@ class TieredStore(ExpertStore):
     def resident_bytes(self) -> int:
         return sum(w.nbytes for w in self.weights.values())
 
-    def expert_nbytes(self, layer: int, expert: int) -> int:
-        return self.cache.size((layer, expert))
-
-    def fetch(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+    def fetch(self, layer: int, experts: list[int],
+              counts: list[int] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
         for chunk in self._chunks([(layer, e) for e in experts]):
             yield from self._serve(chunk)
 

@@ -1,0 +1,90 @@
+"""The accelerator tier's decisions, tested without a GPU (a CPU device stands in for the accelerator)."""
+
+import pytest
+import torch
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.errors import ConfigError
+from tiermoe.offload.accelerator import AcceleratorStore, DeviceCosts, Where, place
+from tiermoe.offload.policies import make_policy
+from tiermoe.offload.store import ResidentStore
+
+# A PCIe-like machine: copies at 25 GB/s, CPU 20 GB/s streaming and 200 GFLOP/s, device 20 TFLOP/s.
+PCIE = DeviceCosts(cpu_flops=2e11, cpu_bandwidth=2e10, copy_bandwidth=2.5e10, device_flops=2e13)
+MB = 1 << 20
+
+
+def test_resident_experts_run_on_the_device():
+    assert place(1, 12 * MB, 1e7, on_device=True, has_room=False, costs=PCIE) is Where.DEVICE
+
+
+def test_decode_token_runs_on_the_cpu_when_copying_costs_more():
+    # 1 token: CPU streams 12 MB in 0.6 ms; the copy alone takes 0.5 ms + compute -> close; make the copy slower
+    slow_link = DeviceCosts(2e11, 2e10, 1.2e10, 2e13)
+    assert place(1, 12 * MB, 2 * 6e6, on_device=False, has_room=False, costs=slow_link) is Where.HOST
+
+
+def test_prefill_sized_workloads_are_promoted():
+    # 512 tokens x 12 MFLOP on the CPU = 31 ms; copying 12 MB is 0.5 ms
+    assert place(512, 12 * MB, 2 * 6e6, on_device=False, has_room=False, costs=PCIE) is Where.PROMOTE
+
+
+def test_free_room_is_filled():
+    slow_link = DeviceCosts(2e11, 2e10, 1e9, 2e13)
+    assert place(1, 12 * MB, 1e7, on_device=False, has_room=True, costs=slow_link) is Where.PROMOTE
+
+
+@pytest.fixture
+def host(tiny_models):
+    llm = LLM(tiny_models("mixtral"))
+    return llm, ResidentStore(llm.index, torch.float32)
+
+
+def test_device_budget_is_never_exceeded_and_weights_are_exact(host):
+    llm, store = host
+    size = store.expert_nbytes(0, 0)
+    acc = AcceleratorStore(store, "cpu", 3 * size, make_policy("lru"), PCIE)
+    reference = ResidentStore(llm.index, torch.float32)
+    for step in range(30):
+        layer, experts = (step // 2) % 3, sorted({(step // 2) % 8, (step // 2 * 3) % 8})  # each asked twice
+        counts = [1000] * len(experts)  # heavy: always worth promoting
+        for e, w in acc.fetch(layer, experts, counts):
+            assert acc.cache.used <= acc.budget
+            (_, ref), = reference.fetch(layer, [e])
+            assert torch.equal(w.gate_up, ref.gate_up) and torch.equal(w.down, ref.down)
+    assert acc.placements[Where.PROMOTE] > 0 and acc.placements[Where.DEVICE] > 0
+    assert len(acc.weights) <= 3
+
+
+def test_light_steps_stay_on_the_host_once_the_device_is_full(host):
+    _, store = host
+    size = store.expert_nbytes(0, 0)
+    slow_link = DeviceCosts(2e11, 2e10, 1e6, 2e13)  # copying is never worth it
+    acc = AcceleratorStore(store, "cpu", 2 * size, make_policy("lru"), slow_link)
+    list(acc.fetch(0, [0, 1], [1, 1]))  # fills the free room
+    list(acc.fetch(0, [2, 3], [1, 1]))
+    assert set(acc.weights) == {(0, 0), (0, 1)}
+    assert acc.placements[Where.HOST] == 2
+
+
+def test_generation_through_the_accelerator_tier_is_token_identical(host):
+    llm, store = host
+    params = SamplingParams(temperature=0, max_tokens=12)
+    prompts = [[3, 17, 42, 9], [88, 1, 64, 5, 6, 7, 8]]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    acc = AcceleratorStore(store, "cpu", 2 * store.expert_nbytes(0, 0), make_policy("lfu"), PCIE)
+    for block in llm.model.moe_blocks:
+        block.store = acc
+    llm.store = acc
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    assert acc.placements[Where.PROMOTE] > 0
+
+
+def test_gpu_options_without_a_gpu_are_refused(tiny_models):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        LLM(tiny_models("mixtral"), device="cuda")
+    with pytest.raises(ConfigError, match="gpu_expert_cache needs device"):
+        LLM(tiny_models("mixtral"), gpu_expert_cache="1GiB")
+    assert LLM(tiny_models("mixtral"), device="auto").model.lm_head.weight.device.type == "cpu"
