@@ -102,6 +102,8 @@ class SparseMoE(nn.Module):
         Experts are computed in the order the store delivers them but summed in ascending id order, so the result
         is bit-identical whatever was resident: that order is what makes offloading lossless.
         """
+        if x.shape[0] == 1:
+            return self._routed_one(x, weights, ids)
         unique, counts = torch.unique(ids, return_counts=True)
         experts = unique.tolist()  # ascending
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -114,4 +116,19 @@ class SparseMoE(nn.Module):
         out = torch.zeros_like(x)
         for e in experts:
             out.index_add_(0, *outputs[e])
+        return out
+
+    def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum for a single token (decode at batch 1) without the gather/scatter bookkeeping."""
+        slot_of = {e: i for i, e in enumerate(ids[0].tolist())}
+        experts = sorted(slot_of)
+        outputs = {}
+        for e, w in self.store.fetch(self.layer, experts, [1] * len(experts)):
+            h = x.to(w.down.device)
+            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [1, I] each
+            y = F.linear(self.act(gate) * up, w.down) * weights[0, slot_of[e]].to(h.device)  # [1, H]
+            outputs[e] = y.to(x.device, x.dtype)
+        out = torch.zeros_like(x)
+        for e in experts:
+            out += outputs[e]
         return out
