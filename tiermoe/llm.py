@@ -12,11 +12,12 @@ import torch
 from tqdm import tqdm
 
 from tiermoe.config import EngineConfig
-from tiermoe.decode import autoregressive
+from tiermoe.decode import autoregressive, diffusion
 from tiermoe.decode.kv_cache import KVCache
 from tiermoe.decode.routing import RoutingRecorder, RoutingReplay
 from tiermoe.decode.sequence import Sequence
 from tiermoe.errors import ConfigError, RequestError
+from tiermoe.models.diffusion import diffusion_of
 from tiermoe.models.loader import load_model
 from tiermoe.models.registry import DEFAULT_MODEL
 from tiermoe.offload.accelerator import AcceleratorStore, profile_costs
@@ -46,6 +47,10 @@ class LLM:
             block.store = self.store
         self.tokenizer = load_tokenizer(self.config.model)
         self.eos_ids = eos_token_ids(self.config.model, self.hf_config, self.tokenizer)
+        # Diffusion families (LLaDA, LLaDA2) generate by unmasking blocks, see tiermoe.decode.diffusion.
+        self.diffusion = diffusion_of(self.hf_config, self.tokenizer, self.model.shape.vocab_size)
+        if self.diffusion is not None and not self.eos_ids:
+            self.eos_ids = self.diffusion.eos_ids
         self.max_model_len = self.config.max_model_len or self.model.shape.max_position_embeddings
         self._ids = itertools.count()
 
@@ -98,11 +103,22 @@ class LLM:
             def on_step(running: list[Sequence]) -> None:
                 bar.update(sum(s.finished for s in running))
 
-            autoregressive.generate(self.model, seqs, self.tokenizer, on_step, observer)
+            decoded = self._decode(seqs, on_step, observer)
         outputs = [s.to_output() for s in seqs]
         for out in outputs:
             out.stats = self.store.stats.to_dict()
+            if out.request_id in decoded:
+                out.stats["diffusion"] = decoded[out.request_id]  # NFE, tokens per forward, logit rows
         return outputs
+
+    def _decode(self, seqs: list[Sequence], on_step, observer) -> dict[str, dict]:
+        """Run the family's decoder; a diffusion decoder returns per-request statistics."""
+        if self.diffusion is None:
+            autoregressive.generate(self.model, seqs, self.tokenizer, on_step, observer)
+            return {}
+        if observer is not None:
+            raise RequestError("routing traces are recorded and replayed for autoregressive models only")
+        return diffusion.generate(self.model, seqs, self.tokenizer, self.diffusion, on_step=on_step)
 
     def _detach_observer(self) -> None:
         for block in self.model.moe_blocks:
@@ -114,6 +130,9 @@ class LLM:
         While running, the text holds back an incomplete character or a possible start of a stop string.
         """
         (seq,) = self._make_sequences([prompt], sampling_params)
+        if self.diffusion is not None:  # blocks are unmasked all over: only the finished output is meaningful
+            yield from self._run([seq], False, None)
+            return
         self.store.stats = StoreStats()
         with torch.inference_mode():
             while not seq.finished:

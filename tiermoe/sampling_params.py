@@ -20,6 +20,12 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # stop on these besides EOS
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Diffusion models only (LLaDA, LLaDA2); defaults are the public generate()'s. Ignored by autoregressive ones.
+    block_length: int = 32  # positions unmasked together, left to right block by block
+    steps: int = 32  # denoising steps: per block (LLaDA2), or in all, split evenly across blocks (LLaDA)
+    threshold: float = 0.95  # LLaDA2: commit every masked position whose confidence exceeds this ...
+    min_commit: int = 1  # ... else the top-k by confidence, k = max(block_length / steps, min_commit)
+    remasking: str = "low_confidence"  # LLaDA: which positions to commit, "low_confidence" or "random"
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -34,6 +40,16 @@ class SamplingParams:
             raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        self._check_diffusion()
+
+    def _check_diffusion(self) -> None:
+        for name in ("block_length", "steps", "min_commit"):
+            if getattr(self, name) < 1:
+                raise RequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.threshold <= 1:
+            raise RequestError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.remasking not in ("low_confidence", "random"):
+            raise RequestError(f"remasking must be 'low_confidence' or 'random', got {self.remasking!r}")
 
     @property
     def greedy(self) -> bool:

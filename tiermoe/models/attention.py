@@ -63,5 +63,5 @@ def attend_batch(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     for s in batch.seqs:
         rows = slice(s.start, s.start + s.length)
         keys, values = s.cache.update(layer, s.past, k[rows], v[rows])
-        out[rows] = attend(q[rows], keys, values, s.past, scale)
+        out[rows] = attend(q[rows], keys, values, s.past, scale, batch.attn_block)
     return out

@@ -21,6 +21,8 @@ FAMILIES: dict[str, str] = {
     "olmoe": "tiermoe.models.olmoe",
     "deepseek_v2": "tiermoe.models.deepseek",
     "deepseek_v3": "tiermoe.models.deepseek",
+    "llada2_moe": "tiermoe.models.llada2_moe",
+    "llada": "tiermoe.models.llada",
 }
 
 # The built-in model that ships inside the package (trained on Shakespeare by scripts/train_model.py).

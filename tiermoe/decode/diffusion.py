@@ -1,0 +1,215 @@
+"""Masked-diffusion decoding: the generated region starts as mask tokens and is unmasked over denoising steps,
+left to right one block at a time.
+
+LLaDA2 ("blocks" schedule): blocks are aligned to position 0 (the prompt's last, partial block is denoised with the
+first generated positions) and attention is block-causal, so once a block is finished its K/V never change: each
+step runs only the current block over the cached K/V of the prompt and the finished blocks, exactly as the
+reference's full recomputation would. A block's final K/V are written by the next block's first step, which runs
+both (no extra forward). Per step: commit every masked position of the block whose confidence exceeds `threshold`,
+else the `max(block_length / steps, min_commit)` most confident. A request whose output reaches EOS stops after
+that block; the text is cut at EOS.
+
+LLaDA ("full" schedule): bidirectional attention over prompt and every block, recomputed at every step (no K/V can
+be reused). `steps` are split evenly across blocks; per step the scheduled number of positions of the current block
+is committed, the most confident first ("low_confidence": softmax probability of the chosen token) or in random
+order ("random"); positions past the current block are never committed early.
+
+Temperature 0 is truly greedy (argmax); above 0 tokens are sampled with the request's seeded generator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tiermoe.decode.kv_cache import KVCache
+from tiermoe.decode.remasking import (
+    commit_confident,
+    commit_top_k,
+    logit_rows,
+    predict,
+    random_confidence,
+    transfer_schedule,
+)
+from tiermoe.decode.sequence import Sequence
+from tiermoe.models.diffusion import DiffusionModel
+from tiermoe.models.layers import ForwardBatch, SeqSlice
+from tiermoe.models.transformer import CausalLM
+
+
+@dataclass(frozen=True, slots=True)
+class DiffusionOptions:
+    """Engine-side knobs (not per request)."""
+
+    kv_cache: bool = True  # LLaDA2: reuse finished blocks' K/V; False recomputes all every step (the reference)
+    logit_rows: int | None = None  # rows per lm_head call; None: as many as LOGIT_BUDGET bytes of logits allow
+
+
+@dataclass(slots=True)
+class DiffusionStats:
+    """The work one request's decoding took."""
+
+    nfe: int = 0  # number of forward evaluations of the model
+    forward_rows: int = 0  # token rows those evaluations computed
+    logit_rows: int = 0  # rows the lm_head was applied to (masked positions of the current block only)
+    max_logit_rows: int = 0  # the most rows of any one lm_head call (bounds the logits' memory)
+    committed: int = 0  # positions unmasked, including any past max_tokens in the last block
+    blocks: int = 0  # blocks denoised
+    decode_time: float = 0.0  # seconds
+
+    def to_dict(self, output_tokens: int) -> dict:
+        return {**asdict(self), "output_tokens": output_tokens,
+                "tokens_per_forward": output_tokens / self.nfe if self.nfe else 0.0}
+
+
+@dataclass(slots=True)
+class Canvas:
+    """The sequence being denoised: prompt then generated positions, mask tokens until committed."""
+
+    tokens: torch.Tensor  # [L] token ids (CPU)
+    open: torch.Tensor  # [L] bool: a generated position not committed yet
+    prompt_len: int
+
+    @classmethod
+    def new(cls, prompt: list[int], length: int, mask_id: int) -> Canvas:
+        tokens = torch.full((length,), mask_id, dtype=torch.long)
+        tokens[: len(prompt)] = torch.tensor(prompt)
+        is_open = torch.ones(length, dtype=torch.bool)
+        is_open[: len(prompt)] = False
+        return cls(tokens, is_open, len(prompt))
+
+    def masked(self, lo: int, hi: int) -> torch.Tensor:
+        """Positions in [lo, hi) still to be committed, ascending: [m]."""
+        return self.open[lo:hi].nonzero().squeeze(1) + lo
+
+    def commit(self, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.tokens[positions] = tokens
+        self.open[positions] = False
+
+
+@dataclass(slots=True)
+class Denoiser:
+    """One request being denoised: runs the model and the logits path, counts the work, emits finished blocks."""
+
+    model: CausalLM
+    seq: Sequence
+    tokenizer: object
+    mask_id: int
+    rows: int  # rows per lm_head call
+    generator: torch.Generator | None
+    stats: DiffusionStats
+
+    def forward(self, ids: torch.Tensor, start: int, cache: KVCache, block: int | None) -> torch.Tensor:
+        """ids [n] at positions [start, start + n) -> hidden states [n, H]; their K/V land in `cache`."""
+        device = self.model.lm_head.weight.device
+        n = ids.shape[0]
+        batch = ForwardBatch(torch.arange(start, start + n, device=device), [SeqSlice(cache, 0, n, start)],
+                             attn_block=block)
+        self.stats.nfe += 1
+        self.stats.forward_rows += n
+        return self.model(ids.to(device), batch)
+
+    def predict(self, hidden: torch.Tensor, tempered_confidence: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [m, H] of masked positions -> tokens [m], confidences [m], on the CPU."""
+        self.stats.logit_rows += hidden.shape[0]
+        self.stats.max_logit_rows = max(self.stats.max_logit_rows, min(self.rows, hidden.shape[0]))
+        tokens, confidence = predict(self.model, hidden, self.seq.params, self.generator, self.rows, self.mask_id,
+                                     tempered_confidence)
+        return tokens.cpu(), confidence.cpu()
+
+    def emit(self, canvas: Canvas, lo: int, hi: int) -> bool:
+        """Append a finished block's generated tokens to the request; True once it has finished (EOS, length)."""
+        self.stats.blocks += 1
+        for token in canvas.tokens[max(lo, canvas.prompt_len):hi].tolist():
+            self.seq.append(token, self.tokenizer)
+            if self.seq.finished:
+                return True
+        return False
+
+
+def decode_blocks(d: Denoiser, options: DiffusionOptions) -> None:
+    """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks."""
+    p, prompt = d.seq.params, d.seq.prompt_ids
+    size = p.block_length
+    steps = max(1, min(p.steps, p.max_tokens // p.min_commit))  # the reference caps steps at gen_length // min_commit
+    schedule = transfer_schedule(size, steps)
+    num_blocks = -(-(len(prompt) + p.max_tokens) // size)
+    canvas = Canvas.new(prompt, num_blocks * size, d.mask_id)
+    cache = KVCache(num_blocks * size)
+    final = 0  # positions before this have their final K/V in the cache
+    for block in range(len(prompt) // size, num_blocks):
+        lo, hi = block * size, (block + 1) * size
+        for step in range(steps):
+            masked = canvas.masked(lo, hi)  # [m]
+            if masked.numel() == 0:
+                break
+            start = final if options.kv_cache else 0
+            hidden = d.forward(canvas.tokens[start:hi], start, cache, size)  # [hi - start, H]
+            final = lo
+            tokens, confidence = d.predict(hidden[masked - start], tempered_confidence=True)
+            chosen = commit_confident(confidence, p.threshold, max(schedule[step], p.min_commit))
+            canvas.commit(masked[chosen], tokens[chosen])
+            d.stats.committed += chosen.numel()
+        if d.emit(canvas, lo, hi):
+            return
+
+
+def decode_full(d: Denoiser) -> None:
+    """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step."""
+    p, prompt = d.seq.params, d.seq.prompt_ids
+    size, length = p.block_length, len(prompt) + p.max_tokens
+    num_blocks = -(-p.max_tokens // size)
+    steps = max(1, p.steps // num_blocks)
+    canvas = Canvas.new(prompt, length, d.mask_id)
+    cache = KVCache(length)  # overwritten from position 0 by every step
+    for block in range(num_blocks):
+        lo, hi = len(prompt) + block * size, min(len(prompt) + (block + 1) * size, length)
+        for k in transfer_schedule(hi - lo, steps):
+            masked = canvas.masked(lo, hi)  # [m]
+            if k == 0 or masked.numel() == 0:  # the reference still runs the model here, and commits nothing
+                break
+            hidden = d.forward(canvas.tokens, 0, cache, None)  # [L, H]
+            tokens, confidence = d.predict(hidden[masked], tempered_confidence=False)
+            if p.remasking == "random":
+                confidence = random_confidence(masked.numel(), d.generator)
+            chosen = commit_top_k(confidence, k)
+            canvas.commit(masked[chosen], tokens[chosen])
+            d.stats.committed += chosen.numel()
+        if d.emit(canvas, lo, hi):
+            return
+
+
+def generate(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: DiffusionModel,
+             options: DiffusionOptions = DiffusionOptions(),
+             on_step: Callable[[list[Sequence]], None] | None = None) -> dict[str, dict]:
+    """Decode every sequence (one at a time); returns each request's DiffusionStats as a dict, by request id.
+
+    `on_step` sees a sequence once it has finished.
+    """
+    stats = {}
+    rows = options.logit_rows or logit_rows(model.shape.vocab_size)
+    with torch.inference_mode():
+        for seq in seqs:
+            if seq.finished:
+                continue
+            d = Denoiser(model, seq, tokenizer, diffusion.mask_id, rows, _generator(seq), DiffusionStats())
+            start = time.perf_counter()
+            if diffusion.schedule == "blocks":
+                decode_blocks(d, options)
+            else:
+                decode_full(d)
+            d.stats.decode_time = time.perf_counter() - start
+            stats[seq.request_id] = d.stats.to_dict(len(seq.output_ids))
+            if on_step is not None:
+                on_step([seq])
+    return stats
+
+
+def _generator(seq: Sequence) -> torch.Generator | None:
+    """The request's seeded generator; random remasking needs one even when tokens are greedy."""
+    if seq.generator is None and seq.params.seed is not None and seq.params.remasking == "random":
+        return torch.Generator().manual_seed(seq.params.seed)
+    return seq.generator

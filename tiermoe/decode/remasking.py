@@ -1,0 +1,95 @@
+"""The pieces of a denoising step: predict a token and a confidence for each masked position, then choose which
+predictions to commit (unmask) this step.
+
+NOTE: logits are computed only for the masked positions, `rows` at a time, and reduced to (token, confidence) at
+once; the full [positions x vocab] tensor never exists (dLLM-Serve's logit-aware activation budgeting: LLaDA2's
+vocabulary is 157k, so one block of 32 rows is already 20 MB of fp32 logits, a whole prompt hundreds).
+
+Shape legend: n = masked positions predicted this step, c = rows in one lm_head call, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tiermoe.decode.sampler import _top_p
+from tiermoe.models.transformer import CausalLM
+from tiermoe.sampling_params import SamplingParams
+
+LOGIT_BUDGET = 32 << 20  # bytes of fp32 logits one lm_head call may produce
+
+
+def logit_rows(vocab_size: int, budget: int = LOGIT_BUDGET) -> int:
+    """Rows per lm_head call so that one call's fp32 logits stay within `budget` bytes."""
+    return max(1, budget // (vocab_size * 4))
+
+
+def predict(model: CausalLM, hidden: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+            rows: int, mask_id: int, tempered_confidence: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [n, H] of masked positions -> token ids [n], confidences [n] (fp32), `rows` rows per lm_head call.
+
+    Greedy (temperature 0) takes the argmax, and its confidence is its softmax probability. Otherwise a token is
+    sampled from the tempered, top-k/top-p filtered distribution; its confidence is its probability under that
+    distribution when `tempered_confidence` (LLaDA2), under the plain softmax otherwise (LLaDA).
+    """
+    tokens, confidence = [], []
+    for chunk in hidden.split(rows):
+        logits = model.logits(chunk)  # [c, V] fp32
+        if not params.greedy:
+            logits = logits.cpu()  # the request's generator lives on the CPU
+        # A trained model never predicts the mask token; a random tiny one might, and would re-mask its own position.
+        logits[:, mask_id] = float("-inf")
+        t, c = _choose(logits, params, generator, tempered_confidence)
+        tokens.append(t)
+        confidence.append(c)
+    if not tokens:
+        return hidden.new_empty(0, dtype=torch.long), hidden.new_empty(0, dtype=torch.float)
+    return torch.cat(tokens), torch.cat(confidence)
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+            tempered_confidence: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [c, V] -> tokens [c], confidences [c]."""
+    if params.greedy:
+        best = logits.max(-1)
+        return best.indices, (best.values - logits.logsumexp(-1)).exp()  # softmax prob without a second [c, V]
+    probs = _sampling_probs(logits, params)  # [c, V]
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [c]
+    if tempered_confidence:
+        return tokens, probs.gather(1, tokens[:, None]).squeeze(1)
+    return tokens, (logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)).exp()
+
+
+def _sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p; rows [c, V] of probabilities."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # [c, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return _top_p(probs, params.top_p) if params.top_p < 1.0 else probs
+
+
+def random_confidence(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """LLaDA's "random" remasking: the order in which positions are committed is uniform at random."""
+    return torch.rand(n, generator=generator)
+
+
+def transfer_schedule(masked: int, steps: int) -> list[int]:
+    """How many positions to commit at each of `steps` steps: `masked` spread evenly, the remainder first."""
+    base, extra = divmod(masked, steps)
+    return [base + (i < extra) for i in range(steps)]
+
+
+def commit_confident(confidence: torch.Tensor, threshold: float, k: int) -> torch.Tensor:
+    """LLaDA2: every position whose confidence exceeds `threshold` if there are at least k, else the k most
+    confident (all when fewer remain). Returns indices into `confidence`."""
+    high = (confidence > threshold).nonzero().squeeze(1)
+    if len(high) >= k:
+        return high
+    return commit_top_k(confidence, k)
+
+
+def commit_top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most confident positions (all when fewer remain)."""
+    return torch.topk(confidence, min(k, confidence.shape[0])).indices
