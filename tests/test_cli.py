@@ -47,7 +47,8 @@ def test_record_trace_and_convert(llm, tmp_path):
     params = SamplingParams(temperature=0, max_tokens=10)
     aligned = LLM(tmp_path / "aligned", expert_cache="25%")
     assert aligned.index.expert_layout == "converted"
-    assert aligned.generate(["JULIET:"], params)[0].outputs[0].text == llm.generate(["JULIET:"], params)[0].outputs[0].text
+    text = aligned.generate(["JULIET:"], params)[0].outputs[0].text
+    assert text == llm.generate(["JULIET:"], params)[0].outputs[0].text
 
 
 def test_bad_input_exits_with_a_message(tmp_path):

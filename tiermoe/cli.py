@@ -9,6 +9,8 @@ import sys
 from tiermoe.errors import TiermoeError
 from tiermoe.models.registry import DEFAULT_MODEL
 
+CALIBRATION_TEXT = DEFAULT_MODEL.parent / "calibration.txt"  # held out from the built-in model's training
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags every command that loads a model shares."""
@@ -22,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-threads", type=int, default=4, help="threads reading experts from disk")
     p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                    help="read experts through the page cache instead of O_DIRECT")
+    p.add_argument("--prefetch", choices=["residual", "plain"], default=None,
+                   help="read the next layer's predicted experts ahead (residual: DALI, needs `tiermoe calibrate`)")
+    p.add_argument("--prefetch-top-p", type=int, default=1, help="experts predicted per token for prefetch")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +49,7 @@ def sampling_params(args: argparse.Namespace):
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads,
                 expert_cache=args.expert_cache, cache_policy=args.cache_policy, io_threads=args.io_threads,
-                direct_io=args.direct_io)
+                direct_io=args.direct_io, prefetch=args.prefetch, prefetch_top_p=args.prefetch_top_p)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -80,6 +85,19 @@ def _stream(llm, prompt, params, echo: str):
     return out
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tiermoe.llm import LLM
+    from tiermoe.offload.calibrate import calibrate
+
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    text = Path(args.text).read_text() if args.text else CALIBRATION_TEXT.read_text()
+    report = calibrate(llm, llm.tokenizer.encode(text), args.chunk_tokens)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from tiermoe.convert import convert
 
@@ -107,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--record-trace", default=None, metavar="FILE",
                      help="write every token's routing to FILE.npz/.json (../shared/traces format)")
     gen.set_defaults(func=cmd_generate)
+    cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them with the model")
+    cal.add_argument("--model", default=str(DEFAULT_MODEL))
+    cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    cal.add_argument("--threads", type=int, default=None)
+    cal.add_argument("--text", default=None, help="calibration text file (default: a held-out Shakespeare play)")
+    cal.add_argument("--chunk-tokens", type=int, default=256)
+    cal.set_defaults(func=cmd_calibrate)
     conv = sub.add_parser("convert", help="rewrite a checkpoint so every expert is one aligned read")
     conv.add_argument("src")
     conv.add_argument("dst")

@@ -24,6 +24,8 @@ class EngineConfig:
     cache_policy: str = "lru"  # eviction policy, see tiermoe.offload.policies.POLICIES
     io_threads: int = 4  # threads reading experts
     direct_io: bool = True  # O_DIRECT reads (the page cache would be RAM outside the budget)
+    prefetch: str | None = None  # "residual" (DALI; needs `tiermoe calibrate`) or "plain": read next layer's experts
+    prefetch_top_p: int = 1  # experts predicted per token (DALI found 1 best)
     # Accelerator: "cpu", "cuda" (or "cuda:N"), or "auto" (cuda when torch sees one). On an accelerator the dense
     # weights live there and `gpu_expert_cache` bytes of experts too; other experts run on the CPU or are promoted.
     device: str = "cpu"
@@ -41,6 +43,8 @@ class EngineConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.gpu_expert_cache is not None and self.torch_device.type != "cuda":
             raise ConfigError("gpu_expert_cache needs device='cuda' (or 'auto' on a machine with a GPU)")
+        if self.prefetch_top_p < 1:
+            raise ConfigError(f"prefetch_top_p must be >= 1, got {self.prefetch_top_p}")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
 

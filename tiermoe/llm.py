@@ -23,6 +23,7 @@ from tiermoe.models.registry import DEFAULT_MODEL
 from tiermoe.offload.accelerator import AcceleratorStore, profile_costs
 from tiermoe.offload.budget import parse_budget
 from tiermoe.offload.policies import POLICIES, make_policy
+from tiermoe.offload.prefetch import make_prefetcher
 from tiermoe.offload.stats import StoreStats
 from tiermoe.offload.store import ExpertStore, ResidentStore, loaded_nbytes
 from tiermoe.offload.tiered_store import TieredStore
@@ -43,8 +44,10 @@ class LLM:
         self.model, self.index, self.hf_config = load_model(self.config.model, self.config.torch_dtype)
         self.model.to(self.config.torch_device)
         self.store = make_store(self.config, self.index, self.model)
+        prefetcher = self.config.prefetch and make_prefetcher(self.config.prefetch, self.model, self.config.model,
+                                                              self.config.prefetch_top_p)
         for block in self.model.moe_blocks:
-            block.store = self.store
+            block.store, block.prefetcher = self.store, prefetcher or None
         self.tokenizer = load_tokenizer(self.config.model)
         self.eos_ids = eos_token_ids(self.config.model, self.hf_config, self.tokenizer)
         # Diffusion families (LLaDA, LLaDA2) generate by unmasking blocks, see tiermoe.decode.diffusion.

@@ -81,6 +81,7 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
         self.act = act
         self.store: ExpertStore | None = None  # set by the engine
+        self.prefetcher = None  # optional: predicts the next MoE layer's experts from this layer's router input
         # Router observer (trace recording, routing replay): sees (layer, ids, weights), returns the pair to use.
         self.on_route: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -88,7 +89,8 @@ class SparseMoE(nn.Module):
         weights, ids = self.gate(x)  # [T, A], [T, A]
         if self.on_route is not None:
             ids, weights = self.on_route(self.layer, ids, weights)
-        out = self.routed(x, weights, ids)
+        ahead = self.prefetcher.predict(self.layer, x) if self.prefetcher is not None else None
+        out = self.routed(x, weights, ids, ahead)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -96,18 +98,19 @@ class SparseMoE(nn.Module):
             out = out + shared
         return out
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               ahead: tuple[int, list[int]] | None = None) -> torch.Tensor:
         """Sum over each token's experts of weight * expert(x).
 
         Experts are computed in the order the store delivers them but summed in ascending id order, so the result
         is bit-identical whatever was resident: that order is what makes offloading lossless.
         """
         if x.shape[0] == 1:
-            return self._routed_one(x, weights, ids)
+            return self._routed_one(x, weights, ids, ahead)
         unique, counts = torch.unique(ids, return_counts=True)
         experts = unique.tolist()  # ascending
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e, w in self.store.fetch(self.layer, experts, counts.tolist()):
+        for e, w in self.store.fetch(self.layer, experts, counts.tolist(), ahead):
             rows, slot = torch.where(ids == e)
             h = x[rows].to(w.down.device)  # an expert may run where its weights are (CPU or accelerator)
             gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, I] each
@@ -118,12 +121,13 @@ class SparseMoE(nn.Module):
             out.index_add_(0, *outputs[e])
         return out
 
-    def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    ahead: tuple[int, list[int]] | None) -> torch.Tensor:
         """The same sum for a single token (decode at batch 1) without the gather/scatter bookkeeping."""
         slot_of = {e: i for i, e in enumerate(ids[0].tolist())}
         experts = sorted(slot_of)
         outputs = {}
-        for e, w in self.store.fetch(self.layer, experts, [1] * len(experts)):
+        for e, w in self.store.fetch(self.layer, experts, [1] * len(experts), ahead):
             h = x.to(w.down.device)
             gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [1, I] each
             y = F.linear(self.act(gate) * up, w.down) * weights[0, slot_of[e]].to(h.device)  # [1, H]

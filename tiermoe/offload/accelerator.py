@@ -119,8 +119,8 @@ class AcceleratorStore(ExpertStore):
     def expert_nbytes(self, layer: int, expert: int) -> int:
         return self.host.expert_nbytes(layer, expert)
 
-    def fetch(self, layer: int, experts: list[int],
-              counts: list[int] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+    def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
+              prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
         self.step += 1
         tokens = dict(zip(experts, counts or [1] * len(experts), strict=True))
         on_device = [e for e in experts if (layer, e) in self.weights]
@@ -131,7 +131,7 @@ class AcceleratorStore(ExpertStore):
         rest = [e for e in experts if (layer, e) not in self.weights]
         if not rest:
             return
-        for e, w in self.host.fetch(layer, rest):
+        for e, w in self.host.fetch(layer, rest, prefetch=prefetch):
             yield e, self._placed(layer, e, w, tokens[e], pinned=on_device)
 
     def _placed(self, layer: int, e: int, w: ExpertWeights, tokens: int, pinned: list[int]) -> ExpertWeights:

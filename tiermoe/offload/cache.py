@@ -95,18 +95,18 @@ class ExpertCache:
             self._insert(key, step)
         return RequestOutcome(hits, misses, evicted)
 
-    def _make_room(self, keys: list[Key], misses: list[Key], step: int) -> list[Key]:
-        """Evicts residents outside `keys` until `misses` fit; returns them in eviction order."""
+    def _make_room(self, keys: list[Key], misses: list[Key], step: int, pinned: Collection[Key] = ()) -> list[Key]:
+        """Evicts residents outside `keys` and `pinned` until `misses` fit; returns them in eviction order."""
         need = self.used + self._total(misses) - self.capacity
         if need <= 0:
             return []
-        least = self._total(keys)
+        least = self._total(set(keys) | (set(pinned) & self._resident.keys()))
         if least > self.capacity:
             unit = "items" if self._size_of is None else "size units"
             raise ValueError(
                 f"one request needs {least} {unit} resident at once but the cache capacity is {self.capacity}; "
                 f"the minimum capacity is {least}")
-        candidates = self._resident.keys() - keys  # a new set
+        candidates = self._resident.keys() - keys - set(pinned)  # a new set
         evicted = []
         while need > 0:
             key = self.policy.victim(candidates, step)
@@ -116,6 +116,23 @@ class ExpertCache:
             need -= self._evict(key)
             evicted.append(key)
         return evicted
+
+    def admit(self, keys: Iterable[Key], step: int, pinned: Collection[Key] = ()) -> RequestOutcome:
+        """Brings keys in ahead of use (a prefetch): no access is recorded, `pinned` residents are protected, and
+        keys that do not fit beside `pinned` are skipped rather than refused. Returns (already resident, admitted,
+        evicted)."""
+        keys = list(dict.fromkeys(keys))
+        hits = [k for k in keys if k in self._resident]
+        room = self.capacity - self._total((set(pinned) | set(hits)) & self._resident.keys())
+        admitted, evicted = [], []
+        for key in (k for k in keys if k not in self._resident):
+            if self.size(key) > room:
+                continue
+            evicted += self._make_room([key], [key], step, list(pinned) + admitted + hits)
+            self._insert(key, step)
+            admitted.append(key)
+            room -= self.size(key)
+        return RequestOutcome(hits, admitted, evicted)
 
     def discard(self, key: Key) -> bool:
         """Drops `key` outside any request (e.g. the store frees it); returns whether it was resident."""

@@ -47,10 +47,12 @@ class ExpertStore(ABC):
     stats: StoreStats
 
     @abstractmethod
-    def fetch(self, layer: int, experts: list[int],
-              counts: list[int] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+    def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
+              prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
         """Called once per MoE layer per forward pass with the distinct experts the batch routed to (ascending),
         and how many tokens each got (a placement hint: where an expert runs may depend on its workload).
+        `prefetch` = (layer, experts) predicted for a later layer: a store that reads ahead starts those reads once
+        this request's own are issued; others ignore it.
 
         Yields every requested expert exactly once, in the order they become ready (resident ones first). A yielded
         expert's weights are valid until the next item is requested: compute with them before asking for more, so
@@ -74,8 +76,8 @@ class ResidentStore(ExpertStore):
         self.resident: dict[tuple[int, int], ExpertWeights] = {}
         self.stats = StoreStats()
 
-    def fetch(self, layer: int, experts: list[int],
-              counts: list[int] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+    def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
+              prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
         stats = self.stats.layer(layer)
         for e in experts:
             w = self.resident.get((layer, e))

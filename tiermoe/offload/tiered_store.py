@@ -56,16 +56,38 @@ class TieredStore(ExpertStore):
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
         self.stats = StoreStats()
         self.step = 0
+        self.inflight: dict[Key, Future] = {}  # prefetched experts whose read has not been collected yet
+        self._in_use: list[Key] = []  # keys of the request being served: never evicted by a prefetch
         self._file_state = {f: _state(f) for f in {p.file for s in index.experts().values() for p in s.parts}}
 
     @property
     def resident_bytes(self) -> int:
         return sum(w.nbytes for w in self.weights.values())
 
-    def fetch(self, layer: int, experts: list[int],
-              counts: list[int] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
-        for chunk in self._chunks([(layer, e) for e in experts]):
-            yield from self._serve(chunk)
+    def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
+              prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+        for i, chunk in enumerate(self._chunks([(layer, e) for e in experts])):
+            yield from self._serve(chunk, prefetch if i == 0 else None)
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start reading experts predicted for `layer` in the background, after the current request's reads.
+
+        Room is made by the policy like for a miss, except that the experts in use are never evicted and what does
+        not fit beside them is skipped. A prefetched expert is accounted against the budget from now on.
+        """
+        _, admitted, evicted = self.cache.admit([(layer, e) for e in experts], self.step, self._in_use)
+        for key in evicted:
+            self._drop(key)
+        for key in admitted:
+            self.inflight[key] = self.pool.submit(self._load, key)
+        self.stats.prefetched += len(admitted)
+
+    def _drop(self, key: Key) -> None:
+        """Forget an evicted expert's weights, or its prefetch still in flight."""
+        self.weights.pop(key, None)
+        fut = self.inflight.pop(key, None)
+        if fut is not None:
+            fut.cancel()
 
     def _chunks(self, keys: list[Key]) -> list[list[Key]]:
         """Split a request whose experts do not fit the budget together into turns that do (prefill of many tokens)."""
@@ -79,18 +101,23 @@ class TieredStore(ExpertStore):
             used += size
         return chunks + [current] if current else chunks
 
-    def _serve(self, keys: list[Key]) -> Iterator[tuple[int, ExpertWeights]]:
+    def _serve(self, keys: list[Key], prefetch: tuple[int, list[int]] | None) -> Iterator[tuple[int, ExpertWeights]]:
         self.step += 1
         hits, misses, evicted = self.cache.request(keys, self.step)
         for key in evicted:
-            del self.weights[key]
+            self._drop(key)
         stats = self.stats.layer(keys[0][0])
         stats.hits += len(hits)
         stats.misses += len(misses)
         self.stats.evictions += len(evicted)
+        self._in_use = keys
         futures = {self.pool.submit(self._load, key): key for key in misses}
+        futures.update({self.inflight.pop(key): key for key in hits if key in self.inflight})  # prefetched
+        if prefetch is not None:
+            self.prefetch(*prefetch)
         for key in hits:
-            yield key[1], self.weights[key]
+            if key in self.weights:
+                yield key[1], self.weights[key]
         pending, error = set(futures), None
         try:
             while pending:
@@ -114,7 +141,7 @@ class TieredStore(ExpertStore):
 
     def _install(self, key: Key, fut: Future) -> ExpertWeights | None:
         """Keep a finished read's weights, or forget the key if the read failed."""
-        if fut.exception() is not None:
+        if fut.cancelled() or fut.exception() is not None:
             self.cache.discard(key)
             return None
         w, nbytes, seconds = fut.result()

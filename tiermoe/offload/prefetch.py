@@ -1,0 +1,57 @@
+"""DALI's residual-based prefetch: predict the next MoE layer's experts from this layer's router input.
+
+The next layer's router input is this layer's plus what the layers in between add; DALI approximates that addition
+by its mean over calibration text (a per-layer residual vector), adds it to the current router input, and applies
+the next layer's router. The `plain` variant applies the next router to the current input unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiermoe.errors import ConfigError
+from tiermoe.models.transformer import CausalLM
+
+CALIBRATION_FILE = "tiermoe_residuals.safetensors"
+PREFETCHERS = ("residual", "plain")
+
+
+class ResidualPrefetcher:
+    """Per MoE layer: which experts the next MoE layer will most likely want (top-p per token)."""
+
+    def __init__(self, model: CausalLM, residuals: dict[int, torch.Tensor] | None, top_p: int = 1):
+        blocks = model.moe_blocks
+        self.next = {a.layer: b for a, b in zip(blocks, blocks[1:], strict=False)}
+        self.residuals = residuals or {}
+        self.top_p = top_p
+
+    def predict(self, layer: int, x: torch.Tensor) -> tuple[int, list[int]] | None:
+        """x [T, H] is `layer`'s router input; returns (next MoE layer, predicted experts) or None at the last."""
+        nxt = self.next.get(layer)
+        if nxt is None:
+            return None
+        delta = self.residuals.get(layer)
+        _, ids = nxt.gate(x if delta is None else x + delta.to(x.dtype))  # [T, A], best first
+        return nxt.layer, torch.unique(ids[:, : self.top_p]).tolist()
+
+
+def make_prefetcher(kind: str, model: CausalLM, folder: Path, top_p: int) -> ResidualPrefetcher:
+    if kind not in PREFETCHERS:
+        raise ConfigError(f"unknown prefetcher {kind!r}; choose one of {', '.join(PREFETCHERS)}")
+    if kind == "plain":
+        return ResidualPrefetcher(model, None, top_p)
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run `tiermoe calibrate --model {folder}` first")
+    return ResidualPrefetcher(model, load_residuals(path), top_p)
+
+
+def save_residuals(path: Path, residuals: dict[int, torch.Tensor]) -> None:
+    save_file({f"layer.{k}": v.float().contiguous() for k, v in residuals.items()}, path)
+
+
+def load_residuals(path: Path) -> dict[int, torch.Tensor]:
+    return {int(k.split(".")[1]): v for k, v in load_file(path).items()}
