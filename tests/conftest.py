@@ -18,6 +18,24 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny test matrices run several times faster on one intra-op thread than split over two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """Tiny random diffusion checkpoints (llada2_moe, llada), written under their real tensor names."""
+    from tests.tiny_diffusion_models import build_tiny_diffusion
+
+    root = tmp_path_factory.mktemp("tiny-diffusion")
+    return {f: build_tiny_diffusion(f, root / f) for f in ("llada2_moe", "llada")}
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from tests.tiny_diffusion_models import MASK_ID, build_tiny_diffusion
+from tests.tiny_diffusion_models import MASK_ID
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import Canvas, DiffusionOptions
@@ -15,21 +15,6 @@ from tiermoe.errors import RequestError
 
 SHORT = [3, 17, 42, 9, 77]  # shorter than a block
 LONG = [12, 99, 31, 7, 54, 23, 70, 2, 45, 16, 61, 88, 1, 64, 20, 5, 90, 33, 40]  # spans blocks, not aligned
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: one intra-op thread is several times faster for these tiny matrices."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-diffusion")
-    return {f: build_tiny_diffusion(f, root / f) for f in ("llada2_moe", "llada")}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tests.tiny_diffusion_models import FAMILIES, build_tiny_diffusion
+from tests.tiny_diffusion_models import FAMILIES
 from tiermoe import LLM, SamplingParams
 from tiermoe.checkpoint import CheckpointIndex
 from tiermoe.decode.kv_cache import KVCache
@@ -17,21 +17,6 @@ from tiermoe.models.layers import ForwardBatch, SeqSlice
 from tiermoe.models.registry import family
 
 PROMPT = [3, 17, 42, 9, 77, 5, 101, 64, 12, 33, 8]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: one intra-op thread is several times faster for these tiny matrices."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-diffusion")
-    return {f: build_tiny_diffusion(f, root / f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
