@@ -27,6 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", choices=["residual", "plain"], default=None,
                    help="read the next layer's predicted experts ahead (residual: DALI, needs `tiermoe calibrate`)")
     p.add_argument("--prefetch-top-p", type=int, default=1, help="experts predicted per token for prefetch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--gpu-expert-cache", default=None, help="accelerator budget for experts, e.g. 4GiB or 10%%")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +51,8 @@ def sampling_params(args: argparse.Namespace):
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads,
                 expert_cache=args.expert_cache, cache_policy=args.cache_policy, io_threads=args.io_threads,
-                direct_io=args.direct_io, prefetch=args.prefetch, prefetch_top_p=args.prefetch_top_p)
+                direct_io=args.direct_io, prefetch=args.prefetch, prefetch_top_p=args.prefetch_top_p,
+                device=args.device, gpu_expert_cache=args.gpu_expert_cache)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
