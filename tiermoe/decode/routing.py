@@ -92,7 +92,7 @@ class RoutingReplay:
         self.sequence_of: dict[str, int] = {}  # request id -> trace sequence
         for block in model.moe_blocks:
             block.on_route = self.on_route
-        self._trace_rows = np.empty(0, dtype=np.int64)
+        self._sel = torch.empty(0, dtype=torch.long)
 
     def begin(self, seqs: list[Sequence]) -> None:
         rows = []
@@ -100,20 +100,23 @@ class RoutingReplay:
             start, end = self.bounds[self.sequence_of[r.seq.request_id]]
             row = start + r.position - int(self.trace.positions[start])  # a sequence's rows are consecutive positions
             rows.append(row if start <= row < end else -1)
-        self._trace_rows = np.array(rows, dtype=np.int64)
+        rows = np.array(rows, dtype=np.int64)
+        have = rows >= 0
+        # this pass's traced rows, all layers at once: [n, L, A]
+        self._sel = torch.from_numpy(np.flatnonzero(have))
+        self._ids = torch.from_numpy(self.trace.experts[rows[have]].astype(np.int64))
+        self._weights = torch.from_numpy(self.trace.weights[rows[have]].astype(np.float32))
 
     def on_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._trace_rows
-        have = rows >= 0
-        if not have.any():
+        if len(self._sel) == 0:
             return ids, weights
         lay = self.layer_index[layer]
-        traced = torch.from_numpy(self.trace.experts[rows[have], lay].astype(np.int64))  # [n, A]
+        traced = self._ids[:, lay]  # [n, A]
         ok = (traced >= 0).all(dim=1)  # -1: the layer was not computed for that token in the source
-        sel = torch.from_numpy(np.flatnonzero(have))[ok]
+        sel = self._sel[ok]
         ids, weights = ids.clone(), weights.clone()
         ids[sel] = traced[ok]
-        weights[sel] = torch.from_numpy(self.trace.weights[rows[have], lay].astype(np.float32))[ok].to(weights.dtype)
+        weights[sel] = self._weights[:, lay][ok].to(weights.dtype)
         return ids, weights
 
     def end(self) -> None:

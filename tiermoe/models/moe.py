@@ -113,25 +113,33 @@ class SparseMoE(nn.Module):
         for e, w in self.store.fetch(self.layer, experts, counts.tolist(), ahead):
             rows, slot = torch.where(ids == e)
             h = x[rows].to(w.down.device)  # an expert may run where its weights are (CPU or accelerator)
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, I] each
-            y = F.linear(self.act(gate) * up, w.down) * weights[rows, slot, None].to(h.device)  # [n, H]
+            y = F.linear(self.act_mul(F.linear(h, w.gate_up)), w.down) * weights[rows, slot, None].to(h.device)
             outputs[e] = (rows, y.to(x.device, x.dtype))
         out = torch.zeros_like(x)
         for e in experts:
             out.index_add_(0, *outputs[e])
         return out
 
+    def act_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[n, 2I] -> act(gate) * up  # [n, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
     def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     ahead: tuple[int, list[int]] | None) -> torch.Tensor:
         """The same sum for a single token (decode at batch 1) without the gather/scatter bookkeeping."""
         slot_of = {e: i for i, e in enumerate(ids[0].tolist())}
         experts = sorted(slot_of)
+        scale = weights[0, :, None]  # [A, 1]: a [1] slice per expert promotes dtypes as the batched path does
         outputs = {}
         for e, w in self.store.fetch(self.layer, experts, [1] * len(experts), ahead):
-            h = x.to(w.down.device)
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [1, I] each
-            y = F.linear(self.act(gate) * up, w.down) * weights[0, slot_of[e]].to(h.device)  # [1, H]
-            outputs[e] = y.to(x.device, x.dtype)
+            if w.down.device != x.device:  # the expert runs where its weights are
+                h = x.to(w.down.device)
+                y = F.linear(self.act_mul(F.linear(h, w.gate_up)), w.down) * scale[slot_of[e]].to(h.device)
+                outputs[e] = y.to(x.device, x.dtype)
+            else:
+                y = F.linear(self.act_mul(F.linear(x, w.gate_up)), w.down) * scale[slot_of[e]]  # [1, H]
+                outputs[e] = y.to(x.dtype)
         out = torch.zeros_like(x)
         for e in experts:
             out += outputs[e]
