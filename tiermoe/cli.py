@@ -58,7 +58,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tiermoe.llm import LLM
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(args.model, **engine_kwargs(args), tau=args.tau)
     params = sampling_params(args)
     prompt = llm.chat_prompt(_messages(args)) if args.chat else args.prompt
     if args.json or args.record_trace:
@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print expert-store statistics (stderr) at the end")
     gen.add_argument("--record-trace", default=None, metavar="FILE",
                      help="write every token's routing to FILE.npz/.json (../shared/traces format)")
+    gen.add_argument("--tau", type=_tau, default=None,
+                     help="diffusion models with an expert budget: refresh the expert placement every TAU denoising "
+                          "steps (TIDE), or 'auto' to solve TAU from a cost model")
     gen.set_defaults(func=cmd_generate)
     cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them with the model")
     cal.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -150,6 +153,10 @@ def _add_optional_commands(sub) -> None:
     except ImportError:
         return
     sim_cli.add_parser(sub)
+
+
+def _tau(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tiermoe.errors import ConfigError
+from tiermoe.offload.placement import check_tau
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -30,6 +31,10 @@ class EngineConfig:
     # weights live there and `gpu_expert_cache` bytes of experts too; other experts run on the CPU or are promoted.
     device: str = "cpu"
     gpu_expert_cache: str | int | None = None
+    # TIDE (diffusion models): re-place experts in the fast tier (gpu_expert_cache if set, else expert_cache) only
+    # every `tau` denoising steps of a block, from that step's routing; "auto" solves tau from a cost model.
+    # None: per-step caching by cache_policy.
+    tau: int | str | None = None
 
     def __post_init__(self):
         self.model = Path(self.model)
@@ -47,6 +52,12 @@ class EngineConfig:
             raise ConfigError(f"prefetch_top_p must be >= 1, got {self.prefetch_top_p}")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
+        self._check_tau()
+
+    def _check_tau(self) -> None:
+        check_tau(self.tau)
+        if self.tau is not None and self.expert_cache is None and self.gpu_expert_cache is None:
+            raise ConfigError("tau (TIDE's refresh interval) needs an expert budget: expert_cache or gpu_expert_cache")
 
     @property
     def torch_device(self) -> torch.device:

@@ -24,6 +24,8 @@ from tiermoe.offload.accelerator import AcceleratorStore, profile_costs
 from tiermoe.offload.budget import parse_budget
 from tiermoe.offload.policies import POLICIES, make_policy
 from tiermoe.offload.prefetch import make_prefetcher
+from tiermoe.offload.refresh_accelerator import RefreshAcceleratorStore
+from tiermoe.offload.refresh_store import RefreshStore
 from tiermoe.offload.stats import StoreStats
 from tiermoe.offload.store import ExpertStore, ResidentStore, loaded_nbytes
 from tiermoe.offload.tiered_store import TieredStore
@@ -54,6 +56,8 @@ class LLM:
         self.diffusion = diffusion_of(self.hf_config, self.tokenizer, self.model.shape.vocab_size)
         if self.diffusion is not None and not self.eos_ids:
             self.eos_ids = self.diffusion.eos_ids
+        if self.config.tau is not None and self.diffusion is None:
+            raise ConfigError("tau (TIDE's refresh interval) applies to diffusion models only")
         self.max_model_len = self.config.max_model_len or self.model.shape.max_position_embeddings
         self._ids = itertools.count()
 
@@ -121,7 +125,8 @@ class LLM:
             return {}
         if observer is not None:
             raise RequestError("routing traces are recorded and replayed for autoregressive models only")
-        return diffusion.generate(self.model, seqs, self.tokenizer, self.diffusion, on_step=on_step)
+        return diffusion.generate(self.model, seqs, self.tokenizer, self.diffusion,
+                                  diffusion.DiffusionOptions(tau=self.config.tau), on_step, self.store)
 
     def _detach_observer(self) -> None:
         for block in self.model.moe_blocks:
@@ -204,8 +209,12 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
     when `gpu_expert_cache` is set."""
     dtype = config.torch_dtype
     total = sum(loaded_nbytes(spec, dtype) for spec in index.experts().values())
+    layers = [b.layer for b in model.moe_blocks]
     if config.expert_cache is None:
         store = ResidentStore(index, dtype)
+    elif config.tau is not None and config.gpu_expert_cache is None:  # TIDE with RAM as the fast tier
+        store = RefreshStore(index, dtype, min(parse_budget(config.expert_cache, total), total), layers,
+                             model.shape.top_k, config.io_threads, config.direct_io)
     else:
         store = TieredStore(index, dtype, min(parse_budget(config.expert_cache, total), total),
                             live_policy(config.cache_policy), [b.layer for b in model.moe_blocks], model.shape.top_k,
@@ -213,6 +222,8 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
     if config.gpu_expert_cache is None:
         return store
     device = config.torch_device
+    if config.tau is not None:  # TIDE with the accelerator as the fast tier
+        return RefreshAcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total), layers, dtype)
     return AcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total),
                             live_policy(config.cache_policy), profile_costs(device))
 

@@ -15,6 +15,10 @@ is committed, the most confident first ("low_confidence": softmax probability of
 order ("random"); positions past the current block are never committed early.
 
 Temperature 0 is truly greedy (argmax); above 0 tokens are sampled with the request's seeded generator.
+
+TIDE (tiermoe.offload.placement): with `tau` set, the decoder tells the expert store before every step's forward
+whether it is a refresh step (every step of the first generated block, then every tau-th step of a block) or a
+reuse step, so that the store re-places experts only at refreshes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from tiermoe.decode.sequence import Sequence
 from tiermoe.models.diffusion import DiffusionModel
 from tiermoe.models.layers import ForwardBatch, SeqSlice
 from tiermoe.models.transformer import CausalLM
+from tiermoe.offload.placement import RefreshSchedule, Tau
+from tiermoe.offload.store import ExpertStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +52,7 @@ class DiffusionOptions:
 
     kv_cache: bool = True  # LLaDA2: reuse finished blocks' K/V; False recomputes all every step (the reference)
     logit_rows: int | None = None  # rows per lm_head call; None: as many as LOGIT_BUDGET bytes of logits allow
+    tau: Tau | None = None  # TIDE refresh interval (steps, or "auto"); None: no refresh/reuse hook
 
 
 @dataclass(slots=True)
@@ -59,6 +66,8 @@ class DiffusionStats:
     committed: int = 0  # positions unmasked, including any past max_tokens in the last block
     blocks: int = 0  # blocks denoised
     decode_time: float = 0.0  # seconds
+    refresh_steps: int = 0  # TIDE: steps that refreshed the expert placement
+    tau: int | None = None  # TIDE: the refresh interval used after the first block (solved when "auto")
 
     def to_dict(self, output_tokens: int) -> dict:
         return {**asdict(self), "output_tokens": output_tokens,
@@ -101,6 +110,13 @@ class Denoiser:
     rows: int  # rows per lm_head call
     generator: torch.Generator | None
     stats: DiffusionStats
+    schedule: RefreshSchedule | None = None  # TIDE: tells the expert store refresh vs reuse before each step
+
+    def begin_step(self, block: int, step: int) -> None:
+        """Before the forward of denoising `step` of the request's generated block `block` (0 = its first)."""
+        if self.schedule is not None:
+            self.stats.refresh_steps += self.schedule.begin_step(block, step).refresh
+            self.stats.tau = self.schedule.interval
 
     def forward(self, ids: torch.Tensor, start: int, cache: KVCache, block: int | None) -> torch.Tensor:
         """ids [n] at positions [start, start + n) -> hidden states [n, H]; their K/V land in `cache`."""
@@ -140,12 +156,14 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> None:
     canvas = Canvas.new(prompt, num_blocks * size, d.mask_id)
     cache = KVCache(num_blocks * size)
     final = 0  # positions before this have their final K/V in the cache
-    for block in range(len(prompt) // size, num_blocks):
+    first = len(prompt) // size
+    for block in range(first, num_blocks):
         lo, hi = block * size, (block + 1) * size
         for step in range(steps):
             masked = canvas.masked(lo, hi)  # [m]
             if masked.numel() == 0:
                 break
+            d.begin_step(block - first, step)
             start = final if options.kv_cache else 0
             hidden = d.forward(canvas.tokens[start:hi], start, cache, size)  # [hi - start, H]
             final = lo
@@ -167,10 +185,11 @@ def decode_full(d: Denoiser) -> None:
     cache = KVCache(length)  # overwritten from position 0 by every step
     for block in range(num_blocks):
         lo, hi = len(prompt) + block * size, min(len(prompt) + (block + 1) * size, length)
-        for k in transfer_schedule(hi - lo, steps):
+        for step, k in enumerate(transfer_schedule(hi - lo, steps)):
             masked = canvas.masked(lo, hi)  # [m]
             if k == 0 or masked.numel() == 0:  # the reference still runs the model here, and commits nothing
                 break
+            d.begin_step(block, step)
             hidden = d.forward(canvas.tokens, 0, cache, None)  # [L, H]
             tokens, confidence = d.predict(hidden[masked], tempered_confidence=False)
             if p.remasking == "random":
@@ -184,10 +203,12 @@ def decode_full(d: Denoiser) -> None:
 
 def generate(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: DiffusionModel,
              options: DiffusionOptions = DiffusionOptions(),
-             on_step: Callable[[list[Sequence]], None] | None = None) -> dict[str, dict]:
+             on_step: Callable[[list[Sequence]], None] | None = None,
+             store: ExpertStore | None = None) -> dict[str, dict]:
     """Decode every sequence (one at a time); returns each request's DiffusionStats as a dict, by request id.
 
-    `on_step` sees a sequence once it has finished.
+    `on_step` sees a sequence once it has finished. With `options.tau` set, `store` (the one the MoE layers read
+    from) is told refresh vs reuse before every step.
     """
     stats = {}
     rows = options.logit_rows or logit_rows(model.shape.vocab_size)
@@ -195,7 +216,8 @@ def generate(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: Diffus
         for seq in seqs:
             if seq.finished:
                 continue
-            d = Denoiser(model, seq, tokenizer, diffusion.mask_id, rows, _generator(seq), DiffusionStats())
+            d = Denoiser(model, seq, tokenizer, diffusion.mask_id, rows, _generator(seq), DiffusionStats(),
+                         _schedule(options.tau, store))
             start = time.perf_counter()
             if diffusion.schedule == "blocks":
                 decode_blocks(d, options)
@@ -206,6 +228,13 @@ def generate(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: Diffus
             if on_step is not None:
                 on_step([seq])
     return stats
+
+
+def _schedule(tau: Tau | None, store: ExpertStore | None) -> RefreshSchedule | None:
+    """A request's refresh rhythm, when there is a store to tell; tau "auto" asks the store's solver."""
+    if tau is None or store is None:
+        return None
+    return RefreshSchedule(tau, store, getattr(store, "solve_tau", None))
 
 
 def _generator(seq: Sequence) -> torch.Generator | None:

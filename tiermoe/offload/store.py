@@ -10,11 +10,15 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tiermoe.checkpoint import CheckpointIndex, ExpertSpec
 from tiermoe.offload.stats import StoreStats
+
+if TYPE_CHECKING:
+    from tiermoe.offload.placement import DenoiseStep
 
 
 @dataclass(slots=True)
@@ -65,6 +69,11 @@ class ExpertStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release threads and file handles."""
+
+    def begin_step(self, step: DenoiseStep) -> None:  # noqa: B027 - optional hook
+        """Diffusion decoders call this before each denoising step's forward, saying whether it is a refresh step
+        (TIDE: update the expert placement from this step's routing) or a reuse step. Only stores with a refresh
+        placement (tiermoe.offload.placement) act on it."""
 
 
 class ResidentStore(ExpertStore):

@@ -1,0 +1,129 @@
+"""TIDE on the RAM tier, with real direct-I/O reads: lossless for every tau and budget, the budget never exceeded,
+placement changed only at refresh steps, faults contained; and the engine options that turn it on."""
+
+import pytest
+import torch
+
+from tests.decode.test_diffusion import LONG, SHORT
+from tiermoe import LLM, SamplingParams
+from tiermoe.cli import build_parser
+from tiermoe.errors import ConfigError, ExpertIOError
+from tiermoe.offload.placement import DenoiseStep
+from tiermoe.offload.refresh_store import RefreshStore
+from tiermoe.offload.store import ResidentStore, loaded_nbytes
+
+PARAMS = [SamplingParams(temperature=0, max_tokens=24, block_length=8, steps=8, threshold=0.95),
+          SamplingParams(temperature=1.0, seed=1, max_tokens=16, block_length=16, steps=8)]
+REFRESH, REUSE = DenoiseStep(0, 0, True), DenoiseStep(1, 1, False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def costs_cache(tmp_path_factory):
+    """tau="auto" profiles the machine once; keep that cache out of the user's home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def expected(folders):
+    return [o.outputs[0].token_ids for o in LLM(folders["llada2_moe"]).generate([LONG, SHORT], PARAMS)]
+
+
+@pytest.mark.parametrize("tau", [1, 2, 4, "auto"])
+@pytest.mark.parametrize("budget", ["50%", "25%"])
+def test_every_tau_and_budget_is_token_identical_to_all_resident(folders, expected, budget, tau):
+    llm = LLM(folders["llada2_moe"], expert_cache=budget, tau=tau)
+    outputs = llm.generate([LONG, SHORT], PARAMS)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    stats = outputs[0].stats
+    assert stats["refresh"]["streamed"] > 0 and stats["refresh"]["demoted"] > 0
+    assert stats["diffusion"]["tau"] == tau if tau != "auto" else stats["diffusion"]["tau"] >= 1
+    assert llm.store.cache.used <= llm.store.cache.capacity == llm.store.budget - llm.store.reserve
+
+
+def test_refresh_steps_follow_tau(folders):
+    # threshold 1 commits one position per step: the first block (5 masked positions) takes 5 steps, the next
+    # three 8 each. tau=4 refreshes all 5, then steps 0 and 4 of each later block.
+    llm = LLM(folders["llada2_moe"], expert_cache="50%", tau=4)
+    out = llm.generate([LONG], SamplingParams(temperature=0, max_tokens=24, block_length=8, steps=8, threshold=1.0))
+    d = out[0].stats["diffusion"]
+    assert (d["nfe"], d["refresh_steps"], d["tau"]) == (29, 11, 4)
+    assert out[0].stats["refresh"]["refreshes"] == 11 * len(llm.model.moe_blocks)
+
+
+@pytest.fixture
+def store(folders):
+    llm = LLM(folders["llada2_moe"])
+    layers = [b.layer for b in llm.model.moe_blocks]
+    total = sum(loaded_nbytes(s, torch.float32) for s in llm.index.experts().values())
+    s = RefreshStore(llm.index, torch.float32, total // 4, layers, llm.model.shape.top_k)
+    yield s, ResidentStore(llm.index, torch.float32), layers
+    s.close()
+
+
+def served(store, layer, experts, counts, reference):
+    """Fetch and check every expert's weights against the all-resident store, and the budget while serving."""
+    got = []
+    for e, w in store.fetch(layer, experts, counts):
+        assert store.resident_bytes <= store.cache.capacity and store.cache.used <= store.budget - store.reserve
+        (_, ref), = reference.fetch(layer, [e])
+        assert torch.equal(w.gate_up, ref.gate_up) and torch.equal(w.down, ref.down)
+        got.append(e)
+    assert sorted(got) == experts
+    return got
+
+
+def test_refresh_places_the_busiest_and_reuse_steps_admit_nothing(store):
+    s, reference, (layer, *_) = store
+    capacity = s.placement.capacity // s.cache.size((layer, 0))
+    assert capacity >= 1
+    s.begin_step(REFRESH)
+    experts = list(range(8))
+    counts = [1, 9, 2, 8, 3, 7, 4, 6]
+    served(s, layer, experts, counts, reference)
+    busiest = sorted(experts, key=lambda e: -counts[e])[:capacity]
+    assert s.placement.fast(layer) == set(busiest) and {e for _, e in s.weights} == set(busiest)
+    s.begin_step(REUSE)
+    before = dict(s.weights)
+    order = served(s, layer, list(range(3, 13)), [50] * 10, reference)
+    assert s.weights == before  # hot or not, nothing new is admitted between refreshes
+    assert order[0] == 3  # the one fast expert is served first
+    assert s.stats.streamed == (8 - capacity) + 9
+    s.begin_step(REFRESH)
+    served(s, layer, list(range(10, 16)), [50] * 6, reference)
+    assert s.placement.fast(layer) == set(range(10, 10 + capacity))  # 0 tokens now: every resident makes room
+
+
+def test_a_failed_read_leaves_placement_and_budget_consistent(store, monkeypatch):
+    s, reference, (layer, *_) = store
+    load = s._load
+
+    def failing(key):
+        if key == (layer, 3):
+            raise ExpertIOError("disk says no")
+        return load(key)
+
+    monkeypatch.setattr(s, "_load", failing)
+    s.begin_step(REFRESH)
+    with pytest.raises(ExpertIOError):
+        list(s.fetch(layer, [1, 3, 5], [1, 9, 1]))
+    assert (layer, 3) not in s.cache and not s.placement.is_fast(layer, 3)
+    assert set(s.weights) == {k for k in s.cache.resident}  # the books agree
+    monkeypatch.setattr(s, "_load", load)
+    served(s, layer, [1, 3, 5], [1, 9, 1], reference)
+    assert s.placement.is_fast(layer, 3)
+
+
+def test_tau_options_are_checked(folders, tiny_models):
+    with pytest.raises(ConfigError, match="needs an expert budget"):
+        LLM(folders["llada2_moe"], tau=2)
+    for bad in (0, "sometimes", 1.5):
+        with pytest.raises(ConfigError, match="tau"):
+            LLM(folders["llada2_moe"], expert_cache="50%", tau=bad)
+    with pytest.raises(ConfigError, match="diffusion models only"):
+        LLM(tiny_models("mixtral"), expert_cache="50%", tau=2)
+    parser = build_parser()
+    assert parser.parse_args(["generate", "hi", "--tau", "auto"]).tau == "auto"
+    assert parser.parse_args(["generate", "hi", "--tau", "3"]).tau == 3
+    assert parser.parse_args(["generate", "hi"]).tau is None

@@ -1,0 +1,195 @@
+"""TIDE on the RAM tier: the fast set is what the refresh placement decided, not what the last steps touched.
+
+At a refresh step each MoE layer's placement moves toward the experts with the most tokens in that step (promoted
+experts are read and admitted, demoted ones freed); at a reuse step the placement is frozen: a routed expert outside
+it is streamed -- read, computed with, dropped -- without being admitted, so one-off experts never push the hot set
+out (what a per-step LRU cache does). The reads, the byte accounting (`ExpertCache`) and the statistics are the
+tiered store's; only which experts are admitted, and when, differs.
+
+Budget: the fast set gets `budget` minus room for the streamed experts alive at once (`stream_window` reads in
+flight plus the one being computed), split evenly over the MoE layers, so expert RAM never exceeds the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
+
+import torch
+
+from tiermoe.checkpoint import CheckpointIndex
+from tiermoe.offload.costs import TierCosts, load_costs
+from tiermoe.offload.placement import DenoiseStep, Move, RefreshPlacement
+from tiermoe.offload.policies import LRUPolicy
+from tiermoe.offload.routing_log import RoutingLog
+from tiermoe.offload.stats import StoreStats
+from tiermoe.offload.store import ExpertWeights
+from tiermoe.offload.tau_solver import BlockModel, TauChoice, choose_tau
+from tiermoe.offload.tiered_store import Key, TieredStore
+
+CostSource = TierCosts | Callable[[], TierCosts]  # the costs, or how to get them when first needed
+
+
+@dataclass(slots=True)
+class RefreshStats(StoreStats):
+    """Store statistics plus what the refreshes did."""
+
+    refreshes: int = 0  # layer refreshes (one per MoE layer per refresh step)
+    promoted: int = 0  # experts brought into the fast tier
+    demoted: int = 0  # experts sent back to make room (also counted in `evictions`)
+    streamed: int = 0  # routed experts served from outside the fast tier (RAM: read and dropped; device: on CPU)
+
+    def to_dict(self) -> dict:
+        return {**StoreStats.to_dict(self), "refresh": {"refreshes": self.refreshes, "promoted": self.promoted,
+                                                        "demoted": self.demoted, "streamed": self.streamed}}
+
+
+def as_refresh_stats(value: StoreStats) -> RefreshStats:
+    """The engine resets statistics with a plain StoreStats; keep its layers and add the refresh counters."""
+    if isinstance(value, RefreshStats):
+        return value
+    return RefreshStats(value.layers, value.evictions, value.prefetched)
+
+
+class RefreshStore(TieredStore):
+    """RAM fast tier placed by TIDE's interval refresh over direct-I/O reads of the checkpoint."""
+
+    def __init__(self, index: CheckpointIndex, dtype: torch.dtype, budget: int, moe_layers: list[int], top_k: int,
+                 io_threads: int = 4, direct_io: bool = True, costs: CostSource | None = None,
+                 stream_window: int = 2):
+        # The LRU policy is bookkeeping only: the placement frees room before every admission.
+        super().__init__(index, dtype, budget, LRUPolicy(), moe_layers, top_k, io_threads, direct_io)
+        largest = max((self.cache.size(key) for key in index.experts()), default=0)
+        self.window = max(1, stream_window)
+        self.reserve = min((self.window + 1) * largest, budget)
+        self.cache.capacity = budget - self.reserve
+        self.placement = RefreshPlacement(self.cache.capacity // max(len(moe_layers), 1), self._size)
+        self.log = RoutingLog(keep=1)  # the current block, for the tau solver
+        self.refreshing = True  # without the decoder's hook (no begin_step), every request refreshes
+        self.choice: TauChoice | None = None  # the solver's last answer
+        self._costs = costs if costs is not None else self._profiled_costs
+
+    @property
+    def stats(self) -> RefreshStats:
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: StoreStats) -> None:
+        self._stats = as_refresh_stats(value)
+
+    def begin_step(self, step: DenoiseStep) -> None:
+        self.refreshing = step.refresh
+        self.log.begin_step(step)
+
+    def solve_tau(self) -> int:
+        """The refresh interval for the rest of the request, from the routing of the block just finished."""
+        model = BlockModel(self.tier_costs, self._size, self.dtype.itemsize, "ram")
+        self.choice = choose_tau(self.log.last_block, self.placement, model)
+        return self.choice.tau
+
+    def _size(self, layer: int, expert: int) -> int:
+        return self.cache.size((layer, expert))
+
+    @property
+    def tier_costs(self) -> TierCosts:
+        if callable(self._costs):
+            self._costs = self._costs()
+        return self._costs
+
+    def _profiled_costs(self) -> TierCosts:
+        spec = next(iter(self.index.experts().values()))
+        return load_costs(torch.device("cpu"), spec.gate.file, spec.nbytes)
+
+    def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
+              prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+        """Fast-tier experts first, then the promoted (read and admitted) and the streamed (read and dropped) as
+        their reads complete. `prefetch` is ignored: the refresh decides what is resident."""
+        counts = counts or [1] * len(experts)
+        self.log.add(layer, experts, counts)
+        self.step += 1
+        if self.refreshing:
+            self._apply(layer, self.placement.refresh(layer, dict(zip(experts, counts, strict=True))))
+        ready = [e for e in experts if (layer, e) in self.weights]
+        load = self._admitted(layer, [e for e in experts if self.placement.is_fast(layer, e) and e not in ready])
+        stream = [e for e in experts if e not in ready and e not in load]
+        stats = self.stats.layer(layer)
+        stats.hits += len(ready)
+        stats.misses += len(load) + len(stream)
+        self.stats.streamed += len(stream)
+        yield from self._serve_placed(layer, ready, load, stream)
+
+    def _apply(self, layer: int, move: Move) -> None:
+        """Free the demoted experts; the promoted ones are read as misses of this very request."""
+        for e in move.demote:
+            self._drop((layer, e))
+            self.cache.discard((layer, e))
+        self.stats.refreshes += 1
+        self.stats.promoted += len(move.promote)
+        self.stats.demoted += len(move.demote)
+        self.stats.evictions += len(move.demote)
+
+    def _admitted(self, layer: int, experts: list[int]) -> list[int]:
+        """Account fast experts about to be read against the budget; any that cannot fit leave the placement."""
+        _, admitted, evicted = self.cache.admit([(layer, e) for e in experts if (layer, e) not in self.cache],
+                                                self.step)
+        assert not evicted, "the placement makes room before it promotes"
+        for e in experts:
+            if (layer, e) not in self.cache:
+                self.placement.drop(layer, e)
+        return [e for e in experts if (layer, e) in self.cache]
+
+    def _serve_placed(self, layer: int, ready: list[int], load: list[int],
+                      stream: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Start reading `load` (kept) all at once and `stream` (dropped after use) at most `window` at a time, yield
+        the `ready` experts while they are read, then each read as it arrives. On a failed read, the others are
+        settled before the error is raised."""
+        futures: dict[Future, tuple[Key, bool]] = {self.pool.submit(self._load, (layer, e)): ((layer, e), True)
+                                                   for e in load}
+        queue = deque((layer, e) for e in stream)
+        self._top_up(futures, queue)
+        stats, error = self.stats.layer(layer), None
+        try:
+            for e in ready:
+                self.cache.policy.on_access((layer, e), self.step)
+                yield e, self.weights[(layer, e)]
+            while futures and error is None:
+                start = time.perf_counter()
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                stats.stall_time += time.perf_counter() - start
+                for fut in done:
+                    key, keep = futures.pop(fut)
+                    w = self._install(key, fut) if keep else self._streamed(key, fut)
+                    if w is None:
+                        error = error or fut.exception() or RuntimeError(f"read of expert {key} was cancelled")
+                        self.placement.drop(*key)
+                        continue
+                    yield key[1], w
+                    del w  # the caller is done with it: its room serves the next streamed read
+                    self._top_up(futures, queue)
+        finally:
+            for fut, (key, keep) in futures.items():  # settle every read so the books agree for the next request
+                wait([fut])
+                if keep and self._install(key, fut) is None:
+                    self.placement.drop(*key)
+        if error is not None:
+            raise error
+
+    def _top_up(self, futures: dict[Future, tuple[Key, bool]], queue: deque) -> None:
+        """Keep `window` streamed reads in flight."""
+        in_flight = sum(not keep for _, keep in futures.values())
+        for _ in range(min(self.window - in_flight, len(queue))):
+            key = queue.popleft()
+            futures[self.pool.submit(self._load, key)] = (key, False)
+
+    def _streamed(self, key: Key, fut: Future) -> ExpertWeights | None:
+        """A streamed read's weights, counted but not kept."""
+        if fut.cancelled() or fut.exception() is not None:
+            return None
+        w, nbytes, seconds = fut.result()
+        stats = self.stats.layer(key[0])
+        stats.bytes_read += nbytes
+        stats.read_time += seconds
+        return w
