@@ -5,15 +5,18 @@ caching and against all experts resident, plus the tau the solver picked against
         [--prompts 2 --prompt-len 32 --max-tokens 96] [--out bench/results]
 
 Greedy, block 32, 32 steps per block, threshold 0.95, EOS ignored. Each run loads a fresh engine (cold RAM tier;
-experts read with O_DIRECT, so the page cache does not help) and times `generate` over all prompts; runs of all
-configurations are interleaved, and each configuration's median over `--reps` runs is reported. Every run's tokens
-are checked against the all-resident run's. The all-resident baseline reads every expert before timing starts.
-The cost profile tau="auto" uses is measured (or read from ~/.cache/tiermoe/costs.json) before any timing.
+experts read with O_DIRECT, so the page cache does not help) and times `generate` over all prompts. Every
+repetition runs every configuration, in a new shuffled order; each configuration's median over `--reps` runs is
+reported. Every run's tokens are checked against the all-resident run's. The all-resident baseline reads every
+expert before timing starts. The cost profile tau="auto" uses is measured (or read from
+~/.cache/tiermoe/costs.json) before any timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import random
 import statistics
 import time
 from collections import Counter
@@ -73,7 +76,10 @@ def measure(folder: Path, args) -> tuple[list[dict], bool]:
     todo = configs(args.budgets, args.sweep)
     runs: dict[str, list[dict]] = {name: [] for name, _ in todo}
     for rep in range(args.reps):
-        for name, options in todo:
+        # A new order every repetition: a run must not always follow the same one (a heavy reader before it can
+        # leave the disk throttled or memory still being returned).
+        for name, options in random.Random(rep).sample(todo, len(todo)):
+            gc.collect()
             runs[name].append(run_once(folder, ids, params, options))
             print(f"rep {rep} {name}: {runs[name][-1]['seconds']:.2f} s", flush=True)
     expected = runs["all-resident"][0]["token_ids"]

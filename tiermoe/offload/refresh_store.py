@@ -113,8 +113,10 @@ class RefreshStore(TieredStore):
         if self.refreshing:
             self._apply(layer, self.placement.refresh(layer, dict(zip(experts, counts, strict=True))))
         ready = [e for e in experts if (layer, e) in self.weights]
-        load = self._admitted(layer, [e for e in experts if self.placement.is_fast(layer, e) and e not in ready])
-        stream = [e for e in experts if e not in ready and e not in load]
+        load = self._admitted(layer, [e for e in experts if self.placement.is_fast(layer, e)
+                                      and (layer, e) not in self.weights])
+        served = set(ready) | set(load)
+        stream = [e for e in experts if e not in served]
         stats = self.stats.layer(layer)
         stats.hits += len(ready)
         stats.misses += len(load) + len(stream)
