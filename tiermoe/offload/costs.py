@@ -16,6 +16,8 @@ import torch
 from tiermoe.offload.accelerator import DeviceCosts, profile_costs
 from tiermoe.offload.direct_io import DirectReader, align_up
 
+IO_DEPTH = 4  # reads in flight when profiling the disk: what the stores issue with their default 4 I/O threads
+
 
 @dataclass(frozen=True, slots=True)
 class TierCosts:
@@ -38,9 +40,9 @@ def cache_path() -> Path:
 
 
 def costs_key(device: torch.device, probe: Path, read_bytes: int) -> str:
-    """What the numbers depend on: the accelerator, the disk (st_dev of the checkpoint) and the read size."""
+    """What the numbers depend on: the accelerator, the disk (st_dev of the checkpoint), the read size and depth."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{device.type}:{name}|dev={os.stat(probe).st_dev}|read={align_up(read_bytes) >> 10}KiB"
+    return f"{device.type}:{name}|dev={os.stat(probe).st_dev}|read={align_up(read_bytes) >> 10}KiB|qd={IO_DEPTH}"
 
 
 def load_costs(device: torch.device, probe: Path, read_bytes: int, path: Path | None = None) -> TierCosts:
@@ -56,8 +58,9 @@ def load_costs(device: torch.device, probe: Path, read_bytes: int, path: Path | 
     return costs
 
 
-def io_bandwidth(path: Path, read_bytes: int, threads: int = 2, total: int = 64 << 20) -> float:
-    """Direct-read bytes/s of `read_bytes`-sized reads of `path`, two in flight (wrapping around a small file)."""
+def io_bandwidth(path: Path, read_bytes: int, threads: int = IO_DEPTH, total: int = 64 << 20) -> float:
+    """Direct-read bytes/s of `read_bytes`-sized reads of `path`, `threads` in flight as the stores issue them
+    (wrapping around a small file)."""
     size = os.stat(path).st_size
     chunk = max(min(read_bytes, size), 1)
     reads = min(max(2, total // chunk), 1024)

@@ -7,7 +7,8 @@ out (what a per-step LRU cache does). The reads, the byte accounting (`ExpertCac
 tiered store's; only which experts are admitted, and when, differs.
 
 Budget: the fast set gets `budget` minus room for the streamed experts alive at once (`stream_window` reads in
-flight plus the one being computed), split evenly over the MoE layers, so expert RAM never exceeds the budget.
+flight, by default one per I/O thread, plus the one being computed), split evenly over the MoE layers, so expert RAM
+never exceeds the budget.
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ class RefreshStore(TieredStore):
 
     def __init__(self, index: CheckpointIndex, dtype: torch.dtype, budget: int, moe_layers: list[int], top_k: int,
                  io_threads: int = 4, direct_io: bool = True, costs: CostSource | None = None,
-                 stream_window: int = 2):
+                 stream_window: int | None = None):
         # The LRU policy is bookkeeping only: the placement frees room before every admission.
         super().__init__(index, dtype, budget, LRUPolicy(), moe_layers, top_k, io_threads, direct_io)
         largest = max((self.cache.size(key) for key in index.experts()), default=0)
-        self.window = max(1, stream_window)
+        self.window = max(1, stream_window or io_threads)  # streamed reads in flight: the disk wants a queue
         self.reserve = min((self.window + 1) * largest, budget)
         self.cache.capacity = budget - self.reserve
         self.placement = RefreshPlacement(self.cache.capacity // max(len(moe_layers), 1), self._size)
