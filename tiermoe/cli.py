@@ -153,6 +153,7 @@ def _add_optional_commands(sub) -> None:
     except ImportError:
         return
     sim_cli.add_parser(sub)
+    __import__("tiermoe.offload.policy_cli", fromlist=["add_parser"]).add_parser(sub)  # `policy train`
 
 
 def _tau(text: str) -> int | str:

@@ -79,11 +79,11 @@ def test_victim_only_returns_a_candidate():
 
 
 def test_registry_builds_by_name_and_rejects_unknown_names():
-    assert set(POLICIES) == {"lru", "lfu", "belady"}
+    assert set(POLICIES) == {"lru", "lfu", "belady", "dali", "learned"}
     assert isinstance(make_policy("LRU"), LRUPolicy)
     assert isinstance(make_policy("belady", future=[[1]]), BeladyPolicy)
     assert POLICIES["belady"].needs_future and not POLICIES["lru"].needs_future
-    with pytest.raises(ValueError, match="known policies: belady, lfu, lru"):
+    with pytest.raises(ValueError, match="known policies: belady, dali, learned, lfu, lru"):
         make_policy("fifo")
 
 

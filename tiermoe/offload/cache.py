@@ -134,6 +134,15 @@ class ExpertCache:
             room -= self.size(key)
         return RequestOutcome(hits, admitted, evicted)
 
+    def propose(self, step: int, pinned: Collection[Key] = ()) -> RequestOutcome:
+        """Admits what the policy proposes after the request at `step` (`CachePolicy.proposals`), like `admit`.
+
+        Call it right after `request`, with that request's keys as `pinned`. Returns (already resident, admitted,
+        evicted); all empty for a policy that proposes nothing, so calling it costs the other policies nothing.
+        """
+        keys = self.policy.proposals(step)
+        return self.admit(keys, step, pinned) if keys else RequestOutcome([], [], [])
+
     def discard(self, key: Key) -> bool:
         """Drops `key` outside any request (e.g. the store frees it); returns whether it was resident."""
         if key not in self._resident:

@@ -33,6 +33,9 @@ class CachePolicy(ABC):
 
     #: True when the policy must be constructed with the future access sequence (`future=`), e.g. Belady.
     needs_future: bool = False
+    #: True when the policy's constructor takes `layer=` and `num_layers=`: the simulator, which keeps one policy per
+    #: layer keyed by bare expert ids, then says which MoE layer (of how many) the policy serves.
+    wants_layer: bool = False
 
     @abstractmethod
     def on_access(self, key: Key, step: int) -> None:
@@ -52,6 +55,16 @@ class CachePolicy(ABC):
 
         The caller has already removed the keys of the request being served, so those are never offered.
         """
+
+    def proposals(self, step: int) -> list[Key]:
+        """Called after each request at `step`: keys the policy wants brought in ahead of use (none by default).
+
+        `ExpertCache.propose` admits them, making room with this policy's `victim` and never evicting the request
+        just served; a driver that loads weights (the live store) reads the admitted keys in the background. A
+        proposed key that is later requested is a hit; its load is not a miss, so report such loads beside the
+        hit rate (the simulator counts them as prefetches).
+        """
+        return []
 
 
 class _TickPolicy(CachePolicy):
@@ -172,9 +185,22 @@ POLICIES: dict[str, type[CachePolicy]] = {
 }
 
 
+def split_key(key: Key, layer: int | None) -> tuple[int | None, Key]:
+    """(layer, expert) of a live-store key `(layer, expert)`; a bare expert id belongs to `layer` (the simulator's)."""
+    if isinstance(key, tuple) and len(key) == 2:
+        return key[0], key[1]
+    return layer, key
+
+
 def make_policy(name: str, **kw: Any) -> CachePolicy:
     """Builds the policy registered as `name` (case-insensitive) with keyword arguments `kw`."""
     cls = POLICIES.get(name.lower())
     if cls is None:
         raise ValueError(f"unknown cache policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
     return cls(**kw)
+
+
+# Policies in their own modules register themselves in POLICIES when imported. A plain module import (not `from ...
+# import`) works in either import order, though each of them imports this module back.
+import tiermoe.offload.dali  # noqa: E402, F401
+import tiermoe.offload.learned  # noqa: E402, F401

@@ -10,7 +10,12 @@ Model of the replay (the rules the live store follows, minus the weights):
 - decode tokens only by default (`include_prefill` replays prompt tokens too); caches start empty and persist
   across sequences, as a serving process's cache would;
 - hit rate of a layer = hits / requested experts; the mean is the unweighted mean over layers.
-Belady, being offline, is given the replayed rows of its own layer as its future.
+Belady, being offline, is given the replayed rows of its own layer as its future. A policy that wants to know its
+layer (`wants_layer`, e.g. the learned one) is told which one and how many there are.
+
+A policy may propose keys to bring in ahead of use (`CachePolicy.proposals`, e.g. DALI's window swaps): after each
+request the cache admits them (`ExpertCache.propose`, the request's keys pinned). Such a key requested later is a
+hit; its load is counted apart as a prefetch, so loads = misses + prefetches is the I/O to compare, not hits alone.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class PolicyRun:
     mean: float  # unweighted mean of per_layer
     hits: int  # over all layers
     requests: int  # requested experts over all layers
+    prefetches: int = 0  # keys loaded on the policy's proposal, over all layers (extra loads beside the misses)
+    prefetch_hits: int = 0  # prefetched keys requested before being evicted
 
 
 @dataclass
@@ -105,21 +112,51 @@ class CacheSimResult:
         return json.dumps(self.to_dict(), indent=indent)
 
 
+@dataclass(frozen=True, slots=True)
+class LayerReplay:
+    """What replaying one layer counted."""
+
+    hits: int
+    prefetches: int = 0  # keys admitted on the policy's proposal
+    prefetch_hits: int = 0  # of those, requested while still resident
+
+
 def replay_layer(requests: Sequence[Sequence[int]], capacity: int, policy: CachePolicy) -> int:
     """Replays one layer's requests (step = list index) through a fresh cache; returns the number of hits."""
+    return replay_layer_counts(requests, capacity, policy).hits
+
+
+def replay_layer_counts(requests: Sequence[Sequence[int]], capacity: int, policy: CachePolicy) -> LayerReplay:
+    """Like `replay_layer`, also admitting the policy's proposals after each request and counting those loads."""
     cache = ExpertCache(capacity, policy)
-    hits = 0
+    hits = prefetches = prefetch_hits = 0
+    prefetched: set = set()  # admitted on proposal and not requested since
     for step, keys in enumerate(requests):
-        if keys:
-            hits += len(cache.request(keys, step).hits)
-    return hits
+        if not keys:
+            continue
+        out = cache.request(keys, step)
+        hits += len(out.hits)
+        if prefetched:
+            prefetch_hits += sum(1 for k in out.hits if k in prefetched)
+            prefetched.difference_update(keys)
+            prefetched.difference_update(out.evicted)
+        _, admitted, evicted = cache.propose(step, keys)
+        if admitted or evicted:
+            prefetches += len(admitted)
+            prefetched.difference_update(evicted)
+            prefetched.update(admitted)
+    return LayerReplay(hits, prefetches, prefetch_hits)
 
 
-def _policy_for(name: str, requests: Sequence[Sequence[int]]) -> CachePolicy:
+def _policy_for(name: str, requests: Sequence[Sequence[int]], layer: int = 0, num_layers: int = 1,
+                kwargs: dict | None = None) -> CachePolicy:
     cls = POLICIES.get(name.lower())
+    kw = dict(kwargs or {})
     if cls is not None and cls.needs_future:
-        return make_policy(name, future=requests)
-    return make_policy(name)
+        kw["future"] = requests
+    if cls is not None and cls.wants_layer:
+        kw.update(layer=layer, num_layers=num_layers)
+    return make_policy(name, **kw)
 
 
 def _check_capacity(items: int, label: str, top_k: int) -> None:
@@ -129,8 +166,12 @@ def _check_capacity(items: int, label: str, top_k: int) -> None:
 
 
 def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacity],
-             include_prefill: bool = False) -> CacheSimResult:
-    """Hit rates of every policy at every capacity on `trace` (see the module docstring for the rules)."""
+             include_prefill: bool = False, policy_args: dict[str, dict] | None = None) -> CacheSimResult:
+    """Hit rates of every policy at every capacity on `trace` (see the module docstring for the rules).
+
+    `policy_args` maps a policy name to extra constructor arguments, e.g. {"learned": {"weights": path}}.
+    """
+    policy_args = {k.lower(): v for k, v in (policy_args or {}).items()}
     for name in policies:
         if name.lower() not in POLICIES:
             make_policy(name)  # raises the ValueError listing the known policies
@@ -143,8 +184,12 @@ def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacit
     requested = [sum(map(len, reqs)) for reqs in layers]
     for name in policies:
         for label, items in sizes:
-            hits = [replay_layer(reqs, items, _policy_for(name, reqs)) for reqs in layers]
+            kw = policy_args.get(name.lower())
+            counts = [replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw))
+                      for layer, reqs in enumerate(layers)]
+            hits = [c.hits for c in counts]
             rates = [h / n if n else 0.0 for h, n in zip(hits, requested, strict=True)]
             result.runs.append(PolicyRun(name.lower(), label, items, rates, float(np.mean(rates)) if rates else 0.0,
-                                         sum(hits), sum(requested)))
+                                         sum(hits), sum(requested), sum(c.prefetches for c in counts),
+                                         sum(c.prefetch_hits for c in counts)))
     return result

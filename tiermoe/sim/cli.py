@@ -30,6 +30,8 @@ def _add_cache_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="lru,lfu,belady", type=_csv,
                    help=f"comma-separated policies among {', '.join(POLICIES)} (default: %(default)s)")
     p.add_argument("--include-prefill", action="store_true", help="replay prompt tokens too (default: decode only)")
+    p.add_argument("--learned-weights", type=Path, default=None, metavar="FILE.safetensors",
+                   help="weights of the 'learned' policy (default: the shipped ones; see `tiermoe policy train`)")
     p.add_argument("--json", action="store_true", help="print only the result as JSON on stdout")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw mean hit rate vs capacity per policy")
     p.set_defaults(func=run_cache)
@@ -47,7 +49,9 @@ def run_cache(args: argparse.Namespace) -> int:
     try:
         trace = Trace.load(args.trace)
         capacities = [Capacity.parse(c) for c in args.capacity]
-        result = simulate(trace, args.policy, capacities, include_prefill=args.include_prefill)
+        policy_args = {"learned": {"weights": args.learned_weights}} if args.learned_weights else None
+        result = simulate(trace, args.policy, capacities, include_prefill=args.include_prefill,
+                          policy_args=policy_args)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -63,9 +67,15 @@ def format_result(result: CacheSimResult) -> str:
     lines = [f"trace {result.trace}: {result.tokens} {tokens} tokens, {result.num_layers} layers x "
              f"{result.num_experts} experts, top-{result.top_k}", "",
              f"{'policy':<8} {'capacity':>8} {'experts':>7} {'mean hit':>8} {'min layer':>9} {'max layer':>9}"]
+    prefetching = any(r.prefetches for r in result.runs)
+    if prefetching:  # loads = misses + prefetches: a prefetching policy's hits are not free
+        lines[-1] += f" {'prefetch':>8} {'loads/req':>9}"
     for r in result.runs:
         lines.append(f"{r.policy:<8} {r.capacity:>8} {r.capacity_items:>7} {r.mean:>8.4f} "
                      f"{min(r.per_layer):>9.4f} {max(r.per_layer):>9.4f}")
+        if prefetching:
+            loads = (r.requests - r.hits + r.prefetches) / max(r.requests, 1)
+            lines[-1] += f" {r.prefetches:>8} {loads:>9.4f}"
     heads = [f"{r.policy}@{r.capacity}" for r in result.runs]
     width = max(8, *map(len, heads))
     lines += ["", "per-layer hit rate", f"{'layer':<5} " + " ".join(f"{h:>{width}}" for h in heads)]

@@ -1,0 +1,222 @@
+"""The learned eviction policy: features and targets by hand, a hand-set MLP, training on a learnable trace, budget."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiermoe.offload.cache import ExpertCache
+from tiermoe.offload.learned import (
+    DEFAULT_FEATURES,
+    FEATURES,
+    MLP,
+    SHIPPED_WEIGHTS,
+    LayerHistory,
+    LearnedConfig,
+    LearnedPolicy,
+    LearnedWeights,
+    ReusePredictor,
+)
+from tiermoe.offload.learned_train import TrainConfig, mine_layer, next_use_distance, train
+from tiermoe.offload.policies import POLICIES, LRUPolicy, make_policy
+from tiermoe.sim.cache_sim import Capacity, simulate
+from tiermoe.sim.trace import Trace
+
+REQUESTS = [[0, 1], [2, 0], [1, 3], [0, 2]]  # one layer, top-2, experts 0..3
+
+
+def history_after(requests, config):
+    h = LayerHistory(config)
+    for step, experts in enumerate(requests):
+        for e in experts:
+            h.access(e, step)
+    return h
+
+
+def test_features_by_hand():
+    # After the 4th request (clock 3), with a window of 3 requests (clocks 1..3):
+    #   expert:            0      1      2      3
+    #   last use (clock):  3      2      3      2
+    #   uses before last:  1      0      1      -
+    #   uses in window:    2      1      2      1     (max 2)
+    #   uses ever:         3      2      2      1     (max 3)
+    #   rank at last use:  0      0      1      1     (top-2: rank / 1)
+    config = LearnedConfig(features=("recency", "frequency", "rank", "interval", "frequency_all"), window=3)
+    x = history_after(REQUESTS, config).features(np.array([1, 3]))
+    expected = [[1 / 2, 1 / 2, 0, 1 / 3, 2 / 3],
+                [1 / 2, 1 / 2, 1, 0, 1 / 3]]
+    np.testing.assert_allclose(x, expected, rtol=1e-6)
+
+
+def test_next_use_targets_by_hand():
+    # Next request of each expert after t, minus t, clamped to 2 ("never" clamps too).
+    d = next_use_distance(REQUESTS, horizon=2)
+    assert d.tolist() == [[1, 2, 1, 2],
+                          [2, 1, 2, 1],
+                          [1, 2, 1, 2],
+                          [2, 2, 2, 2]]
+
+
+def test_mined_rows_are_candidates_with_scaled_targets():
+    # Candidates: experts seen before and not in the request. t=0: none; t=1: 1; t=2: 0, 2; t=3: 1, 3.
+    config = LearnedConfig(features=("recency",), horizon=2)
+    rows = mine_layer(REQUESTS, config, rows=1000, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(rows.y, [1 / 2, 1 / 2, 1 / 2, 1, 1])
+    np.testing.assert_allclose(rows.x[:, 0], [1 / 2, 1 / 2, 1 / 2, 1 / 2, 1 / 2])
+
+
+def test_reuse_predictor_one_adagrad_step_by_hand():
+    p = ReusePredictor(horizon=1, history=1, lr=0.1, size=3)
+    p.observe(np.array([0]))
+    np.testing.assert_allclose(p.p, [0.5, 0.5, 0.5])  # nothing learned yet
+    p.observe(np.array([1]))
+    # Trained on input {0} -> label {1}: gradient p - y = (0.5, -0.5, 0.5); AdaGrad's first step is lr * sign.
+    np.testing.assert_allclose(p.weight[0], [-0.1, 0.1, -0.1], atol=1e-6)
+    np.testing.assert_allclose(p.bias, [-0.1, 0.1, -0.1], atol=1e-6)
+    # Prediction from input {1}: its weight row is untouched, so only the bias speaks.
+    np.testing.assert_allclose(p.p, 1 / (1 + np.exp([0.1, -0.1, 0.1])), atol=1e-6)
+
+
+def test_reuse_predictor_grows_without_forgetting():
+    p = ReusePredictor(horizon=1, history=2, lr=0.1, size=3)
+    for used in ([0], [1], [0, 2], [1]):
+        p.observe(np.array(used))
+    before = p.p.copy()
+    p.grow(5)
+    np.testing.assert_allclose(p.p[:3], before)
+    np.testing.assert_allclose(p.p[3:], 0.5)
+    p.observe(np.array([4]))  # a new slot takes part at once
+    assert p.p.shape == (5,)
+
+
+def one_minus_recency_mlp(hidden=4) -> MLP:
+    """An MLP set by hand to output 1 - recency (feature 0): the oldest candidate scores highest."""
+    w1 = np.zeros((1, hidden), np.float32)
+    w1[0, 0] = -1
+    b1 = np.zeros(hidden, np.float32)
+    b1[0] = 1
+    w3 = np.zeros(hidden, np.float32)
+    w3[0] = 1
+    return MLP(w1, b1, np.eye(hidden, dtype=np.float32), np.zeros(hidden, np.float32), w3, np.zeros(1, np.float32))
+
+
+def lru_like_weights(num_layers=2) -> LearnedWeights:
+    mlp = one_minus_recency_mlp()
+    return LearnedWeights(LearnedConfig(features=("recency",)), [mlp] * num_layers, mlp)
+
+
+@settings(max_examples=40, deadline=None)
+@given(requests=st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=3, unique=True), min_size=1, max_size=50),
+       extra=st.integers(0, 4))
+def test_hand_set_mlp_scoring_age_is_lru(requests, extra):
+    capacity = max(map(len, requests)) + extra
+    caches = [ExpertCache(capacity, LearnedPolicy(lru_like_weights(), layer=0)), ExpertCache(capacity, LRUPolicy())]
+    for step, keys in enumerate(requests):
+        learned, lru = (c.request(keys, step) for c in caches)
+        assert learned == lru
+
+
+def test_live_store_keys_pick_the_layers_mlp():
+    weights = lru_like_weights(num_layers=2)
+    weights.layers = [one_minus_recency_mlp(), one_minus_recency_mlp()]
+    weights.layers[1].w3 = -weights.layers[1].w3  # layer 1 scores recency: evicts the most recent
+    policy = LearnedPolicy(weights, num_layers=2)
+    cache = ExpertCache(4, policy)
+    for step, keys in enumerate([[(0, 0)], [(0, 1)], [(1, 0)], [(1, 1)]]):
+        cache.request(keys, step)
+    # Layer 0's candidates score 1 - recency >= 0, layer 1's -(1 - recency) <= 0: a layer-0 key goes, the older one.
+    assert cache.request([(1, 2)], 4).evicted == [(0, 0)]
+    assert weights.mlp_for(1, 2) is weights.layers[1]
+    assert weights.mlp_for(1, 3) is weights.pooled  # another model's layer count: the pooled MLP
+    assert weights.mlp_for(1, None) is weights.pooled
+
+
+def periodic_trace(cycles: int, phase: int = 0) -> Trace:
+    """One layer, top-2: pairs (0,1), (2,3), (4,5) in turn. With 4 slots LRU always evicts the pair needed next."""
+    pairs = [[0, 1], [2, 3], [4, 5]]
+    rows = [pairs[(t + phase) % 3] for t in range(3 * cycles)]
+    experts = np.array(rows, np.int16)[:, None, :]
+    n = len(rows)
+    return Trace(experts, np.zeros(experts.shape, np.float16), np.array([0]), np.zeros(n, bool), np.arange(n),
+                 meta={"num_experts": 6})
+
+
+def test_trained_mlp_beats_lru_on_periodic_reuse():
+    config = TrainConfig(LearnedConfig(features=("recency", "frequency"), horizon=4), rows_per_layer=2000, epochs=50)
+    weights = train([periodic_trace(60)], config)
+    result = simulate(periodic_trace(40, phase=1), ["lru", "learned", "belady"], [Capacity(items=4)],
+                      policy_args={"learned": {"weights": weights}})
+    lru, learned, belady = (result.run(p, "4").mean for p in ("lru", "learned", "belady"))
+    assert lru == 0.0  # the cyclic pattern defeats LRU
+    assert learned >= 0.9 * belady > 0.2
+
+
+def test_save_load_round_trip(tmp_path):
+    weights = lru_like_weights()
+    weights.info = {"traces": ["x"]}
+    path = weights.save(tmp_path / "w.safetensors")
+    loaded = LearnedWeights.load(path)
+    assert loaded.config == weights.config and loaded.info == weights.info and len(loaded.layers) == 2
+    x = np.random.default_rng(0).random((5, 1)).astype(np.float32)
+    np.testing.assert_allclose(loaded.pooled(x), weights.pooled(x))
+
+
+def test_make_policy_loads_the_shipped_weights():
+    assert POLICIES["learned"] is LearnedPolicy
+    policy = make_policy("learned")
+    assert isinstance(policy, LearnedPolicy) and SHIPPED_WEIGHTS.exists()
+    assert policy.weights.config.features and all(f in FEATURES for f in policy.weights.config.features)
+    assert 1000 < policy.weights.num_params < 100_000
+    info = json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())
+    assert info["heldout"] and info["split"]["train_sequences"]
+    for step, keys in enumerate([[0, 1], [2, 3], [0, 4]]):
+        for k in keys:
+            policy.on_access(k, step)
+    assert np.isfinite(policy.predict([1, 2, 3])).all()
+
+
+def test_unknown_feature_is_refused():
+    with pytest.raises(ValueError, match="unknown learned-policy features"):
+        LearnedConfig(features=("recency", "astrology"))
+
+
+keys_strategy = st.tuples(st.integers(0, 2), st.integers(0, 7))
+
+
+@settings(max_examples=40, deadline=None)
+@given(requests=st.lists(st.lists(keys_strategy, min_size=1, max_size=3, unique=True), min_size=1, max_size=40),
+       extra=st.integers(0, 5), bare=st.booleans())
+def test_budget_invariant(requests, extra, bare):
+    if bare:  # the simulator's keys: one layer, bare expert ids
+        requests = [list(dict.fromkeys(e for _, e in r)) for r in requests]
+    capacity = max(len(r) for r in requests) + extra
+    cache = ExpertCache(capacity, LearnedPolicy(layer=0 if bare else None, num_layers=3))
+    for step, keys in enumerate(requests):
+        _, _, evicted = cache.request(keys, step)
+        assert not set(evicted) & set(keys)
+        assert cache.used <= capacity and all(k in cache for k in keys)
+        _, admitted, _ = cache.propose(step, keys)
+        assert not admitted  # the learned policy proposes nothing
+
+
+def test_policy_train_command_writes_weights_and_heldout_report(tmp_path):
+    from tiermoe.cli import build_parser
+    from tiermoe.offload import policy_cli
+
+    trace = periodic_trace(40)
+    trace.seq_starts = np.array([0, 60])  # two prompts: one trains, the other is held out
+    npz, _ = trace.save(tmp_path / "periodic")
+    out = tmp_path / "w.safetensors"
+    args = ["train", "--trace", str(npz), "--out", str(out), "--rows-per-layer", "500", "--epochs", "2",
+            "--capacity", "4"]
+    assert policy_cli.main(args) == 0
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["traces"] == ["periodic"] and len(info["split"]["train_sequences"]["periodic"]) == 1
+    (heldout,) = info["heldout"]
+    assert heldout["sequences"] == 1 and set(heldout["capacities"]["4"]["hit_rate"]) == {"lru", "lfu", "learned",
+                                                                                          "belady"}
+    assert LearnedWeights.load(out).config.features == DEFAULT_FEATURES
+    parsed = build_parser().parse_args(["policy", *args])  # registered on the main CLI
+    assert parsed.func is policy_cli.run_train
