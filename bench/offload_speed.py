@@ -122,9 +122,12 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=3, help="trace sequences replayed (batch 1, one after another)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a shared machine)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_offload"))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     trace = Trace.load(args.trace)
     args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
