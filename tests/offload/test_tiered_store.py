@@ -55,7 +55,7 @@ def test_every_budget_and_policy_is_token_identical_to_all_resident(family, layo
     expected = tokens(LLM(folder))
     sizes, _ = budgets(folder)
     for budget in sizes:
-        for policy in ("lru", "lfu"):
+        for policy in ("lru", "lfu", "learned", "dali"):
             llm = LLM(folder, expert_cache=budget, cache_policy=policy)
             assert tokens(llm) == expected, (budget, policy)
             assert llm.store.cache.used <= llm.store.budget
