@@ -75,7 +75,11 @@ class TieredStore(ExpertStore):
         Room is made by the policy like for a miss, except that the experts in use are never evicted and what does
         not fit beside them is skipped. A prefetched expert is accounted against the budget from now on.
         """
-        _, admitted, evicted = self.cache.admit([(layer, e) for e in experts], self.step, self._in_use)
+        self._read_ahead(self.cache.admit([(layer, e) for e in experts], self.step, self._in_use))
+
+    def _read_ahead(self, outcome) -> None:
+        """Start the reads of keys admitted ahead of use, after freeing what made room for them."""
+        _, admitted, evicted = outcome
         for key in evicted:
             self._drop(key)
         for key in admitted:
@@ -113,6 +117,7 @@ class TieredStore(ExpertStore):
         self._in_use = keys
         futures = {self.pool.submit(self._load, key): key for key in misses}
         futures.update({self.inflight.pop(key): key for key in hits if key in self.inflight})  # prefetched
+        self._read_ahead(self.cache.propose(self.step, keys))  # swaps a policy asks for (DALI), else nothing
         if prefetch is not None:
             self.prefetch(*prefetch)
         for key in hits:
