@@ -15,15 +15,13 @@ import torch
 
 from tiermoe.offload.accelerator import AcceleratorStore, Where
 from tiermoe.offload.costs import TierCosts, load_costs
-from tiermoe.offload.placement import DenoiseStep, Move, RefreshPlacement
+from tiermoe.offload.placement import DenoiseStep, Move
 from tiermoe.offload.policies import LRUPolicy
-from tiermoe.offload.refresh_store import CostSource, RefreshStats, as_refresh_stats
-from tiermoe.offload.routing_log import RoutingLog
+from tiermoe.offload.refresh_store import CostSource, RefreshMixin, RefreshStats, as_refresh_stats
 from tiermoe.offload.store import ExpertStore, ExpertWeights
-from tiermoe.offload.tau_solver import BlockModel, TauChoice, choose_tau
 
 
-class RefreshAcceleratorStore(AcceleratorStore):
+class RefreshAcceleratorStore(RefreshMixin, AcceleratorStore):
     """Experts on `device` (up to `budget` bytes, split evenly over the MoE layers) placed by interval refresh."""
 
     def __init__(self, host: ExpertStore, device: torch.device | str, budget: int, moe_layers: list[int],
@@ -31,11 +29,7 @@ class RefreshAcceleratorStore(AcceleratorStore):
         # No DeviceCosts: per-expert placement rules are not used here; the LRU policy is bookkeeping only.
         super().__init__(host, device, budget, LRUPolicy(), costs=None)
         self.dtype = dtype
-        self.placement = RefreshPlacement(budget // max(len(moe_layers), 1), self._size)
-        self.log = RoutingLog(keep=1)
-        self.refreshing = True
-        self.choice: TauChoice | None = None
-        self._costs: CostSource = costs if costs is not None else self._profiled_costs
+        self._init_refresh(budget // max(len(moe_layers), 1), costs)
         self.host.stats = as_refresh_stats(self.host.stats)
 
     @property
@@ -46,24 +40,11 @@ class RefreshAcceleratorStore(AcceleratorStore):
     def stats(self, value) -> None:
         self.host.stats = as_refresh_stats(value)
 
+    tier = "device"
+
     def begin_step(self, step: DenoiseStep) -> None:
-        self.refreshing = step.refresh
-        self.log.begin_step(step)
+        super().begin_step(step)
         self.host.begin_step(step)
-
-    def solve_tau(self) -> int:
-        model = BlockModel(self.tier_costs, self._size, self.dtype.itemsize, "device")
-        self.choice = choose_tau(self.log.last_block, self.placement, model)
-        return self.choice.tau
-
-    def _size(self, layer: int, expert: int) -> int:
-        return self.cache.size((layer, expert))
-
-    @property
-    def tier_costs(self) -> TierCosts:
-        if callable(self._costs):
-            self._costs = self._costs()
-        return self._costs
 
     def _profiled_costs(self) -> TierCosts:
         spec = next(iter(self.host.index.experts().values()))

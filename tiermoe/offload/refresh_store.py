@@ -55,31 +55,17 @@ def as_refresh_stats(value: StoreStats) -> RefreshStats:
     return RefreshStats(value.layers, value.evictions, value.prefetched)
 
 
-class RefreshStore(TieredStore):
-    """RAM fast tier placed by TIDE's interval refresh over direct-I/O reads of the checkpoint."""
+class RefreshMixin:
+    """What both TIDE stores share: the per-layer placement, the current block's routing, the tau solver."""
 
-    def __init__(self, index: CheckpointIndex, dtype: torch.dtype, budget: int, moe_layers: list[int], top_k: int,
-                 io_threads: int = 4, direct_io: bool = True, costs: CostSource | None = None,
-                 stream_window: int | None = None):
-        # The LRU policy is bookkeeping only: the placement frees room before every admission.
-        super().__init__(index, dtype, budget, LRUPolicy(), moe_layers, top_k, io_threads, direct_io)
-        largest = max((self.cache.size(key) for key in index.experts()), default=0)
-        self.window = max(1, stream_window or io_threads)  # streamed reads in flight: the disk wants a queue
-        self.reserve = min((self.window + 1) * largest, budget)
-        self.cache.capacity = budget - self.reserve
-        self.placement = RefreshPlacement(self.cache.capacity // max(len(moe_layers), 1), self._size)
+    tier = "ram"  # which side of the cost model the fast tier is ("ram" or "device")
+
+    def _init_refresh(self, per_layer_capacity: int, costs: CostSource | None) -> None:
+        self.placement = RefreshPlacement(per_layer_capacity, self._size)
         self.log = RoutingLog(keep=1)  # the current block, for the tau solver
         self.refreshing = True  # without the decoder's hook (no begin_step), every request refreshes
         self.choice: TauChoice | None = None  # the solver's last answer
-        self._costs = costs if costs is not None else self._profiled_costs
-
-    @property
-    def stats(self) -> RefreshStats:
-        return self._stats
-
-    @stats.setter
-    def stats(self, value: StoreStats) -> None:
-        self._stats = as_refresh_stats(value)
+        self._costs: CostSource = costs if costs is not None else self._profiled_costs
 
     def begin_step(self, step: DenoiseStep) -> None:
         self.refreshing = step.refresh
@@ -87,7 +73,7 @@ class RefreshStore(TieredStore):
 
     def solve_tau(self) -> int:
         """The refresh interval for the rest of the request, from the routing of the block just finished."""
-        model = BlockModel(self.tier_costs, self._size, self.dtype.itemsize, "ram")
+        model = BlockModel(self.tier_costs, self._size, self.dtype.itemsize, self.tier)
         self.choice = choose_tau(self.log.last_block, self.placement, model)
         return self.choice.tau
 
@@ -99,6 +85,29 @@ class RefreshStore(TieredStore):
         if callable(self._costs):
             self._costs = self._costs()
         return self._costs
+
+
+class RefreshStore(RefreshMixin, TieredStore):
+    """RAM fast tier placed by TIDE's interval refresh over direct-I/O reads of the checkpoint."""
+
+    def __init__(self, index: CheckpointIndex, dtype: torch.dtype, budget: int, moe_layers: list[int], top_k: int,
+                 io_threads: int = 4, direct_io: bool = True, costs: CostSource | None = None,
+                 stream_window: int | None = None):
+        # The LRU policy is bookkeeping only: the placement frees room before every admission.
+        super().__init__(index, dtype, budget, LRUPolicy(), moe_layers, top_k, io_threads, direct_io)
+        largest = max((self.cache.size(key) for key in index.experts()), default=0)
+        self.window = max(1, stream_window or io_threads)  # streamed reads in flight: the disk wants a queue
+        self.reserve = min((self.window + 1) * largest, budget)
+        self.cache.capacity = budget - self.reserve
+        self._init_refresh(self.cache.capacity // max(len(moe_layers), 1), costs)
+
+    @property
+    def stats(self) -> RefreshStats:
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: StoreStats) -> None:
+        self._stats = as_refresh_stats(value)
 
     def _profiled_costs(self) -> TierCosts:
         spec = next(iter(self.index.experts().values()))
