@@ -46,10 +46,11 @@ class LLM:
         self.model, self.index, self.hf_config = load_model(self.config.model, self.config.torch_dtype)
         self.model.to(self.config.torch_device)
         self.store = make_store(self.config, self.index, self.model)
-        prefetcher = self.config.prefetch and make_prefetcher(self.config.prefetch, self.model, self.config.model,
-                                                              self.config.prefetch_top_p)
+        cfg, prefetcher = self.config, None
+        if cfg.prefetch:
+            prefetcher = make_prefetcher(cfg.prefetch, self.model, cfg.model, cfg.prefetch_top_p)
         for block in self.model.moe_blocks:
-            block.store, block.prefetcher = self.store, prefetcher or None
+            block.store, block.prefetcher = self.store, prefetcher
         self.tokenizer = load_tokenizer(self.config.model)
         self.eos_ids = eos_token_ids(self.config.model, self.hf_config, self.tokenizer)
         # Diffusion families (LLaDA, LLaDA2) generate by unmasking blocks, see tiermoe.decode.diffusion.
