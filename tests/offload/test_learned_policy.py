@@ -13,12 +13,11 @@ from tiermoe.offload.learned import (
     FEATURES,
     MLP,
     SHIPPED_WEIGHTS,
-    LayerHistory,
     LearnedConfig,
     LearnedPolicy,
     LearnedWeights,
-    ReusePredictor,
 )
+from tiermoe.offload.learned_features import LayerHistory, ReusePredictor
 from tiermoe.offload.learned_train import TrainConfig, mine_layer, next_use_distance, train
 from tiermoe.offload.policies import POLICIES, LRUPolicy, make_policy
 from tiermoe.sim.cache_sim import Capacity, simulate

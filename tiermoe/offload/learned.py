@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from tiermoe.offload.learned_features import FEATURES, LayerHistory
 from tiermoe.offload.policies import POLICIES, CachePolicy, Key, split_key
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "policies" / "learned.safetensors"
@@ -64,187 +64,6 @@ class LearnedConfig:
     def from_dict(cls, d: dict) -> LearnedConfig:
         known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
         return cls(**known)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-
-
-class ReusePredictor:
-    """Online logistic regression: P(slot used within the next `horizon` requests | slots of the last `history`).
-
-    The input is sparse (which slots each of the last `history` requests used), so a prediction sums `history * k`
-    rows of `weight` (row `lag * size + slot`: slot used `lag` requests before). Each input is trained on once, when
-    its `horizon` following requests have been seen, with AdaGrad steps (no schedule to tune per model). It starts
-    knowing nothing: p = 0.5 everywhere.
-    """
-
-    def __init__(self, horizon: int, history: int, lr: float, size: int = 64):
-        self.horizon, self.history, self.lr, self.size = horizon, history, lr, size
-        self.weight = np.zeros((history * size, size))  # [lag * size + slot used, slot predicted]
-        self.bias = np.zeros(size)
-        self._g_weight = np.full((history * size, size), 1e-8)  # AdaGrad sums of squared gradients
-        self._g_bias = np.full(size, 1e-8)
-        self._sets: deque[np.ndarray] = deque(maxlen=horizon + history)  # slots of recent requests, newest last
-        self.p = np.full(size, 0.5)  # prediction after the newest request
-
-    def grow(self, size: int) -> None:
-        """Makes room for slots up to `size` (new slots start untrained)."""
-        pad = size - self.size
-        if pad <= 0:
-            return
-        def padded(a: np.ndarray, value: float) -> np.ndarray:
-            a = a.reshape(self.history, self.size, self.size)
-            return np.pad(a, ((0, 0), (0, pad), (0, pad)), constant_values=value).reshape(-1, size)
-
-        self.weight, self._g_weight = padded(self.weight, 0.0), padded(self._g_weight, 1e-8)
-        self.bias = np.pad(self.bias, (0, pad))
-        self._g_bias = np.pad(self._g_bias, (0, pad), constant_values=1e-8)
-        self.p = np.pad(self.p, (0, pad), constant_values=0.5)
-        self.size = size
-
-    def observe(self, used: np.ndarray) -> None:
-        """Takes the slots the newest request used: trains on the input whose label is now complete, then predicts."""
-        self._sets.append(used)
-        newest = len(self._sets) - 1
-        if newest >= self.horizon:
-            self._train(newest - self.horizon)
-        self.p = _sigmoid(self._logits(self._rows(newest)))
-
-    def _rows(self, i: int) -> np.ndarray:
-        """Rows of `weight` active for the input ending at the i-th remembered request."""
-        return np.concatenate([self._sets[i - lag] + lag * self.size for lag in range(min(self.history, i + 1))])
-
-    def _logits(self, rows: np.ndarray) -> np.ndarray:
-        return self.bias + self.weight[rows].sum(axis=0)
-
-    def _train(self, i: int) -> None:
-        rows = self._rows(i)
-        label = np.zeros(self.size)
-        for used in itertools.islice(self._sets, i + 1, i + 1 + self.horizon):
-            label[used] = 1.0
-        grad = _sigmoid(self._logits(rows)) - label  # d(log loss)/d(logit) for every predicted slot
-        self._g_weight[rows] += grad * grad
-        self.weight[rows] -= self.lr * grad / np.sqrt(self._g_weight[rows])
-        self._g_bias += grad * grad
-        self.bias -= self.lr * grad / np.sqrt(self._g_bias)
-
-
-class LayerHistory:
-    """One layer's requests, kept incrementally, and the feature rows they imply for any of its expert slots.
-
-    `access(slot, step)` is called for each expert of a request, in router rank order; the first access with a new
-    `step` opens the next request (the layer's clock advances). Features describe the layer after the latest request,
-    which is when the cache asks for a victim. An access arriving after features were read in the same request still
-    updates counts and recency, but the `reuse` predictor, which has taken that request's set, does not see it.
-    """
-
-    def __init__(self, config: LearnedConfig, size: int = 64):
-        self.config = config
-        self.last = np.full(size, -1, np.int64)  # clock of each slot's latest use, -1 if never used
-        self.prev = np.full(size, -1, np.int64)  # clock of the use before that
-        self.rank = np.zeros(size)  # position in its latest request (0 = router's top choice)
-        self.count = np.zeros(size, np.int64)  # uses within the last `window` requests
-        self.total = np.zeros(size, np.int64)  # uses ever
-        self.clock = -1  # index of the latest request
-        self.top_k = 1  # largest request seen
-        self.step: int | None = None  # the caller's step of the latest request
-        self._current: list[int] = []  # slots of the latest request, rank order
-        self._window: deque[list[int]] = deque()  # slots of the requests before it, within the window
-        self._settled = True  # the latest request has been handed to the reuse predictor
-        self.reuse = (ReusePredictor(config.reuse_horizon, config.reuse_history, config.reuse_lr, size)
-                      if "reuse" in config.features else None)
-
-    @property
-    def size(self) -> int:
-        return len(self.last)
-
-    def access(self, slot: int, step: int) -> None:
-        """Records a use of `slot` by the request at `step`."""
-        if step != self.step:
-            self._open(step)
-        if slot >= self.size:
-            self._grow(slot + 1)
-        if self.last[slot] == self.clock:
-            return  # listed twice in one request
-        self.prev[slot], self.last[slot] = self.last[slot], self.clock
-        self.rank[slot] = len(self._current)
-        self.count[slot] += 1
-        self.total[slot] += 1
-        self._current.append(slot)
-        self._settled = False
-
-    def touch(self, slot: int) -> None:
-        """A slot made resident without a use (prefetched): it counts as used now for recency, not for counts."""
-        if slot >= self.size:
-            self._grow(slot + 1)
-        if self.last[slot] < 0:
-            self.last[slot] = max(self.clock, 0)
-
-    def features(self, slots: np.ndarray) -> np.ndarray:
-        """[len(slots), F] float32 rows, in the order of `config.features`."""
-        self._settle()
-        return np.stack([FEATURES[name](self, slots) for name in self.config.features], axis=1).astype(np.float32)
-
-    def _open(self, step: int) -> None:
-        self._settle()
-        if self.clock >= 0:
-            self._window.append(self._current)
-        while len(self._window) >= self.config.window:  # the new request is the window's last
-            np.subtract.at(self.count, self._window.popleft(), 1)
-        self.step, self.clock, self._current = step, self.clock + 1, []
-
-    def _settle(self) -> None:
-        if not self._settled:
-            self._settled = True
-            self.top_k = max(self.top_k, len(self._current))
-            if self.reuse is not None:
-                self.reuse.observe(np.array(self._current, np.int64))
-
-    def _grow(self, size: int) -> None:
-        size = max(size, 2 * self.size)
-        pad = size - self.size
-        self.last = np.pad(self.last, (0, pad), constant_values=-1)
-        self.prev = np.pad(self.prev, (0, pad), constant_values=-1)
-        self.rank, self.count, self.total = (np.pad(a, (0, pad)) for a in (self.rank, self.count, self.total))
-        if self.reuse is not None:
-            self.reuse.grow(size)
-
-
-def _recency(h: LayerHistory, s: np.ndarray) -> np.ndarray:
-    return 1.0 / (h.clock - h.last[s] + 1)
-
-
-def _frequency(h: LayerHistory, s: np.ndarray) -> np.ndarray:
-    return h.count[s] / max(int(h.count.max()), 1)
-
-
-def _reuse(h: LayerHistory, s: np.ndarray) -> np.ndarray:
-    return h.reuse.p[s]
-
-
-def _rank(h: LayerHistory, s: np.ndarray) -> np.ndarray:
-    return h.rank[s] / max(h.top_k - 1, 1)
-
-
-def _interval(h: LayerHistory, s: np.ndarray) -> np.ndarray:
-    prev = h.prev[s]
-    return np.where(prev >= 0, 1.0 / (h.last[s] - prev + 1), 0.0)
-
-
-def _frequency_all(h: LayerHistory, s: np.ndarray) -> np.ndarray:
-    return h.total[s] / max(int(h.total.max()), 1)
-
-
-#: Feature name -> function of (history, slots); every value lies in [0, 1].
-FEATURES: dict[str, Callable[[LayerHistory, np.ndarray], np.ndarray]] = {
-    "recency": _recency,  # 1 / (t - last use + 1)
-    "frequency": _frequency,  # uses in the window / the layer's largest count in the window
-    "reuse": _reuse,  # online-predicted P(used within reuse_horizon requests)
-    "rank": _rank,  # router rank at the latest use / (k - 1)
-    "interval": _interval,  # 1 / (gap between the two latest uses + 1), 0 if used once
-    "frequency_all": _frequency_all,  # uses ever / the layer's largest
-}
 
 
 @dataclass
