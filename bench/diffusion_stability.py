@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.llada2_model import Scale, prompts, resolve
+from bench.llada2_model import Scale, add_model_args, prompts, resolve
 from bench.report import machine, markdown_table, write
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode import diffusion
@@ -64,10 +64,7 @@ def tables(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--workdir", type=Path, default=Path("runs/bench_tide"))
-    ap.add_argument("--experts", type=int, default=Scale.experts, help="random model only: routed experts per layer")
-    ap.add_argument("--layers", type=int, default=Scale.layers, help="random model only")
+    add_model_args(ap)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=96)

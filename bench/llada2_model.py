@@ -98,3 +98,12 @@ def prompts(llm, n: int, length: int, seed: int = 0) -> list[list[int]]:
         return [ids[i * length:(i + 1) * length] for i in range(n)]
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, llm.model.shape.vocab_size - 2, (n, length), generator=g).tolist()
+
+
+def add_model_args(ap) -> None:
+    """The flags every diffusion bench shares: which model, and the random model's scale when none is given."""
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=Path("runs/bench_tide"))
+    ap.add_argument("--experts", type=int, default=Scale.experts, help="random model only: routed experts per layer")
+    ap.add_argument("--layers", type=int, default=Scale.layers, help="random model only")
+

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.llada2_model import Scale, prompts, resolve
+from bench.llada2_model import Scale, add_model_args, prompts, resolve
 from bench.report import machine, markdown_table, write
 from tiermoe import LLM, SamplingParams
 
@@ -124,10 +124,7 @@ def report(results: list[dict], rows: list[dict], same: bool, what: str, args) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--workdir", type=Path, default=Path("runs/bench_tide"))
-    ap.add_argument("--experts", type=int, default=Scale.experts, help="random model only: routed experts per layer")
-    ap.add_argument("--layers", type=int, default=Scale.layers, help="random model only")
+    add_model_args(ap)
     ap.add_argument("--budgets", nargs="+", default=["50%", "25%"])
     ap.add_argument("--sweep", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--reps", type=int, default=3)

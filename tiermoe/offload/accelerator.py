@@ -123,16 +123,24 @@ class AcceleratorStore(ExpertStore):
               prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
         self.step += 1
         tokens = dict(zip(experts, counts or [1] * len(experts), strict=True))
-        on_device = [e for e in experts if (layer, e) in self.weights]
-        for e in on_device:
-            self.cache.policy.on_access((layer, e), self.step)
-            self.placements[Where.DEVICE] += 1
-            yield e, self.weights[(layer, e)]
-        rest = [e for e in experts if (layer, e) not in self.weights]
+        rest = yield from self._device_hits(layer, experts)
         if not rest:
             return
+        on_device = sorted(set(experts) - set(rest))
         for e, w in self.host.fetch(layer, rest, prefetch=prefetch):
             yield e, self._placed(layer, e, w, tokens[e], pinned=on_device)
+
+    def _device_hits(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield the requested experts already on the device; return the others, in request order."""
+        rest = []
+        for e in experts:
+            if (layer, e) in self.weights:
+                self.cache.policy.on_access((layer, e), self.step)
+                self.placements[Where.DEVICE] += 1
+                yield e, self.weights[(layer, e)]
+            else:
+                rest.append(e)
+        return rest
 
     def _placed(self, layer: int, e: int, w: ExpertWeights, tokens: int, pinned: list[int]) -> ExpertWeights:
         key = (layer, e)

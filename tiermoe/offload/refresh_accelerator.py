@@ -59,12 +59,7 @@ class RefreshAcceleratorStore(RefreshMixin, AcceleratorStore):
         self.log.add(layer, experts, counts)
         if self.refreshing:
             self._apply(layer, self.placement.refresh(layer, dict(zip(experts, counts, strict=True))))
-        on_device = [e for e in experts if (layer, e) in self.weights]
-        for e in on_device:
-            self.cache.policy.on_access((layer, e), self.step)
-            self.placements[Where.DEVICE] += 1
-            yield e, self.weights[(layer, e)]
-        rest = [e for e in experts if (layer, e) not in self.weights]
+        rest = yield from self._device_hits(layer, experts)
         if not rest:
             return
         tokens = dict(zip(experts, counts, strict=True))
