@@ -76,17 +76,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    folder, what = resolve(args.model, args.workdir, Scale(experts=args.experts, layers=args.layers))
-    llm = LLM(folder)
+    bench_model = resolve(args, Scale(experts=args.experts, layers=args.layers))
+    llm = LLM(bench_model.folder)
     top = args.top or max(1, llm.model.shape.num_experts // 4)
     recorder, stats = record(llm, args)
     result = measure(recorder.log.blocks, args.lags, top)
     steps = [len(b) for b in recorder.log.blocks]
-    note = (f"\n\nModel: {what}. {len(stats)} prompts of {args.prompt_len} tokens, {args.max_tokens} new tokens, "
+    note = (f"\n\nModel: {bench_model.what}. {len(stats)} prompts of {args.prompt_len} tokens, "
+            f"{args.max_tokens} new tokens, "
             f"block {args.block}, steps {args.steps}, threshold {args.threshold}; {len(steps)} blocks of "
             f"{min(steps)}-{max(steps)} steps; top overlap over the {top} busiest of "
             f"{llm.model.shape.num_experts} experts.")
-    write(args.out, "diffusion_stability", {"machine": machine(), "model": what, "top": top,
+    write(args.out, "diffusion_stability" + bench_model.suffix, {"machine": machine(), "model": bench_model.what,
+                                                               "top": top,
                                             "steps_per_block": steps, "decode": stats, **result}, tables(result) + note)
 
 

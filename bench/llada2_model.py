@@ -1,5 +1,5 @@
-"""The diffusion model the TIDE benchmarks run: a given folder, the trained default under tiermoe/assets/ once it
-ships, or else a random llada2_moe shaped like LLaDA2.0-mini, scaled down (the routing structure -- 256 experts,
+"""The diffusion model the TIDE benchmarks run: a given folder, the trained default under tiermoe/assets/, or
+(--random) a random llada2_moe shaped like LLaDA2.0-mini, scaled down (the routing structure -- 256 experts,
 top-8 in 4 of 8 groups, one shared expert, a dense first layer -- kept; widths, depth and vocabulary shrunk).
 """
 
@@ -78,17 +78,26 @@ def default_trained() -> Path | None:
     return None
 
 
-def resolve(model: Path | None, workdir: Path, scale: Scale) -> tuple[Path, str]:
-    """(folder, a sentence saying what it is) for --model, the shipped default, or a freshly built random one."""
-    if model is not None:
-        return model, f"model {model}"
-    trained = default_trained()
+@dataclass(frozen=True, slots=True)
+class BenchModel:
+    """The folder a bench runs, a sentence saying what it is, and the suffix of its result files."""
+
+    folder: Path
+    what: str
+    suffix: str = ""
+
+
+def resolve(args, scale: Scale) -> BenchModel:
+    """--model, else the random model with --random or when no trained one ships, else the shipped default."""
+    if args.model is not None:
+        return BenchModel(args.model, f"model {args.model}")
+    trained = None if args.random else default_trained()
     if trained is not None:
-        return trained, f"trained default model {trained.name}"
-    folder = build_random(workdir / "llada2-mini-scaled", scale)
-    return folder, ("no trained diffusion model found under tiermoe/assets/: a RANDOM llada2_moe shaped like "
-                    f"LLaDA2.0-mini scaled down ({json.dumps(asdict(scale))}); routing statistics of random weights "
-                    "are not those of a trained model")
+        return BenchModel(trained, f"trained default model {trained.name}")
+    folder = build_random(args.workdir / "llada2-mini-scaled", scale)
+    what = (f"a RANDOM llada2_moe shaped like LLaDA2.0-mini scaled down ({json.dumps(asdict(scale))}); routing "
+            "statistics of random weights are not those of a trained model")
+    return BenchModel(folder, what, "_random-mini")
 
 
 def prompts(llm, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -102,7 +111,9 @@ def prompts(llm, n: int, length: int, seed: int = 0) -> list[list[int]]:
 
 def add_model_args(ap) -> None:
     """The flags every diffusion bench shares: which model, and the random model's scale when none is given."""
-    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--model", type=Path, default=None, help="default: the shipped diffusion model")
+    ap.add_argument("--random", action="store_true",
+                    help="run the random LLaDA2.0-mini-shaped model (results get the suffix _random-mini)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_tide"))
     ap.add_argument("--experts", type=int, default=Scale.experts, help="random model only: routed experts per layer")
     ap.add_argument("--layers", type=int, default=Scale.layers, help="random model only")

@@ -55,6 +55,7 @@ def run_once(folder: Path, ids: list[list[int]], params: SamplingParams, options
             "token_ids": [o.outputs[0].token_ids for o in outs], "hit_rate": total["hit_rate"],
             "mib_read": total["bytes_read"] / 2**20, "taus": [o.stats["diffusion"]["tau"] for o in outs],
             "refresh": outs[0].stats.get("refresh"), "predicted": choice.to_dict() if choice else None,
+            "nfe": sum(o.stats["diffusion"]["nfe"] for o in outs),
             "steps_per_block": outs[0].stats["diffusion"]["nfe"] / max(outs[0].stats["diffusion"]["blocks"], 1)}
 
 
@@ -64,7 +65,8 @@ def summarise(name: str, runs: list[dict]) -> dict:
     return {"config": name, "tok_s": mid["tokens"] / mid["seconds"], "seconds": [r["seconds"] for r in runs],
             "tokens": mid["tokens"], "hit_rate": mid["hit_rate"], "mib_read": mid["mib_read"],
             "taus": dict(Counter(t for r in runs for t in r["taus"])), "refresh": mid["refresh"],
-            "predicted": mid["predicted"], "steps_per_block": mid["steps_per_block"]}
+            "predicted": mid["predicted"], "steps_per_block": mid["steps_per_block"], "nfe": mid["nfe"],
+            "tokens_per_forward": mid["tokens"] / mid["nfe"]}
 
 
 def measure(folder: Path, args) -> tuple[list[dict], bool]:
@@ -105,8 +107,8 @@ def compare(results: list[dict], budgets: list[str], sweep: list[int]) -> list[d
 
 
 def report(results: list[dict], rows: list[dict], same: bool, what: str, args) -> str:
-    table = markdown_table(["config", "tok/s", "hit rate", "MiB read", "taus used"],
-                           [[r["config"], r["tok_s"], r["hit_rate"], r["mib_read"],
+    table = markdown_table(["config", "tok/s", "NFE", "tokens/forward", "hit rate", "MiB read", "taus used"],
+                           [[r["config"], r["tok_s"], r["nfe"], r["tokens_per_forward"], r["hit_rate"], r["mib_read"],
                              ", ".join(f"{t}x{n}" for t, n in r["taus"].items() if t is not None) or "-"]
                             for r in results])
     table += "\n\n" + markdown_table(
@@ -136,14 +138,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    folder, what = resolve(args.model, args.workdir, Scale(experts=args.experts, layers=args.layers))
-    warm_costs(folder, args.budgets[0])
-    results, same = measure(folder, args)
+    bench_model = resolve(args, Scale(experts=args.experts, layers=args.layers))
+    warm_costs(bench_model.folder, args.budgets[0])
+    results, same = measure(bench_model.folder, args)
     rows = compare(results, args.budgets, args.sweep)
-    write(args.out, "tide_speed", {"machine": machine(), "model": what, "same_outputs": same,
-                                   "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                   "comparison": rows, "runs": results},
-          report(results, rows, same, what, args))
+    write(args.out, "tide_speed" + bench_model.suffix,
+          {"machine": machine(), "model": bench_model.what, "same_outputs": same,
+           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "comparison": rows, "runs": results},
+          report(results, rows, same, bench_model.what, args))
 
 
 def warm_costs(folder: Path, budget: str) -> None:

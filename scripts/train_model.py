@@ -1,18 +1,20 @@
-"""Train tiermoe's built-in default model: a small MoE language model on public-domain Shakespeare.
+"""Train tiermoe's built-in default models: small MoE language models on public-domain Shakespeare.
 
 The script is reproducible (everything seeded, batches drawn from a per-step generator, so a resumed run sees the
 same batches as an uninterrupted one) and resumable (``--resume`` continues from ``<run-dir>/ckpt.pt``). It is not
 part of the test suite.
 
 Architectures plug in through ``RECIPES``: a ``Recipe`` bundles how to build a model from the configs, how to turn a
-batch into a loss, and how to read router logits for the routing report. ``qwen3_moe`` (autoregressive, next-token
-loss + per-layer load-balancing loss) is implemented here; a diffusion family adds its own builder and loss.
+batch into a loss, how to evaluate, save and reload it, and which experts it routes to for the routing report.
+``qwen3_moe`` (autoregressive, next-token loss + per-layer load-balancing loss, transformers' implementation) is the
+default model; ``llada2_moe`` (block diffusion, scripts/llada2_recipe.py) is the diffusion default model.
 
-Reproduce the shipped model (about 35 minutes of training on 2 uncontended CPU cores; on a CPU shared with other
-jobs ``--threads 1`` is faster, since two threads stall on each other's barriers)::
+Reproduce the shipped models (about 35 minutes each of training on 2 uncontended CPU cores; on a CPU shared with
+other jobs ``--threads 1`` is faster, since two threads stall on each other's barriers)::
 
-    /work/venv/bin/python scripts/train_model.py
-    /work/venv/bin/python scripts/train_model.py --resume        # after an interruption
+    /work/venv/bin/python scripts/train_model.py                          # tiermoe/assets/shakespeare-moe
+    /work/venv/bin/python scripts/train_model.py --model-type llada2_moe  # tiermoe/assets/shakespeare-dllm
+    /work/venv/bin/python scripts/train_model.py --resume        # after an interruption (same other flags)
 
 Measure throughput only (no saving)::
 
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import llada2_recipe  # a sibling module: scripts/ is on sys.path when this file runs
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -92,6 +95,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     router_aux_loss_coef: float = 0.01
     tie_word_embeddings: bool = True
+    # llada2_moe only: the family's dense first layer, shared expert, group-limited sigmoid router, block diffusion
+    first_k_dense_replace: int = 1
+    dense_intermediate_size: int = 768
+    num_shared_experts: int = 1
+    n_group: int = 4
+    topk_group: int = 2
+    routed_scaling_factor: float = 2.5
+    block_length: int = 32
+    bias_update_rate: float = 1e-2  # DeepSeek-V3 balancing: expert_bias step per training step
 
 
 @dataclass
@@ -133,11 +145,24 @@ class RunConfig:
 
 @dataclass
 class Recipe:
-    """How to build, train and inspect one model family."""
+    """How to build, train, save and inspect one model family."""
 
     build_model: Callable[[ModelConfig, dict], torch.nn.Module]  # (model config, special token ids) -> model
     loss_fn: Callable[[torch.nn.Module, torch.Tensor, ModelConfig], tuple[torch.Tensor, dict]]  # batch [B, T+1]
-    router_logits: Callable[[torch.nn.Module, torch.Tensor], list[torch.Tensor]]  # [B, T] -> per layer [B*T, E]
+    eval_loss: Callable[[torch.nn.Module, torch.Tensor, ModelConfig], float]  # windows [W, T+1] -> mean nats
+    route: Callable[[torch.nn.Module, torch.Tensor, ModelConfig], list[torch.Tensor]]  # [B, T] -> per layer [B*T, k]
+    save: Callable[[torch.nn.Module, Path], None]  # weights and config.json into a folder
+    load: Callable[[Path], torch.nn.Module]  # a saved folder's weights, in fp32
+    sample: Callable[[torch.nn.Module, object, Path, str, int], dict]  # (model, tokenizer, folder, prompt, n)
+    run_dir: str
+    out_dir: str
+    loss_name: str
+    aux_name: str
+    special_tokens: tuple[str, ...] = (BOS, EOS, PAD)
+    log_samples: bool = True  # a greedy sample in the training log at every evaluation
+    train_defaults: dict = field(default_factory=dict)  # TrainConfig fields this family trains with by default
+    # (shipped model, folder, validation windows [W, T+1], model config) -> extra checks for the report
+    checks: Callable[[torch.nn.Module, Path, torch.Tensor, ModelConfig], dict] | None = None
 
 
 def build_qwen3_moe(cfg: ModelConfig, special: dict) -> torch.nn.Module:
@@ -193,14 +218,68 @@ def causal_lm_loss(model: torch.nn.Module, batch: torch.Tensor, cfg: ModelConfig
     return ce + cfg.router_aux_loss_coef * aux, {"ce": ce.item(), "aux": aux.item()}
 
 
-def hf_router_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per-layer router logits [B*T, E] of a transformers MoE model that supports ``output_router_logits``."""
+def hf_routed(model: torch.nn.Module, input_ids: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    """Per-layer chosen experts [B*T, k] of a transformers MoE model with a softmax router."""
     out = model(input_ids=input_ids, output_router_logits=True, use_cache=False)
-    return [lg.float() for lg in out.router_logits]
+    return [lg.float().softmax(-1).topk(cfg.top_k, dim=-1).indices for lg in out.router_logits]
+
+
+def hf_save(model: torch.nn.Module, out_dir: Path) -> None:
+    """bf16 safetensors with per-expert tensors and config.json, by transformers."""
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    model.to(torch.float32)
+
+
+def hf_load(out_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+
+
+def hf_sample(model: torch.nn.Module, tokenizer, out_dir: Path, prompt: str, max_new_tokens: int) -> dict:
+    """Greedy continuation by transformers' generate (the engine is tested to produce the same tokens)."""
+    return {"prompt": prompt, "text": greedy_sample(model, tokenizer, prompt, max_new_tokens)}
+
+
+def build_llada2(cfg: ModelConfig, special: dict) -> torch.nn.Module:
+    return llada2_recipe.Llada2Model(llada2_recipe.hf_config(cfg, special))
+
+
+def llada2_routed(model: torch.nn.Module, input_ids: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    return llada2_recipe.routed_experts(model, input_ids, cfg.block_length)
+
+
+def llada2_checks(model: torch.nn.Module, out_dir: Path, val: torch.Tensor, cfg: ModelConfig) -> dict:
+    """The engine must compute what was trained: logits of a validation window, block-causal, both ways."""
+    diff = llada2_recipe.engine_agreement(model, out_dir, val[0, :-1], cfg.block_length)
+    return {"engine_max_abs_logit_diff": diff, "engine_logits_window_tokens": val.shape[1] - 1}
+
+
+def engine_sample(model: torch.nn.Module, tokenizer, out_dir: Path, prompt: str, max_new_tokens: int) -> dict:
+    """Greedy block diffusion by tiermoe's engine from the saved folder, with its work (NFE, tokens per forward)."""
+    from tiermoe import LLM, SamplingParams
+
+    out = LLM(out_dir).generate(prompt, SamplingParams(temperature=0, max_tokens=max_new_tokens))[0]
+    work = {k: out.stats["diffusion"][k] for k in ("nfe", "tokens_per_forward", "blocks")}
+    return {"prompt": prompt, "text": out.outputs[0].text, "engine": "tiermoe (block diffusion, greedy)", **work}
 
 
 RECIPES: dict[str, Recipe] = {
-    "qwen3_moe": Recipe(build_model=build_qwen3_moe, loss_fn=causal_lm_loss, router_logits=hf_router_logits),
+    "qwen3_moe": Recipe(
+        build_model=build_qwen3_moe, loss_fn=causal_lm_loss, eval_loss=lambda m, w, cfg: evaluate(m, w),
+        route=hf_routed, save=hf_save, load=hf_load, sample=hf_sample,
+        run_dir="runs/shakespeare-moe", out_dir="tiermoe/assets/shakespeare-moe",
+        loss_name="next-token cross-entropy", aux_name="per-layer balance loss (1 = balanced)",
+    ),
+    "llada2_moe": Recipe(
+        build_model=build_llada2, loss_fn=llada2_recipe.diffusion_loss, eval_loss=llada2_recipe.eval_masked_ce,
+        route=llada2_routed, save=llada2_recipe.save, load=llada2_recipe.load, sample=engine_sample,
+        run_dir="runs/shakespeare-dllm", out_dir="tiermoe/assets/shakespeare-dllm",
+        loss_name="masked-token cross-entropy (block diffusion, mask ratio ~ U(0.001, 1) per block, fixed draw)",
+        aux_name="max / mean expert load, mean over MoE layers (1 = balanced)",
+        special_tokens=(BOS, EOS, PAD, llada2_recipe.MASK), log_samples=False,
+        train_defaults={"steps": 2400, "seq_len": 128}, checks=llada2_checks,
+    ),
 }
 
 
@@ -311,7 +390,7 @@ def prepare_corpus(cfg: DataConfig) -> dict:
 # Tokenizer
 
 
-def train_tokenizer(texts: list[str], cfg: TokenizerConfig):
+def train_tokenizer(texts: list[str], cfg: TokenizerConfig, special_tokens: tuple[str, ...]):
     """Train a byte-level BPE on ``texts`` and wrap it as a PreTrainedTokenizerFast.
 
     BOS marks the start of a whole work in training (before its title), while training windows start anywhere in
@@ -326,7 +405,7 @@ def train_tokenizer(texts: list[str], cfg: TokenizerConfig):
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=[BOS, EOS, PAD],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -336,6 +415,7 @@ def train_tokenizer(texts: list[str], cfg: TokenizerConfig):
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
+        mask_token=llada2_recipe.MASK if llada2_recipe.MASK in special_tokens else None,
         add_bos_token=False,
         add_eos_token=False,
         chat_template=CHAT_TEMPLATE,
@@ -361,6 +441,7 @@ def special_ids(tokenizer) -> dict:
         "bos": tokenizer.bos_token_id,
         "eos": tokenizer.eos_token_id,
         "pad": tokenizer.pad_token_id,
+        "mask": tokenizer.mask_token_id,
     }
 
 
@@ -491,8 +572,9 @@ def train_loop(run: RunConfig, recipe: Recipe, model, tokenizer, streams: dict, 
         if bench:
             continue
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
-            log(f"step {state['step']:5d} val_ce(probe) {evaluate(model, val_probe):.4f}")
-            log("sample: " + repr(greedy_sample(model, tokenizer, "ROMEO:", 40)))
+            log(f"step {state['step']:5d} val_loss(probe) {recipe.eval_loss(model, val_probe, run.model):.4f}")
+            if recipe.log_samples:
+                log("sample: " + repr(greedy_sample(model, tokenizer, "ROMEO:", 40)))
         if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.steps:
             save_checkpoint(ckpt_path, model, optimizer, state)
         t0, c0 = time.time(), time.process_time()  # eval and checkpoint time are not training time
@@ -506,7 +588,7 @@ def train_loop(run: RunConfig, recipe: Recipe, model, tokenizer, streams: dict, 
 
 
 @torch.no_grad()
-def routing_stats(recipe: Recipe, model, windows: torch.Tensor, top_k: int, batch_size: int = 16) -> dict:
+def routing_stats(recipe: Recipe, model, windows: torch.Tensor, cfg: ModelConfig, batch_size: int = 16) -> dict:
     """Per-layer expert traffic shares and temporal locality on ``windows`` (model in eval mode).
 
     Traffic share of expert e = fraction of routed token-slots (token x top-k) that go to e.
@@ -516,13 +598,13 @@ def routing_stats(recipe: Recipe, model, windows: torch.Tensor, top_k: int, batc
     counts, overlap_sum, pairs = None, None, 0
     for chunk in windows.split(batch_size):
         inputs = chunk[:, :-1]  # [B, T]
-        per_layer = recipe.router_logits(model, inputs)
-        num_layers, num_experts = len(per_layer), per_layer[0].shape[-1]
+        per_layer = recipe.route(model, inputs, cfg)  # per layer [B*T, k]
+        num_layers, num_experts, top_k = len(per_layer), cfg.num_experts, cfg.top_k
         if counts is None:
             counts, overlap_sum = torch.zeros(num_layers, num_experts), torch.zeros(num_layers)
-        for layer, logits in enumerate(per_layer):
-            chosen = logits.softmax(-1).topk(top_k, dim=-1).indices  # [B*T, k]
-            mask = torch.zeros(logits.shape).scatter_(1, chosen, 1.0).view(*inputs.shape, num_experts)  # [B, T, E]
+        for layer, chosen in enumerate(per_layer):
+            mask = torch.zeros(chosen.shape[0], num_experts).scatter_(1, chosen, 1.0)
+            mask = mask.view(*inputs.shape, num_experts)  # [B, T, E]
             counts[layer] += mask.sum(dim=(0, 1))
             overlap_sum[layer] += (mask[:, 1:] * mask[:, :-1]).sum() / top_k
         pairs += inputs.shape[0] * (inputs.shape[1] - 1)
@@ -552,18 +634,17 @@ def param_summary(model, cfg: ModelConfig) -> dict:
     return {"total_params": total, "expert_params": expert, "active_params_per_token": active}
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
+def save_model(recipe: Recipe, model, tokenizer, out_dir: Path) -> None:
     """Write an ordinary Hugging Face folder: bf16 safetensors (per-expert tensors), config, tokenizer, generation."""
     from transformers import GenerationConfig
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    model.generation_config = GenerationConfig(
+    recipe.save(model, out_dir)
+    GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    model.to(torch.bfloat16).save_pretrained(out_dir)
-    model.to(torch.float32)
+    ).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -578,18 +659,13 @@ def write_report(out_dir: Path, report: dict) -> None:
         report["bytes_on_disk"] = size
 
 
-def load_shipped(out_dir: Path):
-    """Reload the saved folder in fp32, as a user of the shipped model would."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(out_dir)
-
-
 def build_report(run, corpus, streams, model, state, out_dir, recipe, val_loss_fp32: float) -> dict:
     """Evaluate the shipped (bf16-rounded) weights and gather everything for training_report.json."""
-    shipped, tokenizer = load_shipped(out_dir)
+    from transformers import AutoTokenizer
+
+    shipped, tokenizer = recipe.load(out_dir), AutoTokenizer.from_pretrained(out_dir)
     val = eval_windows(streams["val"], run.train.seq_len)
-    val_loss = evaluate(shipped, val)
+    val_loss = recipe.eval_loss(shipped, val, run.model)
     history = state["history"]
     tail = [h[1] for h in history[-100:]]
     texts = corpus["texts"]
@@ -623,17 +699,20 @@ def build_report(run, corpus, streams, model, state, out_dir, recipe, val_loss_f
             "wall_time_s": round(state["wall_s"], 1),
             "process_cpu_time_s": round(state["cpu_s"], 1),
             "final_train_loss": round(float(np.mean(tail)), 4),
-            "final_train_aux_loss": round(float(np.mean([h[2] for h in history[-100:]])), 4),
+            "final_train_aux": round(float(np.mean([h[2] for h in history[-100:]])), 4),
+            "aux_is": recipe.aux_name,
         },
         "validation": {
             "loss": round(val_loss, 4),
-            "perplexity": round(math.exp(val_loss), 3),
+            "loss_is": recipe.loss_name,
+            **({"perplexity": round(math.exp(val_loss), 3)} if recipe.loss_name.startswith("next-token") else {}),
             "tokens": int(val[:, 1:].numel()),
             "weights": "shipped bf16 weights, computed in fp32",
             "loss_before_bf16_rounding": round(val_loss_fp32, 4),
         },
-        "routing": routing_stats(recipe, shipped, val, run.model.top_k),
-        "greedy_sample": {"prompt": "ROMEO:", "text": greedy_sample(shipped, tokenizer, "ROMEO:", 64)},
+        "routing": routing_stats(recipe, shipped, val, run.model),
+        "greedy_sample": recipe.sample(shipped, tokenizer, out_dir, "ROMEO:", 64),
+        **(recipe.checks(shipped, out_dir, val, run.model) if recipe.checks else {}),
         "command": reproduce_command(sys.argv[1:]),
         "segments": state.get("segments", []),
     }
@@ -666,19 +745,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Names
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/ckpt.pt")
     p.add_argument("--bench", type=int, default=0, help="run N steps, print throughput, save nothing")
-    p.add_argument("--run-dir", default=RunConfig.run_dir)
-    p.add_argument("--out-dir", default=RunConfig.out_dir)
+    p.add_argument("--run-dir", help="checkpoints and tokenizer (default: the recipe's)")
+    p.add_argument("--out-dir", help="the model folder written at the end (default: the recipe's)")
     p.add_argument("--model-type", default=ModelConfig.model_type, choices=sorted(RECIPES))
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
+    for name in ("steps", "lr", "batch_size", "seq_len"):  # default: the recipe's, else TrainConfig's
+        p.add_argument("--" + name.replace("_", "-"), type=type(getattr(TrainConfig, name)))
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads (1 is faster on a busy CPU)")
     args = p.parse_args(argv)
+    recipe = RECIPES[args.model_type]
+    for name in ("steps", "lr", "batch_size", "seq_len"):
+        if getattr(args, name) is None:
+            setattr(args, name, recipe.train_defaults.get(name, getattr(TrainConfig, name)))
     run = RunConfig(
-        run_dir=args.run_dir,
-        out_dir=args.out_dir,
+        run_dir=args.run_dir or recipe.run_dir,
+        out_dir=args.out_dir or recipe.out_dir,
         model=ModelConfig(model_type=args.model_type),
         train=TrainConfig(
             steps=args.steps,
@@ -699,7 +780,8 @@ def load_or_train_tokenizer(run: RunConfig, corpus: dict):
     tok_dir = REPO / run.run_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(tok_dir)
-    tokenizer = train_tokenizer([corpus["texts"][n] for n in corpus["train_works"]], run.tokenizer)
+    special = RECIPES[run.model.model_type].special_tokens
+    tokenizer = train_tokenizer([corpus["texts"][n] for n in corpus["train_works"]], run.tokenizer, special)
     tokenizer.save_pretrained(tok_dir)
     return AutoTokenizer.from_pretrained(tok_dir)
 
@@ -727,8 +809,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     out_dir = REPO / run.out_dir
-    val_loss_fp32 = evaluate(model, eval_windows(streams["val"], run.train.seq_len))
-    save_model(model, tokenizer, out_dir)
+    val_loss_fp32 = recipe.eval_loss(model, eval_windows(streams["val"], run.train.seq_len), run.model)
+    save_model(recipe, model, tokenizer, out_dir)
     report = build_report(run, corpus, streams, model, state, out_dir, recipe, val_loss_fp32)
     write_report(out_dir, report)
     log(f"saved {out_dir} ({dir_bytes(out_dir)} bytes); val loss {report['validation']['loss']}")

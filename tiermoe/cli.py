@@ -7,14 +7,14 @@ import json
 import sys
 
 from tiermoe.errors import TiermoeError
-from tiermoe.models.registry import DEFAULT_MODEL
+from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
 
 CALIBRATION_TEXT = DEFAULT_MODEL.parent / "calibration.txt"  # held out from the built-in model's training
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags every command that loads a model shares."""
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="Hugging Face model folder (default: built-in model)")
+    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the built-in model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -39,13 +39,30 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    diff = p.add_argument_group("diffusion models (LLaDA, LLaDA2)")
+    diff.add_argument("--block-length", type=int, default=32, help="positions denoised together, block by block")
+    diff.add_argument("--steps", type=int, default=32,
+                      help="denoising steps per block (LLaDA2), or in all (LLaDA)")
+    diff.add_argument("--threshold", type=float, default=0.95,
+                      help="LLaDA2: commit every position more confident than this, else the most confident")
+    diff.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence",
+                      help="LLaDA: which positions each step commits")
 
 
 def sampling_params(args: argparse.Namespace):
     from tiermoe.sampling_params import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
+                          max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+                          block_length=args.block_length, steps=args.steps, threshold=args.threshold,
+                          remasking=args.remasking)
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """--model, else the built-in diffusion model with --diffusion, else the built-in autoregressive one."""
+    if args.model:
+        return args.model
+    return str(DEFAULT_DIFFUSION_MODEL if getattr(args, "diffusion", False) else DEFAULT_MODEL)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -58,7 +75,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tiermoe.llm import LLM
 
-    llm = LLM(args.model, **engine_kwargs(args), tau=args.tau)
+    llm = LLM(model_path(args), **engine_kwargs(args), tau=args.tau)
     params = sampling_params(args)
     prompt = llm.chat_prompt(_messages(args)) if args.chat else args.prompt
     if args.json or args.record_trace:
@@ -94,7 +111,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tiermoe.llm import LLM
     from tiermoe.offload.calibrate import calibrate
 
-    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    llm = LLM(model_path(args), dtype=args.dtype, threads=args.threads)
     text = Path(args.text).read_text() if args.text else CALIBRATION_TEXT.read_text()
     report = calibrate(llm, llm.tokenizer.encode(text), args.chunk_tokens)
     print(json.dumps(report, indent=1))
@@ -127,12 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print expert-store statistics (stderr) at the end")
     gen.add_argument("--record-trace", default=None, metavar="FILE",
                      help="write every token's routing to FILE.npz/.json (../shared/traces format)")
+    gen.add_argument("--diffusion", action="store_true",
+                     help="without --model: use the built-in diffusion model (llada2_moe) instead")
     gen.add_argument("--tau", type=_tau, default=None,
                      help="diffusion models with an expert budget: refresh the expert placement every TAU denoising "
                           "steps (TIDE), or 'auto' to solve TAU from a cost model")
     gen.set_defaults(func=cmd_generate)
     cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them with the model")
-    cal.add_argument("--model", default=str(DEFAULT_MODEL))
+    cal.add_argument("--model", default=None, help="Hugging Face model folder (default: the built-in model)")
     cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     cal.add_argument("--threads", type=int, default=None)
     cal.add_argument("--text", default=None, help="calibration text file (default: a held-out Shakespeare play)")

@@ -25,8 +25,10 @@ FAMILIES: dict[str, str] = {
     "llada": "tiermoe.models.llada",
 }
 
-# The built-in model that ships inside the package (trained on Shakespeare by scripts/train_model.py).
+# The built-in models that ship inside the package (trained on Shakespeare by scripts/train_model.py): an
+# autoregressive qwen3_moe, and a llada2_moe block-diffusion model (`tiermoe generate --diffusion`).
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "shakespeare-moe"
+DEFAULT_DIFFUSION_MODEL = DEFAULT_MODEL.parent / "shakespeare-dllm"
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
