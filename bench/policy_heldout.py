@@ -11,7 +11,9 @@ The learned policy is trained on part of the OLMoE trace and evaluated where it 
   or top 2 experts: the same model routing more sparsely (k / E of 1/16 and 1/32, against 1/8 trained on), a shape
   shift built from the training model's data, between it and the other models;
 - `qwen3-30b` and `gpt-oss-120b`: the weights of the first `prompts` split on the other models' single requests
-  (pooled MLP: their layer counts differ), decode tokens only.
+  (pooled MLP: their layer counts differ), decode tokens only, from an empty cache;
+- `..., prefill-warmed`: the same requests as the engine serves them: the prompt's prefill tokens go through the
+  cache (and the policies' histories) first, hits are counted on the decode tokens only.
 Policies: LRU, LFU, DALI (window 32, 2 swaps), learned, Belady, at 25% and 50% of each layer's experts. The gap
 closed is (policy - LRU) / (Belady - LRU) of the mean-over-layers hit rate. DALI's prefetches are loads the hit
 rate does not show: loads/request = (misses + prefetches) / requested experts.
@@ -49,14 +51,17 @@ ABLATIONS = {
     "+ all-time frequency": ("recency", "frequency", "frequency_all"),
     "reuse only": ("reuse",),
     "default (recency, frequency, reuse)": DEFAULT_FEATURES,
-    "all six": tuple(FEATURES),
+    "scale-free (stack depth, frequency, reuse rank)": ("stack", "frequency", "reuse_rank"),
+    "all eight": tuple(FEATURES),
 }
 EXPERT_READ_S = 1.5e6 / 1.5e9  # one 1.5 MB expert at ~1.5 GB/s direct reads (DESIGN.md: 1.0-1.9 GB/s)
 
 
-def evaluate(trace: Trace, weights, policies=POLICIES, capacities=CAPACITIES) -> dict:
-    """Mean hit rates, gaps closed and loads per request of `policies` on `trace`, per capacity."""
-    result = simulate(trace, policies, capacities, policy_args={"learned": {"weights": weights}})
+def evaluate(trace: Trace, weights, policies=POLICIES, capacities=CAPACITIES, warmup_prefill: bool = False) -> dict:
+    """Mean hit rates, gaps closed and loads per request of `policies` on `trace`, per capacity (`warmup_prefill`:
+    see `simulate`)."""
+    result = simulate(trace, policies, capacities, policy_args={"learned": {"weights": weights}},
+                      warmup_prefill=warmup_prefill)
     return {"tokens": result.tokens, "capacities": {c.label: _summary(result, c.label, policies) for c in capacities}}
 
 
@@ -119,9 +124,12 @@ def scenarios(olmoe: Trace, others: dict[str, Trace], seeds: int, quick: bool, l
     rows.append({"scenario": "domain", "train": "100 wikitext prompts", "test": "100 MBPP prompts", **res})
     log("domain: " + _brief(res))
     for name, trace in others.items():
-        res = evaluate(trace, first)
-        rows.append({"scenario": name, "train": "OLMoE prompts (seed 0)", "test": f"{name}, 1 request", **res})
-        log(f"{name}: " + _brief(res))
+        for warm in (False, True) if trace.is_prefill.any() else (False,):
+            res = evaluate(trace, first, warmup_prefill=warm)
+            label = f"{name}, prefill-warmed" if warm else name
+            rows.append({"scenario": label, "train": "OLMoE prompts (seed 0)",
+                         "test": f"{name}, 1 request" + (", its prefill warming the cache" if warm else ""), **res})
+            log(f"{label}: " + _brief(res))
     return rows, per_seed, first
 
 
@@ -138,8 +146,8 @@ def _brief(res: dict) -> str:
 
 def ablation(olmoe: Trace, others: dict[str, Trace], log) -> list[dict]:
     """Each input set trained on the first prompts split (rows mined once with every feature, then columns picked),
-    evaluated at 25% and 50% on its held-out half and on the other models; plus the pooled MLP alone and DALI with
-    LRU demand evictions."""
+    evaluated at 25% and 50% on its held-out half and on the other models (their prefill warming the cache); plus
+    the pooled MLP alone and DALI with LRU demand evictions."""
     train_part, test_part, _ = split_sequences(olmoe, 0.5, 0)
     every = TrainConfig(LearnedConfig(features=tuple(FEATURES)))
     mined = mine_trace(train_part, every.policy, every.rows_per_layer, every.seed)
@@ -159,10 +167,17 @@ def ablation(olmoe: Trace, others: dict[str, Trace], log) -> list[dict]:
     return out
 
 
+def _ablation_traces(test_part: Trace, others: dict[str, Trace]) -> dict[str, Trace]:
+    """The ablation's columns: the held-out OLMoE prompts and each other model (named "warm" if its prefill is
+    replayed before its decode tokens)."""
+    return {"OLMoE held-out": test_part,
+            **{f"{name} warm" if t.is_prefill.any() else name: t for name, t in others.items()}}
+
+
 def _ablation_row(name: str, weights, test_part: Trace, others: dict[str, Trace], policies) -> dict:
     gap, hit, points = {}, {}, {}
-    for label, trace in {"OLMoE held-out": test_part, **others}.items():
-        res = evaluate(trace, weights, policies)
+    for label, trace in _ablation_traces(test_part, others).items():
+        res = evaluate(trace, weights, policies, warmup_prefill=True)
         for cap, c in res["capacities"].items():
             gap[f"{label} {cap}"] = c["gap_closed"]["learned"]
             hit[f"{label} {cap}"] = c["hit_rate"]["learned"]
@@ -172,8 +187,9 @@ def _ablation_row(name: str, weights, test_part: Trace, others: dict[str, Trace]
 
 def _dali_lru_row(test_part: Trace, others: dict[str, Trace]) -> dict:
     gap, hit = {}, {}
-    for label, trace in {"OLMoE held-out": test_part, **others}.items():
-        result = simulate(trace, ["lru", "dali", "belady"], CAPACITIES, policy_args={"dali": {"victim": "lru"}})
+    for label, trace in _ablation_traces(test_part, others).items():
+        result = simulate(trace, ["lru", "dali", "belady"], CAPACITIES, policy_args={"dali": {"victim": "lru"}},
+                          warmup_prefill=True)
         for cap in CAPACITIES:
             c = _summary(result, cap.label, ("lru", "dali", "belady"))
             gap[f"{label} {cap.label}"] = c["gap_closed"]["dali"]

@@ -66,6 +66,24 @@ def test_mined_rows_are_candidates_with_scaled_targets():
     np.testing.assert_allclose(rows.x[:, 0], [1 / 2, 1 / 2, 1 / 2, 1 / 2, 1 / 2])
 
 
+def test_scale_free_features_by_hand():
+    # After the 4th request, experts 0 and 2 (clock 3) were used since 1 and 3 (clock 2): stack depth 2 of 4 seen
+    # experts, / (4 - 1). `reuse_rank` is the share of the other seen experts with a lower reuse prediction.
+    h = history_after(REQUESTS, LearnedConfig(features=("stack", "reuse", "reuse_rank")))
+    x = h.features(np.array([0, 1, 2, 3]))
+    np.testing.assert_allclose(x[:, 0], [0, 2 / 3, 0, 2 / 3], rtol=1e-6)
+    p = x[:, 1]
+    np.testing.assert_allclose(x[:, 2], [(p < v).sum() / 3 for v in p], rtol=1e-6)
+
+
+def test_prefill_warms_the_mined_history_without_rows():
+    # Request 1 is a prefill token: it is in the history (recency of 0 and 2 counts it) but gives no rows.
+    config = LearnedConfig(features=("recency",), horizon=2)
+    rows = mine_layer(REQUESTS, config, rows=1000, rng=np.random.default_rng(0), mined=[True, False, True, True])
+    np.testing.assert_allclose(rows.y, [1 / 2, 1 / 2, 1, 1])
+    np.testing.assert_allclose(rows.x[:, 0], [1 / 2, 1 / 2, 1 / 2, 1 / 2])
+
+
 def test_reuse_predictor_one_adagrad_step_by_hand():
     p = ReusePredictor(horizon=1, history=1, lr=0.1, size=3)
     p.observe(np.array([0]))

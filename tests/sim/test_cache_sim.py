@@ -137,6 +137,21 @@ def test_decode_only_by_default_and_prefill_on_request():
     assert full.runs[0].hits == 2 and full.runs[0].requests == 8
 
 
+def test_prefill_warms_the_cache_but_only_decode_counts():
+    trace = tiny_trace()
+    cap = [Capacity(items=4)]
+    decode = simulate(trace, ["lru"], cap)
+    # decode rows {0,1}, {0,2} (0 hits), -, {1,0} (both hit): 3 hits of 6 requests
+    assert decode.runs[0].hits == 3 and decode.runs[0].requests == 6
+    warm = simulate(trace, ["lru", "learned", "belady"], cap, warmup_prefill=True)
+    # prefill {2,3} is replayed uncounted, so {0,2} hits both: 4 hits of the same 6 decode requests
+    assert warm.tokens == 4 and warm.warmup_prefill
+    assert warm.run("lru", "4").hits == 4 and warm.run("lru", "4").requests == 6
+    assert all(r.requests == 6 for r in warm.runs)
+    full = simulate(trace, ["lru"], cap, include_prefill=True)  # the same replay, prefill counted too
+    assert full.runs[0].hits == 4 and full.runs[0].requests == 8
+
+
 def test_capacity_rounding_and_minimum():
     assert Capacity.parse("25%").items_for(64) == 16
     assert Capacity.parse("12.5%").items_for(60) == 8  # 7.5 rounds half up

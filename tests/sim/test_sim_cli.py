@@ -34,6 +34,18 @@ def test_table_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_warmup_prefill_counts_decode_tokens_only(tmp_path, capsys):
+    path = write_trace(tmp_path)
+    trace = Trace.load(path)
+    trace.is_prefill[:10] = True  # the first request's prompt
+    trace.save(tmp_path / "p", {"num_experts": 16})
+    assert cli.main(["cache", "--trace", str(tmp_path / "p.npz"), "--warmup-prefill", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["warmup_prefill"] and data["tokens"] == 40
+    assert cli.main(["cache", "--trace", str(tmp_path / "p.npz"), "--warmup-prefill"]) == 0
+    assert "40 decode (prefill-warmed) tokens" in capsys.readouterr().out
+
+
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     path = write_trace(tmp_path)
     assert cli.main(["cache", "--trace", path, "--capacity", "10%"]) == 2

@@ -11,7 +11,8 @@ requested within the next few requests of its layer, from a per-layer logistic r
 last few requests used, learned online (from the past only) while the policy runs. It knows no expert by name and no
 model in advance, so it carries over to models the MLP was not trained on; on held-out OLMoE prompts it is what takes
 the learned policy from about 30% to about 50% of the LRU-to-Belady gap (see bench/policy_heldout.py). Other inputs
-(`rank` at last use, the `interval` between the last two uses, all-time `frequency_all`) are kept for ablations.
+(`rank` at last use, the `interval` between the last two uses, all-time `frequency_all`, and the scale-free `stack`
+depth and `reuse_rank`, shares of the layer's experts) are kept for ablations.
 
 T = requests of one layer (its clock), E = expert slots of the layer, F = features, H = hidden width.
 """

@@ -1,7 +1,8 @@
 """The learned policy's inputs: one layer's request history, kept incrementally, and the feature rows it implies.
 
-Every feature lies in [0, 1]. `reuse` comes from an online logistic regression (`ReusePredictor`) over which experts
-the latest requests used; see tiermoe/offload/learned.py for why it is there.
+Every feature lies in [0, 1]. `stack` and `reuse_rank` are scale-free: shares of the layer's experts seen so far,
+so they mean the same for any expert count, top-k and capacity. `reuse` comes from an online logistic regression
+(`ReusePredictor`) over which experts the latest requests used; see tiermoe/offload/learned.py for why it is there.
 
 T = requests of one layer (its clock), E = expert slots of the layer, F = features.
 """
@@ -106,7 +107,7 @@ class LayerHistory:
         self._window: deque[list[int]] = deque()  # slots of the requests before it, within the window
         self._settled = True  # the latest request has been handed to the reuse predictor
         self.reuse = (ReusePredictor(config.reuse_horizon, config.reuse_history, config.reuse_lr, size)
-                      if "reuse" in config.features else None)
+                      if {"reuse", "reuse_rank"} & set(config.features) else None)
 
     @property
     def size(self) -> int:
@@ -176,6 +177,12 @@ def _reuse(h: LayerHistory, s: np.ndarray) -> np.ndarray:
     return h.reuse.p[s]
 
 
+def _reuse_rank(h: LayerHistory, s: np.ndarray) -> np.ndarray:
+    p = h.reuse.p[: h.size][h.last >= 0]
+    below = np.searchsorted(np.sort(p), h.reuse.p[s], side="left")
+    return below / max(len(p) - 1, 1)
+
+
 def _rank(h: LayerHistory, s: np.ndarray) -> np.ndarray:
     return h.rank[s] / max(h.top_k - 1, 1)
 
@@ -183,6 +190,12 @@ def _rank(h: LayerHistory, s: np.ndarray) -> np.ndarray:
 def _interval(h: LayerHistory, s: np.ndarray) -> np.ndarray:
     prev = h.prev[s]
     return np.where(prev >= 0, 1.0 / (h.last[s] - prev + 1), 0.0)
+
+
+def _stack(h: LayerHistory, s: np.ndarray) -> np.ndarray:
+    last = h.last[h.last >= 0]
+    newer = len(last) - np.searchsorted(np.sort(last), h.last[s], side="right")
+    return newer / max(len(last) - 1, 1)
 
 
 def _frequency_all(h: LayerHistory, s: np.ndarray) -> np.ndarray:
@@ -197,4 +210,6 @@ FEATURES: dict[str, Callable[[LayerHistory, np.ndarray], np.ndarray]] = {
     "rank": _rank,  # router rank at the latest use / (k - 1)
     "interval": _interval,  # 1 / (gap between the two latest uses + 1), 0 if used once
     "frequency_all": _frequency_all,  # uses ever / the layer's largest
+    "stack": _stack,  # share of the layer's seen experts used since (LRU stack depth / experts seen)
+    "reuse_rank": _reuse_rank,  # share of the layer's seen experts with a lower `reuse`
 }

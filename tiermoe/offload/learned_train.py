@@ -73,14 +73,22 @@ def next_use_distance(requests: Sequence[Sequence[int]], horizon: int) -> np.nda
 
 
 def mine_layer(requests: Sequence[Sequence[int]], config: LearnedConfig, rows: int,
-               rng: np.random.Generator) -> Rows:
-    """Rows of one layer's requests (expert ids; empty requests, i.e. layer not computed, are skipped)."""
+               rng: np.random.Generator, mined: Sequence[bool] | None = None) -> Rows:
+    """Rows of one layer's requests (expert ids; empty requests, i.e. layer not computed, are skipped).
+
+    `mined[t]` False replays request t into the history without taking rows after it (a prefill token warming the
+    history, as it warms the cache before decode); default: rows after every request.
+    """
+    keep_mined = [m for r, m in zip(requests, mined, strict=True) if len(r)] if mined is not None else None
     requests = [list(r) for r in requests if len(r)]
     if not requests:
         return Rows(np.zeros((0, len(config.features)), np.float32), np.zeros(0, np.float32))
     dist = next_use_distance(requests, config.horizon)
     per_step = max(1.0, float(np.mean([dist.shape[1] - len(r) for r in requests])))
-    keep = rng.random(len(requests)) < min(1.0, rows / (per_step * len(requests)))
+    steps = len(requests) if keep_mined is None else max(1, sum(keep_mined))
+    keep = rng.random(len(requests)) < min(1.0, rows / (per_step * steps))
+    if keep_mined is not None:
+        keep &= np.array(keep_mined, bool)
     history = LayerHistory(config, size=dist.shape[1])
     xs, ys = [], []
     for t, experts in enumerate(requests):
@@ -99,10 +107,11 @@ def mine_layer(requests: Sequence[Sequence[int]], config: LearnedConfig, rows: i
 
 
 def mine_trace(trace: Trace, config: LearnedConfig, rows: int, seed: int = 0) -> list[Rows]:
-    """Rows of every MoE layer of a trace's decode tokens; the history runs through the whole trace, as a serving
-    process's cache does."""
-    decode = trace.decode_rows()
-    return [mine_layer(trace.layer_requests(layer, decode), config, rows, np.random.default_rng([seed, layer]))
+    """Rows of every MoE layer of a trace's decode tokens; the history runs through the whole trace, prefill tokens
+    included (they warm it, as they warm the engine's cache, but give no rows), as a serving process's cache does."""
+    every = np.arange(trace.num_tokens)
+    decode = ~trace.is_prefill
+    return [mine_layer(trace.layer_requests(layer, every), config, rows, np.random.default_rng([seed, layer]), decode)
             for layer in range(trace.num_layers)]
 
 

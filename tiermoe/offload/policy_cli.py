@@ -85,8 +85,9 @@ def run_train(args: argparse.Namespace) -> int:
 def evaluate(trace: Trace, weights: LearnedWeights, capacities: Sequence[Capacity],
              policies: Sequence[str] = EVAL_POLICIES, name: str | None = None) -> dict:
     """Mean hit rates of `policies` on `trace` (the learned one with `weights`) and the share of the LRU-to-Belady
-    gap the learned policy closes, per capacity."""
-    result = simulate(trace, policies, capacities, policy_args={"learned": {"weights": weights}})
+    gap the learned policy closes, per capacity. Decode tokens count; prefill tokens, if any, warm the cache first."""
+    result = simulate(trace, policies, capacities, policy_args={"learned": {"weights": weights}},
+                      warmup_prefill=True)
     out = {"trace": name or trace.name or trace.meta.get("model", "?"), "sequences": trace.num_sequences,
            "tokens": result.tokens, "capacities": {}}
     for cap in capacities:

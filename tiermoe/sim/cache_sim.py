@@ -7,8 +7,9 @@ Model of the replay (the rules the live store follows, minus the weights):
   top-k set resident at once;
 - a token's top-k set at a layer is one request (`step` = index of the token in the replayed rows), listed in router
   rank order; entries of -1 (layer not computed) are skipped;
-- decode tokens only by default (`include_prefill` replays prompt tokens too); caches start empty and persist
-  across sequences, as a serving process's cache would;
+- decode tokens only by default (`include_prefill` replays and counts prompt tokens too; `warmup_prefill` replays
+  them, so each request's prompt warms the cache and the policy's history as the engine's prefill does, but counts
+  decode tokens only); caches start empty and persist across sequences, as a serving process's cache would;
 - hit rate of a layer = hits / requested experts; the mean is the unweighted mean over layers.
 Belady, being offline, is given the replayed rows of its own layer as its future. A policy that wants to know its
 layer (`wants_layer`, e.g. the learned one) is told which one and how many there are.
@@ -97,6 +98,7 @@ class CacheSimResult:
     num_experts: int
     top_k: int
     runs: list[PolicyRun] = field(default_factory=list)
+    warmup_prefill: bool = False  # prefill rows were replayed uncounted before their decode rows
 
     def run(self, policy: str, capacity: str) -> PolicyRun:
         """The run of `policy` at the capacity labelled `capacity` (e.g. "25%")."""
@@ -126,23 +128,29 @@ def replay_layer(requests: Sequence[Sequence[int]], capacity: int, policy: Cache
     return replay_layer_counts(requests, capacity, policy).hits
 
 
-def replay_layer_counts(requests: Sequence[Sequence[int]], capacity: int, policy: CachePolicy) -> LayerReplay:
-    """Like `replay_layer`, also admitting the policy's proposals after each request and counting those loads."""
+def replay_layer_counts(requests: Sequence[Sequence[int]], capacity: int, policy: CachePolicy,
+                        counted: Sequence[bool] | None = None) -> LayerReplay:
+    """Like `replay_layer`, also admitting the policy's proposals after each request and counting those loads.
+
+    `counted[step]` False replays a request without counting it (a warm-up: its hits, prefetches and prefetch hits
+    are left out); default: every request counts.
+    """
     cache = ExpertCache(capacity, policy)
     hits = prefetches = prefetch_hits = 0
     prefetched: set = set()  # admitted on proposal and not requested since
     for step, keys in enumerate(requests):
         if not keys:
             continue
+        count = counted is None or counted[step]
         out = cache.request(keys, step)
-        hits += len(out.hits)
+        hits += len(out.hits) if count else 0
         if prefetched:
-            prefetch_hits += sum(1 for k in out.hits if k in prefetched)
+            prefetch_hits += sum(1 for k in out.hits if k in prefetched) if count else 0
             prefetched.difference_update(keys)
             prefetched.difference_update(out.evicted)
         _, admitted, evicted = cache.propose(step, keys)
         if admitted or evicted:
-            prefetches += len(admitted)
+            prefetches += len(admitted) if count else 0
             prefetched.difference_update(evicted)
             prefetched.update(admitted)
     return LayerReplay(hits, prefetches, prefetch_hits)
@@ -166,26 +174,32 @@ def _check_capacity(items: int, label: str, top_k: int) -> None:
 
 
 def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacity],
-             include_prefill: bool = False, policy_args: dict[str, dict] | None = None) -> CacheSimResult:
+             include_prefill: bool = False, policy_args: dict[str, dict] | None = None,
+             warmup_prefill: bool = False) -> CacheSimResult:
     """Hit rates of every policy at every capacity on `trace` (see the module docstring for the rules).
 
     `policy_args` maps a policy name to extra constructor arguments, e.g. {"learned": {"weights": path}}.
+    `warmup_prefill` replays the prefill rows too but counts decode rows only (`tokens` counts those); it changes
+    nothing when `include_prefill` already counts every row.
     """
     policy_args = {k.lower(): v for k, v in (policy_args or {}).items()}
     for name in policies:
         if name.lower() not in POLICIES:
             make_policy(name)  # raises the ValueError listing the known policies
-    rows = np.arange(trace.num_tokens) if include_prefill else trace.decode_rows()
-    result = CacheSimResult(trace.name, len(rows), include_prefill, trace.num_layers, trace.num_experts, trace.top_k)
+    rows = np.arange(trace.num_tokens) if include_prefill or warmup_prefill else trace.decode_rows()
+    counted = None if include_prefill or not warmup_prefill else ~trace.is_prefill[rows]
+    result = CacheSimResult(trace.name, len(rows) if counted is None else int(counted.sum()), include_prefill,
+                            trace.num_layers, trace.num_experts, trace.top_k, warmup_prefill=warmup_prefill)
     sizes = [(cap.label, cap.items_for(trace.num_experts)) for cap in capacities]
     for label, items in sizes:
         _check_capacity(items, label, trace.top_k)
     layers = [trace.layer_requests(layer, rows) for layer in range(trace.num_layers)]
-    requested = [sum(map(len, reqs)) for reqs in layers]
+    requested = [sum(len(r) for r, c in zip(reqs, counted, strict=True) if c) if counted is not None
+                 else sum(map(len, reqs)) for reqs in layers]
     for name in policies:
         for label, items in sizes:
             kw = policy_args.get(name.lower())
-            counts = [replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw))
+            counts = [replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw), counted)
                       for layer, reqs in enumerate(layers)]
             hits = [c.hits for c in counts]
             rates = [h / n if n else 0.0 for h, n in zip(hits, requested, strict=True)]

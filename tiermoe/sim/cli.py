@@ -30,6 +30,9 @@ def _add_cache_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="lru,lfu,belady", type=_csv,
                    help=f"comma-separated policies among {', '.join(POLICIES)} (default: %(default)s)")
     p.add_argument("--include-prefill", action="store_true", help="replay prompt tokens too (default: decode only)")
+    p.add_argument("--warmup-prefill", action="store_true",
+                   help="replay each request's prompt tokens first, as the engine's prefill does, but count hits on "
+                        "decode tokens only")
     p.add_argument("--learned-weights", type=Path, default=None, metavar="FILE.safetensors",
                    help="weights of the 'learned' policy (default: the shipped ones; see `tiermoe policy train`)")
     p.add_argument("--json", action="store_true", help="print only the result as JSON on stdout")
@@ -51,7 +54,7 @@ def run_cache(args: argparse.Namespace) -> int:
         capacities = [Capacity.parse(c) for c in args.capacity]
         policy_args = {"learned": {"weights": args.learned_weights}} if args.learned_weights else None
         result = simulate(trace, args.policy, capacities, include_prefill=args.include_prefill,
-                          policy_args=policy_args)
+                          policy_args=policy_args, warmup_prefill=args.warmup_prefill)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -61,9 +64,15 @@ def run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokens(result: CacheSimResult) -> str:
+    if result.include_prefill:
+        return "all"
+    return "decode (prefill-warmed)" if result.warmup_prefill else "decode"
+
+
 def format_result(result: CacheSimResult) -> str:
     """A summary table (policy x capacity) followed by a per-layer table (layers x runs)."""
-    tokens = "all" if result.include_prefill else "decode"
+    tokens = _tokens(result)
     lines = [f"trace {result.trace}: {result.tokens} {tokens} tokens, {result.num_layers} layers x "
              f"{result.num_experts} experts, top-{result.top_k}", "",
              f"{'policy':<8} {'capacity':>8} {'experts':>7} {'mean hit':>8} {'min layer':>9} {'max layer':>9}"]
@@ -101,7 +110,7 @@ def plot_hit_rates(result: CacheSimResult, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    tokens = "all" if result.include_prefill else "decode"
+    tokens = _tokens(result)
     ax.set_title(f"{result.trace}\n{result.tokens} {tokens} tokens, top-{result.top_k}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
