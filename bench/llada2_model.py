@@ -115,6 +115,6 @@ def add_model_args(ap) -> None:
     ap.add_argument("--random", action="store_true",
                     help="run the random LLaDA2.0-mini-shaped model (results get the suffix _random-mini)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_tide"))
-    ap.add_argument("--experts", type=int, default=Scale.experts, help="random model only: routed experts per layer")
-    ap.add_argument("--layers", type=int, default=Scale.layers, help="random model only")
+    ap.add_argument("--experts", type=int, default=Scale().experts, help="random model only: routed experts per layer")
+    ap.add_argument("--layers", type=int, default=Scale().layers, help="random model only")
 

@@ -51,7 +51,7 @@ class LLM:
             prefetcher = make_prefetcher(cfg.prefetch, self.model, cfg.model, cfg.prefetch_top_p)
         for block in self.model.moe_blocks:
             block.store, block.prefetcher = self.store, prefetcher
-        self.tokenizer = load_tokenizer(self.config.model)
+        self.tokenizer = load_tokenizer(self.config.model, self.hf_config["model_type"])
         self.eos_ids = eos_token_ids(self.config.model, self.hf_config, self.tokenizer)
         # Diffusion families (LLaDA, LLaDA2) generate by unmasking blocks, see tiermoe.decode.diffusion.
         self.diffusion = diffusion_of(self.hf_config, self.tokenizer, self.model.shape.vocab_size)
@@ -237,13 +237,17 @@ def live_policy(name: str):
     return make_policy(name)
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path, model_type: str):
     """The folder's Hugging Face tokenizer, or None when it has no tokenizer files."""
     if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    return AutoTokenizer.from_pretrained(folder)
+    # A family transformers has no class for (llada2_moe, llada): an empty config keeps it from parsing config.json
+    # only to warn about the unknown model type; the tokenizer files name the tokenizer.
+    kwargs = {} if model_type in CONFIG_MAPPING else {"config": PretrainedConfig()}
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def eos_token_ids(folder: Path, config: dict, tokenizer) -> frozenset[int]:
