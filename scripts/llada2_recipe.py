@@ -94,9 +94,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> [N, H]."""
         weights, ids = self.gate(x)  # [N, k], [N, k]
-        slots = torch.bincount(ids.flatten(), minlength=len(self.experts))  # [E]
-        self.load += slots
-        if self.training:
+        if self.training:  # balancing statistics: only training traffic moves the bias
+            slots = torch.bincount(ids.flatten(), minlength=len(self.experts))  # [E]
+            self.load += slots
             scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()  # [N, E], as the Router scores them
             probs = scores / scores.sum(-1, keepdim=True)
             self.balance = len(self.experts) * (slots / ids.numel() * probs.mean(0)).sum()  # 1 = balanced
@@ -115,6 +115,8 @@ class MoE(nn.Module):
 
 
 class Layer(nn.Module):
+    """Pre-norm decoder layer: attention, then a dense MLP (the first `first_k_dense_replace` layers) or the MoE."""
+
     def __init__(self, c: dict, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
@@ -214,8 +216,6 @@ def eval_masked_ce(model: Llada2Model, windows: torch.Tensor, cfg, batch_size: i
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     losses = [masked_ce(model, chunk, cfg, model.config["mask_token_id"], gen) for chunk in windows.split(batch_size)]
-    for moe in model.moe_layers:
-        moe.load.zero_()  # evaluation traffic is not training traffic
     model.train()
     return torch.stack(losses).mean().item()
 
@@ -230,8 +230,6 @@ def routed_experts(model: Llada2Model, ids: torch.Tensor, block: int) -> list[to
     finally:
         for hook in hooks:
             hook.remove()
-        for moe in model.moe_layers:
-            moe.load.zero_()
     return chosen
 
 
@@ -288,6 +286,4 @@ def engine_agreement(model: Llada2Model, out_dir: Path, ids: torch.Tensor, block
     positions = torch.arange(n)
     ours = model.lm_head(model.hidden(ids[None], positions, block_causal_mask(n, block))[0])
     theirs = engine.logits(engine(ids, ForwardBatch(positions, [SeqSlice(KVCache(n), 0, n, 0)], attn_block=block)))
-    for moe in model.moe_layers:
-        moe.load.zero_()
     return (ours.float() - theirs).abs().max().item()

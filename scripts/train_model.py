@@ -661,9 +661,9 @@ def write_report(out_dir: Path, report: dict) -> None:
 
 def build_report(run, corpus, streams, model, state, out_dir, recipe, val_loss_fp32: float) -> dict:
     """Evaluate the shipped (bf16-rounded) weights and gather everything for training_report.json."""
-    from transformers import AutoTokenizer
+    from tiermoe.llm import load_tokenizer
 
-    shipped, tokenizer = recipe.load(out_dir), AutoTokenizer.from_pretrained(out_dir)
+    shipped, tokenizer = recipe.load(out_dir), load_tokenizer(out_dir, run.model.model_type)
     val = eval_windows(streams["val"], run.train.seq_len)
     val_loss = recipe.eval_loss(shipped, val, run.model)
     history = state["history"]
