@@ -65,9 +65,12 @@ def test_offloaded_experts_give_the_pinned_tokens(budget, tau):
 
 
 def test_cli_diffusion_flag_uses_the_shipped_model(capsys):
-    assert main(["generate", PROMPT, "--diffusion", "--json", "--max-tokens", str(PARAMS["max_tokens"])]) == 0
-    out = json.loads(capsys.readouterr().out)
+    argv = ["generate", PROMPT, "--diffusion", "--json", "--stats", "--max-tokens", str(PARAMS["max_tokens"])]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert out["outputs"][0]["token_ids"] == json.loads(EXPECTED_PATH.read_text())["token_ids"]
+    assert f"NFE {out['stats']['diffusion']['nfe']}," in captured.err
 
 
 def write_expected() -> None:

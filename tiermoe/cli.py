@@ -85,6 +85,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = _stream(llm, prompt, params, _prompt_echo(args))
     if args.stats:
         print(llm.store.stats.table(), file=sys.stderr)
+        if "diffusion" in out.stats:
+            work = out.stats["diffusion"]
+            print(f"NFE {work['nfe']}, tokens per forward {work['tokens_per_forward']:.2f}, {work['blocks']} blocks",
+                  file=sys.stderr)
     return 0
 
 
