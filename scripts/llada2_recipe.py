@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tiermoe.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
+from tiermoe.models.llada2_moe import RENAMES
 from tiermoe.models.moe import Router, RouterArgs
 
 MASK = "<|mask|>"
@@ -236,15 +237,8 @@ def routed_experts(model: Llada2Model, ids: torch.Tensor, block: int) -> list[to
 # ----------------------------------------------------------------------------------------------------------------
 # Files: LLaDA2.0's checkpoint names
 
-TO_CHECKPOINT = (
-    ("model.embed_tokens.", "model.word_embeddings."),
-    (".self_attn.q_norm.", ".attention.query_layernorm."),
-    (".self_attn.k_norm.", ".attention.key_layernorm."),
-    (".self_attn.o_proj.", ".attention.dense."),
-    (".self_attn.", ".attention."),
-    (".mlp.gate.e_score_correction_bias", ".mlp.gate.expert_bias"),
-    (".mlp.shared_expert.", ".mlp.shared_experts."),
-)
+# The engine's rename table, reversed pair by pair (same order: specific names before the generic ".attention.").
+TO_CHECKPOINT = tuple((ours, theirs) for theirs, ours in RENAMES)
 
 
 def checkpoint_name(name: str) -> str:
