@@ -70,6 +70,18 @@ def test_belady_is_optimal_on_a_classic_sequence():
     assert replay(LRUPolicy(), 3, requests)[0].count(False) == 12
 
 
+def test_belady_with_a_bounded_view_spans_lru_to_belady():
+    refs = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]
+    requests = [[r] for r in refs]
+    assert replay(BeladyPolicy(requests, window=0), 3, requests) == replay(LRUPolicy(), 3, requests)
+    assert replay(BeladyPolicy(requests, window=len(refs)), 3, requests) == replay(BeladyPolicy(requests), 3, requests)
+    # At step 7 (4) the residents 2, 0, 3 are next used at steps 8, 10, 9: Belady drops 0. Seeing one step ahead,
+    # only 2 is known to come back; 0 and 3 look alike, and the less recent, 3 (step 5, 0 at step 6), goes.
+    _, evicted = replay(BeladyPolicy(requests, window=1), 3, requests)
+    assert replay(BeladyPolicy(requests), 3, requests)[1][7] == [0]
+    assert evicted[7] == [3]
+
+
 def test_victim_only_returns_a_candidate():
     for policy in (LRUPolicy(), LFUPolicy(), BeladyPolicy(future=[[1], [2], [3]])):
         for step, key in enumerate([1, 2, 3]):

@@ -135,17 +135,23 @@ class BeladyPolicy(_TickPolicy):
 
     `future[s]` is the set of keys requested at step `s`; the caller's steps must index this list. Keys never used
     again count as farthest of all. Ties (two keys next needed by the same step) go to the least recently used.
+
+    With `window`, the oracle sees only the next `window` steps: keys not requested within them count as never used
+    again (so they go least recently used first). That bounds what any predictor of the next `window` tokens'
+    routing could gain over LRU (`window=0` is LRU).
     """
 
     needs_future = True
 
-    def __init__(self, future: Sequence[Iterable[Key]]) -> None:
+    def __init__(self, future: Sequence[Iterable[Key]], window: int | None = None) -> None:
         super().__init__()
+        self.window = window
         self._never = len(future)  # the "next use" of a key that is not used again
         self._uses: dict[Key, list[int]] = {}  # key -> ascending steps at which it is requested
         for step, keys in enumerate(future):
             for key in keys:
                 self._uses.setdefault(key, []).append(step)
+        self._tick: dict[Key, int] = {}  # key -> tick of its latest access (or insert)
         self._score: dict[Key, int] = {}  # next use * _SHIFT - last tick: higher is evicted first
 
     def next_use(self, key: Key, step: int) -> int:
@@ -158,24 +164,35 @@ class BeladyPolicy(_TickPolicy):
 
     def on_access(self, key: Key, step: int) -> None:
         """Looks up the key's next use after this step."""
-        self._score[key] = self.next_use(key, step) * _SHIFT - next(self._ticks)
+        self._tick[key] = next(self._ticks)
+        self._score[key] = self.next_use(key, step) * _SHIFT - self._tick[key]
 
     def on_insert(self, key: Key, step: int) -> None:
         """Scores a key inserted without an access at this step (e.g. prefetched)."""
         if key not in self._score:
-            self._score[key] = self.next_use(key, step) * _SHIFT - next(self._ticks)
+            self.on_access(key, step)
 
     def on_evict(self, key: Key) -> None:
         """Drops the key's score; it is recomputed when the key is accessed again."""
         self._score.pop(key, None)
+        self._tick.pop(key, None)
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """The candidate used farthest in the future (never-used-again first).
 
         A candidate's score was computed at its last access, before `step`; since it is not requested at `step` (the
         caller excludes the current request) nor in between, that next use is still its next use after `step`.
+        A bounded view depends on `step`, so it is scored here.
         """
-        return max(candidates, key=self._score.__getitem__)
+        if self.window is None:
+            return max(candidates, key=self._score.__getitem__)
+        horizon = step + self.window
+
+        def seen(key: Key) -> int:
+            use = self.next_use(key, step)
+            return (use if use <= horizon else self._never) * _SHIFT - self._tick[key]
+
+        return max(candidates, key=seen)
 
 
 POLICIES: dict[str, type[CachePolicy]] = {
