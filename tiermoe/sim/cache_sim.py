@@ -141,18 +141,15 @@ def replay_layer_counts(requests: Sequence[Sequence[int]], capacity: int, policy
     for step, keys in enumerate(requests):
         if not keys:
             continue
-        count = counted is None or counted[step]
         out = cache.request(keys, step)
-        hits += len(out.hits) if count else 0
-        if prefetched:
-            prefetch_hits += sum(1 for k in out.hits if k in prefetched) if count else 0
-            prefetched.difference_update(keys)
-            prefetched.difference_update(out.evicted)
+        ahead = sum(1 for k in out.hits if k in prefetched)  # hits on keys brought in on a proposal
+        prefetched.difference_update(keys)
+        prefetched.difference_update(out.evicted)
         _, admitted, evicted = cache.propose(step, keys)
-        if admitted or evicted:
-            prefetches += len(admitted) if count else 0
-            prefetched.difference_update(evicted)
-            prefetched.update(admitted)
+        prefetched.difference_update(evicted)
+        prefetched.update(admitted)
+        if counted is None or counted[step]:
+            hits, prefetch_hits, prefetches = hits + len(out.hits), prefetch_hits + ahead, prefetches + len(admitted)
     return LayerReplay(hits, prefetches, prefetch_hits)
 
 
