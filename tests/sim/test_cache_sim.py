@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiermoe.sim.cache_sim import Capacity, simulate
+from tiermoe.offload.fetch_order import fetch_order
+from tiermoe.sim.cache_sim import Capacity, batched_prefill_requests, simulate
 from tiermoe.sim.trace import Trace
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces"
@@ -150,6 +151,22 @@ def test_prefill_warms_the_cache_but_only_decode_counts():
     assert all(r.requests == 6 for r in warm.runs)
     full = simulate(trace, ["lru"], cap, include_prefill=True)  # the same replay, prefill counted too
     assert full.runs[0].hits == 4 and full.runs[0].requests == 8
+
+
+def test_batched_prefill_warms_the_cache_as_the_engine_runs_a_prompt():
+    # 1 layer, 8 experts, top-2: sequence 0 = prompt of 3 tokens + 2 decode tokens, sequence 1 = 1 + 1
+    experts = np.array([[[4, 5]], [[1, 2]], [[6, 3]], [[3, 6]], [[1, 2]], [[0, 1]], [[1, 0]]])
+    trace = Trace(experts, np.ones(experts.shape), [0, 5], [True, True, True, False, False, True, False],
+                  np.arange(7), meta={"num_experts": 8})
+    requests, counted = batched_prefill_requests(trace, 0, 2)
+    # each prompt's experts by latest token (ties by id), in turns of 2, then its decode rows
+    assert requests == [[4, 5], [1, 2], [3, 6], [3, 6], [1, 2], [0, 1], [1, 0]]
+    assert counted == [False, False, False, True, True, False, True]
+    result = simulate(trace, ["lru", "belady"], [Capacity(items=2)], prefill_order=fetch_order)
+    assert result.tokens == 3 and result.warmup_prefill and result.prefill_order == "fetch_order"
+    assert result.run("lru", "2").hits == 4 and result.run("lru", "2").requests == 6  # {3,6} and {1,0} hit
+    with pytest.raises(ValueError, match="include_prefill"):
+        simulate(trace, ["lru"], [Capacity(items=2)], include_prefill=True, prefill_order=fetch_order)
 
 
 def test_capacity_rounding_and_minimum():

@@ -44,6 +44,9 @@ def test_warmup_prefill_counts_decode_tokens_only(tmp_path, capsys):
     assert data["warmup_prefill"] and data["tokens"] == 40
     assert cli.main(["cache", "--trace", str(tmp_path / "p.npz"), "--warmup-prefill"]) == 0
     assert "40 decode (prefill-warmed) tokens" in capsys.readouterr().out
+    assert cli.main(["cache", "--trace", str(tmp_path / "p.npz"), "--warmup-prefill", "batched", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["prefill_order"] == "fetch_order" and data["tokens"] == 40
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

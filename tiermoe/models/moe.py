@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiermoe.offload.fetch_order import fetch_order
 from tiermoe.offload.store import ExpertStore
 
 
@@ -107,16 +108,15 @@ class SparseMoE(nn.Module):
         """
         if x.shape[0] == 1:
             return self._routed_one(x, weights, ids, ahead)
-        unique, counts = torch.unique(ids, return_counts=True)
-        experts = unique.tolist()  # ascending
+        experts, counts = fetch_order(ids.cpu().numpy())  # the prompt's last tokens' experts last
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e, w in self.store.fetch(self.layer, experts, counts.tolist(), ahead):
+        for e, w in self.store.fetch(self.layer, experts, counts, ahead):
             rows, slot = torch.where(ids == e)
             h = x[rows].to(w.down.device)  # an expert may run where its weights are (CPU or accelerator)
             y = F.linear(self.act_mul(F.linear(h, w.gate_up)), w.down) * weights[rows, slot, None].to(h.device)
             outputs[e] = (rows, y.to(x.device, x.dtype))
         out = torch.zeros_like(x)
-        for e in experts:
+        for e in sorted(outputs):
             out.index_add_(0, *outputs[e])
         return out
 

@@ -53,8 +53,9 @@ class ExpertStore(ABC):
     @abstractmethod
     def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
               prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
-        """Called once per MoE layer per forward pass with the distinct experts the batch routed to (ascending),
-        and how many tokens each got (a placement hint: where an expert runs may depend on its workload).
+        """Called once per MoE layer per forward pass with the distinct experts the batch routed to, in the order
+        to serve them (`fetch_order`: by the latest token using each), and how many tokens each got (a placement
+        hint: where an expert runs may depend on its workload).
         `prefetch` = (layer, experts) predicted for a later layer: a store that reads ahead starts those reads once
         this request's own are issued; others ignore it.
 

@@ -8,8 +8,9 @@ Model of the replay (the rules the live store follows, minus the weights):
 - a token's top-k set at a layer is one request (`step` = index of the token in the replayed rows), listed in router
   rank order; entries of -1 (layer not computed) are skipped;
 - decode tokens only by default (`include_prefill` replays and counts prompt tokens too; `warmup_prefill` replays
-  them, so each request's prompt warms the cache and the policy's history as the engine's prefill does, but counts
-  decode tokens only); caches start empty and persist across sequences, as a serving process's cache would;
+  them, so each request's prompt warms the cache and the policy's history, but counts decode tokens only: one
+  request per prompt token, or with `prefill_order` as the engine runs a prompt, one forward pass asking for its
+  distinct experts in turns); caches start empty and persist across sequences, as a serving process's cache would;
 - hit rate of a layer = hits / requested experts; the mean is the unweighted mean over layers.
 Belady, being offline, is given the replayed rows of its own layer as its future. A policy that wants to know its
 layer (`wants_layer`, e.g. the learned one) is told which one and how many there are.
@@ -23,14 +24,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from tiermoe.offload.cache import ExpertCache
+from tiermoe.offload.fetch_order import fetch_order
 from tiermoe.offload.policies import POLICIES, CachePolicy, make_policy
 from tiermoe.sim.trace import Trace
+
+# Orders a prompt's routing [T, K] into (distinct experts in the order to serve them, tokens per expert).
+PrefillOrder = Callable[[np.ndarray], tuple[list[int], list[int]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,7 @@ class CacheSimResult:
     top_k: int
     runs: list[PolicyRun] = field(default_factory=list)
     warmup_prefill: bool = False  # prefill rows were replayed uncounted before their decode rows
+    prefill_order: str | None = None  # ...as one forward pass per prompt, experts in this order (else per token)
 
     def run(self, policy: str, capacity: str) -> PolicyRun:
         """The run of `policy` at the capacity labelled `capacity` (e.g. "25%")."""
@@ -170,34 +176,65 @@ def _check_capacity(items: int, label: str, top_k: int) -> None:
                          f"whole top-k set resident at once, so the minimum capacity is {top_k} experts")
 
 
+def batched_prefill_requests(trace: Trace, layer: int, items: int, order: PrefillOrder = fetch_order
+                             ) -> tuple[list[list[int]], list[bool]]:
+    """One layer's requests with each sequence's prefill run as the engine runs it, and which of them count.
+
+    The engine computes a prompt in one forward pass: a layer asks for the prompt's distinct experts in `order`
+    (the engine's: `fetch_order`, by the latest token using each), served in turns of at most `items` experts when
+    they do not fit at once; the turns warm the cache uncounted, then the sequence's decode rows follow one request
+    each.
+    """
+    requests: list[list[int]] = []
+    counted: list[bool] = []
+    for start, end in trace.sequence_bounds():
+        prefill = trace.is_prefill[start:end]
+        experts, _ = order(trace.experts[start:end][prefill, layer, :])
+        turns = [experts[i: i + items] for i in range(0, len(experts), items)]
+        decode = trace.layer_requests(layer, np.arange(start, end)[~prefill])
+        requests += turns + decode
+        counted += [False] * len(turns) + [True] * len(decode)
+    return requests, counted
+
+
 def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacity],
              include_prefill: bool = False, policy_args: dict[str, dict] | None = None,
-             warmup_prefill: bool = False) -> CacheSimResult:
+             warmup_prefill: bool = False, prefill_order: PrefillOrder | None = None) -> CacheSimResult:
     """Hit rates of every policy at every capacity on `trace` (see the module docstring for the rules).
 
     `policy_args` maps a policy name to extra constructor arguments, e.g. {"learned": {"weights": path}}.
     `warmup_prefill` replays the prefill rows too but counts decode rows only (`tokens` counts those); it changes
-    nothing when `include_prefill` already counts every row.
+    nothing when `include_prefill` already counts every row. `prefill_order` (the engine's is `fetch_order`) warms
+    the cache with each prompt as the engine computes it, one forward pass asking for the prompt's experts in that
+    order (`batched_prefill_requests`); None replays one request per prompt token.
     """
     policy_args = {k.lower(): v for k, v in (policy_args or {}).items()}
     for name in policies:
         if name.lower() not in POLICIES:
             make_policy(name)  # raises the ValueError listing the known policies
+    if prefill_order is not None and include_prefill:
+        raise ValueError("prefill_order warms the cache with the prompts uncounted; include_prefill counts them")
+    warmup_prefill = warmup_prefill or prefill_order is not None
     rows = np.arange(trace.num_tokens) if include_prefill or warmup_prefill else trace.decode_rows()
     counted = None if include_prefill or not warmup_prefill else ~trace.is_prefill[rows]
     result = CacheSimResult(trace.name, len(rows) if counted is None else int(counted.sum()), include_prefill,
-                            trace.num_layers, trace.num_experts, trace.top_k, warmup_prefill=warmup_prefill)
+                            trace.num_layers, trace.num_experts, trace.top_k, warmup_prefill=warmup_prefill,
+                            prefill_order=getattr(prefill_order, "__name__", None))
     sizes = [(cap.label, cap.items_for(trace.num_experts)) for cap in capacities]
     for label, items in sizes:
         _check_capacity(items, label, trace.top_k)
-    layers = [trace.layer_requests(layer, rows) for layer in range(trace.num_layers)]
-    requested = [sum(len(r) for r, c in zip(reqs, counted, strict=True) if c) if counted is not None
-                 else sum(map(len, reqs)) for reqs in layers]
+    per_token = [(trace.layer_requests(layer, rows), counted) for layer in range(trace.num_layers)]
+    replays = {items: per_token if prefill_order is None else
+               [batched_prefill_requests(trace, layer, items, prefill_order) for layer in range(trace.num_layers)]
+               for _, items in sizes}
     for name in policies:
         for label, items in sizes:
             kw = policy_args.get(name.lower())
-            counts = [replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw), counted)
-                      for layer, reqs in enumerate(layers)]
+            layers = replays[items]
+            counts = [replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw), mask)
+                      for layer, (reqs, mask) in enumerate(layers)]
+            requested = [sum(len(r) for r, c in zip(reqs, mask, strict=True) if c) if mask is not None
+                         else sum(map(len, reqs)) for reqs, mask in layers]
             hits = [c.hits for c in counts]
             rates = [h / n if n else 0.0 for h, n in zip(hits, requested, strict=True)]
             result.runs.append(PolicyRun(name.lower(), label, items, rates, float(np.mean(rates)) if rates else 0.0,

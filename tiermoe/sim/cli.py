@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tiermoe.offload.fetch_order import fetch_order
 from tiermoe.offload.policies import POLICIES
 from tiermoe.sim.cache_sim import CacheSimResult, Capacity, simulate
 from tiermoe.sim.trace import Trace
@@ -30,9 +31,10 @@ def _add_cache_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="lru,lfu,belady", type=_csv,
                    help=f"comma-separated policies among {', '.join(POLICIES)} (default: %(default)s)")
     p.add_argument("--include-prefill", action="store_true", help="replay prompt tokens too (default: decode only)")
-    p.add_argument("--warmup-prefill", action="store_true",
-                   help="replay each request's prompt tokens first, as the engine's prefill does, but count hits on "
-                        "decode tokens only")
+    p.add_argument("--warmup-prefill", nargs="?", const="tokens", choices=["tokens", "batched"], default=None,
+                   help="replay each request's prompt first, warming the cache, but count hits on decode tokens "
+                        "only: one request per prompt token (tokens, the default), or as the engine computes a "
+                        "prompt, one forward pass asking for its experts by their latest token (batched)")
     p.add_argument("--learned-weights", type=Path, default=None, metavar="FILE.safetensors",
                    help="weights of the 'learned' policy (default: the shipped ones; see `tiermoe policy train`)")
     p.add_argument("--json", action="store_true", help="print only the result as JSON on stdout")
@@ -54,7 +56,8 @@ def run_cache(args: argparse.Namespace) -> int:
         capacities = [Capacity.parse(c) for c in args.capacity]
         policy_args = {"learned": {"weights": args.learned_weights}} if args.learned_weights else None
         result = simulate(trace, args.policy, capacities, include_prefill=args.include_prefill,
-                          policy_args=policy_args, warmup_prefill=args.warmup_prefill)
+                          policy_args=policy_args, warmup_prefill=args.warmup_prefill is not None,
+                          prefill_order=fetch_order if args.warmup_prefill == "batched" else None)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -67,6 +70,8 @@ def run_cache(args: argparse.Namespace) -> int:
 def _tokens(result: CacheSimResult) -> str:
     if result.include_prefill:
         return "all"
+    if result.prefill_order is not None:
+        return "decode (warmed by batched prefill)"
     return "decode (prefill-warmed)" if result.warmup_prefill else "decode"
 
 
