@@ -223,21 +223,23 @@ def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacit
     sizes = [(cap.label, cap.items_for(trace.num_experts)) for cap in capacities]
     for label, items in sizes:
         _check_capacity(items, label, trace.top_k)
-    per_token = [(trace.layer_requests(layer, rows), counted) for layer in range(trace.num_layers)]
-    replays = {items: per_token if prefill_order is None else
-               [batched_prefill_requests(trace, layer, items, prefill_order) for layer in range(trace.num_layers)]
-               for _, items in sizes}
+    if prefill_order is None:  # the same replay at every capacity
+        per_token = [(trace.layer_requests(layer, rows), counted) for layer in range(trace.num_layers)]
+        replays = {items: per_token for _, items in sizes}
+    else:  # a prompt's turns depend on the capacity
+        replays = {items: [batched_prefill_requests(trace, layer, items, prefill_order)
+                           for layer in range(trace.num_layers)] for _, items in sizes}
+    requested = {items: [sum(len(r) for r, c in zip(reqs, mask, strict=True) if c) if mask is not None
+                         else sum(map(len, reqs)) for reqs, mask in layers] for items, layers in replays.items()}
     for name in policies:
         for label, items in sizes:
             kw = policy_args.get(name.lower())
             layers = replays[items]
             counts = [replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw), mask)
                       for layer, (reqs, mask) in enumerate(layers)]
-            requested = [sum(len(r) for r, c in zip(reqs, mask, strict=True) if c) if mask is not None
-                         else sum(map(len, reqs)) for reqs, mask in layers]
             hits = [c.hits for c in counts]
-            rates = [h / n if n else 0.0 for h, n in zip(hits, requested, strict=True)]
+            rates = [h / n if n else 0.0 for h, n in zip(hits, requested[items], strict=True)]
             result.runs.append(PolicyRun(name.lower(), label, items, rates, float(np.mean(rates)) if rates else 0.0,
-                                         sum(hits), sum(requested), sum(c.prefetches for c in counts),
+                                         sum(hits), sum(requested[items]), sum(c.prefetches for c in counts),
                                          sum(c.prefetch_hits for c in counts)))
     return result
