@@ -33,33 +33,29 @@ def scaled_rope(rope: dict | None) -> dict | None:
 
 DEEPSEEK = dict(SMALL, num_key_value_heads=4, moe_intermediate_size=32, kv_lora_rank=16, q_lora_rank=24,
                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16)
+# (Mixtral's head_dim = hidden / heads, written out because transformers' longrope/dynamic code reads it)
+MIXTRAL = dict(SMALL, num_hidden_layers=2, num_local_experts=4, head_dim=16)
+QWEN3 = dict(SMALL, num_hidden_layers=2, head_dim=16, num_experts=16, moe_intermediate_size=32, max_window_layers=2)
 CASES = {
     # name: (published config, overrides that scale it down and exercise a feature)
     "deepseek-v2": ("deepseek-v2", dict(DEEPSEEK, num_hidden_layers=2)),
     "deepseek-v3": ("deepseek-v3", dict(DEEPSEEK, num_hidden_layers=4)),
-    "qwen3-235b-a22b": ("qwen3-235b-a22b", dict(SMALL, num_hidden_layers=2, head_dim=16, num_experts=16,
-                                                moe_intermediate_size=32, max_window_layers=2)),
+    "qwen3-235b-a22b": ("qwen3-235b-a22b", dict(QWEN3)),
     # Qwen3's documented long-context setting: YaRN over the original context
-    "qwen3-yarn": ("qwen3-235b-a22b", dict(SMALL, num_hidden_layers=2, head_dim=16, num_experts=16,
-                                           moe_intermediate_size=32, max_window_layers=2, rope_scaling={
-                                               "rope_type": "yarn", "factor": 4.0,
-                                               "original_max_position_embeddings": 16})),
-    "qwen3-sliding": ("qwen3-235b-a22b", dict(SMALL, num_hidden_layers=2, head_dim=16, num_experts=16,
-                                              moe_intermediate_size=32, use_sliding_window=True, sliding_window=8)),
-    "mixtral-8x7b": ("mixtral-8x7b-v0.1", dict(SMALL, num_hidden_layers=2, num_local_experts=4, head_dim=16)),
-    "mixtral-sliding": ("mixtral-8x7b-v0.1", dict(SMALL, num_hidden_layers=2, num_local_experts=4, head_dim=16, sliding_window=8)),
-    "mixtral-linear": ("mixtral-8x7b-v0.1", dict(SMALL, num_hidden_layers=2, num_local_experts=4, head_dim=16,
-                                                 rope_scaling={"type": "linear", "factor": 4.0})),
-    "mixtral-llama3": ("mixtral-8x7b-v0.1", dict(SMALL, num_hidden_layers=2, num_local_experts=4, head_dim=16, rope_scaling={
+    "qwen3-yarn": ("qwen3-235b-a22b", dict(QWEN3, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                "original_max_position_embeddings": 16})),
+    "qwen3-sliding": ("qwen3-235b-a22b", dict(QWEN3, use_sliding_window=True, sliding_window=8)),
+    "mixtral-8x7b": ("mixtral-8x7b-v0.1", dict(MIXTRAL)),
+    "mixtral-sliding": ("mixtral-8x7b-v0.1", dict(MIXTRAL, sliding_window=8)),
+    "mixtral-linear": ("mixtral-8x7b-v0.1", dict(MIXTRAL, rope_scaling={"type": "linear", "factor": 4.0})),
+    "mixtral-llama3": ("mixtral-8x7b-v0.1", dict(MIXTRAL, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16})),
-    "mixtral-longrope": ("mixtral-8x7b-v0.1", dict(SMALL, num_hidden_layers=2, num_local_experts=4, head_dim=16, rope_scaling={
+    "mixtral-longrope": ("mixtral-8x7b-v0.1", dict(MIXTRAL, rope_scaling={
         "rope_type": "longrope", "long_factor": [1.0 + 0.5 * i for i in range(8)],
         "short_factor": [1.0 + 0.02 * i for i in range(8)], "original_max_position_embeddings": 16})),
-    # (head_dim = hidden / heads, written out because transformers' longrope/dynamic code reads it)
     # dynamic NTK grows past max_position_embeddings, so the prompt must pass that (the engine allows it)
-    "mixtral-dynamic": ("mixtral-8x7b-v0.1", dict(SMALL, num_hidden_layers=2, num_local_experts=4, head_dim=16,
-                                                  max_position_embeddings=16,
+    "mixtral-dynamic": ("mixtral-8x7b-v0.1", dict(MIXTRAL, max_position_embeddings=16,
                                                   rope_scaling={"type": "dynamic", "factor": 2.0})),
 }
 QWEN2_BASE = dict(SMALL, model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_hidden_layers=3,
