@@ -149,11 +149,25 @@ def test_unsupported_fields_are_refused_by_name(tmp_path, source, field, value):
         LLM(tmp_path)
 
 
-@pytest.mark.parametrize("source", ["deepseek-v2", "mixtral-8x7b-v0.1", "qwen3-235b-a22b"])
-def test_published_configs_are_fully_classified(source):
-    """Every field of these published configs is honoured or known not to change the output (builds on meta)."""
+def family_configs() -> dict[str, dict]:
+    """One config.json per family: the published ones, the built-in models, the tiny diffusion ones."""
+    from tests.tiny_diffusion_models import LLADA2_CONFIG, LLADA_CONFIG
+    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL, read_config
+
+    configs = {name: published(name) for name in ("deepseek-v2", "mixtral-8x7b-v0.1", "qwen3-235b-a22b")}
+    configs["deepseek-v3"] = {k: v for k, v in published("deepseek-v3").items() if k != "quantization_config"}
+    configs |= {"qwen2-moe": QWEN2_BASE, "llada2_moe": LLADA2_CONFIG, "llada": LLADA_CONFIG,
+                "shakespeare-moe": read_config(DEFAULT_MODEL), "shakespeare-dllm": read_config(DEFAULT_DIFFUSION_MODEL)}
+    return configs
+
+
+@pytest.mark.parametrize("name", list(family_configs()))
+def test_every_family_refuses_an_unknown_field_by_name(name):
     from tiermoe.models.registry import family
 
-    config = published(source)
+    config = family_configs()[name]
+    build = family(config["model_type"]).build
     with torch.device("meta"):
-        family(config["model_type"]).build(config)
+        build(config)  # as published: every field classified
+        with pytest.raises(ConfigError, match="expert_dropout_schedule"):
+            build({**config, "expert_dropout_schedule": "cosine"})
