@@ -42,7 +42,28 @@ def make_reference(family: str, seed: int = 0):
     import transformers
 
     config_cls, extra = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+    return random_model(getattr(transformers, config_cls)(**{**COMMON, **extra}), seed)
+
+
+def reference_from_dict(config: dict, seed: int = 0):
+    """A transformers model built from a config.json dict as written on the hub (rope_scaling, auto_map, ...)."""
+    import transformers
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    return random_model(transformers.AutoConfig.for_model(config["model_type"], **fields), seed)
+
+
+def build_from_dict(config: dict, folder: Path, seed: int = 0):
+    """Save a random transformers model of `config` with config.json exactly as given; returns (model, folder)."""
+    model = reference_from_dict(config, seed)
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return model, folder
+
+
+def random_model(config, seed: int):
+    import transformers
+
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -27,9 +27,11 @@ class AttentionArgs:
 
 
 class Attention(nn.Module):
-    def __init__(self, layer: int, a: AttentionArgs):
+    """`window`: this layer's sliding window (None = full causal attention)."""
+
+    def __init__(self, layer: int, a: AttentionArgs, window: int | None = None):
         super().__init__()
-        self.layer, self.a = layer, a
+        self.layer, self.a, self.window = layer, a, window
         self.q_proj = nn.Linear(a.hidden, a.heads * a.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
@@ -53,15 +55,15 @@ class Attention(nn.Module):
         if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(attend_batch(self.layer, q, k, v, batch).reshape(T, -1))
+        return self.o_proj(attend_batch(self.layer, q, k, v, batch, window=self.window).reshape(T, -1))
 
 
 def attend_batch(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                 scale: float | None = None) -> torch.Tensor:
+                 scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Append each sequence's new k, v to its cache and attend; q [T, h, d] -> [T, h, dv]."""
     out = q.new_empty(*q.shape[:2], v.shape[-1])
     for s in batch.seqs:
         rows = slice(s.start, s.start + s.length)
         keys, values = s.cache.update(layer, s.past, k[rows], v[rows])
-        out[rows] = attend(q[rows], keys, values, s.past, scale, batch.attn_block)
+        out[rows] = attend(q[rows], keys, values, s.past, scale, batch.attn_block, window)
     return out

@@ -4,21 +4,23 @@ scored by the sum of their top-2)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from tiermoe.errors import ConfigError
+from tiermoe.models.config_fields import FieldRules, args_from_dict
 from tiermoe.models.layers import ForwardBatch, RMSNorm, SwiGLU, apply_rotary, apply_rotary_interleaved, attend
 from tiermoe.models.moe import RouterArgs, SparseMoE
-from tiermoe.models.transformer import LMShape, args_from_dict, build_decoder, check_activation, rope_parameters
+from tiermoe.models.rope import ROPE_CONFIG_KEYS, make_rope, softmax_scale_factor
+from tiermoe.models.transformer import LMShape, build_decoder
 
 
 @dataclass(frozen=True, slots=True)
 class ModelArgs:
+    """The config.json fields honoured as transformers' DeepseekV2Config / DeepseekV3Config define them."""
+
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -41,8 +43,7 @@ class ModelArgs:
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
     attention_bias: bool = False
-    mlp_bias: bool = False
-    rope_interleave: bool = True
+    rope_interleave: bool = True  # V3 only: V2 always rotates interleaved pairs
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
@@ -56,7 +57,7 @@ class ModelArgs:
         return RouterArgs(
             self.n_routed_experts, self.num_experts_per_tok,
             scoring="sigmoid" if self.v3 else "softmax",
-            norm_topk_prob=self.norm_topk_prob and self.v3,  # V2's router never renormalises
+            norm_topk_prob=self.norm_topk_prob,
             scaling_factor=self.routed_scaling_factor,
             n_group=(self.n_group or 1) if grouped else 1,
             topk_group=(self.topk_group or 1) if grouped else 1,
@@ -105,29 +106,41 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(T, -1))
 
 
-def softmax_scale(config: dict[str, Any], a: ModelArgs) -> float:
-    """qk_head_dim^-0.5, times yarn's mscale squared when the rope is scaled with mscale_all_dim."""
-    scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
-    rope = rope_parameters(config)
-    factor, mscale_all_dim = rope.get("factor", 1.0), rope.get("mscale_all_dim", 0)
-    if rope["rope_type"] != "default" and mscale_all_dim and factor > 1:
-        m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
-        scale *= m * m
-    return scale
-
-
 def sanitize(name: str) -> str:
     return name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
 
 
+_IGNORED = {
+    "aux_loss_alpha": "load-balancing loss weight, training only",
+    "seq_aux": "sequence-level balancing loss, training only",
+    "ep_size": "expert-parallel degree of the original code, a deployment setting",
+    "pretraining_tp": "tensor-parallel degree used in pretraining; transformers does not read it",
+    "head_dim": "transformers recomputes it as qk_rope_head_dim",
+    "qk_head_dim": "transformers recomputes it as qk_nope_head_dim + qk_rope_head_dim",
+    "num_key_value_heads": "MLA expands keys and values for every query head (equal to num_attention_heads in "
+                           "the published configs)",
+}
+# What transformers implements: MoE on every layer from first_k_dense_replace (moe_layer_freq 1), no MLP biases.
+_FIXED = {"hidden_act": ("silu",), "moe_layer_freq": (1,), "mlp_bias": (False,)}
+FIELDS = {
+    # V2: softmax router, never renormalised; greedy or group-limited (max per group) top-k; interleaved rotary
+    "deepseek_v2": FieldRules(ignored=_IGNORED, extra=ROPE_CONFIG_KEYS, fixed={
+        **_FIXED, "scoring_func": ("softmax",), "topk_method": ("greedy", "group_limited_greedy"),
+        "norm_topk_prob": (False,), "rope_interleave": (True,)}),
+    # V3: sigmoid router with a selection-only bias, groups scored by their top-2 sum ("noaux_tc")
+    "deepseek_v3": FieldRules(extra=ROPE_CONFIG_KEYS, fixed={
+        **_FIXED, "scoring_func": ("sigmoid",), "topk_method": ("noaux_tc",)}, ignored={
+        **_IGNORED, "num_nextn_predict_layers": "the multi-token-prediction layer is not used by plain decoding "
+                                                "(transformers skips it too)"}),
+}
+
+
 def build(config: dict[str, Any]):
-    check_activation(config)
-    a = args_from_dict(ModelArgs, config)
-    if a.mlp_bias:
-        raise ConfigError("deepseek_v2 with mlp_bias=true is not supported")
+    a = args_from_dict(ModelArgs, config, FIELDS[config["model_type"]])
     shape = LMShape(a.vocab_size, a.hidden_size, a.num_hidden_layers, a.n_routed_experts, a.num_experts_per_tok,
                     a.max_position_embeddings, a.tie_word_embeddings)
-    scale = softmax_scale(config, a)
+    # DeepSeek scales the softmax by yarn's mscale(factor, mscale_all_dim) squared when the rope is scaled
+    scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5 * softmax_scale_factor(config)
 
     def make_mlp(i: int):
         if i < a.first_k_dense_replace:
@@ -135,5 +148,5 @@ def build(config: dict[str, Any]):
         shared = SwiGLU(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts) if a.n_shared_experts else None
         return SparseMoE(i, a.hidden_size, a.router(), shared=shared)
 
-    return build_decoder(config, shape, lambda i: MLAttention(i, a, scale), make_mlp, a.qk_rope_head_dim,
-                         a.rms_norm_eps)
+    return build_decoder(shape, lambda i: MLAttention(i, a, scale), make_mlp,
+                         make_rope(config, a.qk_rope_head_dim, a.max_position_embeddings), a.rms_norm_eps)

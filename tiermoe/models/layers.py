@@ -104,23 +104,28 @@ class ForwardBatch:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float | None,
-           block: int | None = 1) -> torch.Tensor:
+           block: int | None = 1, window: int | None = None) -> torch.Tensor:
     """Causal attention of one sequence's new rows over its whole cache (block-causal or bidirectional when
-    `block` is not 1, see ForwardBatch.attn_block).
+    `block` is not 1, see ForwardBatch.attn_block). With `window`, a query at position p sees keys p - window < j <= p
+    (transformers' sliding_window_overlay); the cache keeps every key, the mask hides the old ones.
 
     q [t, h, d], k [S, g, d], v [S, g, dv] with S = past + t; returns [t, h, dv].
     """
     if block != 1:
         return attend_blocks(q, k, v, past, scale, block)
-    t = q.shape[0]
+    t, S = q.shape[0], k.shape[0]
+    windowed = window is not None and S > window
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
-    if t == 1:
+    if t == 1 and not windowed:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-    elif past == 0:
+    elif past == 0 and not windowed:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        rows = torch.arange(t, device=q.device)[:, None] + past
-        mask = torch.arange(k.shape[1], device=q.device)[None, :] <= rows  # [t, S]
+        rows = torch.arange(t, device=q.device)[:, None] + past  # [t, 1] query positions
+        keys = torch.arange(S, device=q.device)[None, :]  # [1, S]
+        mask = keys <= rows  # [t, S]
+        if windowed:
+            mask &= keys > rows - window
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.transpose(0, 1)
 

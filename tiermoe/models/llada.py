@@ -16,9 +16,11 @@ from typing import Any
 
 from tiermoe.errors import ConfigError
 from tiermoe.models.attention import Attention, AttentionArgs
+from tiermoe.models.config_fields import FieldRules, args_from_dict
 from tiermoe.models.diffusion import DiffusionSpec
 from tiermoe.models.layers import SwiGLU
-from tiermoe.models.transformer import LMShape, args_from_dict, build_decoder
+from tiermoe.models.rope import make_rope
+from tiermoe.models.transformer import LMShape, build_decoder
 
 # The public generate.py hard-codes mask id 126336 (<|mdm_mask|>); EOS 126081 is <|endoftext|>.
 DIFFUSION = DiffusionSpec("full", mask_token_id=126336, eos_token_id=126081)
@@ -50,6 +52,28 @@ class ModelArgs:
     scale_logits: bool = False
     weight_tying: bool = True
     max_sequence_length: int = 1024
+    rope_theta: float = 10000.0
+    mask_token_id: int | None = None  # read by tiermoe.models.diffusion (the public generate.py hard-codes it)
+
+
+FIELDS = FieldRules(
+    ignored={
+        "embedding_dropout": "dropout is off at inference",
+        "residual_dropout": "dropout is off at inference",
+        "init_device": "where untrained weights are initialised",
+        "init_fn": "random initialisation of untrained weights only",
+        "init_std": "random initialisation of untrained weights only",
+        "init_cutoff_factor": "random initialisation of untrained weights only",
+        "precision": "training mixed-precision setting; the engine's dtype option sets compute",
+        "flash_attention": "kernel choice, same attention",
+        "rope_full_precision": "rotary tables are always computed in fp32 here",
+        "block_group_size": "groups blocks for FSDP wrapping in training",
+        "alibi_bias_max": "read only with alibi, which must be false",
+        "multi_query_attention": "superseded by n_kv_heads in LLaDA's config class",
+        "layer_norm_with_affine": "RMSNorm weights are loaded from the checkpoint",
+        "attention_layer_norm_with_affine": "q/k norm weights are loaded from the checkpoint when present",
+    },
+)
 
 
 # Inside a block: checkpoint module -> canonical module.
@@ -84,7 +108,7 @@ def sanitize(name: str) -> str:
 
 
 def check(a: ModelArgs) -> None:
-    """Refuse the OLMo variants this module does not implement, rather than compute something else."""
+    """Refuse the OLMo variants this module does not implement (also when absent fields default to them)."""
     unsupported = {
         "block_type": (a.block_type, "llama"),
         "activation_type": (a.activation_type, "silu"),
@@ -102,7 +126,7 @@ def check(a: ModelArgs) -> None:
 
 
 def build(config: dict[str, Any]):
-    a = args_from_dict(ModelArgs, config)
+    a = args_from_dict(ModelArgs, config, FIELDS)
     check(a)
     head_dim = a.d_model // a.n_heads
     vocab = a.embedding_size or a.vocab_size  # the embedding and the head have embedding_size rows
@@ -111,6 +135,5 @@ def build(config: dict[str, Any]):
                          qkv_bias=bool(a.include_bias or a.include_qkv_bias), o_bias=a.include_bias,
                          qk_norm="full" if a.attention_layer_norm else None, eps=a.rms_norm_eps)
     hidden = a.mlp_hidden_size or a.mlp_ratio * a.d_model
-    return build_decoder(config, shape, lambda i: Attention(i, attn), lambda i: SwiGLU(a.d_model, hidden,
-                                                                                        bias=a.include_bias),
-                         head_dim, a.rms_norm_eps)
+    return build_decoder(shape, lambda i: Attention(i, attn), lambda i: SwiGLU(a.d_model, hidden, bias=a.include_bias),
+                         make_rope({"rope_theta": a.rope_theta}, head_dim, a.max_sequence_length), a.rms_norm_eps)

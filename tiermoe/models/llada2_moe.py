@@ -24,10 +24,12 @@ from torch import nn
 
 from tiermoe.errors import ConfigError
 from tiermoe.models.attention import AttentionArgs, attend_batch
+from tiermoe.models.config_fields import FieldRules, args_from_dict
 from tiermoe.models.diffusion import DiffusionSpec
 from tiermoe.models.layers import ForwardBatch, RMSNorm, SwiGLU, apply_rotary
 from tiermoe.models.moe import RouterArgs, SparseMoE
-from tiermoe.models.transformer import LMShape, args_from_dict, build_decoder, check_activation
+from tiermoe.models.rope import make_rope
+from tiermoe.models.transformer import LMShape, build_decoder
 
 # The public generate() hard-codes these (LLaDA2.0's tokenizer: <|mask|>, <|endoftext|>).
 DIFFUSION = DiffusionSpec("blocks", mask_token_id=156895, eos_token_id=156892)
@@ -56,11 +58,11 @@ class ModelArgs:
     use_qkv_bias: bool = False
     use_qk_norm: bool = True
     use_bias: bool = True
-    norm_head: bool = False
-    score_function: str = "sigmoid"
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 16384
     tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    mask_token_id: int | None = None  # read by tiermoe.models.diffusion (the public generate() hard-codes it)
 
     @property
     def dim(self) -> int:
@@ -113,18 +115,26 @@ def sanitize(name: str) -> str:
     return name
 
 
+FIELDS = FieldRules(
+    ignored={
+        "embedding_dropout": "dropout is off at inference",
+        "output_dropout": "dropout is off at inference",
+        "norm_topk_prob": "the public modeling file renormalises the selected weights whatever it says",
+        "sliding_window": "read only with use_sliding_window, which must be false",
+        "max_window_layers": "read only with use_sliding_window, which must be false",
+    },
+    fixed={"hidden_act": ("silu",), "score_function": ("sigmoid",), "norm_head": (False,), "router_dtype": ("fp32",),
+           "moe_router_enable_expert_bias": (True,), "use_sliding_window": (False,), "rope_scaling": (None,)},
+)
+
+
 def check(a: ModelArgs) -> None:
-    if a.score_function != "sigmoid":
-        raise ConfigError(f"llada2_moe with score_function={a.score_function!r} is not supported (only 'sigmoid')")
-    if a.norm_head:
-        raise ConfigError("llada2_moe with norm_head=true is not supported")
     if a.num_experts % a.n_group:
         raise ConfigError(f"num_experts={a.num_experts} is not a multiple of n_group={a.n_group}")
 
 
 def build(config: dict[str, Any]):
-    check_activation(config)
-    a = args_from_dict(ModelArgs, config)
+    a = args_from_dict(ModelArgs, config, FIELDS)
     check(a)
     shape = LMShape(a.vocab_size, a.hidden_size, a.num_hidden_layers, a.num_experts, a.num_experts_per_tok,
                     a.max_position_embeddings, a.tie_word_embeddings)
@@ -138,5 +148,5 @@ def build(config: dict[str, Any]):
         shared = SwiGLU(a.hidden_size, a.moe_intermediate_size * a.num_shared_experts) if a.num_shared_experts else None
         return SparseMoE(i, a.hidden_size, router, shared=shared)
 
-    rotary_dim = int(a.dim * a.partial_rotary_factor)
-    return build_decoder(config, shape, lambda i: FusedQKVAttention(i, attn), make_mlp, rotary_dim, a.rms_norm_eps)
+    rope = make_rope({"rope_theta": a.rope_theta}, int(a.dim * a.partial_rotary_factor), a.max_position_embeddings)
+    return build_decoder(shape, lambda i: FusedQKVAttention(i, attn), make_mlp, rope, a.rms_norm_eps)

@@ -6,12 +6,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from tiermoe.models.attention import Attention, AttentionArgs
+from tiermoe.models.config_fields import FieldRules, args_from_dict
 from tiermoe.models.moe import RouterArgs, SparseMoE
-from tiermoe.models.transformer import LMShape, args_from_dict, build_decoder, check_activation
+from tiermoe.models.rope import ROPE_CONFIG_KEYS, make_rope
+from tiermoe.models.transformer import LMShape, build_decoder
 
 
 @dataclass(frozen=True, slots=True)
 class ModelArgs:
+    """The config.json fields honoured as transformers' OlmoeConfig defines them."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int  # of each expert
@@ -28,13 +32,16 @@ class ModelArgs:
     tie_word_embeddings: bool = False
 
 
+FIELDS = FieldRules(fixed={"hidden_act": ("silu",)}, aliases={"num_experts": "num_local_experts"},
+                    extra=ROPE_CONFIG_KEYS)
+
+
 def sanitize(name: str) -> str:
     return name
 
 
 def build(config: dict[str, Any]):
-    check_activation(config)
-    a = args_from_dict(ModelArgs, config)
+    a = args_from_dict(ModelArgs, config, FIELDS)
     head_dim = a.hidden_size // a.num_attention_heads
     shape = LMShape(a.vocab_size, a.hidden_size, a.num_hidden_layers, a.num_experts, a.num_experts_per_tok,
                     a.max_position_embeddings, a.tie_word_embeddings)
@@ -43,5 +50,5 @@ def build(config: dict[str, Any]):
                          eps=a.rms_norm_eps, clip_qkv=a.clip_qkv)
     router = RouterArgs(a.num_experts, a.num_experts_per_tok, norm_topk_prob=a.norm_topk_prob,
                         weights_in_input_dtype=True)
-    return build_decoder(config, shape, lambda i: Attention(i, attn), lambda i: SparseMoE(i, a.hidden_size, router),
-                         head_dim, a.rms_norm_eps)
+    return build_decoder(shape, lambda i: Attention(i, attn), lambda i: SparseMoE(i, a.hidden_size, router),
+                         make_rope(config, head_dim, a.max_position_embeddings), a.rms_norm_eps)

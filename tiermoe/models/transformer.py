@@ -2,54 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tiermoe.errors import ConfigError
-from tiermoe.models.layers import ForwardBatch, RMSNorm, Rotary
+from tiermoe.models.layers import ForwardBatch, RMSNorm
 from tiermoe.models.moe import SparseMoE
-
-
-def args_from_dict(cls: type, config: dict[str, Any], aliases: dict[str, str] | None = None):
-    """Build a family's args dataclass from config.json, ignoring keys it does not use.
-
-    `aliases` maps a field to another key that some config versions use for it.
-    """
-    names = {f.name for f in fields(cls)}
-    config = dict(config)
-    for name, alias in (aliases or {}).items():
-        if name not in config and alias in config:
-            config[name] = config[alias]
-    try:
-        return cls(**{k: v for k, v in config.items() if k in names})
-    except TypeError as e:
-        raise ConfigError(f"config.json for {config.get('model_type')!r} is missing a required field: {e}") from e
-
-
-def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """rope settings from either transformers-5 `rope_parameters` or the older top-level keys."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params
-
-
-def make_rotary(config: dict[str, Any], dim: int) -> Rotary:
-    """Default RoPE computed here; scaled variants (yarn, linear, ...) from transformers' own tables."""
-    params = rope_parameters(config)
-    if params["rope_type"] == "default":
-        return Rotary.default(dim, params["rope_theta"])
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    if params["rope_type"] not in ROPE_INIT_FUNCTIONS:
-        raise ConfigError(f"unsupported rope_type {params['rope_type']!r}")
-    hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, "cpu")
-    return Rotary(inv_freq, scaling)
+from tiermoe.models.rope import Rope
 
 
 class DecoderLayer(nn.Module):
@@ -83,7 +43,7 @@ class LMShape:
 class CausalLM(nn.Module):
     """Token ids in, hidden states out; `logits` applies the head only to the rows that need it."""
 
-    def __init__(self, shape: LMShape, layers: list[DecoderLayer], rotary: Rotary, eps: float):
+    def __init__(self, shape: LMShape, layers: list[DecoderLayer], rotary: Rope, eps: float):
         super().__init__()
         self.shape = shape
         self.rotary = rotary
@@ -102,7 +62,7 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, H]."""
         x = self.model.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        cos, sin = self.rotary.cos_sin(batch, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch)
         return self.model.norm(x)
@@ -112,14 +72,7 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def build_decoder(config: dict[str, Any], shape: LMShape, make_attn, make_mlp, rotary_dim: int,
-                  eps: float) -> CausalLM:
+def build_decoder(shape: LMShape, make_attn, make_mlp, rope: Rope, eps: float) -> CausalLM:
     """Assemble a CausalLM from per-layer factories `make_attn(layer)` and `make_mlp(layer)`."""
     layers = [DecoderLayer(make_attn(i), make_mlp(i), shape.hidden_size, eps) for i in range(shape.num_layers)]
-    return CausalLM(shape, layers, make_rotary(config, rotary_dim), eps)
-
-
-def check_activation(config: dict[str, Any], key: str = "hidden_act") -> None:
-    act = config.get(key, "silu")
-    if act != "silu":
-        raise ConfigError(f"{key}={act!r} is not supported (only 'silu')")
+    return CausalLM(shape, layers, rope, eps)
