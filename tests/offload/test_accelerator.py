@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.offload.fake_gpu import FakeGPU
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import ConfigError
 from tiermoe.offload.accelerator import AcceleratorStore, DeviceCosts, Where, place
@@ -134,3 +135,21 @@ def test_an_expert_busy_on_the_cpu_is_swapped_onto_the_device_by_dali(host):
     assert set(acc.weights) == {(0, 5)} and acc.placements[Where.PROMOTE] == 2
     list(acc.fetch(0, [5]))
     assert acc.placements[Where.DEVICE] == 1
+
+
+def test_evicted_experts_stay_intact_while_queued_compute_reads_them(host):
+    llm, store = host
+    gpu = FakeGPU()  # compute lags the host; freed memory is poisoned once the allocator may reuse it
+    acc = AcceleratorStore(store, "cpu", 3 * store.expert_nbytes(0, 0), make_policy("lru"), PCIE, ops=gpu)
+    reference = ResidentStore(llm.index, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for step in range(24):
+        layer, chosen = step % 2, sorted(torch.randperm(3, generator=g)[:2].tolist())
+        for e, w in acc.fetch(layer, chosen, [1000] * len(chosen)):  # heavy: every miss is promoted
+            (_, ref), = reference.fetch(layer, [e])
+            gpu.launch(w, ref)
+        if step % 8 == 7:
+            gpu.compute.run_to(len(gpu.compute.queue) // 2)  # the device catches up partly, now and then
+    gpu.finish()
+    assert gpu.errors == []
+    assert gpu.freed_in_use > 0 and acc.placements[Where.PROMOTE] > 10 and acc.placements[Where.DEVICE] > 0

@@ -17,8 +17,10 @@ Copy protocol (`Stager`; the decisions above are plain functions of a cost model
 - the device tensors are allocated and filled on a side stream, then an event is recorded there; the compute stream
   waits on that event (on the device: the host does not block) before its first use;
 - each copy is `record_stream`ed on the compute stream: when eviction frees it, the caching allocator keeps its
-  memory until the compute work queued by then (kernels still reading the expert) has finished.
-All CUDA calls go through `CudaOps`, so tests check this ordering with a recording stand-in.
+  memory until the compute work queued by then (kernels still reading the expert) has finished, so device memory
+  may briefly exceed the budget by the experts being evicted.
+All CUDA calls go through `CudaOps`, so tests check this ordering with a recording stand-in. The compute stream is
+the current stream when a copy is made: the model must compute with the expert there.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import torch
 from tiermoe.offload.cache import ExpertCache
 from tiermoe.offload.policies import CachePolicy
 from tiermoe.offload.store import ExpertStore, ExpertWeights
+
+Key = tuple[int, int]  # (layer, expert)
 
 
 class Where(Enum):
@@ -205,7 +209,7 @@ class AcceleratorStore(ExpertStore):
                  costs: DeviceCosts, ops: DeviceOps | None = None):
         self.host, self.device, self.budget, self.costs = host, torch.device(device), budget, costs
         self.cache = ExpertCache(budget, policy, size_of=lambda k: host.expert_nbytes(*k))
-        self.weights: dict[tuple[int, int], ExpertWeights] = {}  # the device copies (the cache may hold more keys)
+        self.weights: dict[Key, ExpertWeights] = {}  # the device copies (the cache may hold more keys)
         self.stager = Stager(ops or device_ops(self.device))
         self.placements = {w: 0 for w in Where}  # how often each decision was taken
         self.step = 0
@@ -251,7 +255,7 @@ class AcceleratorStore(ExpertStore):
             yield e, w
         return rest
 
-    def _placed(self, layer: int, e: int, w: ExpertWeights, tokens: int, pinned: list) -> ExpertWeights:
+    def _placed(self, layer: int, e: int, w: ExpertWeights, tokens: int, pinned: list[Key]) -> ExpertWeights:
         """A host expert: copied to the device if it was admitted there (now, or by the policy's proposal at an
         earlier step), else computed on the CPU. `pinned`: this step's device experts, never evicted for it."""
         key = (layer, e)
@@ -264,7 +268,7 @@ class AcceleratorStore(ExpertStore):
         self.host.stats.layer(layer).stall_time += time.perf_counter() - start
         return self.weights[key]
 
-    def _admit(self, key: tuple[int, int], w: ExpertWeights, tokens: int, pinned: list) -> Where:
+    def _admit(self, key: Key, w: ExpertWeights, tokens: int, pinned: list[Key]) -> Where:
         """PROMOTE when the cost rule says so and the expert fits beside `pinned` (the policy choosing what
         leaves), else HOST."""
         nbytes = self.cache.size(key)
@@ -276,7 +280,7 @@ class AcceleratorStore(ExpertStore):
         self._free(evicted)
         return Where.PROMOTE if admitted else Where.HOST
 
-    def _free(self, keys: list) -> None:
+    def _free(self, keys: list[Key]) -> None:
         """Drop evicted experts' device copies (a key admitted by a proposal may not have one yet). Their memory
         returns to the allocator only after the compute work queued so far (each copy was `record_stream`ed)."""
         for key in keys:
