@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from tests.offload.fake_gpu import FakeGPU
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import ConfigError
 from tiermoe.offload.accelerator import AcceleratorStore, DeviceCosts, Where, place
-from tiermoe.offload.policies import make_policy
+from tiermoe.offload.policies import LRUPolicy, make_policy
 from tiermoe.offload.store import ResidentStore
 
 # A PCIe-like machine: copies at 25 GB/s, CPU 20 GB/s streaming and 200 GFLOP/s, device 20 TFLOP/s.
@@ -88,3 +89,67 @@ def test_gpu_options_without_a_gpu_are_refused(tiny_models):
     with pytest.raises(ConfigError, match="gpu_expert_cache needs device"):
         LLM(tiny_models("mixtral"), gpu_expert_cache="1GiB")
     assert LLM(tiny_models("mixtral"), device="auto").model.lm_head.weight.device.type == "cpu"
+
+
+class RecordingLRU(LRUPolicy):
+    """LRU that keeps every access it is told of, to check what the device tier reports."""
+
+    def __init__(self):
+        super().__init__()
+        self.accesses: list[tuple[tuple[int, int], int]] = []
+
+    def on_access(self, key, step):
+        self.accesses.append((key, step))
+        super().on_access(key, step)
+
+
+def test_the_policy_sees_each_requested_expert_once_per_step_wherever_it_runs(host):
+    _, store = host
+    size = store.expert_nbytes(0, 0)
+    slow_link = DeviceCosts(2e11, 2e10, 1e6, 2e13)  # copying only fills free room
+    policy = RecordingLRU()
+    acc = AcceleratorStore(store, "cpu", 3 * size, policy, slow_link)
+    requests = [[0, 1], [0, 1, 2], [0, 2, 3], [3, 4]]  # room, hits + room, hits + host, host only
+    for experts in requests:
+        list(acc.fetch(0, experts, [1] * len(experts)))
+    assert acc.placements == {Where.PROMOTE: 3, Where.DEVICE: 4, Where.HOST: 3}
+    assert len(set(policy.accesses)) == len(policy.accesses)  # no expert counted twice in a step
+    expected = {((0, e), step) for step, experts in enumerate(requests, 1) for e in experts}
+    assert set(policy.accesses) == expected  # the ones run on the CPU included
+
+
+def test_an_expert_busy_on_the_cpu_is_swapped_onto_the_device_by_dali(host):
+    # DALI counts routed tokens per window; at the boundary the busiest non-resident replaces the idlest resident,
+    # which is how a popular expert that never pays for its own copy still reaches the device.
+    llm, store = host
+    slow_link = DeviceCosts(2e11, 2e10, 1e6, 2e13)
+    acc = AcceleratorStore(store, "cpu", store.expert_nbytes(0, 0), make_policy("dali", window=4, swaps=1), slow_link)
+    list(acc.fetch(0, [0]))  # fills the free room
+    for _ in range(3):  # expert 5 runs on the CPU: the device is full and copying never pays
+        (e, w), = acc.fetch(0, [5])
+        assert w.down.data_ptr() == store.resident[(0, 5)].down.data_ptr()
+    assert (0, 5) in acc.cache and (0, 0) not in acc.weights  # swapped at the window boundary
+    (_, w), = acc.fetch(0, [5])  # copied on its first use after the swap
+    (_, ref), = ResidentStore(llm.index, torch.float32).fetch(0, [5])
+    assert torch.equal(w.gate_up, ref.gate_up) and torch.equal(w.down, ref.down)
+    assert set(acc.weights) == {(0, 5)} and acc.placements[Where.PROMOTE] == 2
+    list(acc.fetch(0, [5]))
+    assert acc.placements[Where.DEVICE] == 1
+
+
+def test_evicted_experts_stay_intact_while_queued_compute_reads_them(host):
+    llm, store = host
+    gpu = FakeGPU()  # compute lags the host; freed memory is poisoned once the allocator may reuse it
+    acc = AcceleratorStore(store, "cpu", 3 * store.expert_nbytes(0, 0), make_policy("lru"), PCIE, ops=gpu)
+    reference = ResidentStore(llm.index, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for step in range(24):
+        layer, chosen = step % 2, sorted(torch.randperm(3, generator=g)[:2].tolist())
+        for e, w in acc.fetch(layer, chosen, [1000] * len(chosen)):  # heavy: every miss is promoted
+            (_, ref), = reference.fetch(layer, [e])
+            gpu.launch(w, ref)
+        if step % 8 == 7:
+            gpu.compute.run_to(len(gpu.compute.queue) // 2)  # the device catches up partly, now and then
+    gpu.finish()
+    assert gpu.errors == []
+    assert gpu.freed_in_use > 0 and acc.placements[Where.PROMOTE] > 10 and acc.placements[Where.DEVICE] > 0

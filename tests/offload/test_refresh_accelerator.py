@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.decode.test_diffusion import LONG, SHORT
+from tests.offload.fake_gpu import FakeGPU
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import DiffusionOptions
@@ -24,11 +25,11 @@ def llm(folders):
     return LLM(folders["llada2_moe"])
 
 
-def attach(llm, fraction: float) -> RefreshAcceleratorStore:
+def attach(llm, fraction: float, ops=None) -> RefreshAcceleratorStore:
     host = ResidentStore(llm.index, torch.float32)
     layers = [b.layer for b in llm.model.moe_blocks]
     budget = int(fraction * len(llm.index.experts()) * host.expert_nbytes(layers[0], 0))
-    acc = RefreshAcceleratorStore(host, "cpu", budget, layers, torch.float32, costs=PCIE)
+    acc = RefreshAcceleratorStore(host, "cpu", budget, layers, torch.float32, costs=PCIE, ops=ops)
     for block in llm.model.moe_blocks:
         block.store = acc
     return acc
@@ -77,15 +78,20 @@ def test_reuse_steps_run_misses_on_the_host_and_copy_nothing(llm):
     assert acc.stats.streamed == (5 - capacity) + 2
 
 
-def test_device_budget_holds_through_refreshes(llm):
-    acc = attach(llm, 0.25)
+def test_device_budget_holds_and_demoted_experts_stay_intact_through_refreshes(llm):
+    gpu = FakeGPU()  # compute lags the host; freed memory is poisoned once the allocator may reuse it
+    acc = attach(llm, 0.25, ops=gpu)
     layers = [b.layer for b in llm.model.moe_blocks]
     g = torch.Generator().manual_seed(0)
     for step in range(20):
         acc.begin_step(DenoiseStep(step // 5, step % 5, step % 2 == 0))
         for layer in layers:
             experts = sorted(torch.randperm(16, generator=g)[:6].tolist())
-            for _ in acc.fetch(layer, experts, torch.randint(1, 9, (6,), generator=g).tolist()):
+            for e, w in acc.fetch(layer, experts, torch.randint(1, 9, (6,), generator=g).tolist()):
                 assert acc.cache.used <= acc.budget
+                gpu.launch(w, acc.host.resident[(layer, e)])
             assert acc.placement.used(layer) <= acc.placement.capacity
     assert set(acc.weights) == {(layer, e) for layer in layers for e in acc.placement.fast(layer)}
+    gpu.finish()
+    assert gpu.errors == []
+    assert acc.stats.demoted > 0 and gpu.freed_in_use > 0 and gpu.uses > 0

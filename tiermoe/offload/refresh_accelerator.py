@@ -4,7 +4,8 @@ routed expert that is not there runs on the CPU from the host tier (its hidden r
 At a refresh step each MoE layer's placement moves toward the experts with the most tokens: demoted experts leave
 the device at once, promoted ones are copied in as the host tier delivers them and run there. The per-expert
 cost rule of `AcceleratorStore` is not consulted: placement changes only at refreshes, and the cost model enters
-through the choice of tau.
+through the choice of tau. Copies and frees follow `AcceleratorStore`'s stream protocol (see its module): a demoted
+expert's device memory is reused only after the compute work queued before the demotion has finished.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tiermoe.offload.accelerator import AcceleratorStore, Where
+from tiermoe.offload.accelerator import AcceleratorStore, DeviceOps, Where
 from tiermoe.offload.costs import TierCosts, load_costs
 from tiermoe.offload.placement import DenoiseStep, Move
 from tiermoe.offload.policies import LRUPolicy
@@ -25,9 +26,9 @@ class RefreshAcceleratorStore(RefreshMixin, AcceleratorStore):
     """Experts on `device` (up to `budget` bytes, split evenly over the MoE layers) placed by interval refresh."""
 
     def __init__(self, host: ExpertStore, device: torch.device | str, budget: int, moe_layers: list[int],
-                 dtype: torch.dtype, costs: CostSource | None = None):
+                 dtype: torch.dtype, costs: CostSource | None = None, ops: DeviceOps | None = None):
         # No DeviceCosts: per-expert placement rules are not used here; the LRU policy is bookkeeping only.
-        super().__init__(host, device, budget, LRUPolicy(), costs=None)
+        super().__init__(host, device, budget, LRUPolicy(), costs=None, ops=ops)
         self.dtype = dtype
         self._init_refresh(budget // max(len(moe_layers), 1), costs)
         self.host.stats = as_refresh_stats(self.host.stats)
@@ -57,6 +58,7 @@ class RefreshAcceleratorStore(RefreshMixin, AcceleratorStore):
         self.step += 1
         counts = counts or [1] * len(experts)
         self.log.add(layer, experts, counts)
+        self._accessed(layer, experts)
         if self.refreshing:
             self._apply(layer, self.placement.refresh(layer, dict(zip(experts, counts, strict=True))))
         rest = yield from self._device_hits(layer, experts)
@@ -68,8 +70,8 @@ class RefreshAcceleratorStore(RefreshMixin, AcceleratorStore):
 
     def _apply(self, layer: int, move: Move) -> None:
         for e in move.demote:
-            self.weights.pop((layer, e), None)
             self.cache.discard((layer, e))
+        self._free([(layer, e) for e in move.demote])
         self.stats.refreshes += 1
         self.stats.promoted += len(move.promote)
         self.stats.demoted += len(move.demote)
