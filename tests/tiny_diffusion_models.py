@@ -97,8 +97,12 @@ FAMILIES = {"llada2_moe": (LLADA2_CONFIG, llada2_tensors), "llada": (LLADA_CONFI
 
 def build_tiny_diffusion(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """Write config.json and model.safetensors of a tiny random `family` model into `folder`."""
-    config, tensors = FAMILIES[family]
-    config = {**config, **overrides}
+    return build_diffusion_from_dict({**FAMILIES[family][0], **overrides}, folder, seed)
+
+
+def build_diffusion_from_dict(config: dict, folder: Path, seed: int = 0) -> Path:
+    """Write `config` as config.json (exactly as given) and random tensors of the shapes it implies."""
+    tensors = FAMILIES[config["model_type"]][1]
     g = torch.Generator().manual_seed(seed)
     state = {name: random_tensor(name, shape, g) for name, shape in tensors(config).items()}
     folder.mkdir(parents=True, exist_ok=True)

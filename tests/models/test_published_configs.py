@@ -1,5 +1,7 @@
-"""Tiny checkpoints carrying the published configs' fields (sizes scaled down, every other field as published),
-greedy tokens against transformers' generate in fp32 with prompts longer than every window and original context.
+"""Tiny checkpoints carrying the published configs' fields (sizes scaled down, every other field as published):
+autoregressive ones give transformers' greedy tokens (fp32) on prompts longer than every window and original
+context; diffusion ones (LLaDA2.0, LLaDA) load, generate, and give the logits of a plain re-implementation of their
+public modeling file.
 
 Also one tiny model per rope type and per sliding-window rule, and the refusal of fields we do not implement.
 """
@@ -9,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from tests.models.test_llada import our_logits, reference_llada, reference_llada2
+from tests.tiny_diffusion_models import MASK_ID, VOCAB, build_diffusion_from_dict
 from tests.tiny_models import build_from_dict
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import ConfigError
@@ -36,16 +41,26 @@ DEEPSEEK = dict(SMALL, num_key_value_heads=4, moe_intermediate_size=32, kv_lora_
 # (Mixtral's head_dim = hidden / heads, written out because transformers' longrope/dynamic code reads it)
 MIXTRAL = dict(SMALL, num_hidden_layers=2, num_local_experts=4, head_dim=16)
 QWEN3 = dict(SMALL, num_hidden_layers=2, head_dim=16, num_experts=16, moe_intermediate_size=32, max_window_layers=2)
+QWEN2 = dict(SMALL, num_hidden_layers=3, num_experts=16, moe_intermediate_size=16, shared_expert_intermediate_size=48)
+OLMOE = dict(SMALL, num_hidden_layers=2, num_key_value_heads=4, num_experts=16, intermediate_size=32)
 CASES = {
     # name: (published config, overrides that scale it down and exercise a feature)
     "deepseek-v2": ("deepseek-v2", dict(DEEPSEEK, num_hidden_layers=2)),
     "deepseek-v3": ("deepseek-v3", dict(DEEPSEEK, num_hidden_layers=4)),
     "qwen3-235b-a22b": ("qwen3-235b-a22b", dict(QWEN3)),
+    "qwen3-30b-a3b": ("qwen3-30b-a3b", dict(QWEN3)),
     # Qwen3's documented long-context setting: YaRN over the original context
     "qwen3-yarn": ("qwen3-235b-a22b", dict(QWEN3, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                                 "original_max_position_embeddings": 16})),
     "qwen3-sliding": ("qwen3-235b-a22b", dict(QWEN3, use_sliding_window=True, sliding_window=8)),
+    "qwen2-57b-a14b": ("qwen2-57b-a14b", dict(QWEN2)),
+    # transformers' default layer_types: even layers below max_window_layers slide
+    "qwen2-sliding": ("qwen2-57b-a14b", dict(QWEN2, use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+    "qwen2-layer-types": ("qwen2-57b-a14b", dict(QWEN2, use_sliding_window=True, sliding_window=8, layer_types=[
+        "full_attention", "sliding_attention", "sliding_attention"])),
+    "olmoe-1b-7b-0924": ("olmoe-1b-7b-0924", dict(OLMOE)),
     "mixtral-8x7b": ("mixtral-8x7b-v0.1", dict(MIXTRAL)),
+    "mixtral-8x22b": ("mixtral-8x22b-v0.1", dict(MIXTRAL)),
     "mixtral-sliding": ("mixtral-8x7b-v0.1", dict(MIXTRAL, sliding_window=8)),
     "mixtral-linear": ("mixtral-8x7b-v0.1", dict(MIXTRAL, rope_scaling={"type": "linear", "factor": 4.0})),
     "mixtral-llama3": ("mixtral-8x7b-v0.1", dict(MIXTRAL, rope_scaling={
@@ -58,20 +73,16 @@ CASES = {
     "mixtral-dynamic": ("mixtral-8x7b-v0.1", dict(MIXTRAL, max_position_embeddings=16,
                                                   rope_scaling={"type": "dynamic", "factor": 2.0})),
 }
-QWEN2_BASE = dict(SMALL, model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_hidden_layers=3,
-                  moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=48,
-                  rope_theta=1000000.0, hidden_act="silu")
-CASES_QWEN2 = {
-    # transformers' default layer_types: even layers below max_window_layers slide
-    "qwen2-sliding": dict(QWEN2_BASE, use_sliding_window=True, sliding_window=8, max_window_layers=2),
-    "qwen2-layer-types": dict(QWEN2_BASE, use_sliding_window=True, sliding_window=8,
-                              layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
-}
+# Diffusion families: sizes (rotary_dim with them) scaled down; the vocabulary too, so the mask token is named.
+LLADA2 = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rotary_dim=8,
+              intermediate_size=96, moe_intermediate_size=16, num_experts=16, num_hidden_layers=3,
+              mask_token_id=MASK_ID)
+LLADA = dict(vocab_size=VOCAB, embedding_size=VOCAB, d_model=64, n_heads=4, n_kv_heads=4, n_layers=2,
+             mlp_hidden_size=96, mask_token_id=MASK_ID)
+DIFFUSION_CASES = {"llada2.0-mini": LLADA2, "llada2.0-mini-preview": LLADA2, "llada-8b-instruct": LLADA}
 
 
 def case_config(name: str) -> dict:
-    if name in CASES_QWEN2:
-        return CASES_QWEN2[name]
     source, overrides = CASES[name]
     config = {**published(source), **overrides}
     config.pop("quantization_config", None)  # fp8 is refused (tested below); the rest of V3 is tested here
@@ -100,7 +111,7 @@ def greedy_transformers(model, prompt: list[int], n: int = NEW) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", [*CASES, *CASES_QWEN2])
+@pytest.mark.parametrize("name", CASES)
 def test_greedy_tokens_match_transformers(name, built):
     model, folder = built(name)
     llm = LLM(folder, max_model_len=64)
@@ -128,6 +139,29 @@ def test_window_and_rope_cases_are_not_vacuous(built):
         assert greedy_transformers(model, PROMPT) != plain, name
 
 
+@pytest.fixture(scope="module")
+def diffusion_built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("published-diffusion")
+    return {name: build_diffusion_from_dict({**published(name), **scale}, root / name)
+            for name, scale in DIFFUSION_CASES.items()}
+
+
+@pytest.mark.parametrize("name", DIFFUSION_CASES)
+def test_diffusion_configs_load_generate_and_match_the_modeling_file(name, diffusion_built):
+    """Every published field is accepted, and the forward pass is the public modeling file's for those fields
+    (partial rotary, dense first layers, grouped sigmoid router with top-8, shared expert, biases off)."""
+    folder = diffusion_built[name]
+    config, llm = json.loads((folder / "config.json").read_text()), LLM(folder)
+    out = llm.generate([PROMPT[:11]], SamplingParams(temperature=0, max_tokens=16, block_length=8, steps=8))[0]
+    assert len(out.outputs[0].token_ids) == 16 and MASK_ID not in out.outputs[0].token_ids
+    raw, ids = load_file(folder / "model.safetensors"), PROMPT[:11] + [MASK_ID] * 13
+    if config["model_type"] == "llada2_moe":
+        expected, ours = reference_llada2(raw, config, ids, 8), our_logits(llm, ids, 8)
+    else:
+        expected, ours = reference_llada(raw, config, ids), our_logits(llm, ids, None)
+    torch.testing.assert_close(ours, expected, atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("source, field, value", [
     ("deepseek-v3", "quantization_config", None),  # fp8 block quantisation is not implemented
     ("deepseek-v3", "scoring_func", "softmax"),
@@ -138,6 +172,10 @@ def test_window_and_rope_cases_are_not_vacuous(built):
     ("mixtral-8x7b-v0.1", "attention_sink", 4),
     ("qwen3-235b-a22b", "layer_types", ["full_attention"] * 94),
     ("qwen3-235b-a22b", "rope_scaling", {"rope_type": "yarn", "factor": 4.0, "sharpness": 1.0}),
+    # training-framework switches LLaDA2.0's modeling file never reads: only the published values are what it runs
+    ("llada2.0-mini", "use_rmsnorm", False),
+    ("llada2.0-mini", "using_split_qkv_in_self_attention", True),
+    ("llada2.0-mini", "rotary_dim", 128),
 ])
 def test_unsupported_fields_are_refused_by_name(tmp_path, source, field, value):
     config = published(source)
@@ -150,13 +188,13 @@ def test_unsupported_fields_are_refused_by_name(tmp_path, source, field, value):
 
 
 def family_configs() -> dict[str, dict]:
-    """One config.json per family: the published ones, the built-in models, the tiny diffusion ones."""
+    """Every published config.json, the built-in models' and the tiny diffusion ones: each family is covered."""
     from tests.tiny_diffusion_models import LLADA2_CONFIG, LLADA_CONFIG
     from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL, read_config
 
-    configs = {name: published(name) for name in ("deepseek-v2", "mixtral-8x7b-v0.1", "qwen3-235b-a22b")}
-    configs["deepseek-v3"] = {k: v for k, v in published("deepseek-v3").items() if k != "quantization_config"}
-    configs |= {"qwen2-moe": QWEN2_BASE, "llada2_moe": LLADA2_CONFIG, "llada": LLADA_CONFIG,
+    configs = {f.stem: published(f.stem) for f in sorted(DATA.glob("*.json"))}
+    configs["deepseek-v3"].pop("quantization_config")  # refused by name (above); the rest must be accepted
+    configs |= {"tiny-llada2_moe": LLADA2_CONFIG, "tiny-llada": LLADA_CONFIG,
                 "shakespeare-moe": read_config(DEFAULT_MODEL), "shakespeare-dllm": read_config(DEFAULT_DIFFUSION_MODEL)}
     return configs
 

@@ -55,6 +55,7 @@ class ModelArgs:
     first_k_dense_replace: int = 0
     head_dim: int | None = None
     partial_rotary_factor: float = 0.5
+    rotary_dim: int | None = None  # not read by the public modeling file; accepted only when it agrees (`check`)
     use_qkv_bias: bool = False
     use_qk_norm: bool = True
     use_bias: bool = True
@@ -67,6 +68,11 @@ class ModelArgs:
     @property
     def dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotated(self) -> int:
+        """Rotary features per head: the public modeling file rotates head_dim x partial_rotary_factor."""
+        return int(self.dim * self.partial_rotary_factor)
 
     def router(self) -> RouterArgs:
         # The reference always renormalises the selected weights (top_k > 1), whatever norm_topk_prob says.
@@ -120,17 +126,25 @@ FIELDS = FieldRules(
         "embedding_dropout": "dropout is off at inference",
         "output_dropout": "dropout is off at inference",
         "norm_topk_prob": "the public modeling file renormalises the selected weights whatever it says",
-        "sliding_window": "read only with use_sliding_window, which must be false",
+        "sliding_window": "passed to the attention function, which ignores it for the sdpa/eager/flex kernels the "
+                          "public modeling file supports; windows need use_sliding_window, which must be false",
         "max_window_layers": "read only with use_sliding_window, which must be false",
     },
+    # LLaDA2.0's config.json also carries training-framework switches the public modeling file never reads
+    # (use_rmsnorm, using_split_qkv_in_self_attention, norm_softmax). The file always uses RMSNorm, one fused
+    # query_key_value projection and no softmax switch, which is what the published values say; others are refused.
     fixed={"hidden_act": ("silu",), "score_function": ("sigmoid",), "norm_head": (False,), "router_dtype": ("fp32",),
-           "moe_router_enable_expert_bias": (True,), "use_sliding_window": (False,), "rope_scaling": (None,)},
+           "moe_router_enable_expert_bias": (True,), "use_sliding_window": (False,), "rope_scaling": (None,),
+           "use_rmsnorm": (True,), "using_split_qkv_in_self_attention": (False,), "norm_softmax": (False,)},
 )
 
 
 def check(a: ModelArgs) -> None:
     if a.num_experts % a.n_group:
         raise ConfigError(f"num_experts={a.num_experts} is not a multiple of n_group={a.n_group}")
+    if a.rotary_dim is not None and a.rotary_dim != a.rotated:
+        raise ConfigError(f"rotary_dim={a.rotary_dim} disagrees with head_dim x partial_rotary_factor = {a.rotated}, "
+                          "which the public modeling file rotates; not supported")
 
 
 def build(config: dict[str, Any]):
@@ -148,5 +162,5 @@ def build(config: dict[str, Any]):
         shared = SwiGLU(a.hidden_size, a.moe_intermediate_size * a.num_shared_experts) if a.num_shared_experts else None
         return SparseMoE(i, a.hidden_size, router, shared=shared)
 
-    rope = make_rope({"rope_theta": a.rope_theta}, int(a.dim * a.partial_rotary_factor), a.max_position_embeddings)
+    rope = make_rope({"rope_theta": a.rope_theta}, a.rotated, a.max_position_embeddings)
     return build_decoder(shape, lambda i: FusedQKVAttention(i, attn), make_mlp, rope, a.rms_norm_eps)
