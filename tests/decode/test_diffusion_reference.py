@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.tiny_diffusion_models import MASK_ID
-from tiermoe import LLM, SamplingParams
+from tiermoe import SamplingParams
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import Canvas, DiffusionOptions
 from tiermoe.decode.kv_cache import KVCache
@@ -23,16 +23,6 @@ from tiermoe.models.layers import ForwardBatch, SeqSlice
 
 MID = [3, 17, 42, 9, 77]  # ends in the middle of an 8-block
 EDGE = [12, 99, 31, 7, 54, 23, 70, 2]  # ends on an 8-block boundary
-
-
-@pytest.fixture(scope="module")
-def llada2(folders):
-    return LLM(folders["llada2_moe"])
-
-
-@pytest.fixture(scope="module")
-def llada(folders):
-    return LLM(folders["llada"])
 
 
 def full_logits(llm, ids: torch.Tensor, block: int | None) -> torch.Tensor:
