@@ -67,7 +67,7 @@ def measure(folder: Path, prompts: list[list[int]], n: int, reps: int) -> dict:
             theirs.append(t_speed)
             ours.append(o_speed)
             identical &= t_ids == o_ids
-    return {"model": str(folder), "tokens": n, "reps": reps, "tiermoe_tok_s": median(ours),
+    return {"model": folder.name, "tokens": n, "reps": reps, "tiermoe_tok_s": median(ours),
             "transformers_tok_s": median(theirs), "ratio": median(ours) / median(theirs),
             "identical_tokens": identical}
 

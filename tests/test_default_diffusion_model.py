@@ -6,7 +6,7 @@ sequence at every denoising step (no K/V reuse), greedy. The training script sep
 logits equal those of the module the weights were trained in (training_report.json, engine_max_abs_logit_diff).
 Regenerate the file after retraining with::
 
-    /work/venv/bin/python tests/test_default_diffusion_model.py
+    python tests/test_default_diffusion_model.py
 """
 
 from __future__ import annotations

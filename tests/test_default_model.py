@@ -4,7 +4,7 @@ The expected tokens in tests/data/default_model_expected.json come from transfor
 (``generate(do_sample=False)`` in fp32). One test checks that our engine reproduces them, the other that the
 reference still does. Regenerate the file after retraining with::
 
-    /work/venv/bin/python tests/test_default_model.py
+    python tests/test_default_model.py
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ class SamplingParams:
     # Diffusion models only (LLaDA, LLaDA2); defaults are the public generate()'s. Ignored by autoregressive ones.
     block_length: int = 32  # positions unmasked together, left to right block by block
     steps: int = 32  # denoising steps: per block (LLaDA2), or in all, split evenly across blocks (LLaDA)
-    threshold: float = 0.95  # LLaDA2: commit every masked position whose confidence exceeds this ...
-    min_commit: int = 1  # ... else the top-k by confidence, k = max(block_length / steps, min_commit)
+    threshold: float = 0.95  # LLaDA2: commit every masked position whose confidence exceeds this, else the top-k
+    min_commit: int = 1  # LLaDA2: steps are capped at max_tokens // min_commit (the public generate's minimal_topk)
     remasking: str = "low_confidence"  # LLaDA: which positions to commit, "low_confidence" or "random"
 
     def __post_init__(self):

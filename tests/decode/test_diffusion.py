@@ -17,16 +17,6 @@ SHORT = [3, 17, 42, 9, 77]  # shorter than a block
 LONG = [12, 99, 31, 7, 54, 23, 70, 2, 45, 16, 61, 88, 1, 64, 20, 5, 90, 33, 40]  # spans blocks, not aligned
 
 
-@pytest.fixture(scope="module")
-def llada2(folders):
-    return LLM(folders["llada2_moe"])
-
-
-@pytest.fixture(scope="module")
-def llada(folders):
-    return LLM(folders["llada"])
-
-
 def run(llm, prompt, params, options=None):
     """(token ids, diffusion stats) of one request, decoded with `options`."""
     seq = llm._make_sequence(prompt, params)

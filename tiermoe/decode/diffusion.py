@@ -6,15 +6,23 @@ first generated positions) and attention is block-causal, so once a block is fin
 step runs only the current block over the cached K/V of the prompt and the finished blocks, exactly as the
 reference's full recomputation would. A block's final K/V are written by the next block's first step, which runs
 both (no extra forward). Per step: commit every masked position of the block whose confidence exceeds `threshold`,
-else the `max(block_length / steps, min_commit)` most confident. A request whose output reaches EOS stops after
+else the k most confident, k from `block_length` spread over `steps` (remainder first; a step with k = 0 commits
+only what crosses the threshold). `min_commit` (the reference's `minimal_topk`) only caps `steps` at
+`max_tokens // min_commit`. The last block is denoised whole even past `max_tokens`, as the reference does: the
+order in which its positions are committed depends on all of them. A request whose output reaches EOS stops after
 that block; the text is cut at EOS.
 
 LLaDA ("full" schedule): bidirectional attention over prompt and every block, recomputed at every step (no K/V can
 be reused). `steps` are split evenly across blocks; per step the scheduled number of positions of the current block
 is committed, the most confident first ("low_confidence": softmax probability of the chosen token) or in random
-order ("random"); positions past the current block are never committed early.
+order ("random"); positions past the current block are never committed early. Where the reference asserts, we
+extend: a `max_tokens` that is not a multiple of `block_length` ends in a shorter block, and `steps` not divisible
+by the number of blocks is rounded down (at least 1 per block). Steps that would commit nothing (more steps per
+block than positions) are skipped: the reference runs the model there and discards the result, so the tokens are
+the same and only its NFE is higher.
 
-Temperature 0 is truly greedy (argmax); above 0 tokens are sampled with the request's seeded generator.
+Temperature 0 is truly greedy (argmax), as LLaDA's reference is; LLaDA2's samples from the softmax even then (a
+known bug). Above 0 tokens are sampled with the request's seeded generator.
 
 TIDE (tiermoe.offload.placement): with `tau` set, the decoder tells the expert store before every step's forward
 whether it is a refresh step (every step of the first generated block, then every tau-th step of a block) or a
@@ -150,7 +158,8 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> None:
     """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks."""
     p, prompt = d.seq.params, d.seq.prompt_ids
     size = p.block_length
-    steps = max(1, min(p.steps, p.max_tokens // p.min_commit))  # the reference caps steps at gen_length // min_commit
+    # The reference caps steps at gen_length // minimal_topk, and runs no step at all (returns mask tokens) at 0.
+    steps = max(1, min(p.steps, p.max_tokens // p.min_commit))
     schedule = transfer_schedule(size, steps)
     num_blocks = -(-(len(prompt) + p.max_tokens) // size)
     canvas = Canvas.new(prompt, num_blocks * size, d.mask_id)
@@ -168,7 +177,7 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> None:
             hidden = d.forward(canvas.tokens[start:hi], start, cache, size)  # [hi - start, H]
             final = lo
             tokens, confidence = d.predict(hidden[masked - start], tempered_confidence=True)
-            chosen = commit_confident(confidence, p.threshold, max(schedule[step], p.min_commit))
+            chosen = commit_confident(confidence, p.threshold, schedule[step])
             canvas.commit(masked[chosen], tokens[chosen])
             d.stats.committed += chosen.numel()
         if d.emit(canvas, lo, hi):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tiermoe.decode.detokenizer import INCOMPLETE, Detokenizer
 from tiermoe.decode.kv_cache import KVCache
 from tiermoe.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tiermoe.sampling_params import SamplingParams
@@ -27,6 +28,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None
+    detokenizer: Detokenizer | None = None  # made at the first token, when there is a tokenizer
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     def __post_init__(self):
@@ -52,7 +54,9 @@ class Sequence:
             self.metrics.first_token_time = now
         self.output_ids.append(token)
         if tokenizer is not None:
-            self.text = tokenizer.decode(self.output_ids, skip_special_tokens=self.params.skip_special_tokens)
+            if self.detokenizer is None:
+                self.detokenizer = Detokenizer(tokenizer, self.params.skip_special_tokens)
+            self.text = self.detokenizer.update(self.output_ids)
         if token in self.params.stop_token_ids or (token in self.eos_ids and not self.params.ignore_eos):
             self._finish("stop", token)
         elif self._hit_stop_string():
@@ -61,9 +65,15 @@ class Sequence:
             self._finish("length", None)
         if self.finished:
             self.metrics.finish_time = now
+            if self.detokenizer is not None and not isinstance(self.stop_reason, str):  # not cut at a stop string
+                self.text = self.detokenizer.finish(self.output_ids)
 
     def _hit_stop_string(self) -> bool:
-        hits = [(self.text.find(s), s) for s in self.params.stop if s in self.text]
+        if not self.params.stop or self.detokenizer is None:
+            return False
+        # The text before `unchanged` held no stop string last time: look only where one could end now.
+        start = max(0, self.detokenizer.unchanged - max(map(len, self.params.stop)) + 1)
+        hits = [(pos, s) for s in self.params.stop if (pos := self.text.find(s, start)) >= 0]
         if not hits:
             return False
         pos, stop = min(hits)
@@ -78,7 +88,7 @@ class Sequence:
         """Text safe to stream: holds back an incomplete UTF-8 character and a possible stop-string prefix."""
         if self.finished:
             return self.text
-        text = self.text.rstrip("\ufffd")
+        text = self.text.rstrip(INCOMPLETE)
         for stop in self.params.stop:
             for k in range(len(stop) - 1, 0, -1):
                 if text.endswith(stop[:k]):

@@ -33,7 +33,10 @@ from tiermoe.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
 from tiermoe.models.llada2_moe import RENAMES
 from tiermoe.models.moe import Router, RouterArgs
 
-MASK = "<|mask|>"
+from ..config import ModelConfig
+from ..tokenizer import BOS, EOS, MASK, PAD
+from .recipe import Recipe
+
 EPS = 1e-3  # smallest mask ratio of a block
 
 
@@ -281,3 +284,40 @@ def engine_agreement(model: Llada2Model, out_dir: Path, ids: torch.Tensor, block
     ours = model.lm_head(model.hidden(ids[None], positions, block_causal_mask(n, block))[0])
     theirs = engine.logits(engine(ids, ForwardBatch(positions, [SeqSlice(KVCache(n), 0, n, 0)], attn_block=block)))
     return (ours.float() - theirs).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipe: what the loop and the report call
+
+
+def build_llada2(cfg: ModelConfig, special: dict) -> torch.nn.Module:
+    return Llada2Model(hf_config(cfg, special))
+
+
+def llada2_routed(model: torch.nn.Module, input_ids: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    return routed_experts(model, input_ids, cfg.block_length)
+
+
+def llada2_checks(model: torch.nn.Module, out_dir: Path, val: torch.Tensor, cfg: ModelConfig) -> dict:
+    """The engine must compute what was trained: logits of a validation window, block-causal, both ways."""
+    diff = engine_agreement(model, out_dir, val[0, :-1], cfg.block_length)
+    return {"engine_max_abs_logit_diff": diff, "engine_logits_window_tokens": val.shape[1] - 1}
+
+
+def engine_sample(model: torch.nn.Module, tokenizer, out_dir: Path, prompt: str, max_new_tokens: int) -> dict:
+    """Greedy block diffusion by tiermoe's engine from the saved folder, with its work (NFE, tokens per forward)."""
+    from tiermoe import LLM, SamplingParams
+
+    out = LLM(out_dir).generate(prompt, SamplingParams(temperature=0, max_tokens=max_new_tokens))[0]
+    work = {k: out.stats["diffusion"][k] for k in ("nfe", "tokens_per_forward", "blocks")}
+    return {"prompt": prompt, "text": out.outputs[0].text, "engine": "tiermoe (block diffusion, greedy)", **work}
+
+
+RECIPE = Recipe(
+    build_model=build_llada2, loss_fn=diffusion_loss, eval_loss=eval_masked_ce,
+    route=llada2_routed, save=save, load=load, sample=engine_sample,
+    run_dir="runs/shakespeare-dllm", out_dir="tiermoe/assets/shakespeare-dllm",
+    loss_name="masked-token cross-entropy (block diffusion, mask ratio ~ U(0.001, 1) per block, fixed draw)",
+    aux_name="max / mean expert load, mean over MoE layers (1 = balanced)",
+    special_tokens=(BOS, EOS, PAD, MASK), train_defaults={"steps": 2400, "seq_len": 128}, checks=llada2_checks,
+)
