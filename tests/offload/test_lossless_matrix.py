@@ -81,8 +81,8 @@ def generate(llm: LLM, requests) -> list[RequestOutput]:
     return llm.generate(prompts, params, use_tqdm=False)
 
 
-def token_ids(llm: LLM, requests) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in generate(llm, requests)]
+def token_ids_of(outputs: list[RequestOutput]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
 
 
 def reference(folder: Path, runs: dict) -> Reference:
@@ -94,7 +94,8 @@ def reference(folder: Path, runs: dict) -> Reference:
     total = sum(loaded_nbytes(s, torch.float32) for s in resident.index.experts().values())
     budgets = {"100%": total, "50%": total // 2, "25%": total // 4,
                "min": min_budget(resident.index, layers, k, torch.float32)}
-    return Reference(folder, resident, budgets, runs, {name: token_ids(resident, r) for name, r in runs.items()})
+    expected = {name: token_ids_of(generate(resident, r)) for name, r in runs.items()}
+    return Reference(folder, resident, budgets, runs, expected)
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,6 @@ class Watch:
         self.requests: Counter[int] = Counter()  # layer -> experts requested since the engine reset its statistics
         self.routed: set[tuple[int, int]] = set()
         self.alive = self.peak = 0  # bytes of expert weights the store made that something still references
-        self.outputs: list[RequestOutput] = []  # of the latest run
-        self.first: list[RequestOutput] = []  # of the first run (check_lossless)
         self._lock = threading.Lock()
         self.store.fetch, self.store._load = self._fetch(self.store.fetch), self._load(self.store._load)
 
@@ -177,16 +176,17 @@ class Watch:
         if isinstance(s, RefreshStore):
             assert all(s.placement.used(layer) <= s.placement.capacity for layer in self.requests)
 
-    def run(self, requests) -> list[list[int]]:
+    def run(self, requests) -> list[RequestOutput]:
         """Generate, then check the statistics of that call."""
         self.requests.clear()
-        self.outputs = generate(self.llm, requests)
-        out = [o.outputs[0].token_ids for o in self.outputs]
+        out = generate(self.llm, requests)
         self.check_books()
         stats = self.store.stats
         assert set(stats.layers) == set(self.requests)
         for layer, n in self.requests.items():
             assert stats.layers[layer].hits + stats.layers[layer].misses == n, f"layer {layer}"
+        if isinstance(self.store, RefreshStore):
+            assert stats.streamed <= stats.total.misses
         assert self.store.reader.fallbacks == {}, "expected O_DIRECT reads"
         return out
 
@@ -200,20 +200,30 @@ class Watch:
             assert (stats.streamed if isinstance(self.store, RefreshStore) else stats.evictions) > 0
 
 
-def check_lossless(ref: Reference, budget: int, **options) -> Watch:
-    """Run the batch then one prompt alone under `options`; tokens equal the resident run's, books checked."""
+def check_lossless(ref: Reference, budget: int, **options) -> list[RequestOutput]:
+    """Run the batch then one prompt alone under `options`: tokens equal the resident run's, books checked.
+    Returns the batch's outputs."""
     llm = LLM(ref.folder, expert_cache=budget, **options)
     try:
         watch = Watch(llm)
-        assert watch.run(ref.runs["batch"]) == ref.expected["batch"], options
-        watch.first = watch.outputs
+        batch = watch.run(ref.runs["batch"])
+        assert token_ids_of(batch) == ref.expected["batch"], options
         watch.check_offloaded()
         if options.get("prefetch") and budget >= ref.total // 2:
             assert llm.store.stats.prefetched > 0
-        assert watch.run(ref.runs["alone"]) == ref.expected["alone"], options
+        assert token_ids_of(watch.run(ref.runs["alone"])) == ref.expected["alone"], options
     finally:
         llm.store.close()
-    return watch
+    return batch
+
+
+def assert_same_tokens(ref: Reference, requests, budget: int, **options) -> None:
+    """`requests` under `options` give the resident engine's tokens, books checked."""
+    llm = LLM(ref.folder, expert_cache=budget, **options)
+    try:
+        assert token_ids_of(Watch(llm).run(requests)) == token_ids_of(generate(ref.resident, requests))
+    finally:
+        llm.store.close()
 
 
 def pairwise() -> list[tuple[str, str, str | None]]:
@@ -256,8 +266,7 @@ def test_llada2_per_step_cache_with_every_policy_and_prefetcher(llada2):
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_llada2_tide_with_every_tau(llada2, budget):
     for tau in (1, 2, 4, "auto"):
-        watch = check_lossless(llada2, llada2.budgets[budget], tau=tau)
-        stats = watch.first[0].stats
+        stats = check_lossless(llada2, llada2.budgets[budget], tau=tau)[0].stats
         assert stats["refresh"]["refreshes"] > 0
         if budget in ("50%", "25%"):  # a fast tier smaller than the routed set: refreshes move experts out
             assert stats["refresh"]["demoted"] > 0
@@ -268,8 +277,8 @@ def test_tide_at_a_one_expert_budget_streams_one_expert_at_a_time(tmp_path):
     """Top-1 routing: the minimum budget is one expert, so no streamed read may start while one is in use."""
     folder = build_tiny_diffusion("llada2_moe", tmp_path / "top1", num_experts_per_tok=1, n_group=1, topk_group=1)
     ref = reference(folder, {"batch": DIFFUSION_BATCH, "alone": DIFFUSION_ALONE})
-    llm = check_lossless(ref, ref.budgets["min"], tau=2)
-    assert llm.store.window == 0 and llm.store.stats.streamed > 0
+    stats = check_lossless(ref, ref.budgets["min"], tau=2)[0].stats
+    assert stats["refresh"]["streamed"] == stats["total"]["misses"] > 0  # no fast tier left: every expert streamed
 
 
 class HeldReader(DirectReader):
@@ -310,12 +319,7 @@ def test_random_settings_and_prompts_autoregressive(data, autoregressive):
     prompts = data.draw(st.lists(st.lists(st.integers(0, 127), min_size=1, max_size=12), min_size=1, max_size=4),
                         label="prompts")
     params = SamplingParams(temperature=0, max_tokens=data.draw(st.integers(1, 12), label="max_tokens"))
-    expected = token_ids(ref.resident, (prompts, params))
-    llm = LLM(ref.folder, expert_cache=budget, **options)
-    try:
-        assert Watch(llm).run((prompts, params)) == expected
-    finally:
-        llm.store.close()
+    assert_same_tokens(ref, (prompts, params), budget, **options)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -330,12 +334,7 @@ def test_random_settings_and_prompts_diffusion(data, llada2):
         st.builds(SamplingParams, temperature=st.just(0), max_tokens=st.integers(1, 16),
                   block_length=st.sampled_from([2, 4, 8, 16]), steps=st.integers(1, 10),
                   threshold=st.sampled_from([0.5, 0.9, 1.0]))), min_size=1, max_size=3), label="requests")
-    expected = token_ids(llada2.resident, requests)
-    llm = LLM(llada2.folder, expert_cache=budget, **options)
-    try:
-        assert Watch(llm).run(requests) == expected
-    finally:
-        llm.store.close()
+    assert_same_tokens(llada2, requests, budget, **options)
 
 
 @pytest.mark.parametrize("options", [dict(expert_cache="50%"), dict(expert_cache=0, cache_policy="dali"),
