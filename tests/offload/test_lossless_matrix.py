@@ -226,26 +226,17 @@ def assert_same_tokens(ref: Reference, requests, budget: int, **options) -> None
         llm.store.close()
 
 
-def pairwise() -> list[tuple[str, str, str | None]]:
-    """(budget, policy, prefetcher) covering every budget x policy, and every prefetcher with each budget and with
-    each policy (a full product is run on one family)."""
-    return [(b, p, PREFETCHERS[(i + j) % len(PREFETCHERS)]) for i, b in enumerate(BUDGETS)
-            for j, p in enumerate(LIVE_POLICIES)]
-
-
-@pytest.mark.parametrize("family", AUTOREGRESSIVE)
-def test_every_budget_policy_and_prefetcher_on_every_family(autoregressive, family):
-    ref = autoregressive(family)
-    for budget, policy, prefetch in pairwise():
-        check_lossless(ref, ref.budgets[budget], cache_policy=policy, prefetch=prefetch)
+def every_setting() -> list[tuple[str, str | None]]:
+    """Every (live cache policy, prefetcher)."""
+    return [(policy, prefetch) for policy in LIVE_POLICIES for prefetch in PREFETCHERS]
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_full_product_of_settings(autoregressive, budget):
-    ref = autoregressive("mixtral")
-    for policy in LIVE_POLICIES:
-        for prefetch in PREFETCHERS:
-            check_lossless(ref, ref.budgets[budget], cache_policy=policy, prefetch=prefetch)
+@pytest.mark.parametrize("family", AUTOREGRESSIVE)
+def test_every_policy_and_prefetcher_at_every_budget(autoregressive, family, budget):
+    ref = autoregressive(family)
+    for policy, prefetch in every_setting():
+        check_lossless(ref, ref.budgets[budget], cache_policy=policy, prefetch=prefetch)
 
 
 @pytest.mark.parametrize("layout", ["fused", "converted"])
@@ -258,8 +249,9 @@ def test_fused_and_converted_layouts(autoregressive, family, layout):
                        prefetch=PREFETCHERS[(i + shift) % len(PREFETCHERS)])
 
 
-def test_llada2_per_step_cache_with_every_policy_and_prefetcher(llada2):
-    for budget, policy, prefetch in pairwise():
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_llada2_per_step_cache_with_every_policy_and_prefetcher(llada2, budget):
+    for policy, prefetch in every_setting():
         check_lossless(llada2, llada2.budgets[budget], cache_policy=policy, prefetch=prefetch)
 
 
@@ -307,7 +299,7 @@ def test_an_evicted_prefetch_still_being_read_is_freed_before_its_room_is_reused
     assert watch.peak <= store.budget, "the evicted prefetch's weights arrived beside the experts that replaced it"
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_settings_and_prompts_autoregressive(data, autoregressive):
     family = data.draw(st.sampled_from(AUTOREGRESSIVE), label="family")
@@ -322,7 +314,7 @@ def test_random_settings_and_prompts_autoregressive(data, autoregressive):
     assert_same_tokens(ref, (prompts, params), budget, **options)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_settings_and_prompts_diffusion(data, llada2):
     budget = data.draw(st.integers(llada2.budgets["min"], llada2.total), label="budget")
