@@ -64,7 +64,7 @@ class Reference:
     folder: Path
     resident: LLM
     budgets: dict[str, int]  # "100%", "50%", "25%", "min" -> bytes
-    runs: dict[str, object]  # "batch" / "alone" -> the requests (see token_ids)
+    runs: dict[str, object]  # "batch" / "alone" -> the requests (see generate)
     expected: dict[str, list[list[int]]]  # "batch" / "alone" -> the resident run's tokens
 
     @property

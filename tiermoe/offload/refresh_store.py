@@ -196,7 +196,7 @@ class RefreshStore(RefreshMixin, TieredStore):
             raise error
 
     def _top_up(self, futures: dict[Future, tuple[Key, bool]], queue: deque) -> None:
-        """Keep `window` streamed reads in flight."""
+        """Keep `window` streamed reads in flight (one with a window of 0: it is called when the caller holds none)."""
         in_flight = sum(not keep for _, keep in futures.values())
         for _ in range(min(max(self.window, 1) - in_flight, len(queue))):
             key = queue.popleft()
