@@ -45,6 +45,8 @@ class LLM:
             torch.set_num_threads(self.config.threads)
         self.model, self.index, self.hf_config = load_model(self.config.model, self.config.torch_dtype)
         self.model.to(self.config.torch_device)
+        if not self.model.moe_blocks:
+            refuse_offloading(self.config, self.hf_config["model_type"])
         self.store = make_store(self.config, self.index, self.model)
         cfg, prefetcher = self.config, None
         if cfg.prefetch:
@@ -227,6 +229,14 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
         return RefreshAcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total), layers, dtype)
     return AcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total),
                             live_policy(config.cache_policy), profile_costs(device))
+
+
+def refuse_offloading(config: EngineConfig, model_type: str) -> None:
+    """A model without routed experts (LLaDA) has nothing to offload: an option that would do nothing is refused."""
+    given = [o for o in ("expert_cache", "gpu_expert_cache", "prefetch", "tau") if getattr(config, o) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: expert offloading applies to models with routed experts, and "
+                          f"{model_type} has none (all its weights stay resident)")
 
 
 def live_policy(name: str):

@@ -121,17 +121,6 @@ def test_predict_applies_the_head_chunk_by_chunk(llada2):
     torch.testing.assert_close(confidence, logits.softmax(-1).max(-1).values)
 
 
-@pytest.mark.parametrize("budget", ["25%", "50%"])
-def test_offloading_experts_is_lossless(folders, llada2, budget):
-    params = [SamplingParams(temperature=0, max_tokens=24, block_length=8, steps=4, threshold=0.3),
-              SamplingParams(temperature=1.0, seed=1, max_tokens=16, block_length=16, steps=8)]
-    offloaded = LLM(folders["llada2_moe"], expert_cache=budget)
-    outputs = offloaded.generate([LONG, SHORT], params)
-    assert outputs[0].stats["evictions"] > 0
-    expected = llada2.generate([LONG, SHORT], params)
-    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
-
-
 @pytest.mark.parametrize("which", ["llada2", "llada"])
 def test_no_position_is_committed_before_its_block(which, request, monkeypatch):
     llm = request.getfixturevalue(which)

@@ -115,6 +115,7 @@ class SparseMoE(nn.Module):
             h = x[rows].to(w.down.device)  # an expert may run where its weights are (CPU or accelerator)
             y = F.linear(self.act_mul(F.linear(h, w.gate_up)), w.down) * weights[rows, slot, None].to(h.device)
             outputs[e] = (rows, y.to(x.device, x.dtype))
+            del w  # release it before asking for the next: a store under a budget may have evicted it already
         out = torch.zeros_like(x)
         for e in sorted(outputs):
             out.index_add_(0, *outputs[e])
@@ -140,6 +141,7 @@ class SparseMoE(nn.Module):
             else:
                 y = F.linear(self.act_mul(F.linear(x, w.gate_up)), w.down) * scale[slot_of[e]]  # [1, H]
                 outputs[e] = y.to(x.dtype)
+            del w
         out = torch.zeros_like(x)
         for e in experts:
             out += outputs[e]

@@ -7,8 +7,9 @@ out (what a per-step LRU cache does). The reads, the byte accounting (`ExpertCac
 tiered store's; only which experts are admitted, and when, differs.
 
 Budget: the fast set gets `budget` minus room for the streamed experts alive at once (`stream_window` reads in
-flight, by default one per I/O thread, plus the one being computed), split evenly over the MoE layers, so expert RAM
-never exceeds the budget.
+flight, by default one per I/O thread but no more than the budget holds, plus the one being computed), split evenly
+over the MoE layers, so expert RAM never exceeds the budget (the caller releases each expert before asking for the
+next, as `ExpertStore.fetch` says).
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ class RefreshStore(RefreshMixin, TieredStore):
         # The LRU policy is bookkeeping only: the placement frees room before every admission.
         super().__init__(index, dtype, budget, LRUPolicy(), moe_layers, top_k, io_threads, direct_io)
         largest = max((self.cache.size(key) for key in index.experts()), default=0)
-        self.window = max(1, stream_window or io_threads)  # streamed reads in flight: the disk wants a queue
+        # Streamed reads in flight (the disk wants a queue), as many as fit beside the one being computed; 0 at a
+        # budget of one expert: each is read only once the caller has released the previous one.
+        room = budget // largest - 1 if largest else 1
+        self.window = max(0, min(stream_window or io_threads, room))
         self.reserve = min((self.window + 1) * largest, budget)
         self.cache.capacity = budget - self.reserve
         self._init_refresh(self.cache.capacity // max(len(moe_layers), 1), costs)
@@ -171,13 +175,15 @@ class RefreshStore(RefreshMixin, TieredStore):
                 start = time.perf_counter()
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
                 stats.stall_time += time.perf_counter() - start
-                for fut in done:
+                while done:
+                    fut = done.pop()
                     key, keep = futures.pop(fut)
                     w = self._install(key, fut) if keep else self._streamed(key, fut)
                     if w is None:
                         error = error or fut.exception() or RuntimeError(f"read of expert {key} was cancelled")
                         self.placement.drop(*key)
                         continue
+                    del fut  # a finished future holds its result: drop it with the caller's use of the weights
                     yield key[1], w
                     del w  # the caller is done with it: its room serves the next streamed read
                     self._top_up(futures, queue)
@@ -190,9 +196,9 @@ class RefreshStore(RefreshMixin, TieredStore):
             raise error
 
     def _top_up(self, futures: dict[Future, tuple[Key, bool]], queue: deque) -> None:
-        """Keep `window` streamed reads in flight."""
+        """Keep `window` streamed reads in flight (one with a window of 0: it is called when the caller holds none)."""
         in_flight = sum(not keep for _, keep in futures.values())
-        for _ in range(min(self.window - in_flight, len(queue))):
+        for _ in range(min(max(self.window, 1) - in_flight, len(queue))):
             key = queue.popleft()
             futures[self.pool.submit(self._load, key)] = (key, False)
 

@@ -60,8 +60,9 @@ class ExpertStore(ABC):
         this request's own are issued; others ignore it.
 
         Yields every requested expert exactly once, in the order they become ready (resident ones first). A yielded
-        expert's weights are valid until the next item is requested: compute with them before asking for more, so
-        a store whose budget holds fewer experts than one request can serve it in turns.
+        expert's weights are valid until the next item is requested: compute with them and drop the reference
+        before asking for more, so a store whose budget holds fewer experts than one request can serve it in turns
+        without holding more than its budget.
         """
 
     def expert_nbytes(self, layer: int, expert: int) -> int:

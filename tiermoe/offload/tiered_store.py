@@ -90,8 +90,8 @@ class TieredStore(ExpertStore):
         """Forget an evicted expert's weights, or its prefetch still in flight."""
         self.weights.pop(key, None)
         fut = self.inflight.pop(key, None)
-        if fut is not None:
-            fut.cancel()
+        if fut is not None and not fut.cancel():
+            wait([fut])  # already being read: let its bytes go before their room is reused
 
     def _chunks(self, keys: list[Key]) -> list[list[Key]]:
         """Split a request whose experts do not fit the budget together into turns that do (prefill of many tokens)."""

@@ -1,0 +1,339 @@
+"""Lossless under every offloading setting, on every family.
+
+The all-resident run of each family's tiny checkpoint gives the reference tokens; every expert budget (100%, 50%,
+25%, the minimum), live cache policy, prefetcher and, on the diffusion MoE family, TIDE refresh interval must give
+exactly those tokens, for a batch of prompts of different lengths and for one prompt alone (run after it, on the
+warm store). Meanwhile `Watch` checks what a user of a budget relies on, at every expert the store hands out: the
+expert weights alive in RAM never exceed the budget, the cache's books agree, every requested expert comes back
+once; and after each call, that the statistics add up (hits + misses = requests) and the setting really offloaded.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.decode.test_diffusion import LONG, SHORT
+from tests.tiny_diffusion_models import build_tiny_diffusion
+from tests.tiny_models import FAMILIES
+from tiermoe import LLM, SamplingParams
+from tiermoe.convert import convert
+from tiermoe.errors import ConfigError
+from tiermoe.offload.calibrate import calibrate
+from tiermoe.offload.direct_io import DirectReader
+from tiermoe.offload.policies import POLICIES
+from tiermoe.offload.refresh_store import RefreshStore
+from tiermoe.offload.store import loaded_nbytes
+from tiermoe.offload.tiered_store import min_budget
+from tiermoe.outputs import RequestOutput
+
+AUTOREGRESSIVE = sorted(FAMILIES)
+LIVE_POLICIES = sorted(name for name, cls in POLICIES.items() if not cls.needs_future)
+PREFETCHERS = [None, "plain", "residual"]
+BUDGETS = ["100%", "50%", "25%", "min"]
+
+PROMPTS = [[3, 17, 42, 9, 77, 5, 61, 23, 40, 11], [88, 1, 64], [12, 99, 31, 7, 50]]
+ALONE = [[54, 23, 70, 2, 45, 16]]
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+
+# Diffusion requests: steps below, equal to and above the block length; prompts shorter than a block and spanning
+# blocks; a seeded sampled one too (its generator is the request's, so it must not depend on the store either).
+MID = [5, 66, 7, 81, 9, 10, 110, 12, 13, 14]
+DIFFUSION_BATCH = [
+    (LONG, SamplingParams(temperature=0, max_tokens=24, block_length=8, steps=8, threshold=0.95)),
+    (SHORT, SamplingParams(temperature=0, max_tokens=20, block_length=8, steps=3, threshold=0.5)),
+    (MID, SamplingParams(temperature=0, max_tokens=16, block_length=16, steps=5, threshold=0.9)),
+    (SHORT, SamplingParams(temperature=1.0, seed=1, max_tokens=12, block_length=4, steps=6, threshold=0.95)),
+]
+DIFFUSION_ALONE = [(MID, SamplingParams(temperature=0, max_tokens=12, block_length=4, steps=6, threshold=1.0))]
+
+
+@dataclass
+class Reference:
+    """A model folder (calibrated for residual prefetch), its all-resident engine and the budgets to try."""
+
+    folder: Path
+    resident: LLM
+    budgets: dict[str, int]  # "100%", "50%", "25%", "min" -> bytes
+    runs: dict[str, object]  # "batch" / "alone" -> the requests (see generate)
+    expected: dict[str, list[list[int]]]  # "batch" / "alone" -> the resident run's tokens
+
+    @property
+    def total(self) -> int:
+        return self.budgets["100%"]
+
+
+def generate(llm: LLM, requests) -> list[RequestOutput]:
+    """Outputs of (prompts, params) or of [(prompt, params), ...]."""
+    if isinstance(requests, tuple):
+        prompts, params = requests
+    else:
+        prompts, params = [p for p, _ in requests], [s for _, s in requests]
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def token_ids_of(outputs: list[RequestOutput]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def reference(folder: Path, runs: dict) -> Reference:
+    """Calibrate the residual prefetcher on the model's own random tokens, and run the resident engine."""
+    resident = LLM(folder)
+    g = torch.Generator().manual_seed(0)
+    calibrate(resident, torch.randint(resident.model.shape.vocab_size, (320,), generator=g).tolist(), chunk_tokens=64)
+    layers, k = [b.layer for b in resident.model.moe_blocks], resident.model.shape.top_k
+    total = sum(loaded_nbytes(s, torch.float32) for s in resident.index.experts().values())
+    budgets = {"100%": total, "50%": total // 2, "25%": total // 4,
+               "min": min_budget(resident.index, layers, k, torch.float32)}
+    expected = {name: token_ids_of(generate(resident, r)) for name, r in runs.items()}
+    return Reference(folder, resident, budgets, runs, expected)
+
+
+@pytest.fixture(scope="module")
+def autoregressive(tiny_models, tmp_path_factory):
+    """(family, layout) -> Reference, built on first use; `converted` is `tiermoe convert` of the fused layout."""
+    root, built = tmp_path_factory.mktemp("lossless"), {}
+
+    def get(family: str, layout: str = "per_expert") -> Reference:
+        if (family, layout) not in built:
+            dst = root / f"{family}-{layout}"
+            if layout == "converted":
+                folder = convert(tiny_models(family, "fused"), dst)
+            else:
+                folder = shutil.copytree(tiny_models(family, layout), dst)
+            built[(family, layout)] = reference(folder, {"batch": (PROMPTS, GREEDY), "alone": (ALONE, GREEDY)})
+        return built[(family, layout)]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def llada2(tmp_path_factory):
+    folder = build_tiny_diffusion("llada2_moe", tmp_path_factory.mktemp("lossless-dllm") / "llada2_moe")
+    return reference(folder, {"batch": DIFFUSION_BATCH, "alone": DIFFUSION_ALONE})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def costs_cache(tmp_path_factory):
+    """tau="auto" profiles the machine once; keep that cache out of the user's home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+class Watch:
+    """Wraps an engine's expert store (its `fetch`, and `_load`, where expert weights come into being) to check the
+    budget's promises while the engine runs."""
+
+    def __init__(self, llm: LLM):
+        self.llm, self.store = llm, llm.store
+        self.requests: Counter[int] = Counter()  # layer -> experts requested since the engine reset its statistics
+        self.routed: set[tuple[int, int]] = set()
+        self.alive = self.peak = 0  # bytes of expert weights the store made that something still references
+        self._lock = threading.Lock()
+        self.store.fetch, self.store._load = self._fetch(self.store.fetch), self._load(self.store._load)
+
+    def _load(self, load):
+        def tracked(key):
+            w, nbytes, seconds = load(key)
+            self._count(w.nbytes)
+            weakref.finalize(w.gate_up, self._count, -w.nbytes)
+            return w, nbytes, seconds
+        return tracked
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self.alive += nbytes
+            self.peak = max(self.peak, self.alive)
+
+    def _fetch(self, fetch):
+        def checked(layer, experts, counts=None, prefetch=None):
+            self.requests[layer] += len(experts)
+            self.routed.update((layer, e) for e in experts)
+            served = []
+            for e, w in fetch(layer, experts, counts, prefetch):
+                served.append(e)
+                self.check_books()
+                yield e, w
+                del w  # as the model does: released before asking for the next
+            assert sorted(served) == sorted(experts), "every requested expert is served exactly once"
+        return checked
+
+    def check_books(self) -> None:
+        s, cache = self.store, self.store.cache
+        assert self.peak <= s.budget, f"{self.peak} bytes of experts alive under a budget of {s.budget}"
+        assert cache.used <= cache.capacity <= s.budget
+        assert set(s.weights) <= set(cache.resident) and s.resident_bytes <= cache.used
+        if isinstance(s, RefreshStore):
+            assert all(s.placement.used(layer) <= s.placement.capacity for layer in self.requests)
+
+    def run(self, requests) -> list[RequestOutput]:
+        """Generate, then check the statistics of that call."""
+        self.requests.clear()
+        out = generate(self.llm, requests)
+        self.check_books()
+        stats = self.store.stats
+        assert set(stats.layers) == set(self.requests)
+        for layer, n in self.requests.items():
+            assert stats.layers[layer].hits + stats.layers[layer].misses == n, f"layer {layer}"
+        if isinstance(self.store, RefreshStore):
+            assert stats.streamed <= stats.total.misses
+        assert self.store.reader.fallbacks == {}, "expected O_DIRECT reads"
+        return out
+
+    def check_offloaded(self) -> None:
+        """After the first call on a cold store: experts were read, and evicted (or streamed) once the routed set
+        outgrew the budget."""
+        stats, total = self.store.stats, self.store.stats.total
+        assert total.misses > 0 and total.bytes_read >= total.misses * min(self.store.cache.size(k)
+                                                                             for k in self.routed)
+        if sum(self.store.cache.size(k) for k in self.routed) > self.store.cache.capacity:
+            assert (stats.streamed if isinstance(self.store, RefreshStore) else stats.evictions) > 0
+
+
+def check_lossless(ref: Reference, budget: int, **options) -> list[RequestOutput]:
+    """Run the batch then one prompt alone under `options`: tokens equal the resident run's, books checked.
+    Returns the batch's outputs."""
+    llm = LLM(ref.folder, expert_cache=budget, **options)
+    try:
+        watch = Watch(llm)
+        batch = watch.run(ref.runs["batch"])
+        assert token_ids_of(batch) == ref.expected["batch"], options
+        watch.check_offloaded()
+        if options.get("prefetch") and budget >= ref.total // 2:
+            assert llm.store.stats.prefetched > 0
+        assert token_ids_of(watch.run(ref.runs["alone"])) == ref.expected["alone"], options
+    finally:
+        llm.store.close()
+    return batch
+
+
+def assert_same_tokens(ref: Reference, requests, budget: int, **options) -> None:
+    """`requests` under `options` give the resident engine's tokens, books checked."""
+    llm = LLM(ref.folder, expert_cache=budget, **options)
+    try:
+        assert token_ids_of(Watch(llm).run(requests)) == token_ids_of(generate(ref.resident, requests))
+    finally:
+        llm.store.close()
+
+
+def every_setting() -> list[tuple[str, str | None]]:
+    """Every (live cache policy, prefetcher)."""
+    return [(policy, prefetch) for policy in LIVE_POLICIES for prefetch in PREFETCHERS]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("family", AUTOREGRESSIVE)
+def test_every_policy_and_prefetcher_at_every_budget(autoregressive, family, budget):
+    ref = autoregressive(family)
+    for policy, prefetch in every_setting():
+        check_lossless(ref, ref.budgets[budget], cache_policy=policy, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("layout", ["fused", "converted"])
+@pytest.mark.parametrize("family", AUTOREGRESSIVE)
+def test_fused_and_converted_layouts(autoregressive, family, layout):
+    ref = autoregressive(family, layout)
+    shift = AUTOREGRESSIVE.index(family)  # families take different (policy, prefetcher) at each budget
+    for i, budget in enumerate(BUDGETS):
+        check_lossless(ref, ref.budgets[budget], cache_policy=LIVE_POLICIES[(i + shift) % len(LIVE_POLICIES)],
+                       prefetch=PREFETCHERS[(i + shift) % len(PREFETCHERS)])
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_llada2_per_step_cache_with_every_policy_and_prefetcher(llada2, budget):
+    for policy, prefetch in every_setting():
+        check_lossless(llada2, llada2.budgets[budget], cache_policy=policy, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_llada2_tide_with_every_tau(llada2, budget):
+    for tau in (1, 2, 4, "auto"):
+        stats = check_lossless(llada2, llada2.budgets[budget], tau=tau)[0].stats
+        assert stats["refresh"]["refreshes"] > 0
+        if budget in ("50%", "25%"):  # a fast tier smaller than the routed set: refreshes move experts out
+            assert stats["refresh"]["demoted"] > 0
+        assert stats["diffusion"]["tau"] == tau if tau != "auto" else stats["diffusion"]["tau"] >= 1
+
+
+def test_tide_at_a_one_expert_budget_streams_one_expert_at_a_time(tmp_path):
+    """Top-1 routing: the minimum budget is one expert, so no streamed read may start while one is in use."""
+    folder = build_tiny_diffusion("llada2_moe", tmp_path / "top1", num_experts_per_tok=1, n_group=1, topk_group=1)
+    ref = reference(folder, {"batch": DIFFUSION_BATCH, "alone": DIFFUSION_ALONE})
+    stats = check_lossless(ref, ref.budgets["min"], tau=2)[0].stats
+    assert stats["refresh"]["streamed"] == stats["total"]["misses"] > 0  # no fast tier left: every expert streamed
+
+
+class HeldReader(DirectReader):
+    """Holds the read of one byte offset until `release` is set."""
+
+    def __init__(self, held: int, release: threading.Event):
+        super().__init__(max_workers=1)
+        self.held, self.release = held, release
+
+    def read(self, path, offset, nbytes):
+        if offset <= self.held < offset + nbytes:
+            self.release.wait()
+        return super().read(path, offset, nbytes)
+
+
+def test_an_evicted_prefetch_still_being_read_is_freed_before_its_room_is_reused(autoregressive):
+    ref = autoregressive("mixtral")
+    llm = LLM(ref.folder, expert_cache=ref.budgets["min"])  # two experts: top-2
+    watch, store, release = Watch(llm), llm.store, threading.Event()
+    store.reader = HeldReader(store.index.expert(1, 7).gate.offset, release)
+    list(store.fetch(0, [0], prefetch=(1, [7])))  # (1, 7) is admitted ahead of use; its read is held
+    assert (1, 7) in store.inflight
+    threading.Timer(0.3, release.set).start()
+    list(store.fetch(1, [1, 2]))  # evicts (0, 0) and the prefetch in flight
+    store.close()  # every read settled
+    assert watch.peak <= store.budget, "the evicted prefetch's weights arrived beside the experts that replaced it"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_settings_and_prompts_autoregressive(data, autoregressive):
+    family = data.draw(st.sampled_from(AUTOREGRESSIVE), label="family")
+    ref = autoregressive(family, data.draw(st.sampled_from(["per_expert", "fused", "converted"]), label="layout"))
+    budget = data.draw(st.integers(ref.budgets["min"], ref.total), label="budget")
+    options = dict(cache_policy=data.draw(st.sampled_from(LIVE_POLICIES), label="policy"),
+                   prefetch=data.draw(st.sampled_from(PREFETCHERS), label="prefetch"),
+                   prefetch_top_p=data.draw(st.integers(1, 3), label="top_p"))
+    prompts = data.draw(st.lists(st.lists(st.integers(0, 127), min_size=1, max_size=12), min_size=1, max_size=4),
+                        label="prompts")
+    params = SamplingParams(temperature=0, max_tokens=data.draw(st.integers(1, 12), label="max_tokens"))
+    assert_same_tokens(ref, (prompts, params), budget, **options)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_settings_and_prompts_diffusion(data, llada2):
+    budget = data.draw(st.integers(llada2.budgets["min"], llada2.total), label="budget")
+    tau = data.draw(st.sampled_from([None, 1, 2, 3, "auto"]), label="tau")
+    options = dict(tau=tau, cache_policy=data.draw(st.sampled_from(LIVE_POLICIES), label="policy"),
+                   prefetch=data.draw(st.sampled_from(PREFETCHERS), label="prefetch"))
+    requests = data.draw(st.lists(st.tuples(
+        st.lists(st.integers(0, 158), min_size=1, max_size=20),
+        st.builds(SamplingParams, temperature=st.just(0), max_tokens=st.integers(1, 16),
+                  block_length=st.sampled_from([2, 4, 8, 16]), steps=st.integers(1, 10),
+                  threshold=st.sampled_from([0.5, 0.9, 1.0]))), min_size=1, max_size=3), label="requests")
+    assert_same_tokens(llada2, requests, budget, **options)
+
+
+@pytest.mark.parametrize("options", [dict(expert_cache="50%"), dict(expert_cache=0, cache_policy="dali"),
+                                     dict(prefetch="plain"), dict(prefetch="residual"),
+                                     dict(expert_cache="25%", tau=2), dict(expert_cache="25%", tau="auto")],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_llada_has_no_experts_so_offloading_options_are_refused(folders, options):
+    with pytest.raises(ConfigError, match=rf"^{', '.join(k for k in options if k != 'cache_policy')}: expert "
+                                          r"offloading applies to models with routed experts, and llada has none"):
+        LLM(folders["llada"], **options)
