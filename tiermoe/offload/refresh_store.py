@@ -65,6 +65,7 @@ class RefreshMixin:
         self.log = RoutingLog(keep=1)  # the current block, for the tau solver
         self.refreshing = True  # without the decoder's hook (no begin_step), every request refreshes
         self.choice: TauChoice | None = None  # the solver's last answer
+        self.choices: list[TauChoice] = []  # every answer, one per request that solved tau (bench/tide_speed.py)
         self._costs: CostSource = costs if costs is not None else self._profiled_costs
 
     def begin_step(self, step: DenoiseStep) -> None:
@@ -75,6 +76,7 @@ class RefreshMixin:
         """The refresh interval for the rest of the request, from the routing of the block just finished."""
         model = BlockModel(self.tier_costs, self._size, self.dtype.itemsize, self.tier)
         self.choice = choose_tau(self.log.last_block, self.placement, model)
+        self.choices.append(self.choice)
         return self.choice.tau
 
     def _size(self, layer: int, expert: int) -> int:
