@@ -17,12 +17,7 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=24, block_length=8, steps=8, 
 REFRESH, REUSE = DenoiseStep(0, 0, True), DenoiseStep(1, 1, False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def costs_cache(tmp_path_factory):
-    """tau="auto" profiles the machine once; keep that cache out of the user's home."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("private_cache")  # calibrations and cost profiles stay out of the home
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=24, block_length=8, steps=8, t
 CALIBRATION = [[5, 60, 8, 33, 101, 47, 12], [140, 3, 77, 25, 9], [66, 18, 120, 4, 51, 30]]  # not the test prompts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_home(tmp_path_factory):
-    """Calibrations are saved under the user's cache dir; keep them out of the real one."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("private_cache")  # calibrations and cost profiles stay out of the home
 
 
 @pytest.fixture(scope="module")
