@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import statistics
 import time
@@ -98,7 +99,7 @@ def summarise(name: str, runs: list[dict]) -> dict:
     return {"config": name, "tok_s": mid["tokens"] / mid["seconds"], "seconds": [r["seconds"] for r in runs],
             "median_s": mid["seconds"], "tokens": mid["tokens"], "hit_rate": mid["hit_rate"],
             "mib_read": mid["mib_read"], "reads": mid["reads"],
-            "taus": dict(Counter(t for r in runs for t in r["taus"])), "refresh": mid["refresh"],
+            "taus": dict(Counter(t for r in runs for t in r["taus"] if t is not None)), "refresh": mid["refresh"],
             "predicted": mid["predicted"], "solver": mid["solver"], "pinned": mid["pinned"],
             "steps_per_block": mid["steps_per_block"], "nfe": mid["nfe"],
             "tokens_per_forward": mid["tokens"] / mid["nfe"],
@@ -249,7 +250,7 @@ def report(results: list[dict], rows: list[dict], solver: list[dict], same: bool
     table = markdown_table(["config", "tok/s", "NFE", "tokens/forward", "hit rate", "MiB read", "expert reads",
                             "taus used", "same tokens"],
                            [[r["config"], r["tok_s"], r["nfe"], r["tokens_per_forward"], r["hit_rate"], r["mib_read"],
-                             r["reads"], ", ".join(f"{t}x{n}" for t, n in r["taus"].items() if t is not None) or "-",
+                             r["reads"], ", ".join(f"{t}x{n}" for t, n in r["taus"].items()) or "-",
                              "yes" if r["same_tokens"] else "NO"] for r in results])
     names = [p for p in BASELINES if p in args.baselines]
     table += "\n\n" + markdown_table(
@@ -276,6 +277,10 @@ def report(results: list[dict], rows: list[dict], solver: list[dict], same: bool
                   f"{100 * s['predicted_best_slower_than_best']:.1f}% slower than the best. Measured times differ by "
                   f"{100 * s['measured_spread_across_taus']:.1f}% across the sweep; a tau's repetitions by "
                   f"{100 * s['median_rep_spread']:.1f}% (median).")
+        cpu = [r["predicted_cpu_s"] for r in s["taus"]]
+        if max(cpu) - min(cpu) <= 1e-9 * max(cpu) and not any(r["predicted_device_s"] for r in s["taus"]):
+            table += (" On the RAM tier every routed expert is computed on the CPU whatever tau is, so the predicted "
+                      "CPU time is the same for every tau and the solver ranks taus by its predicted reads alone.")
     steps = statistics.mean(r["steps_per_block"] for r in results)
     return table + (f"\n\nModel: {what}. {args.prompts} prompts of {args.prompt_len} tokens, {args.max_tokens} new "
                     f"tokens each (block 32, {steps:.1f} steps per block on average, threshold {args.threshold}); "
@@ -308,14 +313,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench_model = resolve(args, Scale(experts=args.experts, layers=args.layers))
     warm_costs(bench_model.folder, args.budgets[0])
+    load = [os.getloadavg()[0]]  # a shared machine's other work shows up here, not in the medians
     results, same, calibration = measure(bench_model.folder, args)
+    load.append(os.getloadavg()[0])
     rows = compare(results, args.budgets, args.sweep, args.baselines)
     solver = solver_vs_sweep(results, args.budgets, args.sweep)
     write(args.out, "tide_speed" + bench_model.suffix,
           {"machine": machine(), "model": bench_model.what, "same_outputs": same,
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "load_average_1min": {"start": load[0], "end": load[1]},
            "static_calibration": calibration, "comparison": rows, "solver_vs_sweep": solver, "runs": results},
-          report(results, rows, solver, same, bench_model.what, args))
+          report(results, rows, solver, same, bench_model.what, args)
+          + f" Load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f}.")
 
 
 def warm_costs(folder: Path, budget: str) -> None:
