@@ -235,7 +235,8 @@ def agreement(rows: list[dict]) -> dict:
         return {}
     best_pred = min(rows, key=lambda r: (r["predicted_total_s"], -r["tau"]))  # the solver prefers the longest tie
     best = min(rows, key=lambda r: r["measured_s"])
-    spread = [(max(r["measured_reps_s"]) - min(r["measured_reps_s"])) / r["measured_s"] for r in rows]
+    spread = [(max(r["measured_reps_s"]) - min(r["measured_reps_s"])) / r["measured_s"] for r in rows
+              if len(r["measured_reps_s"]) > 1]
     times = [r["measured_s"] for r in rows]
     return {"spearman_time": spearman([r["predicted_total_s"] for r in rows], times),
             "spearman_reads": spearman([r["predicted_reads"] for r in rows], [r["reads"] for r in rows]),
@@ -243,7 +244,7 @@ def agreement(rows: list[dict]) -> dict:
             "predicted_best_is_measured_best": best_pred["tau"] == best["tau"],
             "predicted_best_slower_than_best": best_pred["measured_s"] / best["measured_s"] - 1,
             "measured_spread_across_taus": (max(times) - min(times)) / min(times),
-            "median_rep_spread": statistics.median(spread)}
+            "median_rep_spread": statistics.median(spread) if spread else None}
 
 
 def report(results: list[dict], rows: list[dict], solver: list[dict], same: bool, what: str, args) -> str:
@@ -276,7 +277,7 @@ def report(results: list[dict], rows: list[dict], solver: list[dict], same: bool
                   f"measured best {s['measured_best_tau']}: the solver's pick ran "
                   f"{100 * s['predicted_best_slower_than_best']:.1f}% slower than the best. Measured times differ by "
                   f"{100 * s['measured_spread_across_taus']:.1f}% across the sweep; a tau's repetitions by "
-                  f"{100 * s['median_rep_spread']:.1f}% (median).")
+                  f"{pct(s['median_rep_spread'])} (median).")
         cpu = [r["predicted_cpu_s"] for r in s["taus"]]
         if max(cpu) - min(cpu) <= 1e-9 * max(cpu) and not any(r["predicted_device_s"] for r in s["taus"]):
             table += (" On the RAM tier every routed expert is computed on the CPU whatever tau is, so the predicted "
@@ -292,6 +293,10 @@ def report(results: list[dict], rows: list[dict], solver: list[dict], same: bool
 
 def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
+
+
+def pct(x: float | None) -> str:
+    return "n/a (one repetition)" if x is None else f"{100 * x:.1f}%"
 
 
 def main() -> None:
