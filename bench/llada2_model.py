@@ -100,10 +100,13 @@ def resolve(args, scale: Scale) -> BenchModel:
     return BenchModel(folder, what, "_random-mini")
 
 
-def prompts(llm, n: int, length: int, seed: int = 0) -> list[list[int]]:
-    """`n` prompts of `length` tokens: slices of the calibration text with a tokenizer, else seeded random ids."""
+def prompts(llm, n: int, length: int, seed: int = 0, skip: int = 0) -> list[list[int]]:
+    """`n` prompts of `length` tokens: slices of the calibration text from its token `skip` on with a tokenizer,
+    else seeded random ids."""
     if llm.tokenizer is not None and CALIBRATION.exists():
-        ids = llm.tokenizer.encode(CALIBRATION.read_text())
+        ids = llm.tokenizer.encode(CALIBRATION.read_text())[skip:]
+        if len(ids) < n * length:
+            raise ValueError(f"{CALIBRATION} has too few tokens after {skip} for {n} prompts of {length}")
         return [ids[i * length:(i + 1) * length] for i in range(n)]
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, llm.model.shape.vocab_size - 2, (n, length), generator=g).tolist()

@@ -36,6 +36,14 @@ def folders(tmp_path_factory):
     return {f: build_tiny_diffusion(f, root / f) for f in ("llada2_moe", "llada")}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """tiermoe's cache dir (cost profile, usage calibrations) in a temporary folder, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

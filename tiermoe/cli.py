@@ -20,7 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--expert-cache", default=None,
                    help="RAM budget for routed experts, e.g. 2GiB or 25%% (default: keep all resident)")
-    p.add_argument("--cache-policy", default="lru", help="eviction policy of the expert cache (lru, lfu)")
+    p.add_argument("--cache-policy", default="lru",
+                   help="eviction policy of the expert cache (lru, lfu, learned, dali), or static: pin the experts "
+                        "`tiermoe calibrate` found most used, stream the rest")
     p.add_argument("--io-threads", type=int, default=4, help="threads reading experts from disk")
     p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                    help="read experts through the page cache instead of O_DIRECT")
@@ -114,10 +116,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from tiermoe.llm import LLM
     from tiermoe.offload.calibrate import calibrate
+    from tiermoe.offload.usage import calibrate_usage
 
     llm = LLM(model_path(args), dtype=args.dtype, threads=args.threads)
     text = Path(args.text).read_text() if args.text else CALIBRATION_TEXT.read_text()
-    report = calibrate(llm, llm.tokenizer.encode(text), args.chunk_tokens)
+    ids = llm.tokenizer.encode(text)
+    report = calibrate(llm, ids, args.chunk_tokens) if args.only in (None, "residuals") else {}
+    if args.only in (None, "usage"):
+        report["expert_usage"] = calibrate_usage(llm, ids, args.chunk_tokens, args.usage_prompts,
+                                                 sampling_params(args))
     print(json.dumps(report, indent=1))
     return 0
 
@@ -154,12 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="diffusion models with an expert budget: refresh the expert placement every TAU denoising "
                           "steps (TIDE), or 'auto' to solve TAU from a cost model")
     gen.set_defaults(func=cmd_generate)
-    cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them with the model")
+    cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them with the model; "
+                                           "count which experts generation from the text uses (cache_policy static)")
     cal.add_argument("--model", default=None, help="Hugging Face model folder (default: the built-in model)")
     cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     cal.add_argument("--threads", type=int, default=None)
     cal.add_argument("--text", default=None, help="calibration text file (default: a held-out Shakespeare play)")
-    cal.add_argument("--chunk-tokens", type=int, default=256)
+    cal.add_argument("--chunk-tokens", type=int, default=256, help="tokens per calibration chunk (and usage prompt)")
+    cal.add_argument("--only", choices=["residuals", "usage"], default=None,
+                     help="residuals: DALI's prefetch residuals; usage: the experts' usage, generating from the "
+                          "text, which cache_policy 'static' pins from (default: both)")
+    cal.add_argument("--usage-prompts", type=int, default=8,
+                     help="prompts (chunks of the text) to generate from when counting expert usage")
+    add_sampling_args(cal)
     cal.set_defaults(func=cmd_calibrate)
     conv = sub.add_parser("convert", help="rewrite a checkpoint so every expert is one aligned read")
     conv.add_argument("src")

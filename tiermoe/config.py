@@ -53,11 +53,23 @@ class EngineConfig:
         if self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
         self._check_tau()
+        self._check_static()
 
     def _check_tau(self) -> None:
         check_tau(self.tau)
         if self.tau is not None and self.expert_cache is None and self.gpu_expert_cache is None:
             raise ConfigError("tau (TIDE's refresh interval) needs an expert budget: expert_cache or gpu_expert_cache")
+
+    def _check_static(self) -> None:
+        """The static placement pins a calibrated set in the RAM budget: nothing else may place experts."""
+        if self.cache_policy != "static":
+            return
+        if self.expert_cache is None:
+            raise ConfigError("cache_policy 'static' needs an expert budget (expert_cache)")
+        for name in ("tau", "gpu_expert_cache", "prefetch"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"cache_policy 'static' keeps a fixed calibrated set in RAM; it cannot be combined "
+                                  f"with {name}")
 
     @property
     def torch_device(self) -> torch.device:

@@ -26,6 +26,7 @@ from tiermoe.offload.policies import POLICIES, make_policy
 from tiermoe.offload.prefetch import make_prefetcher
 from tiermoe.offload.refresh_accelerator import RefreshAcceleratorStore
 from tiermoe.offload.refresh_store import RefreshStore
+from tiermoe.offload.static_store import STATIC, StaticStore
 from tiermoe.offload.stats import StoreStats
 from tiermoe.offload.store import ExpertStore, ResidentStore, loaded_nbytes
 from tiermoe.offload.tiered_store import TieredStore
@@ -218,6 +219,9 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
     elif config.tau is not None and config.gpu_expert_cache is None:  # TIDE with RAM as the fast tier
         store = RefreshStore(index, dtype, min(parse_budget(config.expert_cache, total), total), layers,
                              model.shape.top_k, config.io_threads, config.direct_io)
+    elif config.cache_policy == STATIC:  # a calibrated set pinned in RAM, the rest streamed
+        store = StaticStore.calibrated(index, dtype, min(parse_budget(config.expert_cache, total), total), layers,
+                                       model.shape.top_k, config.io_threads, config.direct_io)
     else:
         store = TieredStore(index, dtype, min(parse_budget(config.expert_cache, total), total),
                             live_policy(config.cache_policy), [b.layer for b in model.moe_blocks], model.shape.top_k,
@@ -242,8 +246,9 @@ def refuse_offloading(config: EngineConfig, model_type: str) -> None:
 def live_policy(name: str):
     """A policy that can run without knowing the future."""
     if name not in POLICIES or POLICIES[name].needs_future:
-        raise ConfigError(f"cache_policy {name!r} cannot run live; choose one of "
-                          f"{', '.join(n for n, p in sorted(POLICIES.items()) if not p.needs_future)}")
+        live = [n for n, p in sorted(POLICIES.items()) if not p.needs_future]
+        raise ConfigError(f"cache_policy {name!r} cannot run live; choose one of {', '.join(live)}, or {STATIC} "
+                          "(a calibrated set, RAM tier only)")
     return make_policy(name)
 
 

@@ -38,6 +38,16 @@ def test_ram_tier_prediction_by_hand():
     assert choose_tau(block, start, m).tau == 2  # a tie goes to the interval that refreshes least
 
 
+def test_ram_tier_prices_the_bytes_read_from_disk():
+    # A checkpoint stored in bf16 and run in fp32: a read moves half the loaded bytes.
+    block = [{0: {0: 3, 1: 2, 2: 1}}, {0: {0: 3, 2: 2, 3: 1}}]
+    loaded, stored = model(), BlockModel(model().costs, lambda layer, e: SIZE, 4, "ram", lambda layer, e: SIZE // 2)
+    full, half = predict(block, 2, placement(2), loaded), predict(block, 2, placement(2), stored)
+    assert half.io_s == pytest.approx(full.io_s / 2) and half.cpu_s == full.cpu_s  # compute is on loaded weights
+    device = BlockModel(model().costs, lambda layer, e: SIZE, 4, "device", lambda layer, e: SIZE // 2)
+    assert predict(block, 1, placement(2), device).io_s == predict(block, 1, placement(2), model("device")).io_s
+
+
 def shifting_block(steps=8, width=4):
     """Every step routes a new set of experts: nothing a refresh learns is useful one step later."""
     return [{0: {s * width + i: 4 for i in range(width)}} for s in range(steps)]

@@ -34,9 +34,14 @@ class TierCosts:
         return cls(float(d["io_bandwidth"]), DeviceCosts(**d["device"]))
 
 
-def cache_path() -> Path:
+def cache_dir() -> Path:
+    """Where tiermoe keeps what it measured on this machine: $XDG_CACHE_HOME/tiermoe, else ~/.cache/tiermoe."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tiermoe" / "costs.json"
+    return Path(base) / "tiermoe"
+
+
+def cache_path() -> Path:
+    return cache_dir() / "costs.json"
 
 
 def costs_key(device: torch.device, probe: Path, read_bytes: int) -> str:
@@ -54,7 +59,7 @@ def load_costs(device: torch.device, probe: Path, read_bytes: int, path: Path | 
         return TierCosts.from_dict(table[key])
     costs = TierCosts(io_bandwidth(probe, read_bytes), profile_costs(device))
     table[key] = {**costs.to_dict(), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    _write_table(path, table)
+    write_json(path, table)
     return costs
 
 
@@ -81,7 +86,7 @@ def _read_table(path: Path) -> dict:
     return table if isinstance(table, dict) else {}
 
 
-def _write_table(path: Path, table: dict) -> None:
+def write_json(path: Path, table: dict) -> None:
     """Write through a temporary file so a concurrent reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -66,6 +66,7 @@ class RefreshMixin:
         self.log = RoutingLog(keep=1)  # the current block, for the tau solver
         self.refreshing = True  # without the decoder's hook (no begin_step), every request refreshes
         self.choice: TauChoice | None = None  # the solver's last answer
+        self.choices: list[TauChoice] = []  # every answer, one per request that solved tau (bench/tide_speed.py)
         self._costs: CostSource = costs if costs is not None else self._profiled_costs
 
     def begin_step(self, step: DenoiseStep) -> None:
@@ -74,12 +75,15 @@ class RefreshMixin:
 
     def solve_tau(self) -> int:
         """The refresh interval for the rest of the request, from the routing of the block just finished."""
-        model = BlockModel(self.tier_costs, self._size, self.dtype.itemsize, self.tier)
+        model = BlockModel(self.tier_costs, self._size, self.dtype.itemsize, self.tier, self._read_size)
         self.choice = choose_tau(self.log.last_block, self.placement, model)
+        self.choices.append(self.choice)
         return self.choice.tau
 
     def _size(self, layer: int, expert: int) -> int:
         return self.cache.size((layer, expert))
+
+    _read_size: Callable[[int, int], int] | None = None  # bytes a disk read of an expert transfers (RAM tier)
 
     @property
     def tier_costs(self) -> TierCosts:
@@ -116,6 +120,9 @@ class RefreshStore(RefreshMixin, TieredStore):
     def _profiled_costs(self) -> TierCosts:
         spec = next(iter(self.index.experts().values()))
         return load_costs(torch.device("cpu"), spec.gate.file, spec.nbytes)
+
+    def _read_size(self, layer: int, expert: int) -> int:
+        return self.index.expert(layer, expert).nbytes
 
     def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
               prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:

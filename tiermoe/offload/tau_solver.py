@@ -34,15 +34,19 @@ class BlockModel:
     size_of: SizeOf  # (layer, expert) -> bytes of its weights
     itemsize: int  # bytes per weight: an expert does 2 FLOP per weight per token
     fast_tier: str = "ram"  # "ram": misses are read from disk; "device": the fast tier is an accelerator
+    # (layer, expert) -> bytes a disk read of it transfers (RAM tier): the checkpoint's, which are fewer than the
+    # loaded ones when it is stored narrower than the compute dtype (bf16 run in fp32). None: size_of.
+    read_size: SizeOf | None = None
 
     def __post_init__(self):
         if self.fast_tier not in ("ram", "device"):
             raise ValueError(f"fast_tier must be 'ram' or 'device', got {self.fast_tier!r}")
 
-    def move_s(self, nbytes: int) -> float:
-        """Bringing one expert into the fast tier."""
-        bandwidth = self.costs.io_bandwidth if self.fast_tier == "ram" else self.costs.device.copy_bandwidth
-        return nbytes / bandwidth
+    def move_s(self, layer: int, expert: int) -> float:
+        """Bringing one expert into the fast tier: a disk read (RAM tier) or a copy of its loaded weights (device)."""
+        if self.fast_tier == "ram":
+            return (self.read_size or self.size_of)(layer, expert) / self.costs.io_bandwidth
+        return self.size_of(layer, expert) / self.costs.device.copy_bandwidth
 
     def cpu_s(self, tokens: int, nbytes: int) -> float:
         return self.costs.device.cpu_time(tokens, nbytes, 2.0 * nbytes / self.itemsize)
@@ -87,7 +91,7 @@ def prices(block: Block, m: BlockModel) -> Prices:
 
 def _price(m: BlockModel, layer: int, e: int, tokens: int) -> tuple[float, float, float]:
     nbytes = m.size_of(layer, e)
-    return m.move_s(nbytes), m.cpu_s(tokens, nbytes), m.device_s(tokens, nbytes)
+    return m.move_s(layer, e), m.cpu_s(tokens, nbytes), m.device_s(tokens, nbytes)
 
 
 def predict(block: Block, tau: int, start: RefreshPlacement, m: BlockModel, priced: Prices | None = None) -> Prediction:
