@@ -46,6 +46,10 @@ OLMOE = dict(SMALL, num_hidden_layers=2, num_key_value_heads=4, num_experts=16, 
 CASES = {
     # name: (published config, overrides that scale it down and exercise a feature)
     "deepseek-v2": ("deepseek-v2", dict(DEEPSEEK, num_hidden_layers=2)),
+    # DeepSeek-V2-Lite's differences from V2 (its config was not found verbatim): no query LoRA (q_proj), plain
+    # greedy top-k over one group, two shared experts
+    "deepseek-v2-lite": ("deepseek-v2", dict(DEEPSEEK, num_hidden_layers=2, q_lora_rank=None, topk_method="greedy",
+                                             n_group=1, topk_group=1, n_shared_experts=2)),
     "deepseek-v3": ("deepseek-v3", dict(DEEPSEEK, num_hidden_layers=4)),
     "qwen3-235b-a22b": ("qwen3-235b-a22b", dict(QWEN3)),
     "qwen3-30b-a3b": ("qwen3-30b-a3b", dict(QWEN3)),
