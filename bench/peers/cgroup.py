@@ -1,0 +1,145 @@
+"""A memory cgroup for one engine run: limit, join, peak usage, OOM kills, bytes read; v1 or v2.
+
+The group is made inside the cgroup this process already runs in, so any limit set above it still applies. Under
+v1 the limit is memory.limit_in_bytes (page cache included) and bytes read come from a blkio group of the same
+name; under v2 memory.max, memory.peak, memory.events and io.stat.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass
+class GroupStats:
+    peak_bytes: int  # memory.max_usage_in_bytes (v1) / memory.peak (v2): RSS + page cache + kernel memory
+    oom_kills: int  # processes the kernel killed for this group's limit
+    read_bytes: int | None  # block-device bytes read by the group (None when the kernel does not say)
+
+
+def _own_path(controller: str) -> str:
+    """This process's group for `controller` (v1) or in the unified hierarchy (controller "")."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if controller in names.split(",") or (not controller and names == ""):
+            return path.lstrip("/")
+    return ""
+
+
+def version() -> int | None:
+    """1 or 2 for the memory controller's hierarchy, None if there is none."""
+    if (ROOT / "memory" / "memory.limit_in_bytes").exists():
+        return 1
+    controllers = ROOT / "cgroup.controllers"
+    if controllers.exists() and "memory" in controllers.read_text().split():
+        return 2
+    return None
+
+
+def unavailable() -> str | None:
+    """Why memory-limited runs cannot happen here, or None if they can."""
+    v = version()
+    if v is None:
+        return "no cgroup memory controller is mounted under /sys/fs/cgroup"
+    parent = ROOT / "memory" / _own_path("memory") if v == 1 else ROOT / _own_path("")
+    if not os.access(parent, os.W_OK):
+        return f"cannot create a cgroup in {parent} (not root?)"
+    return None
+
+
+class MemoryGroup:
+    """`with MemoryGroup(name, limit) as g:` start processes with preexec_fn=g.join, then read g.stats()."""
+
+    def __init__(self, name: str, limit: int | None):
+        self.version = version()
+        self.limit = limit
+        if self.version == 1:
+            self.mem = ROOT / "memory" / _own_path("memory") / name
+            blkio = ROOT / "blkio"
+            self.io = blkio / _own_path("blkio") / name if blkio.exists() else None
+        else:
+            self.mem = ROOT / _own_path("") / name
+            self.io = None  # io.stat lives in the same group
+
+    def __enter__(self) -> MemoryGroup:
+        if self.version == 2:
+            _write(self.mem.parent / "cgroup.subtree_control", "+memory +io", ok_fail=True)
+        for d in (self.mem, self.io):
+            if d is not None:
+                d.mkdir(exist_ok=True)
+        if self.limit is not None:
+            _write(self.mem / ("memory.limit_in_bytes" if self.version == 1 else "memory.max"), str(self.limit))
+        if self.version == 2:
+            _write(self.mem / "memory.swap.max", "0", ok_fail=True)
+        return self
+
+    def join(self) -> None:
+        """Move the calling process into the group (use as subprocess preexec_fn: the child joins before exec)."""
+        pid = str(os.getpid())
+        _write(self.mem / "cgroup.procs", pid)
+        if self.io is not None:
+            _write(self.io / "cgroup.procs", pid)
+
+    def stats(self) -> GroupStats:
+        if self.version == 1:
+            peak = int((self.mem / "memory.max_usage_in_bytes").read_text())
+            ooms = _keyed(self.mem / "memory.oom_control").get("oom_kill", 0)
+            reads = _v1_read_bytes(self.io) if self.io is not None else None
+        else:
+            peak_file = self.mem / "memory.peak"
+            peak = int(peak_file.read_text()) if peak_file.exists() else int((self.mem / "memory.current").read_text())
+            ooms = _keyed(self.mem / "memory.events").get("oom_kill", 0)
+            reads = _v2_read_bytes(self.mem / "io.stat")
+        return GroupStats(peak, ooms, reads)
+
+    def __exit__(self, *exc) -> None:
+        for d in (self.mem, self.io):
+            if d is None or not d.exists():
+                continue
+            if d is self.mem and self.version == 1:
+                _write(d / "memory.force_empty", "0", ok_fail=True)  # give its page cache back before removal
+            for _ in range(50):  # a killed process may take a moment to leave
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def _write(path: Path, value: str, ok_fail: bool = False) -> None:
+    try:
+        path.write_text(value)
+    except OSError:
+        if not ok_fail:
+            raise
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    """'key value' lines as a dict."""
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
+
+
+def _v1_read_bytes(group: Path) -> int | None:
+    """Sum of the 'MAJ:MIN Read N' lines of blkio.throttle.io_service_bytes."""
+    path = group / "blkio.throttle.io_service_bytes"
+    if not path.exists():
+        return None
+    return sum(int(f[2]) for f in (line.split() for line in path.read_text().splitlines())
+               if len(f) == 3 and f[1] == "Read")
+
+
+def _v2_read_bytes(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    return sum(int(kv.split("=")[1]) for line in path.read_text().splitlines()
+               for kv in line.split()[1:] if kv.startswith("rbytes="))
