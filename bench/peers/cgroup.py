@@ -1,8 +1,9 @@
 """A memory cgroup for one engine run: limit, join, peak usage, OOM kills, bytes read; v1 or v2.
 
 The group is made inside the cgroup this process already runs in, so any limit set above it still applies. Under
-v1 the limit is memory.limit_in_bytes (page cache included) and bytes read come from a blkio group of the same
-name; under v2 memory.max, memory.peak, memory.events and io.stat.
+v1 the limit is memory.limit_in_bytes (page cache included); under v2 memory.max, with memory.peak, memory.events
+and io.stat. (v1's blkio.throttle.io_service_bytes stays 0 on recent kernels without a throttle rule, so under v1
+bytes read come from the process's /proc/PID/io instead, see bench.peers.process.)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ ROOT = Path("/sys/fs/cgroup")
 class GroupStats:
     peak_bytes: int  # memory.max_usage_in_bytes (v1) / memory.peak (v2): RSS + page cache + kernel memory
     oom_kills: int  # processes the kernel killed for this group's limit
-    read_bytes: int | None  # block-device bytes read by the group (None when the kernel does not say)
+    read_bytes: int | None  # block-device bytes read by the group (v2 io.stat; None under v1)
 
 
 def _own_path(controller: str) -> str:
@@ -60,18 +61,13 @@ class MemoryGroup:
         self.limit = limit
         if self.version == 1:
             self.mem = ROOT / "memory" / _own_path("memory") / name
-            blkio = ROOT / "blkio"
-            self.io = blkio / _own_path("blkio") / name if blkio.exists() else None
         else:
             self.mem = ROOT / _own_path("") / name
-            self.io = None  # io.stat lives in the same group
 
     def __enter__(self) -> MemoryGroup:
         if self.version == 2:
             _write(self.mem.parent / "cgroup.subtree_control", "+memory +io", ok_fail=True)
-        for d in (self.mem, self.io):
-            if d is not None:
-                d.mkdir(exist_ok=True)
+        self.mem.mkdir(exist_ok=True)
         if self.limit is not None:
             _write(self.mem / ("memory.limit_in_bytes" if self.version == 1 else "memory.max"), str(self.limit))
         if self.version == 2:
@@ -80,16 +76,13 @@ class MemoryGroup:
 
     def join(self) -> None:
         """Move the calling process into the group (use as subprocess preexec_fn: the child joins before exec)."""
-        pid = str(os.getpid())
-        _write(self.mem / "cgroup.procs", pid)
-        if self.io is not None:
-            _write(self.io / "cgroup.procs", pid)
+        _write(self.mem / "cgroup.procs", str(os.getpid()))
 
     def stats(self) -> GroupStats:
         if self.version == 1:
             peak = int((self.mem / "memory.max_usage_in_bytes").read_text())
             ooms = _keyed(self.mem / "memory.oom_control").get("oom_kill", 0)
-            reads = _v1_read_bytes(self.io) if self.io is not None else None
+            reads = None
         else:
             peak_file = self.mem / "memory.peak"
             peak = int(peak_file.read_text()) if peak_file.exists() else int((self.mem / "memory.current").read_text())
@@ -98,17 +91,16 @@ class MemoryGroup:
         return GroupStats(peak, ooms, reads)
 
     def __exit__(self, *exc) -> None:
-        for d in (self.mem, self.io):
-            if d is None or not d.exists():
-                continue
-            if d is self.mem and self.version == 1:
-                _write(d / "memory.force_empty", "0", ok_fail=True)  # give its page cache back before removal
-            for _ in range(50):  # a killed process may take a moment to leave
-                try:
-                    d.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+        if not self.mem.exists():
+            return
+        if self.version == 1:
+            _write(self.mem / "memory.force_empty", "0", ok_fail=True)  # give its page cache back before removal
+        for _ in range(50):  # a killed process may take a moment to leave
+            try:
+                self.mem.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
 
 
 def _write(path: Path, value: str, ok_fail: bool = False) -> None:
@@ -127,15 +119,6 @@ def _keyed(path: Path) -> dict[str, int]:
         if value.strip().isdigit():
             out[key] = int(value)
     return out
-
-
-def _v1_read_bytes(group: Path) -> int | None:
-    """Sum of the 'MAJ:MIN Read N' lines of blkio.throttle.io_service_bytes."""
-    path = group / "blkio.throttle.io_service_bytes"
-    if not path.exists():
-        return None
-    return sum(int(f[2]) for f in (line.split() for line in path.read_text().splitlines())
-               if len(f) == 3 and f[1] == "Read")
 
 
 def _v2_read_bytes(path: Path) -> int | None:

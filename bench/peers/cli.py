@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per resident run")
     ap.add_argument("--processes", type=int, default=3, help="resident: processes per engine (interleaved)")
     ap.add_argument("--runs", type=int, default=3, help="resident: timed runs per process (after one warm-up)")
-    ap.add_argument("--limits", default="40,60,80,100", help="memory limits, %% of the model's safetensors bytes")
+    ap.add_argument("--limits", default="40,60,80,100",
+                    help="memory limits: %% of the model's safetensors bytes, or sizes like 600MiB")
     ap.add_argument("--limit-tokens", type=int, default=16, help="new tokens per memory-limited run")
     ap.add_argument("--limit-dtype", choices=TORCH_DTYPES, default="bfloat16")
     ap.add_argument("--tiermoe-budget", default=None,
@@ -124,7 +125,8 @@ def equal_memory(args, engines: list[str], folder: Path, shape, ggufs: dict, spe
     per_param = 2 if dtype == "bfloat16" else 4
     expert_bytes = 3 * shape.hidden_size * shape.intermediate_size * per_param
     floors = {"tiermoe": shape.num_experts_per_tok * expert_bytes, "transformers": 0}  # tiermoe: one token's experts
-    limits = [float(p) for p in args.limits.split(",")]
+    total = model_bytes(folder)
+    limits = parse_limits(args.limits, total)
     budgets = _fixed_budgets(args.tiermoe_budget, len(limits), shape.expert_params() * per_param)
     sized = [e for e in engines if e in SIZED and not (e == "tiermoe" and budgets)]
     plan = LimitPlan(base, {e: floors[e] for e in sized}, [folder, *map(Path, ggufs.values()), offload],
@@ -132,22 +134,26 @@ def equal_memory(args, engines: list[str], folder: Path, shape, ggufs: dict, spe
     print("(b) equal memory: fixed footprints", flush=True)
     footprints = fixed_footprints(plan)
     references = _resident_tokens(resident, engines, dtype, n, spec, args.timeout)
-    total = model_bytes(folder)
     rows, attempts = [], []
-    for i, pct in enumerate(limits):
-        limit = int(total * pct / 100)
+    for i, limit in enumerate(limits):
+        pct = 100 * limit / total
         for engine in engines:
             given = budgets[i] if budgets and engine == "tiermoe" else None
             tries = run_at_limit(plan, engine, limit, footprints.get(engine, {}).get("fixed_bytes"), given)
             row = limit_row(pct, limit, tries, references.get(engine))
-            print(f"  {pct:g}% {engine:<12} {row['setting']:<28} "
+            print(f"  {pct:.0f}% {engine:<12} {row['setting']:<28} "
                   + (f"{row['decode_tok_s']:.2f} tok/s" if row["decode_tok_s"] else "OOM" if row["oom_killed"]
                      else f"failed: {row['error']}"), flush=True)
             rows.append(row)
             attempts.append([asdict(t) for t in tries])
     return {"rows": rows, "attempts": attempts, "new_tokens": n, "dtype": dtype, "model_bytes": total,
             "headroom_bytes": plan.headroom,
-            "footprints": {e: {k: v for k, v in f.items() if k != "run"} for e, f in footprints.items()}}
+            "footprints": footprints}
+
+
+def parse_limits(text: str, total: int) -> list[int]:
+    """Limits in bytes: a plain number is a percentage of `total`, else a size (600MiB) or NN%."""
+    return [parse_budget(p + "%" if p.replace(".", "", 1).isdigit() else p, total) for p in text.split(",")]
 
 
 def _fixed_budgets(value: str | None, n: int, all_experts: int) -> list[int] | None:
@@ -192,7 +198,7 @@ def _check_tiermoe_identical(result: dict) -> None:
             print(f"tiermoe float32 tokens identical to transformers float32: {c['identical']}")
     for r in (result.get("memory") or {}).get("rows", []):
         if r["engine"] == "tiermoe" and r["same_tokens_as_resident"] is False:
-            print(f"tiermoe at {r['limit_pct']:g}% did NOT reproduce its resident tokens")
+            print(f"tiermoe at {r['limit_pct']:.0f}% did NOT reproduce its resident tokens")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def find_converter(work_dir: Path) -> Path:
         return script
     sdist_dir = work_dir / "sdist"
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                    "-d", str(sdist_dir), f"llama-cpp-python=={version}"], check=True)
+                    "-d", str(sdist_dir), f"llama-cpp-python=={version}"], check=True, capture_output=True)
     (sdist,) = sdist_dir.glob(f"llama_cpp_python-{version}.tar.gz")
     with tarfile.open(sdist) as tar:
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
@@ -46,10 +46,11 @@ def find_converter(work_dir: Path) -> Path:
 
 
 def convert(folder: Path, dtype: str, out_dir: Path, work_dir: Path) -> Path:
-    """`folder` as a GGUF of `dtype` (bfloat16 -> BF16, float32 -> F32); cached by name next to the HF folder."""
-    out = out_dir / f"{folder.name}.{OUTTYPES[dtype]}.gguf"
+    """`folder` as out_dir/model.{bf16,f32}.gguf for `dtype` bfloat16/float32; an existing file is kept."""
+    out = out_dir / f"model.{OUTTYPES[dtype]}.gguf"
     if out.exists():
         return out
+    out_dir.mkdir(parents=True, exist_ok=True)
     script = find_converter(work_dir)
     tmp = out.with_suffix(".partial")
     env = dict(os.environ)

@@ -2,7 +2,8 @@
 
 llama.cpp runs as users run it (mmap). transformers offloads to disk with accelerate: its CPU budget and tiermoe's
 expert cache are sized to the limit from each engine's fixed footprint, measured once in a first run at its
-smallest setting (peak RSS minus that setting); a run the OOM killer ends is retried with a 25% smaller setting.
+smallest setting in a group without a limit (the group's peak, which is what a limit counts, minus that setting);
+a run the OOM killer ends is retried with a 25% smaller setting.
 """
 
 from __future__ import annotations
@@ -42,17 +43,22 @@ def cold_cache(files: list[Path], drop_all: bool) -> None:
 
 
 def fixed_footprints(plan: LimitPlan) -> dict[str, dict]:
-    """Per sized engine, a cold run at its smallest setting (no limit): peak RSS minus that setting."""
+    """Per sized engine, a cold run at its smallest setting in a group without a limit: its peak minus that setting.
+
+    The group's peak, not RSS: shared libraries another process already cached are not charged to the group (and
+    RSS counts them), while the model's page cache is.
+    """
     out = {}
     for engine, floor in plan.floors.items():
         cold_cache(plan.evict, plan.drop_all_caches)
         run = run_engine(replace(plan.base[engine], budget=floor), None, _group(engine, "footprint"), plan.timeout)
         if not run.decode_tok_s:
             raise RuntimeError(f"{engine} failed at its smallest setting ({floor} bytes): {run.error}")
-        out[engine] = {"setting_bytes": floor, "peak_rss_bytes": run.peak_rss_bytes,
-                       "fixed_bytes": max(0, run.peak_rss_bytes - floor), "run": run}
-        print(f"  {engine} fixed footprint {out[engine]['fixed_bytes'] / 2**20:.0f} MiB "
-              f"(peak RSS {run.peak_rss_bytes / 2**20:.0f} MiB at setting {floor / 2**20:.0f} MiB)", flush=True)
+        out[engine] = {"setting_bytes": floor, "group_peak_bytes": run.group_peak_bytes,
+                       "peak_rss_bytes": run.peak_rss_bytes, "fixed_bytes": max(0, run.group_peak_bytes - floor)}
+        print(f"  {engine} fixed footprint {out[engine]['fixed_bytes'] / 2**20:.0f} MiB (group peak "
+              f"{run.group_peak_bytes / 2**20:.0f} MiB, peak RSS {run.peak_rss_bytes / 2**20:.0f} MiB, at setting "
+              f"{floor / 2**20:.1f} MiB)", flush=True)
     return out
 
 

@@ -62,7 +62,7 @@ def memory_table(rows: list[dict]) -> str:
     for r in rows:
         status = "OOM-killed" if r["oom_killed"] else ("failed" if r["decode_tok_s"] is None else "ok")
         same = {True: "yes", False: "no", None: "-"}[r["same_tokens_as_resident"]]
-        out.append([f"{r['limit_pct']:g}% ({r['limit_bytes'] / 2**20:.0f} MiB)", r["engine"], r["setting"],
+        out.append([f"{r['limit_pct']:.0f}% ({r['limit_bytes'] / 2**20:.0f} MiB)", r["engine"], r["setting"],
                     _num(r["decode_tok_s"]), _num(r["prefill_tok_s"]), _mib(r["group_peak_bytes"]),
                     _mib(r["read_bytes"]), status, same])
     return markdown_table(["limit", "engine", "weights", "decode tok/s", "prefill tok/s", "peak MiB (cgroup)",

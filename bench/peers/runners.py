@@ -59,8 +59,10 @@ def describe(spec: RunSpec) -> str:
         return "mmap"
     if spec.budget is None:
         return "resident"
+    from tiermoe.offload.budget import format_bytes
+
     what = "expert cache" if spec.engine == "tiermoe" else "disk offload, CPU"
-    return f"{what} {spec.budget / 2**20:.0f} MiB"
+    return f"{what} {format_bytes(spec.budget)}"
 
 
 def _time_tokens(tokens_iter, n: int, prompt_len: int, start: float) -> tuple[float, float, list[int]]:
