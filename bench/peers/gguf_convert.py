@@ -18,8 +18,9 @@ OUTTYPES = {"bfloat16": "bf16", "float32": "f32"}
 _MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
-def find_converter(work_dir: Path) -> Path:
-    """Path of convert_hf_to_gguf.py: in the installed llama_cpp package, else extracted from its sdist."""
+def find_converter(work_dir: Path, fetch: bool = True) -> Path | None:
+    """Path of convert_hf_to_gguf.py: in the installed llama_cpp package, else extracted from its sdist (fetched
+    with pip into work_dir once; with fetch=False, None when that has not happened yet)."""
     import llama_cpp
 
     for candidate in Path(llama_cpp.__file__).parent.rglob("convert_hf_to_gguf.py"):
@@ -27,8 +28,8 @@ def find_converter(work_dir: Path) -> Path:
     version = metadata.version("llama-cpp-python")
     dest = work_dir / f"llama.cpp-{version}"
     script = dest / "convert_hf_to_gguf.py"
-    if script.exists():
-        return script
+    if script.exists() or not fetch:
+        return script if script.exists() else None
     sdist_dir = work_dir / "sdist"
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
                     "-d", str(sdist_dir), f"llama-cpp-python=={version}"], check=True, capture_output=True)
