@@ -21,6 +21,7 @@ class GroupStats:
     peak_bytes: int  # memory.max_usage_in_bytes (v1) / memory.peak (v2): RSS + page cache + kernel memory
     oom_kills: int  # processes the kernel killed for this group's limit
     read_bytes: int | None  # block-device bytes read by the group (v2 io.stat; None under v1)
+    cache_bytes: int  # page cache charged to the group now (it stays charged after its processes exit)
 
 
 def _own_path(controller: str) -> str:
@@ -83,12 +84,14 @@ class MemoryGroup:
             peak = int((self.mem / "memory.max_usage_in_bytes").read_text())
             ooms = _keyed(self.mem / "memory.oom_control").get("oom_kill", 0)
             reads = None
+            cache = _keyed(self.mem / "memory.stat").get("total_cache", 0)
         else:
             peak_file = self.mem / "memory.peak"
             peak = int(peak_file.read_text()) if peak_file.exists() else int((self.mem / "memory.current").read_text())
             ooms = _keyed(self.mem / "memory.events").get("oom_kill", 0)
             reads = _v2_read_bytes(self.mem / "io.stat")
-        return GroupStats(peak, ooms, reads)
+            cache = _keyed(self.mem / "memory.stat").get("file", 0)
+        return GroupStats(peak, ooms, reads, cache)
 
     def __exit__(self, *exc) -> None:
         if not self.mem.exists():

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tiermoe-budget", default=None,
                     help="expert cache per limit (comma list, or one for all) instead of fitting it")
     ap.add_argument("--headroom", default="32MiB", help="memory left free under a limit when sizing an engine")
-    ap.add_argument("--fit-retries", type=int, default=2, help="smaller settings tried after an OOM kill")
+    ap.add_argument("--fit-retries", type=int, default=3, help="smaller settings tried after an OOM kill")
     ap.add_argument("--drop-caches", action="store_true",
                     help="also drop every cached page (root) before limited runs, not only the model's")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds before a process is killed")

@@ -2,8 +2,8 @@
 
 llama.cpp runs as users run it (mmap). transformers offloads to disk with accelerate: its CPU budget and tiermoe's
 expert cache are sized to the limit from each engine's fixed footprint, measured once in a first run at its
-smallest setting in a group without a limit (the group's peak, which is what a limit counts, minus that setting);
-a run the OOM killer ends is retried with a 25% smaller setting.
+smallest setting in a group without a limit; a run the OOM killer ends is retried with a 25% smaller setting, so
+the setting that fits is approached from above.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def cold_cache(files: list[Path], drop_all: bool) -> None:
 
 
 def fixed_footprints(plan: LimitPlan) -> dict[str, dict]:
-    """Per sized engine, a cold run at its smallest setting in a group without a limit: its peak minus that setting.
+    """Per sized engine, a cold run at its smallest setting in a group without a limit: the group's peak, less the
+    page cache still charged to it at the end (a limit reclaims that) and less the setting.
 
-    The group's peak, not RSS: shared libraries another process already cached are not charged to the group (and
-    RSS counts them), while the model's page cache is.
+    The group's peak, not RSS: RSS counts shared libraries another process already cached, which are not charged
+    to the group. The estimate errs low when page cache grew after the peak; the OOM retries correct that.
     """
     out = {}
     for engine, floor in plan.floors.items():
@@ -54,11 +55,13 @@ def fixed_footprints(plan: LimitPlan) -> dict[str, dict]:
         run = run_engine(replace(plan.base[engine], budget=floor), None, _group(engine, "footprint"), plan.timeout)
         if not run.decode_tok_s:
             raise RuntimeError(f"{engine} failed at its smallest setting ({floor} bytes): {run.error}")
+        fixed = max(0, run.group_peak_bytes - run.group_cache_bytes - floor)
         out[engine] = {"setting_bytes": floor, "group_peak_bytes": run.group_peak_bytes,
-                       "peak_rss_bytes": run.peak_rss_bytes, "fixed_bytes": max(0, run.group_peak_bytes - floor)}
-        print(f"  {engine} fixed footprint {out[engine]['fixed_bytes'] / 2**20:.0f} MiB (group peak "
-              f"{run.group_peak_bytes / 2**20:.0f} MiB, peak RSS {run.peak_rss_bytes / 2**20:.0f} MiB, at setting "
-              f"{floor / 2**20:.1f} MiB)", flush=True)
+                       "group_cache_bytes": run.group_cache_bytes, "peak_rss_bytes": run.peak_rss_bytes,
+                       "fixed_bytes": fixed}
+        print(f"  {engine} fixed footprint {fixed / 2**20:.0f} MiB (group peak {run.group_peak_bytes / 2**20:.0f} "
+              f"MiB, page cache {run.group_cache_bytes / 2**20:.0f} MiB, peak RSS {run.peak_rss_bytes / 2**20:.0f} "
+              f"MiB, at setting {floor / 2**20:.1f} MiB)", flush=True)
     return out
 
 

@@ -67,6 +67,7 @@ def _collect(spec: RunSpec, proc: subprocess.CompletedProcess, read_bytes: int,
     if group is not None:
         stats = group.stats()
         run.group_peak_bytes, run.group_read_bytes = stats.peak_bytes, stats.read_bytes
+        run.group_cache_bytes = stats.cache_bytes
         # the kernel's count; a SIGKILL nobody else sent (no timeout) is the OOM killer too
         run.oom_killed = stats.oom_kills > 0 or proc.returncode == -signal.SIGKILL
     return run

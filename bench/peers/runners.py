@@ -8,10 +8,12 @@ the last generated token. Every engine is given the prompt as token ids, so toke
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 TORCH_DTYPES = ("bfloat16", "float32")
+Timed = tuple[float, float, list[int]]  # (prefill tok/s, decode tok/s, generated ids) of one generation
 
 
 @dataclass
@@ -49,6 +51,7 @@ class EngineRun:
     exit_code: int | None = None  # negative: killed by that signal
     oom_killed: bool = False
     group_peak_bytes: int | None = None  # cgroup peak: RSS + page cache
+    group_cache_bytes: int | None = None  # page cache charged to the cgroup at the end
     group_read_bytes: int | None = None
     error: str | None = None
 
@@ -65,7 +68,7 @@ def describe(spec: RunSpec) -> str:
     return f"{what} {format_bytes(spec.budget)}"
 
 
-def _time_tokens(tokens_iter, n: int, prompt_len: int, start: float) -> tuple[float, float, list[int]]:
+def _time_tokens(tokens_iter, n: int, prompt_len: int, start: float) -> Timed:
     """Consume `n` tokens from a generator; (prefill tok/s, decode tok/s, ids)."""
     ids, first = [], None
     for tok in tokens_iter:
@@ -78,6 +81,18 @@ def _time_tokens(tokens_iter, n: int, prompt_len: int, start: float) -> tuple[fl
     return prompt_len / (first - start), (n - 1) / (end - first), ids
 
 
+def _repeat(run: EngineRun, spec: RunSpec, generate: Callable[[int], Timed]) -> EngineRun:
+    """An untimed 4-token warm-up if asked, then spec.runs timed generations of spec.new_tokens into `run`."""
+    if spec.warmup:
+        generate(4)
+    for _ in range(spec.runs):
+        prefill, decode, ids = generate(spec.new_tokens)
+        run.prefill_tok_s.append(prefill)
+        run.decode_tok_s.append(decode)
+        run.token_ids.append(ids)
+    return run
+
+
 def run_tiermoe(spec: RunSpec) -> EngineRun:
     """tiermoe through its public Python API (LLM.generate); spec.budget sets --expert-cache."""
     from tiermoe import LLM, SamplingParams
@@ -86,22 +101,17 @@ def run_tiermoe(spec: RunSpec) -> EngineRun:
     llm = LLM(spec.model, dtype=spec.dtype, threads=spec.threads, expert_cache=spec.budget)
     run = EngineRun("tiermoe", spec.dtype, describe(spec), load_s=time.perf_counter() - start)
 
-    def generate(n: int):
+    def generate(n: int) -> Timed:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        return llm.generate([spec.prompt], params, use_tqdm=False)[0]
-
-    if spec.warmup:
-        generate(4)
-    for _ in range(spec.runs):
-        out = generate(spec.new_tokens)
+        out = llm.generate([spec.prompt], params, use_tqdm=False)[0]
         m = out.metrics
-        run.prefill_tok_s.append(len(spec.prompt) / (m.first_token_time - m.arrival_time))
-        run.decode_tok_s.append((spec.new_tokens - 1) / (m.finish_time - m.first_token_time))
-        run.token_ids.append(list(out.outputs[0].token_ids))
-        if spec.budget is not None:  # the expert cache's view of the last run
+        if spec.budget is not None:  # the expert cache's view of the latest run
             total = out.stats["total"]
             run.extra = {"hit_rate": total["hit_rate"], "expert_bytes_read": total["bytes_read"]}
-    return run
+        return (len(spec.prompt) / (m.first_token_time - m.arrival_time),
+                (n - 1) / (m.finish_time - m.first_token_time), list(out.outputs[0].token_ids))
+
+    return _repeat(run, spec, generate)
 
 
 def run_llama_cpp(spec: RunSpec) -> EngineRun:
@@ -113,19 +123,12 @@ def run_llama_cpp(spec: RunSpec) -> EngineRun:
                 n_threads_batch=spec.threads, seed=0, verbose=False)
     run = EngineRun("llama.cpp", spec.dtype, describe(spec), load_s=time.perf_counter() - start)
 
-    def generate(n: int):
+    def generate(n: int) -> Timed:
         llm.reset()  # no KV reuse between runs: every run processes the whole prompt
         t0 = time.perf_counter()
         return _time_tokens(llm.generate(spec.prompt, temp=0.0, repeat_penalty=1.0), n, len(spec.prompt), t0)
 
-    if spec.warmup:
-        generate(4)
-    for _ in range(spec.runs):
-        prefill, decode, ids = generate(spec.new_tokens)
-        run.prefill_tok_s.append(prefill)
-        run.decode_tok_s.append(decode)
-        run.token_ids.append(ids)
-    return run
+    return _repeat(run, spec, generate)
 
 
 def run_transformers(spec: RunSpec) -> EngineRun:
@@ -149,7 +152,7 @@ def run_transformers(spec: RunSpec) -> EngineRun:
         run.extra = {"modules_on_disk": placed.count("disk"), "modules_on_cpu": placed.count("cpu")}
     ids = torch.tensor([spec.prompt])
 
-    def generate(n: int):
+    def generate(n: int) -> Timed:
         clock = _Clock()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -157,14 +160,7 @@ def run_transformers(spec: RunSpec) -> EngineRun:
         end = time.perf_counter()
         return len(spec.prompt) / (clock.first - t0), (n - 1) / (end - clock.first), out[0, len(spec.prompt):].tolist()
 
-    if spec.warmup:
-        generate(4)
-    for _ in range(spec.runs):
-        prefill, decode, toks = generate(spec.new_tokens)
-        run.prefill_tok_s.append(prefill)
-        run.decode_tok_s.append(decode)
-        run.token_ids.append(toks)
-    return run
+    return _repeat(run, spec, generate)
 
 
 RUNNERS = {"tiermoe": run_tiermoe, "llama.cpp": run_llama_cpp, "transformers": run_transformers}

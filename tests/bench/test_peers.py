@@ -98,3 +98,20 @@ def test_llama_cpp_runs_the_converted_model(folder, spec):
     assert set(tensor_types(gguf)) == {"F32"}
     run = run_llama_cpp(replace(spec, engine="llama.cpp", gguf=str(gguf)))
     assert len(run.token_ids[0]) == 8 and min(run.decode_tok_s) > 0
+
+
+@pytest.mark.skipif(cgroup.unavailable() is not None, reason=f"memory cgroups: {cgroup.unavailable()}")
+def test_tiermoe_sized_to_a_limit_fits_it_and_keeps_its_tokens(folder, spec, resident_runs):
+    from bench.peers.memory import LimitPlan, fixed_footprints, limit_row, run_at_limit
+
+    one_token = 2 * 3 * SHAPE.hidden_size * SHAPE.intermediate_size * 4  # top-2 experts in float32
+    plan = LimitPlan({"tiermoe": replace(spec, runs=1, warmup=False)}, {"tiermoe": one_token}, [folder],
+                     headroom=64 << 20, retries=1, timeout=300)
+    fixed = fixed_footprints(plan)["tiermoe"]["fixed_bytes"]
+    assert 50 << 20 < fixed < 2 << 30  # python + torch + the model's dense weights
+    limit = fixed + (64 << 20) + 4 * one_token
+    attempts = run_at_limit(plan, "tiermoe", limit, fixed)
+    row = limit_row(100.0, limit, attempts, resident_runs[0].token_ids[0])
+    assert not row["oom_killed"] and row["decode_tok_s"] > 0, row["error"]
+    assert row["group_peak_bytes"] <= limit and row["same_tokens_as_resident"]
+    assert row["setting"].startswith("expert cache")
