@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.peers import cgroup
 from bench.peers.memory import SIZED, LimitPlan, fixed_footprints, limit_row, run_at_limit
 from bench.peers.model import SHAPES, build_model, model_bytes, prompt_ids
-from bench.peers.report import describe_environment, environment, save
+from bench.peers.report import describe_environment, environment, loadavg, save
 from bench.peers.resident import measure_resident, runs_as_dicts, summarize, token_checks
 from bench.peers.runners import TORCH_DTYPES, RunSpec
 from tiermoe.offload.budget import parse_budget
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs = measure_resident(specs, args.processes, args.timeout)
         rows = summarize(runs)
         result["resident"] = {"rows": rows, "checks": token_checks(rows), "runs": runs_as_dicts(runs),
-                              "new_tokens": args.tokens, "processes": args.processes, "runs_per_process": args.runs}
+                              "new_tokens": args.tokens, "processes": args.processes, "runs_per_process": args.runs,
+                              "loadavg_after": loadavg()}
     if "memory" in parts:
         reason = cgroup.unavailable()
         if reason:
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             limited = available(engines, NEEDS_LIMITED, notes, " under a limit")
             result["memory"] = equal_memory(args, limited, folder, shape, ggufs, spec, result.get("resident"))
+            result["memory"]["loadavg_after"] = loadavg()
     _check_tiermoe_identical(result)
     save(args.out, args.name, result, args.label)
     return result

@@ -58,10 +58,11 @@ def fixed_footprints(plan: LimitPlan) -> dict[str, dict]:
         fixed = max(0, run.group_peak_bytes - run.group_cache_bytes - floor)
         out[engine] = {"setting_bytes": floor, "group_peak_bytes": run.group_peak_bytes,
                        "group_cache_bytes": run.group_cache_bytes, "peak_rss_bytes": run.peak_rss_bytes,
-                       "fixed_bytes": fixed}
+                       "load_peak_rss_bytes": run.load_peak_rss_bytes, "fixed_bytes": fixed}
         print(f"  {engine} fixed footprint {fixed / 2**20:.0f} MiB (group peak {run.group_peak_bytes / 2**20:.0f} "
               f"MiB, page cache {run.group_cache_bytes / 2**20:.0f} MiB, peak RSS {run.peak_rss_bytes / 2**20:.0f} "
-              f"MiB, at setting {floor / 2**20:.1f} MiB)", flush=True)
+              f"MiB ({run.load_peak_rss_bytes / 2**20:.0f} MiB once loaded), at setting {floor / 2**20:.1f} MiB)",
+              flush=True)
     return out
 
 

@@ -32,9 +32,16 @@ def environment(argv: list[str]) -> dict:
             versions[name] = None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or None
-    return {"machine": machine(), "cpu_flags": [f for f in ISA_FLAGS if f in flags], "versions": versions,
+    return {"machine": machine(), "loadavg": loadavg(), "cpu_flags": [f for f in ISA_FLAGS if f in flags],
+            "versions": versions,
             "tiermoe_commit": commit, "command": shlex.join(["python", "-m", "bench.peers", *argv]),
             "python": sys.version.split()[0]}
+
+
+def loadavg() -> list[float] | None:
+    """1, 5 and 15-minute load averages: how busy a shared machine was around a part."""
+    path = Path("/proc/loadavg")
+    return [float(x) for x in path.read_text().split()[:3]] if path.exists() else None
 
 
 def describe_environment(env: dict) -> str:
@@ -64,9 +71,22 @@ def memory_table(rows: list[dict]) -> str:
         same = {True: "yes", False: "no", None: "-"}[r["same_tokens_as_resident"]]
         out.append([f"{r['limit_pct']:.0f}% ({r['limit_bytes'] / 2**20:.0f} MiB)", r["engine"], r["setting"],
                     _num(r["decode_tok_s"]), _num(r["prefill_tok_s"]), _mib(r["group_peak_bytes"]),
-                    _mib(r["read_bytes"]), status, same])
+                    _mib(r["read_bytes"]), status, same, _notes(r)])
     return markdown_table(["limit", "engine", "weights", "decode tok/s", "prefill tok/s", "peak MiB (cgroup)",
-                           "MiB read", "status", "same tokens as resident"], out)
+                           "MiB read", "status", "same tokens as resident", "notes"], out)
+
+
+def _notes(row: dict) -> str:
+    """Engine facts of a limited run: tiermoe's hit rate, accelerate's placement, OOM-killed tries before it."""
+    extra, notes = row["extra"] or {}, []
+    if "hit_rate" in extra:
+        notes.append(f"expert hit rate {extra['hit_rate']:.2f}")
+    if "modules_on_disk" in extra:
+        notes.append(f"{extra['modules_on_disk']} of {extra['modules_on_disk'] + extra['modules_on_cpu']} "
+                     "modules on disk")
+    if row["attempts"] > 1:
+        notes.append(f"{row['attempts'] - 1} larger setting(s) OOM-killed first")
+    return "; ".join(notes) or "-"
 
 
 def save(out_dir: Path, name: str, result: dict, label: str | None) -> None:
@@ -74,10 +94,12 @@ def save(out_dir: Path, name: str, result: dict, label: str | None) -> None:
     parts = [f"**{label}**\n" if label else "", describe_environment(result["environment"]).replace("\n", "  \n"),
              "", _model_line(result["model"])]
     if result.get("resident"):
-        parts += ["", "### (a) Resident decode, batch 1, greedy", "", resident_table(result["resident"]["rows"],
-                                                                                     result["resident"]["checks"])]
+        resident = result["resident"]
+        parts += ["", f"### (a) Resident decode, batch 1, greedy{_load(resident)}", "",
+                  resident_table(resident["rows"], resident["checks"])]
     if result.get("memory"):
-        parts += ["", "### (b) Equal memory: cgroup limit, cold page cache", "", memory_table(result["memory"]["rows"])]
+        parts += ["", f"### (b) Equal memory: cgroup limit, cold page cache{_load(result['memory'])}", "",
+                  memory_table(result["memory"]["rows"])]
     if result.get("notes"):
         parts += ["", *[f"- {n}" for n in result["notes"]]]
     write(out_dir, name, {"machine": result["environment"]["machine"], **result}, "\n".join(parts))
@@ -96,8 +118,9 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         (_plot_resident if panel == "resident" else _plot_memory)(ax, result[panel]["rows"])
+    label = f" ({result['label']})" if result.get("label") else ""
     fig.suptitle(f"{result['model']['shape']} ({result['model']['params'] / 1e9:.2f}B params), "
-                 f"{result['environment']['machine']['cpu']}", fontsize=9)
+                 f"{result['environment']['machine']['cpu']}, {result['model']['threads']} threads{label}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -130,9 +153,9 @@ def _plot_memory(ax, rows: list[dict]) -> None:
         ok = [r for r in mine if r["decode_tok_s"]]
         line = ax.plot([r["limit_pct"] for r in ok], [r["decode_tok_s"] for r in ok], marker="o", label=engine)
         failed = [r["limit_pct"] for r in mine if not r["decode_tok_s"]]
-        if failed:
-            ax.scatter(failed, [ax.get_ylim()[0] if ok else 0.1] * len(failed), marker="x",
-                       color=line[0].get_color(), label=f"{engine}: OOM/failed")
+        if failed:  # at the bottom edge: x in data, y in axes coordinates
+            ax.scatter(failed, [0.03] * len(failed), marker="x", s=60, color=line[0].get_color(),
+                       transform=ax.get_xaxis_transform(), label=f"{engine}: OOM-killed/failed", clip_on=False)
     ax.set_yscale("log")
     ax.set_xlabel("memory limit, % of the model's bytes")
     ax.set_ylabel("decode tokens/s")
@@ -143,6 +166,10 @@ def _plot_memory(ax, rows: list[dict]) -> None:
 def _model_line(model: dict) -> str:
     return (f"Model: random {model['shape']} ({model['params'] / 1e9:.2f}B params, {model['bytes'] / 2**20:.0f} MiB "
             f"bf16 safetensors), prompt {model['prompt_tokens']} tokens, {model['threads']} threads.")
+
+
+def _load(part: dict) -> str:
+    return f" (load average at its end: {part['loadavg_after'][0]:.1f})" if part.get("loadavg_after") else ""
 
 
 def _num(x) -> str:

@@ -46,6 +46,7 @@ class EngineRun:
     token_ids: list[list[int]] = field(default_factory=list)
     proc_read_bytes: int = 0  # /proc/self/io read_bytes at the end (storage reads, mmap faults included)
     peak_rss_bytes: int = 0  # VmHWM
+    load_peak_rss_bytes: int = 0  # VmHWM once the model is loaded, before generating (is the peak load's or decode's?)
     extra: dict = field(default_factory=dict)  # engine-specific facts (tiermoe's hit rate, accelerate's map)
     # filled by the parent process
     exit_code: int | None = None  # negative: killed by that signal
@@ -83,6 +84,7 @@ def _time_tokens(tokens_iter, n: int, prompt_len: int, start: float) -> Timed:
 
 def _repeat(run: EngineRun, spec: RunSpec, generate: Callable[[int], Timed]) -> EngineRun:
     """An untimed 4-token warm-up if asked, then spec.runs timed generations of spec.new_tokens into `run`."""
+    run.load_peak_rss_bytes = process_io()[1]
     if spec.warmup:
         generate(4)
     for _ in range(spec.runs):
