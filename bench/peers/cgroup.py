@@ -1,9 +1,10 @@
 """A memory cgroup for one engine run: limit, join, peak usage, OOM kills, bytes read; v1 or v2.
 
-The group is made inside the cgroup this process already runs in, so any limit set above it still applies. Under
-v1 the limit is memory.limit_in_bytes (page cache included); under v2 memory.max, with memory.peak, memory.events
-and io.stat. (v1's blkio.throttle.io_service_bytes stays 0 on recent kernels without a throttle rule, so under v1
-bytes read come from the process's /proc/PID/io instead, see bench.peers.process.)
+Under v1 the group is made inside the cgroup this process already runs in, so any limit set above it still
+applies, and the limit is memory.limit_in_bytes (page cache included). Under v2 it is made at the top of the
+hierarchy (v2 lets no group with processes in it, like a login session's, hand the memory controller to children),
+with memory.max, memory.peak, memory.events and io.stat. v1's blkio.throttle.io_service_bytes stays 0 on recent
+kernels without a throttle rule, so under v1 bytes read come from the process's /proc/PID/io (bench.peers.process).
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ class GroupStats:
     cache_bytes: int  # page cache charged to the group now (it stays charged after its processes exit)
 
 
-def _own_path(controller: str) -> str:
-    """This process's group for `controller` (v1) or in the unified hierarchy (controller "")."""
+def _own_v1_path() -> str:
+    """This process's group in the v1 memory hierarchy."""
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, names, path = line.split(":", 2)
-        if controller in names.split(",") or (not controller and names == ""):
+        if "memory" in names.split(","):
             return path.lstrip("/")
     return ""
+
+
+def _parent(v: int) -> Path:
+    return ROOT / "memory" / _own_v1_path() if v == 1 else ROOT
 
 
 def version() -> int | None:
@@ -48,9 +53,13 @@ def unavailable() -> str | None:
     v = version()
     if v is None:
         return "no cgroup memory controller is mounted under /sys/fs/cgroup"
-    parent = ROOT / "memory" / _own_path("memory") if v == 1 else ROOT / _own_path("")
+    parent = _parent(v)
     if not os.access(parent, os.W_OK):
         return f"cannot create a cgroup in {parent} (not root?)"
+    if v == 2:
+        _write(parent / "cgroup.subtree_control", "+memory", ok_fail=True)
+        if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
+            return f"the memory controller cannot be enabled for children of {parent}"
     return None
 
 
@@ -60,10 +69,7 @@ class MemoryGroup:
     def __init__(self, name: str, limit: int | None):
         self.version = version()
         self.limit = limit
-        if self.version == 1:
-            self.mem = ROOT / "memory" / _own_path("memory") / name
-        else:
-            self.mem = ROOT / _own_path("") / name
+        self.mem = _parent(self.version) / name
 
     def __enter__(self) -> MemoryGroup:
         if self.version == 2:

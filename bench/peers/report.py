@@ -57,7 +57,9 @@ def resident_table(rows: list[dict], checks: list[dict]) -> str:
     for r in rows:
         d, p = r["decode_tok_s"], r["prefill_tok_s"]
         c = check_of.get((r["engine"], r["dtype"]))
-        tokens = "reference" if c is None else ("identical" if c["identical"] else f"{c['agreement_pct']:.0f}% agree")
+        tokens = "reference" if c is None else "identical" if c["identical"] else f"{c['agreement_pct']:.0f}% agree"
+        if c and c["must_match"] and not c["identical"]:
+            tokens = f"DIFFERENT, must be identical ({tokens})"
         out.append([r["engine"], r["dtype"], _num(d and d["median"]), _range(d), _num(p and p["median"]),
                     f"{r['load_s']:.1f}", f"{r['peak_rss_bytes'] / 2**20:.0f}", r["runs"], tokens])
     return markdown_table(["engine", "dtype", "decode tok/s (median)", "min-max", "prefill tok/s", "load s",
