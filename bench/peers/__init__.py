@@ -1,0 +1,1 @@
+"""tiermoe side by side with llama.cpp and transformers: `python -m bench.peers --help`."""
