@@ -26,7 +26,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from tiermoe.offload.policies import POLICIES, CachePolicy, Key, split_key
+from tiermoe.offload.policies import POLICIES, CachePolicy, Key, Ranking, ranked_victim, split_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +55,7 @@ class _LayerWindow:
 
     steps: deque = field(default_factory=deque)  # key lists of the last `window` requests, oldest first
     count: dict = field(default_factory=dict)  # key -> routed tokens within the window (absent = 0)
-    resident: set = field(default_factory=set)
+    ranking: Ranking = field(default_factory=Ranking)  # residents by (count, tick): stale when the window moves
     step: int | None = None  # the caller's step of the latest request
     clock: int = 0  # requests seen so far
     proposed_at: int | None = None  # step whose boundary swap was already proposed
@@ -105,21 +105,32 @@ class DALIPolicy(CachePolicy):
             current.append(key)
             state.count[key] = state.count.get(key, 0) + 1
         self._last[key] = next(self._ticks)
+        state.ranking.stale = True
 
     def on_insert(self, key: Key, step: int) -> None:
         """Marks `key` resident; a key never accessed before (prefetched) counts as just used for tie-breaking."""
-        self._layer(key).resident.add(key)
+        state = self._layer(key)
         self._last.setdefault(key, next(self._ticks))
+        state.ranking.resident.add(key)
+        if not state.ranking.stale:
+            state.ranking.add(self._entry(state, key))
 
     def on_evict(self, key: Key) -> None:
         """Drops `key` from its layer's residents; its window count and recency stay (they describe routing)."""
-        self._layer(key).resident.discard(key)
+        self._layer(key).ranking.resident.discard(key)
 
     def victim(self, candidates, step: int) -> Key:
         """The candidate with the fewest routed tokens in its layer's window; the least recent among equals."""
+        return ranked_victim(self._layers.values(), candidates, self._rank)
+
+    def _entry(self, state: _LayerWindow, key: Key) -> tuple:
+        """A resident's place in its layer's ranking: (routed tokens, tick, key), or (tick, key) for LRU victims."""
         if self.config.victim == "lru":
-            return min(candidates, key=lambda k: self._last.get(k, 0))
-        return min(candidates, key=lambda k: (self.score(k), self._last.get(k, 0)))
+            return self._last[key], key
+        return state.count.get(key, 0), self._last[key], key
+
+    def _rank(self, state: _LayerWindow) -> None:
+        state.ranking.reset(self._entry(state, k) for k in state.ranking.resident)
 
     def proposals(self, step: int) -> list[Key]:
         """At a layer's window boundary (its request count a multiple of `window`), the swaps worth making."""
@@ -133,9 +144,10 @@ class DALIPolicy(CachePolicy):
     def _swaps(self, state: _LayerWindow) -> list[Key]:
         """Most loaded non-residents paired with least loaded evictable residents, while the newcomer scores more."""
         current = set(state.steps[-1]) if state.steps else set()
-        incoming = sorted((k for k in state.count if k not in state.resident),
+        resident = state.ranking.resident
+        incoming = sorted((k for k in state.count if k not in resident),
                           key=lambda k: (-state.count[k], -self._last.get(k, 0)))
-        outgoing = sorted((k for k in state.resident if k not in current),
+        outgoing = sorted((k for k in resident if k not in current),
                           key=lambda k: (state.count.get(k, 0), self._last.get(k, 0)))
         out = []
         for i, key in enumerate(incoming[: self.config.swaps]):

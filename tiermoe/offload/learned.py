@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tiermoe.offload.learned_features import FEATURES, LayerHistory
-from tiermoe.offload.policies import POLICIES, CachePolicy, Key, split_key
+from tiermoe.offload.policies import POLICIES, CachePolicy, Key, Ranking, ranked_victim, split_key
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "policies" / "learned.safetensors"
 
@@ -81,10 +81,15 @@ class MLP:
     _NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """[N, F] -> [N]."""
-        h = np.maximum(x @ self.w1 + self.b1, 0.0)
-        h = np.maximum(h @ self.w2 + self.b2, 0.0)
-        return h @ self.w3 + self.b3[0]
+        """[N, F] -> [N] float32.
+
+        Computed in float64, rounded to float32 once: BLAS rounds a row differently by batch size and position, by
+        about one float32 ulp, but only by ~1e-16 in float64, which the rounding absorbs. So a row scores the same
+        in any batch: scoring a layer's experts together equals scoring each alone, and equal inputs tie.
+        """
+        h = np.maximum(np.asarray(x, np.float64) @ self.w1.astype(np.float64) + self.b1, 0.0)  # [N, H]
+        h = np.maximum(h @ self.w2.astype(np.float64) + self.b2, 0.0)  # [N, H]
+        return (h @ self.w3.astype(np.float64) + self.b3[0]).astype(np.float32)  # [N]
 
     @property
     def num_params(self) -> int:
@@ -149,14 +154,9 @@ class LearnedWeights:
 class _LayerState:
     history: LayerHistory
     mlp: MLP
-    slots: dict = field(default_factory=dict)  # expert key -> slot in `history`
-    scored: list = field(default_factory=list)  # keys of this layer holding a score in the policy's memo
-
-    def slot(self, expert: Key) -> int:
-        s = self.slots.get(expert)
-        if s is None:
-            s = self.slots[expert] = len(self.slots)
-        return s
+    slots: dict = field(default_factory=dict)  # expert -> slot in `history`
+    ranking: Ranking = field(default_factory=Ranking)  # residents by (-prediction, tick); stale when requested
+    scores: dict = field(default_factory=dict)  # slot -> prediction, of the slots scored since the layer's request
 
 
 class LearnedPolicy(CachePolicy):
@@ -168,6 +168,11 @@ class LearnedPolicy(CachePolicy):
     not given) the pooled MLP, which was trained on all layers and knows no layer in particular. So the live store
     picks each layer's MLP from key[0] when built with `make_policy("learned", num_layers=...)`; a plain
     `make_policy("learned")` serves every layer with the pooled MLP (about as good on held-out OLMoE prompts).
+
+    NOTE: a layer's features only change when that layer is requested (its clock is its own). So the first victim
+    needed after a request scores that layer's residents, and the request's own experts (resident right after, if
+    missed), in one MLP call and ranks them; the ranking serves every eviction until the layer's next request, and
+    a victim is the best of the layers' ranking heads (`ranked_victim`).
     """
 
     wants_layer = True
@@ -178,74 +183,66 @@ class LearnedPolicy(CachePolicy):
             SHIPPED_WEIGHTS if weights is None else weights)
         self.layer, self.num_layers = layer, num_layers
         self._layers: dict[int | None, _LayerState] = {}
+        self._where: dict[Key, tuple[_LayerState, int]] = {}  # key -> its layer's state and its slot there
         self._ticks = itertools.count(1)
         self._last: dict[Key, int] = {}  # key -> tick of its latest access (ties go to the oldest)
-        # (prediction, -tick) per key. A layer's features only change when that layer is requested (its clock is
-        # its own), so a request invalidates its layer's scores only: with one cache across layers (the live
-        # store) a victim call then scores the candidates of one layer, not all of them.
-        self._scores: dict[Key, tuple[float, int]] = {}
 
     def _locate(self, key: Key) -> tuple[_LayerState, int]:
-        layer, expert = split_key(key, self.layer)
-        state = self._layers.get(layer)
-        if state is None:
-            mlp = self.weights.mlp_for(layer, self.num_layers)
-            state = self._layers[layer] = _LayerState(LayerHistory(self.weights.config), mlp)
-        return state, state.slot(expert)
+        where = self._where.get(key)
+        if where is None:
+            layer, expert = split_key(key, self.layer)
+            state = self._layers.get(layer)
+            if state is None:
+                mlp = self.weights.mlp_for(layer, self.num_layers)
+                state = self._layers[layer] = _LayerState(LayerHistory(self.weights.config), mlp)
+            where = self._where[key] = (state, state.slots.setdefault(expert, len(state.slots)))
+        return where
 
     def on_access(self, key: Key, step: int) -> None:
         """Feeds the use to its layer's history."""
         state, slot = self._locate(key)
         state.history.access(slot, step)
         self._last[key] = next(self._ticks)
-        if state.scored:
-            for k in state.scored:
-                self._scores.pop(k, None)
-            state.scored.clear()
+        state.ranking.stale = True
 
     def on_insert(self, key: Key, step: int) -> None:
         """A key made resident without an access (prefetched) counts as just used."""
         state, slot = self._locate(key)
-        state.history.touch(slot)
+        touched = state.history.touch(slot)
         if key not in self._last:
             self._last[key] = next(self._ticks)
-        self._scores.pop(key, None)
+        ranking = state.ranking
+        ranking.resident.add(key)
+        if not ranking.stale:
+            score = state.scores.get(slot)
+            if touched or score is None:
+                ranking.stale = True
+            else:
+                ranking.add((-score, self._last[key], key))
 
     def on_evict(self, key: Key) -> None:
-        """Nothing to forget: the history describes routing, which goes on whether the key is resident or not."""
-        self._scores.pop(key, None)
+        """Drops the key from its layer's residents; the history describes routing, which goes on regardless."""
+        self._locate(key)[0].ranking.resident.discard(key)
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
-        """The candidate predicted to be needed last. One batched MLP call per layer scores the candidates without a
-        valid score; scores stay valid until their layer is requested again."""
-        if not isinstance(candidates, Collection):
-            candidates = list(candidates)
-        scores = self._scores
-        todo = [k for k in candidates if k not in scores]
-        if todo:
-            for state, keys, values in self._predict_by_layer(todo):
-                scores.update((k, (v, -self._last.get(k, 0))) for k, v in zip(keys, values.tolist(), strict=True))
-                state.scored += keys
-        return max(candidates, key=scores.__getitem__)
+        """The candidate predicted to be needed last (see the class NOTE for how little this computes per call)."""
+        return ranked_victim(self._layers.values(), candidates, self._rank)
+
+    def _rank(self, state: _LayerState) -> None:
+        """Scores the layer's residents and its latest request's experts in one MLP call, and ranks the residents."""
+        where, last, resident = self._where, self._last, state.ranking.resident
+        slots = list({where[k][1] for k in resident}.union(state.history.current))
+        state.scores = dict(zip(slots, state.mlp(state.history.features(np.array(slots, np.int64))).tolist(),
+                                strict=True))
+        state.ranking.reset((-state.scores[where[k][1]], last[k], k) for k in resident)
 
     def predict(self, keys: list[Key]) -> np.ndarray:
-        """Predicted next-use distance of each key (scaled: 1 = the horizon or later)."""
-        out = dict(itertools.chain.from_iterable(zip(k, v.tolist(), strict=True)
-                                                 for _, k, v in self._predict_by_layer(keys)))
-        return np.array([out[k] for k in keys])
-
-    def _predict_by_layer(self, keys: list[Key]) -> list[tuple[_LayerState, list[Key], np.ndarray]]:
-        """(layer state, its keys, their predictions) per layer among `keys`: one MLP call per layer."""
-        groups: dict[int, tuple[_LayerState, list[Key], list[int]]] = {}
+        """Predicted next-use distance of each key (scaled: 1 = the horizon or later), one MLP call per key."""
+        out = []
         for key in keys:
             state, slot = self._locate(key)
-            group = groups.get(id(state))
-            if group is None:
-                group = groups[id(state)] = (state, [], [])
-            group[1].append(key)
-            group[2].append(slot)
-        return [(state, ks, state.mlp(state.history.features(np.array(slots, np.int64))))
-                for state, ks, slots in groups.values()]
+            out.append(state.mlp(state.history.features(np.array([slot], np.int64)))[0])
+        return np.array(out)
 
 
 POLICIES["learned"] = LearnedPolicy

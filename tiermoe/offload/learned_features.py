@@ -40,6 +40,7 @@ class ReusePredictor:
         self._g_weight = np.full((history * size, size), 1e-8)  # AdaGrad sums of squared gradients
         self._g_bias = np.full(size, 1e-8)
         self._sets: deque[np.ndarray] = deque(maxlen=horizon + history)  # slots of recent requests, newest last
+        self._inputs: deque[np.ndarray] = deque(maxlen=horizon + 1)  # rows of the latest inputs, newest last
         self.p = np.full(size, 0.5)  # prediction after the newest request
 
     def grow(self, size: int) -> None:
@@ -56,14 +57,17 @@ class ReusePredictor:
         self._g_bias = np.pad(self._g_bias, (0, pad), constant_values=1e-8)
         self.p = np.pad(self.p, (0, pad), constant_values=0.5)
         self.size = size
+        n = len(self._sets)  # the remembered inputs' rows move with the new row stride
+        self._inputs = deque((self._rows(i) for i in range(n - len(self._inputs), n)), maxlen=self.horizon + 1)
 
     def observe(self, used: np.ndarray) -> None:
         """Takes the slots the newest request used: trains on the input whose label is now complete, then predicts."""
         self._sets.append(used)
         newest = len(self._sets) - 1
+        self._inputs.append(self._rows(newest))
         if newest >= self.horizon:
             self._train(newest - self.horizon)
-        self.p = _sigmoid(self._logits(self._rows(newest)))
+        self.p = _sigmoid(self._logits(self._inputs[-1]))
 
     def _rows(self, i: int) -> np.ndarray:
         """Rows of `weight` active for the input ending at the i-th remembered request."""
@@ -73,13 +77,13 @@ class ReusePredictor:
         return self.bias + self.weight[rows].sum(axis=0)
 
     def _train(self, i: int) -> None:
-        rows = self._rows(i)
+        rows = self._inputs[0]  # the input ending at request i = newest - horizon
         label = np.zeros(self.size)
-        for used in itertools.islice(self._sets, i + 1, i + 1 + self.horizon):
-            label[used] = 1.0
+        label[np.concatenate(list(itertools.islice(self._sets, i + 1, i + 1 + self.horizon)))] = 1.0
         grad = _sigmoid(self._logits(rows)) - label  # d(log loss)/d(logit) for every predicted slot
-        self._g_weight[rows] += grad * grad
-        self.weight[rows] -= self.lr * grad / np.sqrt(self._g_weight[rows])
+        g_weight = self._g_weight[rows] + grad * grad  # rows are distinct: one update each
+        self._g_weight[rows] = g_weight
+        self.weight[rows] -= self.lr * grad / np.sqrt(g_weight)
         self._g_bias += grad * grad
         self.bias -= self.lr * grad / np.sqrt(self._g_bias)
 
@@ -88,9 +92,10 @@ class LayerHistory:
     """One layer's requests, kept incrementally, and the feature rows they imply for any of its expert slots.
 
     `access(slot, step)` is called for each expert of a request, in router rank order; the first access with a new
-    `step` opens the next request (the layer's clock advances). Features describe the layer after the latest request,
-    which is when the cache asks for a victim. An access arriving after features were read in the same request still
-    updates counts and recency, but the `reuse` predictor, which has taken that request's set, does not see it.
+    `step` opens the next request (the layer's clock advances). Accesses are written to the arrays together, when
+    features are next read or the next request opens. Features describe the layer after the latest request, which is
+    when the cache asks for a victim. An access arriving after features were read in the same request still updates
+    counts and recency.
     """
 
     def __init__(self, config: LearnedConfig, size: int = 64):
@@ -104,7 +109,9 @@ class LayerHistory:
         self.top_k = 1  # largest request seen
         self.step: int | None = None  # the caller's step of the latest request
         self._current: list[int] = []  # slots of the latest request, rank order
-        self._window: deque[list[int]] = deque()  # slots of the requests before it, within the window
+        self._in_current: set[int] = set()
+        self._written = 0  # entries of _current already written to the arrays
+        self._window: deque[np.ndarray] = deque()  # slots of the requests before it, within the window
         self._settled = True  # the latest request has been handed to the reuse predictor
         self.reuse = (ReusePredictor(config.reuse_horizon, config.reuse_history, config.reuse_lr, size)
                       if {"reuse", "reuse_rank"} & set(config.features) else None)
@@ -113,42 +120,67 @@ class LayerHistory:
     def size(self) -> int:
         return len(self.last)
 
+    @property
+    def current(self) -> list[int]:
+        """Slots of the latest request, in rank order."""
+        return self._current
+
     def access(self, slot: int, step: int) -> None:
         """Records a use of `slot` by the request at `step`."""
         if step != self.step:
             self._open(step)
         if slot >= self.size:
             self._grow(slot + 1)
-        if self.last[slot] == self.clock:
+        if slot in self._in_current:
             return  # listed twice in one request
-        self.prev[slot], self.last[slot] = self.last[slot], self.clock
-        self.rank[slot] = len(self._current)
-        self.count[slot] += 1
-        self.total[slot] += 1
+        self._in_current.add(slot)
         self._current.append(slot)
         self._settled = False
 
-    def touch(self, slot: int) -> None:
-        """A slot made resident without a use (prefetched): it counts as used now for recency, not for counts."""
+    def touch(self, slot: int) -> bool:
+        """A slot made resident without a use (prefetched): it counts as used now for recency, not for counts.
+        Returns whether that changed anything (the slot had never been used)."""
         if slot >= self.size:
             self._grow(slot + 1)
-        if self.last[slot] < 0:
-            self.last[slot] = max(self.clock, 0)
+        if slot in self._in_current or self.last[slot] >= 0:
+            return False
+        self.last[slot] = max(self.clock, 0)
+        return True
+
+    def seen(self) -> np.ndarray:
+        """[size] bool: the slots used (or touched) so far."""
+        self._write()
+        return self.last >= 0
 
     def features(self, slots: np.ndarray) -> np.ndarray:
         """[len(slots), F] float32 rows, in the order of `config.features`."""
         self._settle()
         return np.stack([FEATURES[name](self, slots) for name in self.config.features], axis=1).astype(np.float32)
 
+    def _write(self) -> None:
+        """Writes the latest request's accesses not yet in the arrays (distinct slots, so fancy indexing is safe)."""
+        start, end = self._written, len(self._current)
+        if start == end:
+            return
+        s = np.array(self._current[start:], np.int64)
+        self.prev[s] = self.last[s]
+        self.last[s] = self.clock
+        self.rank[s] = np.arange(start, end)
+        self.count[s] += 1
+        self.total[s] += 1
+        self._written = end
+
     def _open(self, step: int) -> None:
         self._settle()
         if self.clock >= 0:
-            self._window.append(self._current)
+            self._window.append(np.array(self._current, np.int64))
         while len(self._window) >= self.config.window:  # the new request is the window's last
-            np.subtract.at(self.count, self._window.popleft(), 1)
-        self.step, self.clock, self._current = step, self.clock + 1, []
+            self.count[self._window.popleft()] -= 1
+        self.step, self.clock = step, self.clock + 1
+        self._current, self._in_current, self._written = [], set(), 0
 
     def _settle(self) -> None:
+        self._write()
         if not self._settled:
             self._settled = True
             self.top_k = max(self.top_k, len(self._current))

@@ -95,7 +95,7 @@ def mine_layer(requests: Sequence[Sequence[int]], config: LearnedConfig, rows: i
         for e in experts:
             history.access(e, t)
         if keep[t]:
-            seen = history.last[: dist.shape[1]] >= 0
+            seen = history.seen()[: dist.shape[1]]
             seen[experts] = False
             slots = np.flatnonzero(seen)
             if len(slots):

@@ -16,15 +16,16 @@ them in the order the request lists its keys; the simulator lists a row in route
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, KeysView, Sequence
 from typing import Any
 
 Key = Hashable
 
-# Scores below pack two integers into one so that `min`/`max` with a dict lookup as key stay in C:
-# primary * _SHIFT + secondary, where the secondary (an access tick) is always below _SHIFT.
+# Scores below pack two integers into one, so that they compare (in a heap, or `max` with a dict lookup as key) as
+# one int: primary * _SHIFT + secondary, where the secondary (an access tick) is always below _SHIFT.
 _SHIFT = 1 << 40
 
 
@@ -53,7 +54,9 @@ class CachePolicy(ABC):
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """Called when room is needed at `step`: return one of `candidates` (the evictable residents) to evict.
 
-        The caller has already removed the keys of the request being served, so those are never offered.
+        Candidates are residents: keys the policy saw `on_insert` and no `on_evict` since. The caller has already
+        removed the keys of the request being served, so those are never offered. Called once per eviction, so
+        policies keep their ranking between calls rather than scoring every candidate each time.
         """
 
     def proposals(self, step: int) -> list[Key]:
@@ -74,21 +77,28 @@ class _TickPolicy(CachePolicy):
         self._ticks = itertools.count(1)
 
 
-class LRUPolicy(_TickPolicy):
+def as_set(candidates: Iterable[Key]) -> Collection[Key]:
+    """`candidates` as something with a fast `in` (the cache passes a set already)."""
+    return candidates if isinstance(candidates, (set, frozenset, KeysView)) else set(candidates)
+
+
+class LRUPolicy(CachePolicy):
     """Least recently used: evicts the candidate whose latest access is oldest."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.last: dict[Key, int] = {}  # key -> tick of its latest access (or insert)
+        # Keys by latest access (or insert), oldest first: an access moves its key to the end, so the victim is
+        # the first key that is a candidate (the request's own keys, the newest, are the ones skipped).
+        self.last: dict[Key, None] = {}
 
     def on_access(self, key: Key, step: int) -> None:
         """Marks `key` as the most recent access."""
-        self.last[key] = next(self._ticks)
+        self.last.pop(key, None)
+        self.last[key] = None
 
     def on_insert(self, key: Key, step: int) -> None:
         """A key inserted without an access (e.g. prefetched) counts as just used."""
         if key not in self.last:
-            self.last[key] = next(self._ticks)
+            self.last[key] = None
 
     def on_evict(self, key: Key) -> None:
         """Forgets the key: its recency only matters while it is resident."""
@@ -96,7 +106,11 @@ class LRUPolicy(_TickPolicy):
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """The least recently used candidate."""
-        return min(candidates, key=self.last.__getitem__)
+        candidates = as_set(candidates)
+        for key in self.last:
+            if key in candidates:
+                return key
+        raise ValueError("no candidate is a resident this policy was told of (on_insert)")
 
 
 class LFUPolicy(_TickPolicy):
@@ -110,16 +124,24 @@ class LFUPolicy(_TickPolicy):
         super().__init__()
         self.count: dict[Key, int] = {}
         self._score: dict[Key, int] = {}  # count * _SHIFT + last tick: lower is evicted first
+        self._heap: list[tuple[int, Key]] = []  # (score, key), lowest first; entries whose score is gone are stale
+
+    def _set(self, key: Key, score: int) -> None:
+        self._score[key] = score
+        heapq.heappush(self._heap, (score, key))
+        if len(self._heap) > 2 * len(self._score) + 64:  # drop the stale entries now and then
+            self._heap = [(s, k) for k, s in self._score.items()]
+            heapq.heapify(self._heap)
 
     def on_access(self, key: Key, step: int) -> None:
         """Counts the access and refreshes the key's recency."""
         n = self.count[key] = self.count.get(key, 0) + 1
-        self._score[key] = n * _SHIFT + next(self._ticks)
+        self._set(key, n * _SHIFT + next(self._ticks))
 
     def on_insert(self, key: Key, step: int) -> None:
         """A key inserted without an access (e.g. prefetched) starts with its past count, and is recent."""
         if key not in self._score:
-            self._score[key] = self.count.get(key, 0) * _SHIFT + next(self._ticks)
+            self._set(key, self.count.get(key, 0) * _SHIFT + next(self._ticks))
 
     def on_evict(self, key: Key) -> None:
         """Keeps the count (all accesses count), drops the per-resident score."""
@@ -127,7 +149,81 @@ class LFUPolicy(_TickPolicy):
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """The candidate with the fewest accesses; among equals, the least recently used."""
-        return min(candidates, key=self._score.__getitem__)
+        candidates, heap, score = as_set(candidates), self._heap, self._score
+        aside = []  # current entries of keys that are not candidates (the request being served): put back after
+        try:
+            while heap:
+                s, key = heap[0]
+                if score.get(key) != s:
+                    heapq.heappop(heap)  # stale: the key was accessed again or evicted since
+                elif key in candidates:
+                    return key
+                else:
+                    aside.append(heapq.heappop(heap))
+            raise ValueError("no candidate is a resident this policy was told of (on_insert)")
+        finally:
+            for item in aside:
+                heapq.heappush(heap, item)
+
+
+class Ranking:
+    """One layer's residents in eviction order, as `(score, ..., key)` tuples: the smallest is evicted first.
+
+    For policies whose scores of a layer's experts change only when that layer is requested (DALI's window counts,
+    the learned policy's features): the policy marks the layer `stale` then, rebuilds its ranking (`reset`) when a
+    victim is next needed, slots keys made resident meanwhile into it (`add`), and `ranked_victim` takes the best
+    head among the layers, so an eviction costs a look at each layer's head rather than a score per candidate.
+    Evicted keys stay in `order` and are skipped (they are not in `resident`).
+    """
+
+    __slots__ = ("order", "head", "resident", "stale")
+
+    def __init__(self) -> None:
+        self.order: list[tuple] = []
+        self.head = 0  # entries before it are known to be evicted
+        self.resident: set[Key] = set()
+        self.stale = True
+
+    def reset(self, items: Iterable[tuple]) -> None:
+        self.order, self.head, self.stale = sorted(items), 0, False
+
+    def add(self, item: tuple) -> None:
+        i = bisect.bisect_right(self.order, item)
+        self.order.insert(i, item)
+        self.head = min(self.head, i)
+
+    def first(self, candidates: Collection[Key]) -> tuple | None:
+        """The smallest entry whose key is a candidate, or None."""
+        order, resident, i = self.order, self.resident, self.head
+        while i < len(order) and order[i][-1] not in resident:
+            i += 1
+        self.head = i
+        for item in itertools.islice(order, i, None):
+            if item[-1] in candidates:
+                return item
+        return None
+
+
+def ranked_victim(layers: Iterable[Any], candidates: Iterable[Key], refresh: Callable[[Any], None]) -> Key:
+    """The key of the smallest candidate entry over the layers' `.ranking`s; `refresh(layer)` first rebuilds a stale
+    ranking that holds residents.
+
+    Candidates must be residents the policy was told of (`on_insert`), as the cache guarantees.
+    """
+    candidates = as_set(candidates)
+    best = None
+    for layer in layers:
+        ranking = layer.ranking
+        if not ranking.resident:
+            continue
+        if ranking.stale:
+            refresh(layer)
+        item = ranking.first(candidates)
+        if item is not None and (best is None or item < best):
+            best = item
+    if best is None:
+        raise ValueError("no candidate is a resident this policy was told of (on_insert)")
+    return best[-1]
 
 
 class BeladyPolicy(_TickPolicy):
