@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tiermoe.offload.learned_features import FEATURES, LayerHistory
-from tiermoe.offload.policies import POLICIES, CachePolicy, Key, Ranking, ranked_victim, split_key
+from tiermoe.offload.policies import POLICIES, CachePolicy, Key, VictimHeap, ranked_victim, split_key
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "policies" / "learned.safetensors"
 
@@ -67,7 +67,7 @@ class LearnedConfig:
         return cls(**known)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MLP:
     """Two hidden ReLU layers and one output: the predicted next-use distance (scaled to [0, 1]) of each row."""
 
@@ -80,6 +80,10 @@ class MLP:
 
     _NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
+    def __post_init__(self) -> None:
+        # What __call__ computes with (frozen, so these cannot go stale: `dataclasses.replace` makes a changed MLP).
+        object.__setattr__(self, "_f64", tuple(getattr(self, n).astype(np.float64) for n in self._NAMES))
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """[N, F] -> [N] float32.
 
@@ -87,9 +91,10 @@ class MLP:
         about one float32 ulp, but only by ~1e-16 in float64, which the rounding absorbs. So a row scores the same
         in any batch: scoring a layer's experts together equals scoring each alone, and equal inputs tie.
         """
-        h = np.maximum(np.asarray(x, np.float64) @ self.w1.astype(np.float64) + self.b1, 0.0)  # [N, H]
-        h = np.maximum(h @ self.w2.astype(np.float64) + self.b2, 0.0)  # [N, H]
-        return (h @ self.w3.astype(np.float64) + self.b3[0]).astype(np.float32)  # [N]
+        w1, b1, w2, b2, w3, b3 = self._f64
+        h = np.maximum(np.asarray(x, np.float64) @ w1 + b1, 0.0)  # [N, H]
+        h = np.maximum(h @ w2 + b2, 0.0)  # [N, H]
+        return (h @ w3 + b3[0]).astype(np.float32)  # [N]
 
     @property
     def num_params(self) -> int:
@@ -150,12 +155,12 @@ class LearnedWeights:
                    json.loads(meta.get("info", "{}")))
 
 
-@dataclass
+@dataclass(eq=False)
 class _LayerState:
     history: LayerHistory
     mlp: MLP
     slots: dict = field(default_factory=dict)  # expert -> slot in `history`
-    ranking: Ranking = field(default_factory=Ranking)  # residents by (-prediction, tick); stale when requested
+    resident: set = field(default_factory=set)  # keys
     scores: dict = field(default_factory=dict)  # slot -> prediction, of the slots scored since the layer's request
 
 
@@ -171,8 +176,8 @@ class LearnedPolicy(CachePolicy):
 
     NOTE: a layer's features only change when that layer is requested (its clock is its own). So the first victim
     needed after a request scores that layer's residents, and the request's own experts (resident right after, if
-    missed), in one MLP call and ranks them; the ranking serves every eviction until the layer's next request, and
-    a victim is the best of the layers' ranking heads (`ranked_victim`).
+    missed), in one MLP call; their entries (-prediction, tick, key) serve every eviction until the layer's next
+    request, from one heap over all layers (`ranked_victim`).
     """
 
     wants_layer = True
@@ -186,6 +191,8 @@ class LearnedPolicy(CachePolicy):
         self._where: dict[Key, tuple[_LayerState, int]] = {}  # key -> its layer's state and its slot there
         self._ticks = itertools.count(1)
         self._last: dict[Key, int] = {}  # key -> tick of its latest access (ties go to the oldest)
+        self._heap = VictimHeap()  # residents' (-predicted distance, tick, key)
+        self._stale: set[_LayerState] = set()  # layers requested since their residents were scored
 
     def _locate(self, key: Key) -> tuple[_LayerState, int]:
         where = self._where.get(key)
@@ -203,7 +210,7 @@ class LearnedPolicy(CachePolicy):
         state, slot = self._locate(key)
         state.history.access(slot, step)
         self._last[key] = next(self._ticks)
-        state.ranking.stale = True
+        self._stale.add(state)
 
     def on_insert(self, key: Key, step: int) -> None:
         """A key made resident without an access (prefetched) counts as just used."""
@@ -211,30 +218,31 @@ class LearnedPolicy(CachePolicy):
         touched = state.history.touch(slot)
         if key not in self._last:
             self._last[key] = next(self._ticks)
-        ranking = state.ranking
-        ranking.resident.add(key)
-        if not ranking.stale:
+        state.resident.add(key)
+        if state not in self._stale:
             score = state.scores.get(slot)
-            if touched or score is None:
-                ranking.stale = True
+            if touched or score is None:  # not scored with its layer, or the layer's features moved
+                self._stale.add(state)
             else:
-                ranking.add((-score, self._last[key], key))
+                self._heap.push((-score, self._last[key], key))
 
     def on_evict(self, key: Key) -> None:
         """Drops the key from its layer's residents; the history describes routing, which goes on regardless."""
-        self._locate(key)[0].ranking.resident.discard(key)
+        self._locate(key)[0].resident.discard(key)
+        self._heap.discard(key)
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """The candidate predicted to be needed last (see the class NOTE for how little this computes per call)."""
-        return ranked_victim(self._layers.values(), candidates, self._rank)
+        return ranked_victim(self._heap, self._stale, candidates, self._rank)
 
     def _rank(self, state: _LayerState) -> None:
-        """Scores the layer's residents and its latest request's experts in one MLP call, and ranks the residents."""
-        where, last, resident = self._where, self._last, state.ranking.resident
-        slots = list({where[k][1] for k in resident}.union(state.history.current))
+        """Scores the layer's residents and its latest request's experts in one MLP call; enters the residents."""
+        where, last = self._where, self._last
+        slots = list({where[k][1] for k in state.resident}.union(state.history.current))
         state.scores = dict(zip(slots, state.mlp(state.history.features(np.array(slots, np.int64))).tolist(),
                                 strict=True))
-        state.ranking.reset((-state.scores[where[k][1]], last[k], k) for k in resident)
+        for key in state.resident:
+            self._heap.push((-state.scores[where[key][1]], last[key], key))
 
     def predict(self, keys: list[Key]) -> np.ndarray:
         """Predicted next-use distance of each key (scaled: 1 = the horizon or later), one MLP call per key."""

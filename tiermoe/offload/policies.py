@@ -113,6 +113,58 @@ class LRUPolicy(CachePolicy):
         raise ValueError("no candidate is a resident this policy was told of (on_insert)")
 
 
+class VictimHeap:
+    """Eviction entries `(score, ..., key)`, one current per key, in a heap: the smallest candidate's key is the victim.
+
+    `push` makes an entry its key's current one; `discard` drops the key's. Older entries stay in the heap and are
+    dropped when they reach the top, so an eviction costs a few heap operations rather than a score per candidate.
+    Scores must tie only for entries of the same key (an access tick in the entry does that).
+    """
+
+    def __init__(self) -> None:
+        self.heap: list[tuple] = []
+        self.current: dict[Key, tuple] = {}
+
+    def push(self, entry: tuple) -> None:
+        self.current[entry[-1]] = entry
+        heapq.heappush(self.heap, entry)
+        if len(self.heap) > 2 * len(self.current) + 64:  # drop the outdated entries now and then
+            self.heap = list(self.current.values())
+            heapq.heapify(self.heap)
+
+    def discard(self, key: Key) -> None:
+        self.current.pop(key, None)
+
+    def first(self, candidates: Iterable[Key]) -> Key:
+        """The key of the smallest current entry among `candidates`."""
+        candidates, heap, current = as_set(candidates), self.heap, self.current
+        aside = []  # current entries of keys that are not candidates (the request being served): put back after
+        try:
+            while heap:
+                top = heap[0]
+                if current.get(top[-1]) is not top:
+                    heapq.heappop(heap)  # outdated: the key has a newer entry or was dropped
+                elif top[-1] in candidates:
+                    return top[-1]
+                else:
+                    aside.append(heapq.heappop(heap))
+            raise ValueError("no candidate is a resident this policy was told of (on_insert)")
+        finally:
+            for entry in aside:
+                heapq.heappush(heap, entry)
+
+
+def ranked_victim(heap: VictimHeap, stale: set, candidates: Iterable[Key], rank: Callable[[Any], None]) -> Key:
+    """For policies whose scores of a layer's experts change only when that layer is requested (DALI's window counts,
+    the learned policy's features): such a request puts the layer in `stale`; the next eviction first re-enters its
+    residents into `heap` (`rank(layer)`, for the layers that hold residents), then takes the heap's best candidate.
+    A layer keeps its entries until its next request, so the evictions in between cost a few heap operations."""
+    for layer in [layer for layer in stale if layer.resident]:
+        rank(layer)
+        stale.discard(layer)
+    return heap.first(candidates)
+
+
 class LFUPolicy(_TickPolicy):
     """Least frequently used, counting every access since the policy was created (resident or not).
 
@@ -123,107 +175,25 @@ class LFUPolicy(_TickPolicy):
     def __init__(self) -> None:
         super().__init__()
         self.count: dict[Key, int] = {}
-        self._score: dict[Key, int] = {}  # count * _SHIFT + last tick: lower is evicted first
-        self._heap: list[tuple[int, Key]] = []  # (score, key), lowest first; entries whose score is gone are stale
-
-    def _set(self, key: Key, score: int) -> None:
-        self._score[key] = score
-        heapq.heappush(self._heap, (score, key))
-        if len(self._heap) > 2 * len(self._score) + 64:  # drop the stale entries now and then
-            self._heap = [(s, k) for k, s in self._score.items()]
-            heapq.heapify(self._heap)
+        self._heap = VictimHeap()  # entries (count * _SHIFT + last tick, key): lower is evicted first
 
     def on_access(self, key: Key, step: int) -> None:
         """Counts the access and refreshes the key's recency."""
         n = self.count[key] = self.count.get(key, 0) + 1
-        self._set(key, n * _SHIFT + next(self._ticks))
+        self._heap.push((n * _SHIFT + next(self._ticks), key))
 
     def on_insert(self, key: Key, step: int) -> None:
         """A key inserted without an access (e.g. prefetched) starts with its past count, and is recent."""
-        if key not in self._score:
-            self._set(key, self.count.get(key, 0) * _SHIFT + next(self._ticks))
+        if key not in self._heap.current:
+            self._heap.push((self.count.get(key, 0) * _SHIFT + next(self._ticks), key))
 
     def on_evict(self, key: Key) -> None:
         """Keeps the count (all accesses count), drops the per-resident score."""
-        self._score.pop(key, None)
+        self._heap.discard(key)
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """The candidate with the fewest accesses; among equals, the least recently used."""
-        candidates, heap, score = as_set(candidates), self._heap, self._score
-        aside = []  # current entries of keys that are not candidates (the request being served): put back after
-        try:
-            while heap:
-                s, key = heap[0]
-                if score.get(key) != s:
-                    heapq.heappop(heap)  # stale: the key was accessed again or evicted since
-                elif key in candidates:
-                    return key
-                else:
-                    aside.append(heapq.heappop(heap))
-            raise ValueError("no candidate is a resident this policy was told of (on_insert)")
-        finally:
-            for item in aside:
-                heapq.heappush(heap, item)
-
-
-class Ranking:
-    """One layer's residents in eviction order, as `(score, ..., key)` tuples: the smallest is evicted first.
-
-    For policies whose scores of a layer's experts change only when that layer is requested (DALI's window counts,
-    the learned policy's features): the policy marks the layer `stale` then, rebuilds its ranking (`reset`) when a
-    victim is next needed, slots keys made resident meanwhile into it (`add`), and `ranked_victim` takes the best
-    head among the layers, so an eviction costs a look at each layer's head rather than a score per candidate.
-    Evicted keys stay in `order` and are skipped (they are not in `resident`).
-    """
-
-    __slots__ = ("order", "head", "resident", "stale")
-
-    def __init__(self) -> None:
-        self.order: list[tuple] = []
-        self.head = 0  # entries before it are known to be evicted
-        self.resident: set[Key] = set()
-        self.stale = True
-
-    def reset(self, items: Iterable[tuple]) -> None:
-        self.order, self.head, self.stale = sorted(items), 0, False
-
-    def add(self, item: tuple) -> None:
-        i = bisect.bisect_right(self.order, item)
-        self.order.insert(i, item)
-        self.head = min(self.head, i)
-
-    def first(self, candidates: Collection[Key]) -> tuple | None:
-        """The smallest entry whose key is a candidate, or None."""
-        order, resident, i = self.order, self.resident, self.head
-        while i < len(order) and order[i][-1] not in resident:
-            i += 1
-        self.head = i
-        for item in itertools.islice(order, i, None):
-            if item[-1] in candidates:
-                return item
-        return None
-
-
-def ranked_victim(layers: Iterable[Any], candidates: Iterable[Key], refresh: Callable[[Any], None]) -> Key:
-    """The key of the smallest candidate entry over the layers' `.ranking`s; `refresh(layer)` first rebuilds a stale
-    ranking that holds residents.
-
-    Candidates must be residents the policy was told of (`on_insert`), as the cache guarantees.
-    """
-    candidates = as_set(candidates)
-    best = None
-    for layer in layers:
-        ranking = layer.ranking
-        if not ranking.resident:
-            continue
-        if ranking.stale:
-            refresh(layer)
-        item = ranking.first(candidates)
-        if item is not None and (best is None or item < best):
-            best = item
-    if best is None:
-        raise ValueError("no candidate is a resident this policy was told of (on_insert)")
-    return best[-1]
+        return self._heap.first(candidates)
 
 
 class BeladyPolicy(_TickPolicy):
