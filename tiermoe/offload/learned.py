@@ -143,16 +143,41 @@ class LearnedWeights:
 
     @classmethod
     def load(cls, path: str | Path) -> LearnedWeights:
+        """Reads weights that `save` wrote; ValueError naming the problem if the file is missing, is not such a file,
+        or holds MLPs whose shapes do not fit its config (inputs = its features, width = its `hidden`)."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"learned-policy weights {path} do not exist")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+            raise ValueError(f"{path} is not a safetensors file ({e})") from None
         if "config" not in meta:
-            raise ValueError(f"{path} holds no learned-policy config in its metadata")
-        layers = [MLP.from_tensors(tensors, f"layers.{i}") for i in range(int(meta.get("num_layers", 0)))]
-        return cls(LearnedConfig.from_dict(json.loads(meta["config"])), layers, MLP.from_tensors(tensors, "pooled"),
-                   json.loads(meta.get("info", "{}")))
+            raise ValueError(f"{path} holds no learned-policy config in its metadata (not written by `policy train`?)")
+        try:
+            config = LearnedConfig.from_dict(json.loads(meta["config"]))
+            num_layers, info = int(meta.get("num_layers", 0)), json.loads(meta.get("info", "{}"))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} has a malformed learned-policy config: {e}") from None
+        prefixes = ["pooled", *(f"layers.{i}" for i in range(num_layers))]
+        shapes = _mlp_shapes(len(config.features), config.hidden)
+        for prefix, (name, shape) in itertools.product(prefixes, shapes.items()):
+            tensor = tensors.get(f"{prefix}.{name}")
+            if tensor is None or tensor.shape != shape:
+                got = "missing" if tensor is None else f"of shape {list(tensor.shape)}"
+                raise ValueError(f"{path}: tensor {prefix}.{name} is {got}, but its config ({len(config.features)} "
+                                 f"features, hidden {config.hidden}) needs shape {list(shape)}")
+        layers = [MLP.from_tensors(tensors, prefix) for prefix in prefixes[1:]]
+        return cls(config, layers, MLP.from_tensors(tensors, "pooled"), info)
+
+
+def _mlp_shapes(features: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    return {"w1": (features, hidden), "b1": (hidden,), "w2": (hidden, hidden), "b2": (hidden,), "w3": (hidden,),
+            "b3": (1,)}
 
 
 @dataclass(eq=False)
