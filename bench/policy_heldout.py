@@ -6,10 +6,11 @@ Selection, on validation data only: a seeded random half of OLMoE's 200 prompts 
 half the test half. Inside the training half, a seeded random half of its prompts fits candidate policies and the
 other half validates them: first the MLP's input sets (at the default settings), then, for the best inputs, one
 setting at a time (`HYPER`, in that order, each change kept if it wins), then per-layer MLPs against the pooled MLP
-for every layer. A candidate's validation score is its share of the LRU-to-Belady gap closed, averaged over 25%
-and 50% capacity and over the validation prompts as traced (top-8) and with each token's routing cut to its
-router's top 4 and top 2 (the same model routing more sparsely, a stand-in for the other models' shapes); a change
-must win by `MARGIN` to replace the current choice. The test half and the other models are not looked at until
+for every layer. A candidate's validation score is its share of the LRU-to-Belady gap closed, summed over 25% and
+50% capacity and over the validation prompts as traced (top-8) and with each token's routing cut to its router's
+top 4 and top 2 (the same model routing more sparsely, a stand-in for the other models' shapes): hit-rate points
+gained over LRU / points between LRU and Belady. A change must win by `MARGIN` to replace the current choice (the
+first listed). The test half and the other models are not looked at until
 the selected policy, trained on the whole training half, is evaluated on them:
 - `prompts`: the test half replayed (cache kept across prompts, as in a serving process); repeated for `--seeds`
   splits (the selection ran on seed 0's training half, which overlaps the other seeds' test halves);
@@ -170,14 +171,16 @@ def selection(train_half: Trace, log) -> dict:
     rows = []
 
     def score(weights: LearnedWeights, stage: str, change: str) -> dict:
-        gaps = {}
+        gaps, gained, gap = {}, 0.0, 0.0
         for name, t in sets.items():
             res = simulate(t, ["learned"], CAPACITIES, policy_args={"learned": {"weights": weights}})
             for c in CAPACITIES:
                 lru, belady = (base[name].run(p, c.label).mean for p in ("lru", "belady"))
-                gaps[f"{name} {c.label}"] = (res.run("learned", c.label).mean - lru) / (belady - lru)
+                learned = res.run("learned", c.label).mean
+                gaps[f"{name} {c.label}"] = (learned - lru) / (belady - lru)
+                gained, gap = gained + learned - lru, gap + belady - lru
         rows.append({"stage": stage, "change": change, "config": weights.config.to_dict(),
-                     "per_layer": bool(weights.layers), "gap_closed": gaps, "score": statistics.mean(gaps.values())})
+                     "per_layer": bool(weights.layers), "gap_closed": gaps, "score": gained / gap})
         log(f"selection {stage} {change}: {rows[-1]['score']:.4f}")
         return rows[-1]
 
@@ -262,8 +265,9 @@ def selection_table(sel: dict) -> str:
         f"Fit on {sel['fit_sequences']} prompts, validated on the other {sel['validation_sequences']} "
         f"({sel['validation_tokens']} decode tokens) of the seed-0 training half (inner split seed {SELECTION_SEED})"
         "; the test half and the other models were not used. Score: share of the LRU-to-Belady gap closed on the "
-        "validation prompts, mean over top-8 (as traced), top-4 and top-2 routing and 25% and 50% capacity; a "
-        f"candidate must beat the first-listed one within {100 * MARGIN:g} points of the best to be taken.", "",
+        "validation prompts, summed over top-8 (as traced), top-4 and top-2 routing at 25% and 50% capacity "
+        "(hit-rate points gained over LRU / points between LRU and Belady, so each case weighs by its gap); the "
+        f"first-listed candidate within {100 * MARGIN:g} points of the best score is taken.", "",
         markdown_table(["stage", "candidate", "inputs", "per-layer MLPs", *(f"val {c}" for c in cols), "score",
                         ""], body), "",
         f"Chosen: inputs {', '.join(sel['config']['features'])}; {config}; "
