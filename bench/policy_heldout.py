@@ -4,14 +4,14 @@
 
 Selection, on validation data only: a seeded random half of OLMoE's 200 prompts is the training half, the other
 half the test half. Inside the training half, a seeded random half of its prompts fits candidate policies and the
-other half validates them: first the MLP's input sets (at the default settings), then, for the best inputs, one
-setting at a time (`HYPER`, in that order, each change kept if it wins), then per-layer MLPs against the pooled MLP
-for every layer. A candidate's validation score is its share of the LRU-to-Belady gap closed, summed over 25% and
-50% capacity and over the validation prompts as traced (top-8) and with each token's routing cut to its router's
-top 4 and top 2 (the same model routing more sparsely, a stand-in for the other models' shapes): hit-rate points
-gained over LRU / points between LRU and Belady. A change must win by `MARGIN` to replace the current choice (the
-first listed). The test half and the other models are not looked at until
-the selected policy, trained on the whole training half, is evaluated on them:
+other half validates them: first the MLP's input sets (at the settings the policy had before, `START`), then, for
+the chosen inputs, one setting at a time (`HYPER`, in that order, each change kept if it wins), then one MLP per
+layer against the pooled MLP for every layer. A candidate's validation score is its share of the LRU-to-Belady gap
+closed, summed over 25% and 50% capacity and over the validation prompts as traced (top-8) and with each token's
+routing cut to its router's top 4 and top 2 (the same model routing more sparsely, a stand-in for the other models'
+shapes): hit-rate points gained over LRU / points between LRU and Belady. Within each stage the first-listed
+candidate (the choice so far, or the simpler) within `MARGIN` of the best score is taken. The test half and the
+other models are not looked at until the selected policy, trained on the whole training half, is evaluated on them:
 - `prompts`: the test half replayed (cache kept across prompts, as in a serving process); repeated for `--seeds`
   splits (the selection ran on seed 0's training half, which overlaps the other seeds' test halves);
 - `prompts, cold`: the same held-out prompts, each replayed alone from an empty cache (short requests);
@@ -60,7 +60,9 @@ CANDIDATE_FEATURES = {
     "scale-free (stack depth, frequency, reuse rank)": ("stack", "frequency", "reuse_rank"),
     "all eight": tuple(FEATURES),
 }
-# Settings tried one at a time for the selected inputs, in this order; (setting, values, the inputs it affects).
+# The settings the inputs are compared at (the policy's before this selection); then the settings tried one at a
+# time for the chosen inputs, in this order: (setting, values, the inputs it affects).
+START = {"window": 32, "horizon": 16, "reuse_horizon": 4, "reuse_history": 4, "reuse_lr": 0.1, "hidden": 32}
 HYPER = [("window", (16, 64), {"frequency"}), ("horizon", (8, 32), set(FEATURES)),
          ("reuse_horizon", (2, 8), {"reuse", "reuse_rank"}), ("reuse_history", (2, 8), {"reuse", "reuse_rank"}),
          ("hidden", (16, 64), set(FEATURES))]
@@ -105,14 +107,13 @@ def evaluate_cold(trace: Trace, weights, capacities=CAPACITIES) -> dict:
                            for label, per in totals.items()}}
 
 
-def scenarios(olmoe: Trace, others: dict[str, Trace], chosen: TrainConfig, per_layer: bool, seeds: int,
-              quick: bool, log) -> tuple[list, list, LearnedWeights]:
-    """The held-out table (one row per scenario) and the per-seed prompt splits of the policy trained as `chosen`
-    (`per_layer` False: its pooled MLP serves every layer); returns the first split's weights."""
+def scenarios(olmoe: Trace, others: dict[str, Trace], chosen: TrainConfig, seeds: int, quick: bool,
+              log) -> tuple[list, list, LearnedWeights]:
+    """The held-out table (one row per scenario) and the per-seed prompt splits of the policy trained as `chosen`;
+    returns the first split's weights."""
 
     def trained(part: Trace, seed: int = 0) -> LearnedWeights:
-        weights = train([part], replace(chosen, seed=seed))
-        return weights if per_layer else LearnedWeights(weights.config, [], weights.pooled, weights.info)
+        return train([part], replace(chosen, seed=seed))
 
     rows, per_seed, first = [], [], None
     for seed in range(seeds):
@@ -199,24 +200,24 @@ def selection(train_half: Trace, log) -> dict:
 
     # Inputs: rows mined once with every feature; a subset's columns are the rows mining it alone would give.
     defaults = TrainConfig()
-    mined = mine_trace(fit, LearnedConfig(features=tuple(FEATURES)), defaults.rows_per_layer, defaults.seed)
+    mined = mine_trace(fit, LearnedConfig(features=tuple(FEATURES), **START), defaults.rows_per_layer, defaults.seed)
     stage = []
     for name, features in CANDIDATE_FEATURES.items():
         cols = [list(FEATURES).index(f) for f in features]
         picked = [[Rows(r.x[:, cols], r.y) for r in mined]]
-        stage.append(score(fit_weights(picked, fit.num_layers, TrainConfig(LearnedConfig(features=features))),
-                           "inputs", name))
+        config = TrainConfig(LearnedConfig(features=features, **START), per_layer=True)
+        stage.append(score(fit_weights(picked, fit.num_layers, config), "inputs", name))
     config = pick(stage)
     # Settings, one at a time, each from the choice so far.
     for name, values, affects in HYPER:
         if affects & set(config.features):
             stage = [again(config, "settings", f"{name} = {getattr(config, name)} (so far)")]
             for value in values:
-                weights = train([fit], TrainConfig(replace(config, **{name: value})))
+                weights = train([fit], TrainConfig(replace(config, **{name: value}), per_layer=True))
                 stage.append(score(weights, "settings", f"{name} = {value}"))
             config = pick(stage)
     # One MLP for every layer (what the live engine and other models use) against one per layer.
-    pooled = train([fit], TrainConfig(config)).pooled
+    pooled = train([fit], TrainConfig(config)).pooled  # the same MLP as beside per-layer ones (same rows, seed)
     listed = [score(LearnedWeights(config, [], pooled), "MLP", "pooled MLP, every layer"),
               again(config, "MLP", "one MLP per layer")]
     pick(listed)
@@ -296,9 +297,8 @@ def main(argv=None) -> int:
         sel = {"config": shipped.config.to_dict(), "per_layer": bool(shipped.layers), "candidates": []}
     else:
         sel = selection(split_sequences(olmoe, 0.5, 0)[0], log)
-    chosen = TrainConfig(LearnedConfig.from_dict(sel["config"]))
-    rows, per_seed, weights = scenarios(olmoe, others, chosen, sel["per_layer"], 1 if args.quick else args.seeds,
-                                        args.quick, log)
+    chosen = TrainConfig(LearnedConfig.from_dict(sel["config"]), per_layer=sel["per_layer"])
+    rows, per_seed, weights = scenarios(olmoe, others, chosen, 1 if args.quick else args.seeds, args.quick, log)
     result = {"machine": machine(), "selection": sel, "scenarios": rows, "seeds": per_seed,
               "weights": {"params": weights.num_params, "per_mlp_params": weights.pooled.num_params,
                           "mlps": len(weights.layers) + 1},

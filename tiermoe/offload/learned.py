@@ -1,4 +1,4 @@
-"""FlashMoE's learned eviction policy: a small MLP per layer predicts each resident expert's next-use distance.
+"""FlashMoE's learned eviction policy: a small MLP predicts each resident expert's next-use distance.
 
 FlashMoE (arXiv 2601.17063) scores eviction candidates with a tiny MLP over normalised recency, 1 / (t - last + 1),
 and frequency (uses in a window / the layer's largest count in it), trained with MSE against Belady's next-use
@@ -9,10 +9,12 @@ once), which lets one policy serve the live store's single cache across layers.
 NOTE: beside FlashMoE's two inputs this policy feeds the MLP one more, `reuse`: the probability that the expert is
 requested within the next few requests of its layer, from a per-layer logistic regression over which experts the
 last few requests used, learned online (from the past only) while the policy runs. It knows no expert by name and no
-model in advance, so it carries over to models the MLP was not trained on; on held-out OLMoE prompts it is what takes
-the learned policy from about 30% to about 50% of the LRU-to-Belady gap (see bench/policy_heldout.py). Other inputs
-(`rank` at last use, the `interval` between the last two uses, all-time `frequency_all`, and the scale-free `stack`
-depth and `reuse_rank`, shares of the layer's experts) are kept for ablations.
+model in advance, so it carries over to models the MLP was not trained on. The inputs, the settings (a target
+horizon of 8 requests) and one pooled MLP for every layer were chosen on validation prompts inside the training
+half, where `reuse` took the policy from 22% to 44% of the LRU-to-Belady gap (bench/policy_heldout.py; the
+candidates' scores are in bench/results/policy_heldout.md). Other inputs (`rank` at last use, the `interval` between
+the last two uses, all-time `frequency_all`, and the scale-free `stack` depth and `reuse_rank`, shares of the
+layer's experts) were candidates there and remain available to `policy train --features`.
 
 T = requests of one layer (its clock), E = expert slots of the layer, F = features, H = hidden width.
 """
@@ -41,7 +43,7 @@ class LearnedConfig:
 
     features: tuple[str, ...] = DEFAULT_FEATURES  # names in FEATURES, in MLP input order
     window: int = 32  # requests of a layer over which `frequency` counts uses
-    horizon: int = 16  # next-use distances are clamped here (in requests of the layer), then divided by it
+    horizon: int = 8  # next-use distances are clamped here (in requests of the layer), then divided by it
     reuse_horizon: int = 4  # `reuse` predicts a use within this many requests...
     reuse_history: int = 4  # ...from which experts this many latest requests used
     reuse_lr: float = 0.1  # AdaGrad step of the `reuse` predictor
@@ -164,15 +166,22 @@ class LearnedWeights:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path} has a malformed learned-policy config: {e}") from None
         prefixes = ["pooled", *(f"layers.{i}" for i in range(num_layers))]
-        shapes = _mlp_shapes(len(config.features), config.hidden)
-        for prefix, (name, shape) in itertools.product(prefixes, shapes.items()):
-            tensor = tensors.get(f"{prefix}.{name}")
-            if tensor is None or tensor.shape != shape:
-                got = "missing" if tensor is None else f"of shape {list(tensor.shape)}"
-                raise ValueError(f"{path}: tensor {prefix}.{name} is {got}, but its config ({len(config.features)} "
-                                 f"features, hidden {config.hidden}) needs shape {list(shape)}")
+        for prefix in prefixes:
+            _check_mlp(tensors, prefix, len(config.features), path)
         layers = [MLP.from_tensors(tensors, prefix) for prefix in prefixes[1:]]
         return cls(config, layers, MLP.from_tensors(tensors, "pooled"), info)
+
+
+def _check_mlp(tensors: dict[str, np.ndarray], prefix: str, features: int, path: Path) -> None:
+    """ValueError unless the MLP `prefix` is all there, takes `features` inputs and is as wide throughout."""
+    w1 = tensors.get(f"{prefix}.w1")
+    hidden = w1.shape[-1] if w1 is not None and w1.ndim == 2 else 0
+    for name, shape in _mlp_shapes(features, hidden).items():
+        tensor = tensors.get(f"{prefix}.{name}")
+        if tensor is None or tensor.shape != shape:
+            got = "missing" if tensor is None else f"of shape {list(tensor.shape)}"
+            raise ValueError(f"{path}: tensor {prefix}.{name} is {got}, but an MLP over the config's {features} "
+                             f"features, {hidden} wide, needs shape {list(shape)}")
 
 
 def _mlp_shapes(features: int, hidden: int) -> dict[str, tuple[int, ...]]:
@@ -193,11 +202,10 @@ class LearnedPolicy(CachePolicy):
     """Evicts the candidate whose predicted next-use distance is largest (the least recent among equals).
 
     `weights`: a path or `LearnedWeights` (default: the shipped weights). `layer`: the MoE layer of bare expert-id
-    keys (the simulator's one policy per layer); keys `(layer, expert)` name their own. `num_layers`: the model's MoE
-    layer count; each layer uses its own MLP when it equals the count the weights were trained for, else (or when
-    not given) the pooled MLP, which was trained on all layers and knows no layer in particular. So the live store
-    picks each layer's MLP from key[0] when built with `make_policy("learned", num_layers=...)`; a plain
-    `make_policy("learned")` serves every layer with the pooled MLP (about as good on held-out OLMoE prompts).
+    keys (the simulator's one policy per layer); keys `(layer, expert)` name their own. Every layer is served by the
+    pooled MLP, trained on all layers' rows, except with weights trained `--per-layer`: then, given `num_layers`
+    equal to the count they were trained for, each layer uses its own MLP (the simulator passes it; the live engine
+    does not, so it runs the pooled MLP).
 
     NOTE: a layer's features only change when that layer is requested (its clock is its own). So the first victim
     needed after a request scores that layer's residents, and the request's own experts (resident right after, if

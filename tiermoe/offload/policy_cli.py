@@ -49,6 +49,9 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
         default = getattr(_DEFAULTS.policy, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                        help=f"{text} (default: %(default)s)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also fit one MLP per MoE layer, used on models with the trained layer count (default: the "
+                        "pooled MLP serves every layer)")
     p.add_argument("--rows-per-layer", type=int, default=_DEFAULTS.rows_per_layer,
                    help="training rows mined per layer and trace (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="MLP epochs (default: %(default)s)")
@@ -67,7 +70,8 @@ def run_train(args: argparse.Namespace) -> int:
     """Runs `policy train` for parsed arguments; returns the exit code."""
     try:
         policy = LearnedConfig(features=tuple(args.features), **{name: getattr(args, name) for name in _SETTINGS})
-        config = TrainConfig(policy, rows_per_layer=args.rows_per_layer, epochs=args.epochs, seed=args.seed)
+        config = TrainConfig(policy, per_layer=args.per_layer, rows_per_layer=args.rows_per_layer, epochs=args.epochs,
+                             seed=args.seed)
         capacities = [Capacity.parse(c) for c in args.capacity]
         traces = [Trace.load(p) for p in args.trace]
         splits = [split_sequences(t, args.split, args.seed) for t in traces]
@@ -103,6 +107,7 @@ def command_line(args: argparse.Namespace) -> str:
         words += ["--trace", path.name]
     words += ["--split", str(args.split), "--seed", str(args.seed), "--features", ",".join(args.features)]
     words += [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _SETTINGS]
+    words += ["--per-layer"] if args.per_layer else []
     words += ["--rows-per-layer", str(args.rows_per_layer), "--epochs", str(args.epochs),
               "--out", str(args.out) if not args.out.is_absolute() else args.out.name]
     return shlex.join(words)
