@@ -195,6 +195,14 @@ def test_make_policy_loads_the_shipped_weights():
     assert np.isfinite(policy.predict([1, 2, 3])).all()
 
 
+def test_defaults_are_the_shipped_policy():
+    # `policy train` with its defaults trains what ships (the choice bench/policy_heldout.py made on validation).
+    shipped = LearnedWeights.load(SHIPPED_WEIGHTS)
+    info = json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())
+    assert shipped.config == LearnedConfig() and not shipped.layers
+    assert info["train"] == {**TrainConfig().to_dict(), "seed": info["split"]["seed"]}
+
+
 def test_unknown_feature_is_refused():
     with pytest.raises(ValueError, match="unknown learned-policy features"):
         LearnedConfig(features=("recency", "astrology"))
@@ -236,6 +244,8 @@ def test_policy_train_command_writes_weights_and_heldout_report(tmp_path):
     assert heldout["sequences"] == 1 and set(heldout["capacities"]["4"]["hit_rate"]) == {"lru", "lfu", "learned",
                                                                                           "belady"}
     assert LearnedWeights.load(out).config.features == DEFAULT_FEATURES
+    assert info["command"].startswith("tiermoe policy train --trace periodic.npz --split 0.5 --seed 0 ")
+    assert "--horizon=8" in info["command"] and str(tmp_path) not in info["command"]
     parsed = build_parser().parse_args(["policy", *args])  # registered on the main CLI
     assert parsed.func is policy_cli.run_train
 

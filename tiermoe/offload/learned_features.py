@@ -66,7 +66,7 @@ class ReusePredictor:
         """Takes the slots the newest request used: trains on the input whose label is now complete, then predicts."""
         self._sets.append(used)
         newest = len(self._sets) - 1
-        self._inputs.append(self._rows(newest))
+        self._inputs.append(self._shifted(used, newest) if self._inputs else self._rows(newest))
         if newest >= self.horizon:
             self._train(newest - self.horizon)
         self.p = _sigmoid(self._logits(self._inputs[-1]))
@@ -75,16 +75,24 @@ class ReusePredictor:
         """Rows of `weight` active for the input ending at the i-th remembered request."""
         return np.concatenate([self._sets[i - lag] + lag * self.size for lag in range(min(self.history, i + 1))])
 
+    def _shifted(self, used: np.ndarray, newest: int) -> np.ndarray:
+        """`_rows(newest)` from the previous input's rows: those one lag further back (the oldest request, past the
+        history, dropped), after the newest request's own rows at lag 0."""
+        previous = self._inputs[-1]
+        if newest >= self.history:
+            previous = previous[: len(previous) - len(self._sets[newest - self.history])]
+        return np.concatenate([used, previous + self.size])
+
     def _logits(self, rows: np.ndarray) -> np.ndarray:
-        return self.bias + self.weight[rows].sum(axis=0)
+        return self.bias + self.weight.take(rows, axis=0).sum(axis=0)  # take: weight[rows], at less call cost
 
     def _train(self, i: int) -> None:
         rows = self._inputs[0]  # the input ending at request i = newest - horizon; rows are distinct
-        weight = self.weight[rows]  # [R, size]
+        weight = self.weight.take(rows, axis=0)  # [R, size]
         grad = _sigmoid(self.bias + weight.sum(axis=0))  # d(log loss)/d(logit) = p - label, label 1 if used next:
         grad[np.concatenate(list(itertools.islice(self._sets, i + 1, i + 1 + self.horizon)))] -= 1.0  # once each
         grad2, step = grad * grad, self.lr * grad
-        g_weight = self._g_weight[rows]
+        g_weight = self._g_weight.take(rows, axis=0)
         g_weight += grad2
         self._g_weight[rows] = g_weight
         weight -= step / np.sqrt(g_weight)
@@ -115,7 +123,10 @@ class LayerHistory:
         self.step: int | None = None  # the caller's step of the latest request
         self._current: list[int] = []  # slots of the latest request, rank order
         self._in_current: set[int] = set()
+        self._array: np.ndarray | None = None  # _current as an array, once made
         self._written = 0  # entries of _current already written to the arrays
+        # prev, rank and total only serve the features that read them: kept up to date only then.
+        self._extras = bool({"rank", "interval", "frequency_all"} & set(config.features))
         self._window: deque[np.ndarray] = deque()  # slots of the requests before it, within the window
         self._settled = True  # the latest request has been handed to the reuse predictor
         self.reuse = (ReusePredictor(config.reuse_horizon, config.reuse_history, config.reuse_lr, size)
@@ -160,29 +171,39 @@ class LayerHistory:
     def features(self, slots: np.ndarray) -> np.ndarray:
         """[len(slots), F] float32 rows, in the order of `config.features`."""
         self._settle()
-        return np.stack([FEATURES[name](self, slots) for name in self.config.features], axis=1).astype(np.float32)
+        out = np.empty((len(slots), len(self.config.features)), np.float32)
+        for i, name in enumerate(self.config.features):
+            out[:, i] = FEATURES[name](self, slots)
+        return out
+
+    def _current_array(self) -> np.ndarray:
+        """The latest request's slots as an array, made once unless the request grows."""
+        if self._array is None or len(self._array) != len(self._current):
+            self._array = np.array(self._current, np.int64)
+        return self._array
 
     def _write(self) -> None:
         """Writes the latest request's accesses not yet in the arrays (distinct slots, so fancy indexing is safe)."""
         start, end = self._written, len(self._current)
         if start == end:
             return
-        s = np.array(self._current[start:], np.int64)
-        self.prev[s] = self.last[s]
+        s = self._current_array()[start:]
+        if self._extras:
+            self.prev[s] = self.last[s]
+            self.rank[s] = np.arange(start, end)
+            self.total[s] += 1
         self.last[s] = self.clock
-        self.rank[s] = np.arange(start, end)
         self.count[s] += 1
-        self.total[s] += 1
         self._written = end
 
     def _open(self, step: int) -> None:
         self._settle()
         if self.clock >= 0:
-            self._window.append(np.array(self._current, np.int64))
+            self._window.append(self._current_array())
         while len(self._window) >= self.config.window:  # the new request is the window's last
             self.count[self._window.popleft()] -= 1
         self.step, self.clock = step, self.clock + 1
-        self._current, self._in_current, self._written = [], set(), 0
+        self._current, self._in_current, self._array, self._written = [], set(), None, 0
 
     def _settle(self) -> None:
         self._write()
@@ -190,7 +211,7 @@ class LayerHistory:
             self._settled = True
             self.top_k = max(self.top_k, len(self._current))
             if self.reuse is not None:
-                self.reuse.observe(np.array(self._current, np.int64))
+                self.reuse.observe(self._current_array())
 
     def _grow(self, size: int) -> None:
         size = max(size, 2 * self.size)
@@ -204,15 +225,15 @@ class LayerHistory:
 
 def _recency(h: LayerHistory, s: np.ndarray) -> np.ndarray:
     # A slot prefetched before the layer's first request is marked used at clock 0 while the clock is still -1.
-    return 1.0 / (np.maximum(h.clock - h.last[s], 0) + 1)
+    return 1.0 / np.maximum(h.clock + 1 - h.last.take(s), 1)
 
 
 def _frequency(h: LayerHistory, s: np.ndarray) -> np.ndarray:
-    return h.count[s] / max(int(h.count.max()), 1)
+    return h.count.take(s) / max(int(h.count.max()), 1)
 
 
 def _reuse(h: LayerHistory, s: np.ndarray) -> np.ndarray:
-    return h.reuse.p[s]
+    return h.reuse.p.take(s)
 
 
 def _reuse_rank(h: LayerHistory, s: np.ndarray) -> np.ndarray:
