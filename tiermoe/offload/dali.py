@@ -133,8 +133,7 @@ class DALIPolicy(CachePolicy):
         return state.count.get(key, 0), self._last[key], key
 
     def _rank(self, state: _LayerWindow) -> None:
-        for key in state.resident:
-            self._heap.push(self._entry(state, key))
+        self._heap.push(*[self._entry(state, key) for key in state.resident])
 
     def proposals(self, step: int) -> list[Key]:
         """At a layer's window boundary (its request count a multiple of `window`), the swaps worth making."""

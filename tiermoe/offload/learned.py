@@ -240,7 +240,7 @@ class LearnedPolicy(CachePolicy):
 
     def on_access(self, key: Key, step: int) -> None:
         """Feeds the use to its layer's history."""
-        state, slot = self._locate(key)
+        state, slot = self._where.get(key) or self._locate(key)
         state.history.access(slot, step)
         self._last[key] = next(self._ticks)
         self._stale.add(state)
@@ -272,10 +272,9 @@ class LearnedPolicy(CachePolicy):
         """Scores the layer's residents and its latest request's experts in one MLP call; enters the residents."""
         where, last = self._where, self._last
         slots = list({where[k][1] for k in state.resident}.union(state.history.current))
-        state.scores = dict(zip(slots, state.mlp(state.history.features(np.array(slots, np.int64))).tolist(),
-                                strict=True))
-        for key in state.resident:
-            self._heap.push((-state.scores[where[key][1]], last[key], key))
+        predicted = state.mlp(state.history.features(np.array(slots, np.int64))).tolist()
+        scores = state.scores = dict(zip(slots, predicted, strict=True))
+        self._heap.push(*[(-scores[where[k][1]], last[k], k) for k in state.resident])
 
     def predict(self, keys: list[Key]) -> np.ndarray:
         """Predicted next-use distance of each key (scaled: 1 = the horizon or later), one MLP call per key."""

@@ -125,11 +125,13 @@ class VictimHeap:
         self.heap: list[tuple] = []
         self.current: dict[Key, tuple] = {}
 
-    def push(self, entry: tuple) -> None:
-        self.current[entry[-1]] = entry
-        heapq.heappush(self.heap, entry)
-        if len(self.heap) > 2 * len(self.current) + 64:  # drop the outdated entries now and then
-            self.heap = list(self.current.values())
+    def push(self, *entries: tuple) -> None:
+        current, heap = self.current, self.heap
+        for entry in entries:
+            current[entry[-1]] = entry
+            heapq.heappush(heap, entry)
+        if len(heap) > 2 * len(current) + 64:  # drop the outdated entries now and then
+            self.heap = list(current.values())
             heapq.heapify(self.heap)
 
     def discard(self, key: Key) -> None:
