@@ -1,14 +1,18 @@
-"""Decode speed under expert budgets, replaying a real routing trace on a model of the traced shape.
+"""Decode speed of every live cache policy under expert budgets, replaying a real routing trace on a model of its shape.
 
     python -m bench.offload_speed [--trace ../shared/traces/olmoe-1b-7b-0924_decode_wikitext-mbpp.npz]
-        [--hidden 512 --expert-dim 256] [--sequences 3] [--reps 3] [--out bench/results]
+        [--hidden 512 --expert-dim 256] [--sequences 3] [--reps 3] [--policies lru,lfu,dali,learned]
+        [--budgets 25%,50%] [--max-tokens N] [--out bench/results]
+    smoke check (under a minute): --hidden 64 --expert-dim 32 --sequences 1 --reps 1 --max-tokens 16 --threads 1
 
 The model is OLMoE-1B-7B's shape (16 MoE layers, 64 experts, top-8) with the width scaled down and random weights,
 written with transformers and converted to the aligned layout; its router's choices come from the trace
 (`LLM.replay`), so it does exactly the expert I/O the real model did on those prompts. Every run starts from a cold
-page cache. Reported per configuration: median decode tokens/s (batch 1), hit rate, MiB read, I/O stall, and the
-bound: the time the missed bytes need at the disk's direct-read bandwidth measured in the same run, or the
-all-resident compute time if larger; achieved/bound = bound time / measured time.
+page cache; the configurations (all-resident, then each policy at each budget) run in turn within each repetition,
+so they share the machine's moments alike. Reported per configuration: median decode tokens/s (batch 1), hit rate,
+MiB read, I/O stall, whether every run produced the all-resident run's tokens, and the bound: the time the missed
+bytes need at the disk's direct-read bandwidth measured in the same run, or the all-resident compute time if
+larger; achieved/bound = bound time / measured time.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM
 from tiermoe.convert import convert
 from tiermoe.offload.direct_io import DirectReader, drop_page_cache
-from tiermoe.offload.tiered_store import min_budget
 from tiermoe.sim.trace import Trace
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
@@ -71,26 +74,29 @@ def disk_bandwidth(path: Path, chunk: int, threads: int, total: int = 512 << 20)
         return len(ranges) * chunk / (time.perf_counter() - start)
 
 
-def decode_stats(folder: Path, trace_path: Path, sequences: list[int], budget, io_threads: int) -> dict:
-    """Replay the sequences one after another (batch 1) from a cold page cache; decode-phase time and I/O.
+def decode_stats(folder: Path, trace_path: Path, sequences: list[int], budget, policy: str, io_threads: int,
+                 max_tokens: int | None = None) -> dict:
+    """Replay the sequences one after another (batch 1) from a cold page cache; decode-phase time, I/O and tokens.
 
     budget None is the all-resident baseline: every expert is loaded before timing starts.
     """
     drop_caches(folder)
-    llm = LLM(folder, expert_cache=budget, io_threads=io_threads)
+    llm = LLM(folder, expert_cache=budget, cache_policy=policy, io_threads=io_threads)
     if budget is None:
         for layer, e in llm.index.experts():
             list(llm.store.fetch(layer, [e]))
     total = {"hits": 0, "misses": 0, "bytes_read": 0, "stall_time_s": 0.0, "decode_time_s": 0.0, "tokens": 0}
+    token_ids = []
     for seq in sequences:
-        out = _replay_decode_only(llm, trace_path, seq)
+        out = _replay_decode_only(llm, trace_path, seq, max_tokens)
+        token_ids.append(out.pop("token_ids"))
         for key in total:
             total[key] += out[key]
     llm.store.close()
-    return total
+    return {**total, "token_ids": token_ids}
 
 
-def _replay_decode_only(llm: LLM, trace_path: Path, seq: int) -> dict:
+def _replay_decode_only(llm: LLM, trace_path: Path, seq: int, max_tokens: int | None) -> dict:
     """Replay one sequence; statistics are reset when its first token is out, so they cover decode only."""
     from tiermoe.decode import autoregressive
     from tiermoe.decode.routing import RoutingReplay
@@ -98,8 +104,9 @@ def _replay_decode_only(llm: LLM, trace_path: Path, seq: int) -> dict:
     from tiermoe.sampling_params import SamplingParams
 
     replay = RoutingReplay(llm.model, Trace.load(trace_path))
-    prompt, max_tokens = replay.prompts(llm.model.shape.vocab_size)[seq]
-    s = llm._make_sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    prompt, traced = replay.prompts(llm.model.shape.vocab_size)[seq]
+    params = SamplingParams(temperature=0, max_tokens=min(traced, max_tokens or traced), ignore_eos=True)
+    s = llm._make_sequence(prompt, params)
     replay.sequence_of[s.request_id] = seq
     with torch.inference_mode():
         autoregressive.step(llm.model, [s], None, replay)  # prefill + first token
@@ -111,21 +118,24 @@ def _replay_decode_only(llm: LLM, trace_path: Path, seq: int) -> dict:
     llm._detach_observer()
     t = llm.store.stats.total
     return {"hits": t.hits, "misses": t.misses, "bytes_read": t.bytes_read, "stall_time_s": t.stall_time,
-            "decode_time_s": elapsed, "tokens": len(s.output_ids) - 1}
+            "decode_time_s": elapsed, "tokens": len(s.output_ids) - 1, "token_ids": list(s.output_ids)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--expert-dim", type=int, default=256)
     ap.add_argument("--sequences", type=int, default=3, help="trace sequences replayed (batch 1, one after another)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--policies", default="lru,lfu,dali,learned", help="live cache policies (default: %(default)s)")
+    ap.add_argument("--budgets", default="25%,50%", help="expert budgets (default: %(default)s)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="decode tokens per sequence (default: as traced)")
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a shared machine)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_offload"))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     trace = Trace.load(args.trace)
@@ -133,29 +143,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = build_model(Path(tmp), trace, args.hidden, args.expert_dim)
         results = measure_all(folder, args, trace)
-    rows = [[r["config"], r["tok_s"], r["ratio_vs_resident"], r["hit_rate"], r["mib_read"], r["stall_s"],
-             r["bound_tok_s"], r["achieved_over_bound"]] for r in results["runs"]]
-    table = markdown_table(["config", "decode tok/s", "vs resident", "hit rate", "MiB read", "I/O stall s",
-                            "bound tok/s", "achieved/bound"], rows)
+    rows = [[r["policy"], r["budget"], r["tok_s"], r["ratio_vs_resident"], r["hit_rate"], r["mib_read"], r["stall_s"],
+             r["bound_tok_s"], r["achieved_over_bound"], "yes" if r["same_tokens"] else "**NO**"]
+            for r in results["runs"]]
+    table = markdown_table(["policy", "budget", "decode tok/s", "vs resident", "hit rate", "MiB read", "I/O stall s",
+                            "bound tok/s", "achieved/bound", "same tokens"], rows)
     table += (f"\n\nModel: {results['model']}. Trace: {args.trace.name}, sequences {results['sequences']}, "
-              f"{results['decode_tokens']} decode tokens. Disk: {results['disk_gb_s']:.2f} GB/s cold direct reads.")
+              f"{results['decode_tokens']} decode tokens. Disk: {results['disk_gb_s']:.2f} GB/s cold direct reads. "
+              f"Medians of {args.reps} repetitions, every configuration once per repetition in turn.")
     write(args.out, "offload_speed", {"machine": machine(), **results}, table)
 
 
 def measure_all(folder: Path, args, trace: Trace) -> dict:
     llm = LLM(folder)
-    layers, k = [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
-    expert_bytes = llm.index.expert(layers[0], 0).nbytes
-    least = min_budget(llm.index, layers, k, torch.float32)
+    expert_bytes = llm.index.expert(llm.model.moe_blocks[0].layer, 0).nbytes
     del llm
     bandwidth = disk_bandwidth(folder / "experts.bin", expert_bytes, args.io_threads)
     sequences = list(range(args.sequences))
-    configs = [("all-resident", None), ("budget 100%", "100%"), ("budget 50%", "50%"), ("budget 25%", "25%"),
-               ("on-demand, no cache", least)]
-    runs = []
-    for name, budget in configs:
-        reps = [decode_stats(folder, args.trace, sequences, budget, args.io_threads) for _ in range(args.reps)]
-        runs.append(summarise(name, reps))
+    configs = [("all-resident", None, "lru")] + [(policy, budget, policy) for budget in _csv(args.budgets)
+                                                 for policy in _csv(args.policies)]
+    reps: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
+    for _ in range(args.reps):  # interleaved: each configuration once per repetition
+        for i, (_, budget, policy) in enumerate(configs):
+            reps[i].append(decode_stats(folder, args.trace, sequences, budget, policy, args.io_threads,
+                                        args.max_tokens))
+    expected = reps[0][0]["token_ids"]
+    runs = [summarise(name, budget, reps[i], expected) for i, (name, budget, _) in enumerate(configs)]
     compute_time = runs[0]["decode_time_s"]
     for r in runs:
         bound_time = max(r["bytes_read"] / bandwidth, compute_time)
@@ -167,14 +180,20 @@ def measure_all(folder: Path, args, trace: Trace) -> dict:
             "sequences": sequences, "decode_tokens": runs[0]["tokens"], "disk_gb_s": bandwidth / 1e9, "runs": runs}
 
 
-def summarise(name: str, reps: list[dict]) -> dict:
-    """Median over repetitions of decode time; I/O counts are the same every repetition."""
+def summarise(policy: str, budget, reps: list[dict], expected: list[list[int]]) -> dict:
+    """Median over repetitions of decode time; the I/O of the median run; whether every run gave `expected`."""
     mid = sorted(reps, key=lambda r: r["decode_time_s"])[len(reps) // 2]
     requested = mid["hits"] + mid["misses"]
-    return {"config": name, "tok_s": mid["tokens"] / mid["decode_time_s"], "tokens": mid["tokens"],
+    return {"policy": policy, "budget": "all" if budget is None else budget,
+            "tok_s": mid["tokens"] / mid["decode_time_s"], "tokens": mid["tokens"],
             "decode_time_s": mid["decode_time_s"], "all_decode_times_s": [r["decode_time_s"] for r in reps],
             "hit_rate": mid["hits"] / requested if requested else 1.0, "bytes_read": mid["bytes_read"],
-            "mib_read": mid["bytes_read"] / 2**20, "stall_s": mid["stall_time_s"]}
+            "mib_read": mid["bytes_read"] / 2**20, "stall_s": mid["stall_time_s"],
+            "same_tokens": all(r["token_ids"] == expected for r in reps)}
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 if __name__ == "__main__":

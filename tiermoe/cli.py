@@ -20,9 +20,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--expert-cache", default=None,
                    help="RAM budget for routed experts, e.g. 2GiB or 25%% (default: keep all resident)")
-    p.add_argument("--cache-policy", default="lru",
-                   help="eviction policy of the expert cache (lru, lfu, learned, dali), or static: pin the experts "
-                        "`tiermoe calibrate` found most used, stream the rest")
+    p.add_argument("--cache-policy", default=None,
+                   help="eviction policy of the expert cache: lru, lfu, learned, dali, or static (pin the experts "
+                        "`tiermoe calibrate` found most used, stream the rest) (default: lru)")
+    p.add_argument("--learned-weights", default=None, metavar="PATH",
+                   help="weights of --cache-policy learned, as `tiermoe policy train --out` writes them "
+                        "(default: the shipped ones)")
     p.add_argument("--io-threads", type=int, default=4, help="threads reading experts from disk")
     p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                    help="read experts through the page cache instead of O_DIRECT")
@@ -69,9 +72,9 @@ def model_path(args: argparse.Namespace) -> str:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads,
-                expert_cache=args.expert_cache, cache_policy=args.cache_policy, io_threads=args.io_threads,
-                direct_io=args.direct_io, prefetch=args.prefetch, prefetch_top_p=args.prefetch_top_p,
-                device=args.device, gpu_expert_cache=args.gpu_expert_cache)
+                expert_cache=args.expert_cache, cache_policy=args.cache_policy, learned_weights=args.learned_weights,
+                io_threads=args.io_threads, direct_io=args.direct_io, prefetch=args.prefetch,
+                prefetch_top_p=args.prefetch_top_p, device=args.device, gpu_expert_cache=args.gpu_expert_cache)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

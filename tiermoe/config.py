@@ -22,7 +22,9 @@ class EngineConfig:
     # Offloading. expert_cache=None keeps every expert resident once read; otherwise a RAM budget for routed
     # experts ("2GiB", "25%" of all expert bytes, or bytes) with the rest read from disk on demand.
     expert_cache: str | int | None = None
-    cache_policy: str = "lru"  # eviction policy, see tiermoe.offload.policies.POLICIES
+    cache_policy: str | None = None  # eviction policy (tiermoe.offload.policies.POLICIES); None: lru where one runs
+    # Weights of cache_policy "learned" as `tiermoe policy train --out` writes them; None: the shipped weights.
+    learned_weights: str | Path | None = None
     io_threads: int = 4  # threads reading experts
     direct_io: bool = True  # O_DIRECT reads (the page cache would be RAM outside the budget)
     prefetch: str | None = None  # "residual" (DALI; needs `tiermoe calibrate`) or "plain": read next layer's experts
@@ -54,11 +56,44 @@ class EngineConfig:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
         self._check_tau()
         self._check_static()
+        self._check_offload_options()
+        if self.learned_weights is not None:
+            self._check_learned_weights()
+
+    def _check_learned_weights(self) -> None:
+        from tiermoe.offload.learned import LearnedWeights
+
+        if self.cache_policy != "learned":
+            raise ConfigError(f"learned_weights are the learned cache policy's; cache_policy is {self.cache_policy!r}"
+                              " (set cache_policy='learned')")
+        if self.expert_cache is None and self.gpu_expert_cache is None:
+            raise ConfigError("learned_weights need an expert budget (expert_cache or gpu_expert_cache): with every "
+                              "expert resident no cache policy runs")
+        if self.tau is not None and self.gpu_expert_cache is None:
+            raise ConfigError("learned_weights have no use with tau: TIDE's refresh places the experts, no cache "
+                              "policy runs")
+        try:
+            LearnedWeights.load(self.learned_weights)
+        except ValueError as e:
+            raise ConfigError(f"learned_weights: {e}") from None
+        self.learned_weights = Path(self.learned_weights)
 
     def _check_tau(self) -> None:
         check_tau(self.tau)
         if self.tau is not None and self.expert_cache is None and self.gpu_expert_cache is None:
             raise ConfigError("tau (TIDE's refresh interval) needs an expert budget: expert_cache or gpu_expert_cache")
+
+    def _check_offload_options(self) -> None:
+        """Placement options that would do nothing in the chosen setting are refused rather than ignored."""
+        if self.expert_cache is None and self.gpu_expert_cache is None:
+            why = "every expert stays resident without expert_cache"
+        elif self.tau is not None and self.gpu_expert_cache is None:
+            why = "with tau on the RAM tier TIDE's refresh places the experts"
+        else:
+            return
+        given = [name for name in ("cache_policy", "prefetch") if getattr(self, name) is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} would have no effect: {why}")
 
     def _check_static(self) -> None:
         """The static placement pins a calibrated set in the RAM budget: nothing else may place experts."""

@@ -224,7 +224,7 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
                                        model.shape.top_k, config.io_threads, config.direct_io)
     else:
         store = TieredStore(index, dtype, min(parse_budget(config.expert_cache, total), total),
-                            live_policy(config.cache_policy), [b.layer for b in model.moe_blocks], model.shape.top_k,
+                            live_policy(config), [b.layer for b in model.moe_blocks], model.shape.top_k,
                             config.io_threads, config.direct_io)
     if config.gpu_expert_cache is None:
         return store
@@ -232,7 +232,7 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
     if config.tau is not None:  # TIDE with the accelerator as the fast tier
         return RefreshAcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total), layers, dtype)
     return AcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total),
-                            live_policy(config.cache_policy), profile_costs(device))
+                            live_policy(config), profile_costs(device))
 
 
 def refuse_offloading(config: EngineConfig, model_type: str) -> None:
@@ -243,13 +243,14 @@ def refuse_offloading(config: EngineConfig, model_type: str) -> None:
                           f"{model_type} has none (all its weights stay resident)")
 
 
-def live_policy(name: str):
-    """A policy that can run without knowing the future."""
+def live_policy(config: EngineConfig):
+    """The configured cache policy; it must run without knowing the future."""
+    name = config.cache_policy or "lru"
     if name not in POLICIES or POLICIES[name].needs_future:
         live = [n for n, p in sorted(POLICIES.items()) if not p.needs_future]
         raise ConfigError(f"cache_policy {name!r} cannot run live; choose one of {', '.join(live)}, or {STATIC} "
                           "(a calibrated set, RAM tier only)")
-    return make_policy(name)
+    return make_policy(name, **({} if config.learned_weights is None else {"weights": config.learned_weights}))
 
 
 def load_tokenizer(folder: Path, model_type: str):

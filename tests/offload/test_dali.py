@@ -119,3 +119,23 @@ def test_budget_invariant(requests, extra, window, swaps, victim, bare):
         assert not set(pushed_out) & set(keys)
         assert cache.used <= capacity and len(cache) == cache.used
         assert all(k in cache for k in keys) and all(k in cache for k in admitted)
+
+
+class ScoreEveryCandidate(DALIPolicy):
+    """DALI's victim rule stated directly: every candidate scored at every eviction."""
+
+    def victim(self, candidates, step):
+        if self.config.victim == "lru":
+            return min(candidates, key=lambda k: self._last[k])
+        return min(candidates, key=lambda k: (self.score(k), self._last[k]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=requests_strategy, extra=st.integers(0, 5), window=st.integers(1, 6), swaps=st.integers(0, 3),
+       victim=st.sampled_from(["window", "lru"]))
+def test_heap_victims_match_scoring_every_candidate(requests, extra, window, swaps, victim):
+    capacity = max(len(r) for r in requests) + extra
+    caches = [ExpertCache(capacity, cls(window, swaps, victim)) for cls in (DALIPolicy, ScoreEveryCandidate)]
+    for step, keys in enumerate(requests):
+        ranked, direct = ((c.request(keys, step), c.propose(step, keys)) for c in caches)
+        assert ranked == direct

@@ -1,5 +1,6 @@
 """The learned eviction policy: features and targets by hand, a hand-set MLP, training on a learnable trace, budget."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -138,7 +139,7 @@ def test_hand_set_mlp_scoring_age_is_lru(requests, extra):
 def test_live_store_keys_pick_the_layers_mlp():
     weights = lru_like_weights(num_layers=2)
     weights.layers = [one_minus_recency_mlp(), one_minus_recency_mlp()]
-    weights.layers[1].w3 = -weights.layers[1].w3  # layer 1 scores recency: evicts the most recent
+    weights.layers[1] = dataclasses.replace(weights.layers[1], w3=-weights.layers[1].w3)  # evicts the most recent
     policy = LearnedPolicy(weights, num_layers=2)
     cache = ExpertCache(4, policy)
     for step, keys in enumerate([[(0, 0)], [(0, 1)], [(1, 0)], [(1, 1)]]):
@@ -194,6 +195,14 @@ def test_make_policy_loads_the_shipped_weights():
     assert np.isfinite(policy.predict([1, 2, 3])).all()
 
 
+def test_defaults_are_the_shipped_policy():
+    # `policy train` with its defaults trains what ships (the choice bench/policy_heldout.py made on validation).
+    shipped = LearnedWeights.load(SHIPPED_WEIGHTS)
+    info = json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_text())
+    assert shipped.config == LearnedConfig() and not shipped.layers
+    assert info["train"] == {**TrainConfig().to_dict(), "seed": info["split"]["seed"]}
+
+
 def test_unknown_feature_is_refused():
     with pytest.raises(ValueError, match="unknown learned-policy features"):
         LearnedConfig(features=("recency", "astrology"))
@@ -235,5 +244,41 @@ def test_policy_train_command_writes_weights_and_heldout_report(tmp_path):
     assert heldout["sequences"] == 1 and set(heldout["capacities"]["4"]["hit_rate"]) == {"lru", "lfu", "learned",
                                                                                           "belady"}
     assert LearnedWeights.load(out).config.features == DEFAULT_FEATURES
+    assert info["command"].startswith("tiermoe policy train --trace periodic.npz --split 0.5 --seed 0 ")
+    assert "--horizon=8" in info["command"] and str(tmp_path) not in info["command"]
     parsed = build_parser().parse_args(["policy", *args])  # registered on the main CLI
     assert parsed.func is policy_cli.run_train
+
+
+class ScoreEveryCandidate(LearnedPolicy):
+    """The learned rule stated directly: every candidate scored alone (its own MLP call) at every eviction."""
+
+    def victim(self, candidates, step):
+        return max(candidates, key=lambda k: (float(self.predict([k])[0]), -self._last[k]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(requests=st.lists(st.lists(keys_strategy, min_size=1, max_size=4, unique=True), min_size=1, max_size=60),
+       extra=st.integers(0, 6), prefetch=st.lists(keys_strategy, max_size=60))
+def test_ranked_victims_match_scoring_every_candidate(requests, extra, prefetch):
+    # The shipped weights (a real MLP, reuse predictor and all), one cache over three layers as the live store
+    # keeps it, with keys brought in without an access (prefetch) between requests.
+    capacity = max(map(len, requests)) + extra
+    caches = [ExpertCache(capacity, cls(num_layers=3)) for cls in (LearnedPolicy, ScoreEveryCandidate)]
+    for step, keys in enumerate(requests):
+        ranked, direct = (c.request(keys, step) for c in caches)
+        assert ranked == direct
+        if step < len(prefetch):
+            assert caches[0].admit([prefetch[step]], step, keys) == caches[1].admit([prefetch[step]], step, keys)
+
+
+def test_mlp_scores_a_row_alike_in_any_batch():
+    # Float32 BLAS rounds a row by its batch's size and its place in it; the policy scores a layer's experts
+    # together and must rank them as if each were scored alone, and equal rows must tie.
+    mlp = LearnedWeights.load(SHIPPED_WEIGHTS).pooled
+    x = np.random.default_rng(0).random((257, len(DEFAULT_FEATURES))).astype(np.float32)
+    x[200:] = x[0]
+    batch = mlp(x)
+    assert batch.dtype == np.float32
+    assert [mlp(x[i: i + 1])[0] for i in range(len(x))] == batch.tolist()
+    assert np.array_equal(mlp(x[::-3]), batch[::-3]) and len(set(batch[200:].tolist() + [batch[0]])) == 1

@@ -1,6 +1,8 @@
 """Eviction policies on small sequences worked out by hand (single-key requests unless said otherwise)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tiermoe.offload.cache import ExpertCache
 from tiermoe.offload.policies import POLICIES, BeladyPolicy, CachePolicy, LFUPolicy, LRUPolicy, make_policy
@@ -104,3 +106,23 @@ def test_tuple_keys_work_for_the_store():
     hit, evicted = replay(LRUPolicy(), 2, [[(0, 5)], [(1, 5)], [(0, 5)], [(2, 1)]])
     assert hit == [False, False, True, False]
     assert evicted[3] == [(1, 5)]
+
+
+class LFUScoringEveryCandidate(LFUPolicy):
+    """LFU's rule stated directly: the fewest accesses, then the least recent, over all candidates."""
+
+    def victim(self, candidates, step):
+        return min(candidates, key=lambda k: self._heap.current[k][0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=3, unique=True), min_size=1, max_size=60),
+       extra=st.integers(0, 4), prefetch=st.lists(st.integers(0, 9), max_size=60))
+def test_lfu_heap_matches_scoring_every_candidate(requests, extra, prefetch):
+    capacity = max(map(len, requests)) + extra
+    caches = [ExpertCache(capacity, LFUPolicy()), ExpertCache(capacity, LFUScoringEveryCandidate())]
+    for step, keys in enumerate(requests):
+        heap, direct = (c.request(keys, step) for c in caches)
+        assert heap == direct
+        if step < len(prefetch):  # a key brought in without an access
+            assert caches[0].admit([prefetch[step]], step, keys) == caches[1].admit([prefetch[step]], step, keys)

@@ -26,7 +26,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from tiermoe.offload.policies import POLICIES, CachePolicy, Key, split_key
+from tiermoe.offload.policies import POLICIES, CachePolicy, Key, VictimHeap, ranked_victim, split_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class DALIConfig:
 _DEFAULTS = DALIConfig()
 
 
-@dataclass
+@dataclass(eq=False)
 class _LayerWindow:
     """One layer's sliding window of requests and its residents."""
 
@@ -83,6 +83,8 @@ class DALIPolicy(CachePolicy):
         self._layers: dict[int | None, _LayerWindow] = {}
         self._ticks = itertools.count(1)
         self._last: dict[Key, int] = {}  # key -> tick of its latest access or insert (breaks ties, oldest first)
+        self._heap = VictimHeap()  # residents' (routed tokens, tick, key), or (tick, key) with LRU victims
+        self._stale: set[_LayerWindow] = set()  # layers requested since their residents' entries were made
 
     def _layer(self, key: Key) -> _LayerWindow:
         layer, _ = split_key(key, None)
@@ -105,21 +107,33 @@ class DALIPolicy(CachePolicy):
             current.append(key)
             state.count[key] = state.count.get(key, 0) + 1
         self._last[key] = next(self._ticks)
+        self._stale.add(state)
 
     def on_insert(self, key: Key, step: int) -> None:
         """Marks `key` resident; a key never accessed before (prefetched) counts as just used for tie-breaking."""
-        self._layer(key).resident.add(key)
+        state = self._layer(key)
         self._last.setdefault(key, next(self._ticks))
+        state.resident.add(key)
+        if state not in self._stale:
+            self._heap.push(self._entry(state, key))
 
     def on_evict(self, key: Key) -> None:
         """Drops `key` from its layer's residents; its window count and recency stay (they describe routing)."""
         self._layer(key).resident.discard(key)
+        self._heap.discard(key)
 
     def victim(self, candidates, step: int) -> Key:
         """The candidate with the fewest routed tokens in its layer's window; the least recent among equals."""
+        return ranked_victim(self._heap, self._stale, candidates, self._rank)
+
+    def _entry(self, state: _LayerWindow, key: Key) -> tuple:
+        """A resident's eviction entry: (routed tokens, tick, key), or (tick, key) for LRU victims."""
         if self.config.victim == "lru":
-            return min(candidates, key=lambda k: self._last.get(k, 0))
-        return min(candidates, key=lambda k: (self.score(k), self._last.get(k, 0)))
+            return self._last[key], key
+        return state.count.get(key, 0), self._last[key], key
+
+    def _rank(self, state: _LayerWindow) -> None:
+        self._heap.push(*[self._entry(state, key) for key in state.resident])
 
     def proposals(self, step: int) -> list[Key]:
         """At a layer's window boundary (its request count a multiple of `window`), the swaps worth making."""
@@ -133,9 +147,10 @@ class DALIPolicy(CachePolicy):
     def _swaps(self, state: _LayerWindow) -> list[Key]:
         """Most loaded non-residents paired with least loaded evictable residents, while the newcomer scores more."""
         current = set(state.steps[-1]) if state.steps else set()
-        incoming = sorted((k for k in state.count if k not in state.resident),
+        resident = state.resident
+        incoming = sorted((k for k in state.count if k not in resident),
                           key=lambda k: (-state.count[k], -self._last.get(k, 0)))
-        outgoing = sorted((k for k in state.resident if k not in current),
+        outgoing = sorted((k for k in resident if k not in current),
                           key=lambda k: (state.count.get(k, 0), self._last.get(k, 0)))
         out = []
         for i, key in enumerate(incoming[: self.config.swaps]):

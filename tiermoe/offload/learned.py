@@ -1,4 +1,4 @@
-"""FlashMoE's learned eviction policy: a small MLP per layer predicts each resident expert's next-use distance.
+"""FlashMoE's learned eviction policy: a small MLP predicts each resident expert's next-use distance.
 
 FlashMoE (arXiv 2601.17063) scores eviction candidates with a tiny MLP over normalised recency, 1 / (t - last + 1),
 and frequency (uses in a window / the layer's largest count in it), trained with MSE against Belady's next-use
@@ -9,10 +9,12 @@ once), which lets one policy serve the live store's single cache across layers.
 NOTE: beside FlashMoE's two inputs this policy feeds the MLP one more, `reuse`: the probability that the expert is
 requested within the next few requests of its layer, from a per-layer logistic regression over which experts the
 last few requests used, learned online (from the past only) while the policy runs. It knows no expert by name and no
-model in advance, so it carries over to models the MLP was not trained on; on held-out OLMoE prompts it is what takes
-the learned policy from about 30% to about 50% of the LRU-to-Belady gap (see bench/policy_heldout.py). Other inputs
-(`rank` at last use, the `interval` between the last two uses, all-time `frequency_all`, and the scale-free `stack`
-depth and `reuse_rank`, shares of the layer's experts) are kept for ablations.
+model in advance, so it carries over to models the MLP was not trained on. The inputs, the settings (a target
+horizon of 8 requests) and one pooled MLP for every layer were chosen on validation prompts inside the training
+half, where `reuse` took the policy from 22% to 44% of the LRU-to-Belady gap (bench/policy_heldout.py; the
+candidates' scores are in bench/results/policy_heldout.md). Other inputs (`rank` at last use, the `interval` between
+the last two uses, all-time `frequency_all`, and the scale-free `stack` depth and `reuse_rank`, shares of the
+layer's experts) were candidates there and remain available to `policy train --features`.
 
 T = requests of one layer (its clock), E = expert slots of the layer, F = features, H = hidden width.
 """
@@ -21,14 +23,14 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tiermoe.offload.learned_features import FEATURES, LayerHistory
-from tiermoe.offload.policies import POLICIES, CachePolicy, Key, split_key
+from tiermoe.offload.policies import POLICIES, CachePolicy, Key, VictimHeap, ranked_victim, split_key
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "policies" / "learned.safetensors"
 
@@ -41,7 +43,7 @@ class LearnedConfig:
 
     features: tuple[str, ...] = DEFAULT_FEATURES  # names in FEATURES, in MLP input order
     window: int = 32  # requests of a layer over which `frequency` counts uses
-    horizon: int = 16  # next-use distances are clamped here (in requests of the layer), then divided by it
+    horizon: int = 8  # next-use distances are clamped here (in requests of the layer), then divided by it
     reuse_horizon: int = 4  # `reuse` predicts a use within this many requests...
     reuse_history: int = 4  # ...from which experts this many latest requests used
     reuse_lr: float = 0.1  # AdaGrad step of the `reuse` predictor
@@ -67,7 +69,7 @@ class LearnedConfig:
         return cls(**known)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MLP:
     """Two hidden ReLU layers and one output: the predicted next-use distance (scaled to [0, 1]) of each row."""
 
@@ -80,11 +82,21 @@ class MLP:
 
     _NAMES = ("w1", "b1", "w2", "b2", "w3", "b3")
 
+    def __post_init__(self) -> None:
+        # What __call__ computes with (frozen, so these cannot go stale: `dataclasses.replace` makes a changed MLP).
+        object.__setattr__(self, "_f64", tuple(getattr(self, n).astype(np.float64) for n in self._NAMES))
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """[N, F] -> [N]."""
-        h = np.maximum(x @ self.w1 + self.b1, 0.0)
-        h = np.maximum(h @ self.w2 + self.b2, 0.0)
-        return h @ self.w3 + self.b3[0]
+        """[N, F] -> [N] float32.
+
+        Computed in float64, rounded to float32 once: BLAS rounds a row differently by batch size and position, by
+        about one float32 ulp, but only by ~1e-16 in float64, which the rounding absorbs. So a row scores the same
+        in any batch: scoring a layer's experts together equals scoring each alone, and equal inputs tie.
+        """
+        w1, b1, w2, b2, w3, b3 = self._f64
+        h = np.maximum(np.asarray(x, np.float64) @ w1 + b1, 0.0)  # [N, H]
+        h = np.maximum(h @ w2 + b2, 0.0)  # [N, H]
+        return (h @ w3 + b3[0]).astype(np.float32)  # [N]
 
     @property
     def num_params(self) -> int:
@@ -133,41 +145,72 @@ class LearnedWeights:
 
     @classmethod
     def load(cls, path: str | Path) -> LearnedWeights:
+        """Reads weights that `save` wrote; ValueError naming the problem if the file is missing, is not such a file,
+        or holds MLPs whose shapes do not fit its config (inputs = its features, width = its `hidden`)."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"learned-policy weights {path} do not exist")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+            raise ValueError(f"{path} is not a safetensors file ({e})") from None
         if "config" not in meta:
-            raise ValueError(f"{path} holds no learned-policy config in its metadata")
-        layers = [MLP.from_tensors(tensors, f"layers.{i}") for i in range(int(meta.get("num_layers", 0)))]
-        return cls(LearnedConfig.from_dict(json.loads(meta["config"])), layers, MLP.from_tensors(tensors, "pooled"),
-                   json.loads(meta.get("info", "{}")))
+            raise ValueError(f"{path} holds no learned-policy config in its metadata (not written by `policy train`?)")
+        try:
+            config = LearnedConfig.from_dict(json.loads(meta["config"]))
+            num_layers, info = int(meta.get("num_layers", 0)), json.loads(meta.get("info", "{}"))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} has a malformed learned-policy config: {e}") from None
+        prefixes = ["pooled", *(f"layers.{i}" for i in range(num_layers))]
+        for prefix in prefixes:
+            _check_mlp(tensors, prefix, len(config.features), path)
+        layers = [MLP.from_tensors(tensors, prefix) for prefix in prefixes[1:]]
+        return cls(config, layers, MLP.from_tensors(tensors, "pooled"), info)
 
 
-@dataclass
+def _check_mlp(tensors: dict[str, np.ndarray], prefix: str, features: int, path: Path) -> None:
+    """ValueError unless the MLP `prefix` is all there, takes `features` inputs and is as wide throughout."""
+    w1 = tensors.get(f"{prefix}.w1")
+    hidden = w1.shape[-1] if w1 is not None and w1.ndim == 2 else 0
+    for name, shape in _mlp_shapes(features, hidden).items():
+        tensor = tensors.get(f"{prefix}.{name}")
+        if tensor is None or tensor.shape != shape:
+            got = "missing" if tensor is None else f"of shape {list(tensor.shape)}"
+            raise ValueError(f"{path}: tensor {prefix}.{name} is {got}, but an MLP over the config's {features} "
+                             f"features, {hidden} wide, needs shape {list(shape)}")
+
+
+def _mlp_shapes(features: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    return {"w1": (features, hidden), "b1": (hidden,), "w2": (hidden, hidden), "b2": (hidden,), "w3": (hidden,),
+            "b3": (1,)}
+
+
+@dataclass(eq=False)
 class _LayerState:
     history: LayerHistory
     mlp: MLP
-    slots: dict = field(default_factory=dict)  # expert key -> slot in `history`
-    scored: list = field(default_factory=list)  # keys of this layer holding a score in the policy's memo
-
-    def slot(self, expert: Key) -> int:
-        s = self.slots.get(expert)
-        if s is None:
-            s = self.slots[expert] = len(self.slots)
-        return s
+    slots: dict = field(default_factory=dict)  # expert -> slot in `history`
+    resident: set = field(default_factory=set)  # keys
+    scores: dict = field(default_factory=dict)  # slot -> prediction, of the slots scored since the layer's request
 
 
 class LearnedPolicy(CachePolicy):
     """Evicts the candidate whose predicted next-use distance is largest (the least recent among equals).
 
     `weights`: a path or `LearnedWeights` (default: the shipped weights). `layer`: the MoE layer of bare expert-id
-    keys (the simulator's one policy per layer); keys `(layer, expert)` name their own. `num_layers`: the model's MoE
-    layer count; each layer uses its own MLP when it equals the count the weights were trained for, else (or when
-    not given) the pooled MLP, which was trained on all layers and knows no layer in particular. So the live store
-    picks each layer's MLP from key[0] when built with `make_policy("learned", num_layers=...)`; a plain
-    `make_policy("learned")` serves every layer with the pooled MLP (about as good on held-out OLMoE prompts).
+    keys (the simulator's one policy per layer); keys `(layer, expert)` name their own. Every layer is served by the
+    pooled MLP, trained on all layers' rows, except with weights trained `--per-layer`: then, given `num_layers`
+    equal to the count they were trained for, each layer uses its own MLP (the simulator passes it; the live engine
+    does not, so it runs the pooled MLP).
+
+    NOTE: a layer's features only change when that layer is requested (its clock is its own). So the first victim
+    needed after a request scores that layer's residents, and the request's own experts (resident right after, if
+    missed), in one MLP call; their entries (-prediction, tick, key) serve every eviction until the layer's next
+    request, from one heap over all layers (`ranked_victim`).
     """
 
     wants_layer = True
@@ -178,74 +221,68 @@ class LearnedPolicy(CachePolicy):
             SHIPPED_WEIGHTS if weights is None else weights)
         self.layer, self.num_layers = layer, num_layers
         self._layers: dict[int | None, _LayerState] = {}
+        self._where: dict[Key, tuple[_LayerState, int]] = {}  # key -> its layer's state and its slot there
         self._ticks = itertools.count(1)
         self._last: dict[Key, int] = {}  # key -> tick of its latest access (ties go to the oldest)
-        # (prediction, -tick) per key. A layer's features only change when that layer is requested (its clock is
-        # its own), so a request invalidates its layer's scores only: with one cache across layers (the live
-        # store) a victim call then scores the candidates of one layer, not all of them.
-        self._scores: dict[Key, tuple[float, int]] = {}
+        self._heap = VictimHeap()  # residents' (-predicted distance, tick, key)
+        self._stale: set[_LayerState] = set()  # layers requested since their residents were scored
 
     def _locate(self, key: Key) -> tuple[_LayerState, int]:
-        layer, expert = split_key(key, self.layer)
-        state = self._layers.get(layer)
-        if state is None:
-            mlp = self.weights.mlp_for(layer, self.num_layers)
-            state = self._layers[layer] = _LayerState(LayerHistory(self.weights.config), mlp)
-        return state, state.slot(expert)
+        where = self._where.get(key)
+        if where is None:
+            layer, expert = split_key(key, self.layer)
+            state = self._layers.get(layer)
+            if state is None:
+                mlp = self.weights.mlp_for(layer, self.num_layers)
+                state = self._layers[layer] = _LayerState(LayerHistory(self.weights.config), mlp)
+            where = self._where[key] = (state, state.slots.setdefault(expert, len(state.slots)))
+        return where
 
     def on_access(self, key: Key, step: int) -> None:
         """Feeds the use to its layer's history."""
-        state, slot = self._locate(key)
+        state, slot = self._where.get(key) or self._locate(key)
         state.history.access(slot, step)
         self._last[key] = next(self._ticks)
-        if state.scored:
-            for k in state.scored:
-                self._scores.pop(k, None)
-            state.scored.clear()
+        self._stale.add(state)
 
     def on_insert(self, key: Key, step: int) -> None:
         """A key made resident without an access (prefetched) counts as just used."""
         state, slot = self._locate(key)
-        state.history.touch(slot)
+        touched = state.history.touch(slot)
         if key not in self._last:
             self._last[key] = next(self._ticks)
-        self._scores.pop(key, None)
+        state.resident.add(key)
+        if state not in self._stale:
+            score = state.scores.get(slot)
+            if touched or score is None:  # not scored with its layer, or the layer's features moved
+                self._stale.add(state)
+            else:
+                self._heap.push((-score, self._last[key], key))
 
     def on_evict(self, key: Key) -> None:
-        """Nothing to forget: the history describes routing, which goes on whether the key is resident or not."""
-        self._scores.pop(key, None)
+        """Drops the key from its layer's residents; the history describes routing, which goes on regardless."""
+        self._locate(key)[0].resident.discard(key)
+        self._heap.discard(key)
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
-        """The candidate predicted to be needed last. One batched MLP call per layer scores the candidates without a
-        valid score; scores stay valid until their layer is requested again."""
-        if not isinstance(candidates, Collection):
-            candidates = list(candidates)
-        scores = self._scores
-        todo = [k for k in candidates if k not in scores]
-        if todo:
-            for state, keys, values in self._predict_by_layer(todo):
-                scores.update((k, (v, -self._last.get(k, 0))) for k, v in zip(keys, values.tolist(), strict=True))
-                state.scored += keys
-        return max(candidates, key=scores.__getitem__)
+        """The candidate predicted to be needed last (see the class NOTE for how little this computes per call)."""
+        return ranked_victim(self._heap, self._stale, candidates, self._rank)
+
+    def _rank(self, state: _LayerState) -> None:
+        """Scores the layer's residents and its latest request's experts in one MLP call; enters the residents."""
+        where, last = self._where, self._last
+        slots = list({where[k][1] for k in state.resident}.union(state.history.current))
+        predicted = state.mlp(state.history.features(np.array(slots, np.int64))).tolist()
+        scores = state.scores = dict(zip(slots, predicted, strict=True))
+        self._heap.push(*[(-scores[where[k][1]], last[k], k) for k in state.resident])
 
     def predict(self, keys: list[Key]) -> np.ndarray:
-        """Predicted next-use distance of each key (scaled: 1 = the horizon or later)."""
-        out = dict(itertools.chain.from_iterable(zip(k, v.tolist(), strict=True)
-                                                 for _, k, v in self._predict_by_layer(keys)))
-        return np.array([out[k] for k in keys])
-
-    def _predict_by_layer(self, keys: list[Key]) -> list[tuple[_LayerState, list[Key], np.ndarray]]:
-        """(layer state, its keys, their predictions) per layer among `keys`: one MLP call per layer."""
-        groups: dict[int, tuple[_LayerState, list[Key], list[int]]] = {}
+        """Predicted next-use distance of each key (scaled: 1 = the horizon or later), one MLP call per key."""
+        out = []
         for key in keys:
             state, slot = self._locate(key)
-            group = groups.get(id(state))
-            if group is None:
-                group = groups[id(state)] = (state, [], [])
-            group[1].append(key)
-            group[2].append(slot)
-        return [(state, ks, state.mlp(state.history.features(np.array(slots, np.int64))))
-                for state, ks, slots in groups.values()]
+            out.append(state.mlp(state.history.features(np.array([slot], np.int64)))[0])
+        return np.array(out)
 
 
 POLICIES["learned"] = LearnedPolicy

@@ -26,6 +26,9 @@ class TrainConfig:
     """What to learn and how long: the policy's inputs and target, and the MLP fit."""
 
     policy: LearnedConfig = field(default_factory=LearnedConfig)
+    # Also fit one MLP per MoE layer (used on models of the trained layer count) beside the pooled one that serves
+    # every layer. Off: on validation the pooled MLP did as well (bench/policy_heldout.py).
+    per_layer: bool = False
     rows_per_layer: int = 100_000  # rows mined per layer and trace (steps are subsampled to about this many)
     epochs: int = 8
     batch: int = 1024
@@ -95,7 +98,7 @@ def mine_layer(requests: Sequence[Sequence[int]], config: LearnedConfig, rows: i
         for e in experts:
             history.access(e, t)
         if keep[t]:
-            seen = history.last[: dist.shape[1]] >= 0
+            seen = history.seen()[: dist.shape[1]]
             seen[experts] = False
             slots = np.flatnonzero(seen)
             if len(slots):
@@ -151,10 +154,10 @@ def train(traces: Sequence[Trace], config: TrainConfig | None = None, log=None) 
 
 
 def fit_weights(mined: Sequence[Sequence[Rows]], num_layers: int, config: TrainConfig, log=None) -> LearnedWeights:
-    """MLPs from mined rows (per trace, per layer): layer i's MLP from the traces with `num_layers` layers, the
-    pooled one from a sample of all rows."""
+    """MLPs from mined rows (per trace, per layer): the pooled one from a sample of all rows and, with
+    `config.per_layer`, layer i's MLP from the traces with `num_layers` layers."""
     layers = []
-    for layer in range(num_layers):
+    for layer in range(num_layers if config.per_layer else 0):
         layers.append(fit_mlp(Rows.concat([m[layer] for m in mined if len(m) == num_layers]), config))
         _log(log, f"layer {layer}: fitted")
     rng = np.random.default_rng(config.seed)

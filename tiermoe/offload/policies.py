@@ -16,15 +16,16 @@ them in the order the request lists its keys; the simulator lists a row in route
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, KeysView, Sequence
 from typing import Any
 
 Key = Hashable
 
-# Scores below pack two integers into one so that `min`/`max` with a dict lookup as key stay in C:
-# primary * _SHIFT + secondary, where the secondary (an access tick) is always below _SHIFT.
+# Scores below pack two integers into one, so that they compare (in a heap, or `max` with a dict lookup as key) as
+# one int: primary * _SHIFT + secondary, where the secondary (an access tick) is always below _SHIFT.
 _SHIFT = 1 << 40
 
 
@@ -53,7 +54,9 @@ class CachePolicy(ABC):
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """Called when room is needed at `step`: return one of `candidates` (the evictable residents) to evict.
 
-        The caller has already removed the keys of the request being served, so those are never offered.
+        Candidates are residents: keys the policy saw `on_insert` and no `on_evict` since. The caller has already
+        removed the keys of the request being served, so those are never offered. Called once per eviction, so
+        policies keep their ranking between calls rather than scoring every candidate each time.
         """
 
     def proposals(self, step: int) -> list[Key]:
@@ -74,21 +77,28 @@ class _TickPolicy(CachePolicy):
         self._ticks = itertools.count(1)
 
 
-class LRUPolicy(_TickPolicy):
+def as_set(candidates: Iterable[Key]) -> Collection[Key]:
+    """`candidates` as something with a fast `in` (the cache passes a set already)."""
+    return candidates if isinstance(candidates, (set, frozenset, KeysView)) else set(candidates)
+
+
+class LRUPolicy(CachePolicy):
     """Least recently used: evicts the candidate whose latest access is oldest."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.last: dict[Key, int] = {}  # key -> tick of its latest access (or insert)
+        # Keys by latest access (or insert), oldest first: an access moves its key to the end, so the victim is
+        # the first key that is a candidate (the request's own keys, the newest, are the ones skipped).
+        self.last: dict[Key, None] = {}
 
     def on_access(self, key: Key, step: int) -> None:
         """Marks `key` as the most recent access."""
-        self.last[key] = next(self._ticks)
+        self.last.pop(key, None)
+        self.last[key] = None
 
     def on_insert(self, key: Key, step: int) -> None:
         """A key inserted without an access (e.g. prefetched) counts as just used."""
         if key not in self.last:
-            self.last[key] = next(self._ticks)
+            self.last[key] = None
 
     def on_evict(self, key: Key) -> None:
         """Forgets the key: its recency only matters while it is resident."""
@@ -96,7 +106,65 @@ class LRUPolicy(_TickPolicy):
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """The least recently used candidate."""
-        return min(candidates, key=self.last.__getitem__)
+        candidates = as_set(candidates)
+        for key in self.last:
+            if key in candidates:
+                return key
+        raise ValueError("no candidate is a resident this policy was told of (on_insert)")
+
+
+class VictimHeap:
+    """Eviction entries `(score, ..., key)`, one current per key, in a heap: the smallest candidate's key is the victim.
+
+    `push` makes an entry its key's current one; `discard` drops the key's. Older entries stay in the heap and are
+    dropped when they reach the top, so an eviction costs a few heap operations rather than a score per candidate.
+    Scores must tie only for entries of the same key (an access tick in the entry does that).
+    """
+
+    def __init__(self) -> None:
+        self.heap: list[tuple] = []
+        self.current: dict[Key, tuple] = {}
+
+    def push(self, *entries: tuple) -> None:
+        current, heap = self.current, self.heap
+        for entry in entries:
+            current[entry[-1]] = entry
+            heapq.heappush(heap, entry)
+        if len(heap) > 2 * len(current) + 64:  # drop the outdated entries now and then
+            self.heap = list(current.values())
+            heapq.heapify(self.heap)
+
+    def discard(self, key: Key) -> None:
+        self.current.pop(key, None)
+
+    def first(self, candidates: Iterable[Key]) -> Key:
+        """The key of the smallest current entry among `candidates`."""
+        candidates, heap, current = as_set(candidates), self.heap, self.current
+        aside = []  # current entries of keys that are not candidates (the request being served): put back after
+        try:
+            while heap:
+                top = heap[0]
+                if current.get(top[-1]) is not top:
+                    heapq.heappop(heap)  # outdated: the key has a newer entry or was dropped
+                elif top[-1] in candidates:
+                    return top[-1]
+                else:
+                    aside.append(heapq.heappop(heap))
+            raise ValueError("no candidate is a resident this policy was told of (on_insert)")
+        finally:
+            for entry in aside:
+                heapq.heappush(heap, entry)
+
+
+def ranked_victim(heap: VictimHeap, stale: set, candidates: Iterable[Key], rank: Callable[[Any], None]) -> Key:
+    """For policies whose scores of a layer's experts change only when that layer is requested (DALI's window counts,
+    the learned policy's features): such a request puts the layer in `stale`; the next eviction first re-enters its
+    residents into `heap` (`rank(layer)`, for the layers that hold residents), then takes the heap's best candidate.
+    A layer keeps its entries until its next request, so the evictions in between cost a few heap operations."""
+    for layer in [layer for layer in stale if layer.resident]:
+        rank(layer)
+        stale.discard(layer)
+    return heap.first(candidates)
 
 
 class LFUPolicy(_TickPolicy):
@@ -109,25 +177,25 @@ class LFUPolicy(_TickPolicy):
     def __init__(self) -> None:
         super().__init__()
         self.count: dict[Key, int] = {}
-        self._score: dict[Key, int] = {}  # count * _SHIFT + last tick: lower is evicted first
+        self._heap = VictimHeap()  # entries (count * _SHIFT + last tick, key): lower is evicted first
 
     def on_access(self, key: Key, step: int) -> None:
         """Counts the access and refreshes the key's recency."""
         n = self.count[key] = self.count.get(key, 0) + 1
-        self._score[key] = n * _SHIFT + next(self._ticks)
+        self._heap.push((n * _SHIFT + next(self._ticks), key))
 
     def on_insert(self, key: Key, step: int) -> None:
         """A key inserted without an access (e.g. prefetched) starts with its past count, and is recent."""
-        if key not in self._score:
-            self._score[key] = self.count.get(key, 0) * _SHIFT + next(self._ticks)
+        if key not in self._heap.current:
+            self._heap.push((self.count.get(key, 0) * _SHIFT + next(self._ticks), key))
 
     def on_evict(self, key: Key) -> None:
         """Keeps the count (all accesses count), drops the per-resident score."""
-        self._score.pop(key, None)
+        self._heap.discard(key)
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """The candidate with the fewest accesses; among equals, the least recently used."""
-        return min(candidates, key=self._score.__getitem__)
+        return self._heap.first(candidates)
 
 
 class BeladyPolicy(_TickPolicy):

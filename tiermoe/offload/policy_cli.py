@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,13 @@ from tiermoe.sim.trace import Trace
 
 EVAL_POLICIES = ("lru", "lfu", "learned", "belady")
 _DEFAULTS = TrainConfig()
+# The policy's settings (LearnedConfig fields besides the features), each a flag of `policy train`.
+_SETTINGS = {"window": "requests of a layer over which `frequency` counts uses",
+             "horizon": "next-use distances are clamped to this many requests of the layer (the target's scale)",
+             "reuse_horizon": "`reuse` predicts a use within this many requests",
+             "reuse_history": "...from the experts of this many latest requests",
+             "reuse_lr": "AdaGrad step of the `reuse` predictor",
+             "hidden": "width of the MLP's two hidden layers"}
 
 
 def _csv(text: str) -> list[str]:
@@ -37,6 +45,13 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the row sampling and the MLP init")
     p.add_argument("--features", type=_csv, default=list(DEFAULT_FEATURES),
                    help=f"MLP inputs among {', '.join(FEATURES)} (default: {','.join(DEFAULT_FEATURES)})")
+    for name, text in _SETTINGS.items():
+        default = getattr(_DEFAULTS.policy, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       help=f"{text} (default: %(default)s)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also fit one MLP per MoE layer, used on models with the trained layer count (default: the "
+                        "pooled MLP serves every layer)")
     p.add_argument("--rows-per-layer", type=int, default=_DEFAULTS.rows_per_layer,
                    help="training rows mined per layer and trace (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs, help="MLP epochs (default: %(default)s)")
@@ -54,8 +69,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run_train(args: argparse.Namespace) -> int:
     """Runs `policy train` for parsed arguments; returns the exit code."""
     try:
-        config = TrainConfig(LearnedConfig(features=tuple(args.features)), rows_per_layer=args.rows_per_layer,
-                             epochs=args.epochs, seed=args.seed)
+        policy = LearnedConfig(features=tuple(args.features), **{name: getattr(args, name) for name in _SETTINGS})
+        config = TrainConfig(policy, per_layer=args.per_layer, rows_per_layer=args.rows_per_layer, epochs=args.epochs,
+                             seed=args.seed)
         capacities = [Capacity.parse(c) for c in args.capacity]
         traces = [Trace.load(p) for p in args.trace]
         splits = [split_sequences(t, args.split, args.seed) for t in traces]
@@ -74,12 +90,27 @@ def run_train(args: argparse.Namespace) -> int:
     heldout = [evaluate(rest, weights, capacities, name=t.name)
                for t, (_, rest, _) in zip(traces, splits, strict=True) if rest.num_sequences]
     weights.info["heldout"] = heldout
+    weights.info["command"] = command_line(args)
     path = weights.save(args.out)
     path.with_suffix(".json").write_text(json.dumps(weights.info, indent=1) + "\n")
     print(f"wrote {path} ({weights.num_params} parameters) and {path.with_suffix('.json')}")
     for h in heldout:
         print(format_heldout(h))
     return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `policy train` command that makes these weights, every setting spelled out; traces by file name, the
+    output as given when relative (no machine paths in the record)."""
+    words = ["tiermoe", "policy", "train"]
+    for path in args.trace:
+        words += ["--trace", path.name]
+    words += ["--split", str(args.split), "--seed", str(args.seed), "--features", ",".join(args.features)]
+    words += [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _SETTINGS]
+    words += ["--per-layer"] if args.per_layer else []
+    words += ["--rows-per-layer", str(args.rows_per_layer), "--epochs", str(args.epochs),
+              "--out", str(args.out) if not args.out.is_absolute() else args.out.name]
+    return shlex.join(words)
 
 
 def evaluate(trace: Trace, weights: LearnedWeights, capacities: Sequence[Capacity],
