@@ -56,15 +56,15 @@ class EngineConfig:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
         self._check_tau()
         self._check_static()
-        self._check_offload_options()
         if self.learned_weights is not None:
             self._check_learned_weights()
+        self._check_offload_options()
 
     def _check_learned_weights(self) -> None:
         from tiermoe.offload.learned import LearnedWeights
 
         if self.cache_policy != "learned":
-            raise ConfigError(f"learned_weights are the learned cache policy's; cache_policy is {self.cache_policy!r}"
+            raise ConfigError(f"learned_weights are the learned cache policy's; cache_policy is {self.cache_policy or 'lru'!r}"
                               " (set cache_policy='learned')")
         if self.expert_cache is None and self.gpu_expert_cache is None:
             raise ConfigError("learned_weights need an expert budget (expert_cache or gpu_expert_cache): with every "

@@ -319,8 +319,10 @@ def test_random_settings_and_prompts_autoregressive(data, autoregressive):
 def test_random_settings_and_prompts_diffusion(data, llada2):
     budget = data.draw(st.integers(llada2.budgets["min"], llada2.total), label="budget")
     tau = data.draw(st.sampled_from([None, 1, 2, 3, "auto"]), label="tau")
-    options = dict(tau=tau, cache_policy=data.draw(st.sampled_from(LIVE_POLICIES), label="policy"),
-                   prefetch=data.draw(st.sampled_from(PREFETCHERS), label="prefetch"))
+    # with tau, TIDE places the RAM tier: a cache policy or prefetcher would do nothing and is refused
+    options = dict(tau=tau) if tau is not None else dict(
+        cache_policy=data.draw(st.sampled_from(LIVE_POLICIES), label="policy"),
+        prefetch=data.draw(st.sampled_from(PREFETCHERS), label="prefetch"))
     requests = data.draw(st.lists(st.tuples(
         st.lists(st.integers(0, 158), min_size=1, max_size=20),
         st.builds(SamplingParams, temperature=st.just(0), max_tokens=st.integers(1, 16),
@@ -330,10 +332,15 @@ def test_random_settings_and_prompts_diffusion(data, llada2):
 
 
 @pytest.mark.parametrize("options", [dict(expert_cache="50%"), dict(expert_cache=0, cache_policy="dali"),
-                                     dict(prefetch="plain"), dict(prefetch="residual"),
-                                     dict(expert_cache="25%", tau=2), dict(expert_cache="25%", tau="auto")],
+                                     dict(expert_cache="25%", prefetch="plain"), dict(expert_cache="25%", tau=2),
+                                     dict(expert_cache="25%", tau="auto")],
                          ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_llada_has_no_experts_so_offloading_options_are_refused(folders, options):
     with pytest.raises(ConfigError, match=rf"^{', '.join(k for k in options if k != 'cache_policy')}: expert "
                                           r"offloading applies to models with routed experts, and llada has none"):
         LLM(folders["llada"], **options)
+
+
+def test_prefetch_without_a_budget_is_refused(folders):
+    with pytest.raises(ConfigError, match="prefetch would have no effect: every expert stays resident"):
+        LLM(folders["llada"], prefetch="plain")
