@@ -64,8 +64,9 @@ class EngineConfig:
         from tiermoe.offload.learned import LearnedWeights
 
         if self.cache_policy != "learned":
-            raise ConfigError(f"learned_weights are the learned cache policy's; cache_policy is {self.cache_policy or 'lru'!r}"
-                              " (set cache_policy='learned')")
+            policy = self.cache_policy or "lru"
+            raise ConfigError(f"learned_weights are the learned cache policy's; cache_policy is {policy!r} "
+                              "(set cache_policy='learned')")
         if self.expert_cache is None and self.gpu_expert_cache is None:
             raise ConfigError("learned_weights need an expert budget (expert_cache or gpu_expert_cache): with every "
                               "expert resident no cache policy runs")
