@@ -230,3 +230,21 @@ def test_diffusion_models_take_n_and_min_p(llada2):
     two = completions(n=2, seed=9)
     assert two == completions(seed=9) + completions(seed=10) and two[0] != two[1]
     assert completions(seed=9, min_p=0.5) != completions(seed=9)  # min_p filters the denoiser's draws too
+
+
+def test_stop_strings_are_not_honoured_within_min_tokens():
+    """As vLLM: a stop string must end after the text of the first min_tokens tokens."""
+    from tiermoe.models.registry import DEFAULT_MODEL
+
+    llm = LLM(DEFAULT_MODEL)
+    full = llm.generate(["ROMEO:"], SamplingParams(temperature=0, max_tokens=40))[0].outputs[0]
+    cuts = []
+    for min_tokens in (0, 4, 8):
+        out = llm.generate(["ROMEO:"], SamplingParams(temperature=0, max_tokens=40, stop="th",
+                                                      min_tokens=min_tokens))[0].outputs[0]
+        before = llm.tokenizer.decode(full.token_ids[:min_tokens])
+        cut = full.text.find("th", max(0, len(before) - 1))  # it may begin in the last character before
+        assert 0 <= cut and out.text == full.text[:cut] and (out.finish_reason, out.stop_reason) == ("stop", "th")
+        assert len(out.token_ids) > min_tokens
+        cuts.append(cut)
+    assert len(set(cuts)) == 3  # each min_tokens skipped a "th" the smaller one honoured
