@@ -3,7 +3,6 @@ distribution (vLLM's default, "raw_logprobs"), whatever penalties and temperatur
 
 import pytest
 import torch
-import transformers
 
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode import autoregressive
@@ -12,18 +11,8 @@ PROMPT = [3, 17, 42, 9, 77, 5, 17, 42, 100, 64, 8]
 
 
 @pytest.fixture(scope="module")
-def folder(tiny_models):
-    return tiny_models("qwen2_moe")
-
-
-@pytest.fixture(scope="module")
-def llm(folder):
-    return LLM(folder)
-
-
-@pytest.fixture(scope="module")
-def ref(folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def llm(ar_folder):
+    return LLM(ar_folder)
 
 
 def ref_logprobs(ref, ids: list[int]) -> torch.Tensor:

@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-import transformers
 
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import RequestError
@@ -20,18 +19,8 @@ PROMPT = [3, 17, 42, 9, 77, 5, 17, 42]  # repeats tokens: the repetition penalty
 
 
 @pytest.fixture(scope="module")
-def folder(tiny_models):
-    return tiny_models("qwen2_moe")
-
-
-@pytest.fixture(scope="module")
-def llm(folder):
-    return LLM(folder)
-
-
-@pytest.fixture(scope="module")
-def ref(folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def llm(ar_folder):
+    return LLM(ar_folder)
 
 
 def next_logits(ref, ids: list[int]) -> torch.Tensor:
@@ -127,11 +116,11 @@ def test_min_p_keeps_only_tokens_near_the_most_likely(llm, ref):
     assert worst_ratio(SamplingParams(temperature=2.0, seed=1, max_tokens=32)) < 0.3
 
 
-def test_min_tokens_masks_eos_and_stop_tokens_until_reached(llm, ref, folder, tmp_path):
+def test_min_tokens_masks_eos_and_stop_tokens_until_reached(llm, ref, ar_folder, tmp_path):
     greedy = ids(llm, SamplingParams(temperature=0, max_tokens=24))
     stop, eos = greedy[1], greedy[3]
     copy = tmp_path / "m"
-    shutil.copytree(folder, copy)
+    shutil.copytree(ar_folder, copy)
     (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     with_eos = LLM(copy)
     for min_tokens in (0, 2, 6):
