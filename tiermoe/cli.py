@@ -37,30 +37,73 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default here)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    """SamplingParams' options; the defaults here (64 tokens, greedy) are the CLI's, not SamplingParams' (16, 1.0)."""
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="tokens to generate at most (default: %(default)s; SamplingParams' is 16, as vLLM's)")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="EOS, --stop-token-ids and --stop take effect only after this many tokens (default: "
+                        "%(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="in [0, 2]; 0 = greedy (default: %(default)s, greedy; SamplingParams' is 1.0, as vLLM's)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens; 0 = all (default: "
+                                                        "%(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the most likely tokens holding this much probability (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P times the most likely one (default: %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted from every token already generated (default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="in [-2, 2]: subtracted per time a token was generated (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0: divides positive (multiplies negative) logits of tokens in the prompt or the output; "
+                        "1 = off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the request's sampling (default: none, random)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; default: none)")
+    p.add_argument("--stop-token-ids", type=_token_ids, action="extend", default=[], metavar="ID[,ID...]",
+                   help="token ids that end the reply besides EOS (default: none)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
     diff = p.add_argument_group("diffusion models (LLaDA, LLaDA2)")
-    diff.add_argument("--block-length", type=int, default=32, help="positions denoised together, block by block")
+    diff.add_argument("--block-length", type=int, default=32,
+                      help="positions denoised together, block by block (default: %(default)s)")
     diff.add_argument("--steps", type=int, default=32,
-                      help="denoising steps per block (LLaDA2), or in all (LLaDA)")
+                      help="denoising steps per block (LLaDA2), or in all (LLaDA) (default: %(default)s)")
     diff.add_argument("--threshold", type=float, default=0.95,
-                      help="LLaDA2: commit every position more confident than this, else the most confident")
+                      help="LLaDA2: commit every position more confident than this, else the most confident "
+                           "(default: %(default)s)")
     diff.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence",
-                      help="LLaDA: which positions each step commits")
+                      help="LLaDA: which positions each step commits (default: %(default)s)")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """Options of `generate` that shape what a request returns."""
+    p.add_argument("--n", type=int, default=1,
+                   help="completions of the prompt; with --seed S, completion i uses seed S+i (default: %(default)s)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="per generated token, the logprobs of the N most likely tokens and the chosen one, under "
+                        "the model's distribution before penalties and temperature; -1 = all (default: none)")
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                   help="per prompt token, the logprobs of the N most likely tokens and the prompt's (default: none)")
 
 
 def sampling_params(args: argparse.Namespace):
     from tiermoe.sampling_params import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
-                          block_length=args.block_length, steps=args.steps, threshold=args.threshold,
-                          remasking=args.remasking)
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+                          min_tokens=args.min_tokens, stop=args.stop, stop_token_ids=args.stop_token_ids,
+                          ignore_eos=args.ignore_eos, n=getattr(args, "n", 1),
+                          logprobs=getattr(args, "logprobs", None),
+                          prompt_logprobs=getattr(args, "prompt_logprobs", None), block_length=args.block_length,
+                          steps=args.steps, threshold=args.threshold, remasking=args.remasking)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
 def model_path(args: argparse.Namespace) -> str:
@@ -80,14 +123,20 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tiermoe.llm import LLM
 
+    params = sampling_params(args)  # checked before the model loads
     llm = LLM(model_path(args), **engine_kwargs(args), tau=args.tau)
-    params = sampling_params(args)
     prompt = llm.chat_prompt(_messages(args)) if args.chat else args.prompt
-    if args.json or args.record_trace:
-        (out,) = llm.generate([prompt], params, record_trace=args.record_trace)
-        print(json.dumps(out.to_dict()) if args.json else _prompt_echo(args) + out.outputs[0].text)
+    if args.json or args.record_trace or params.n > 1:
+        (out,) = llm.generate([prompt], params, use_tqdm=False, record_trace=args.record_trace)
+        if args.json:
+            print(json.dumps(out.to_dict()))
+        for completion in [] if args.json else out.outputs:
+            header = f"--- completion {completion.index} ---\n" if params.n > 1 else ""
+            print(header + _prompt_echo(args) + completion.text)
     else:
         out = _stream(llm, prompt, params, _prompt_echo(args))
+    if not args.json and (params.logprobs is not None or params.prompt_logprobs is not None):
+        print_logprobs(out, sys.stderr)
     if args.stats:
         print(llm.store.stats.table(), file=sys.stderr)
         if "diffusion" in out.stats:
@@ -95,6 +144,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"NFE {work['nfe']}, tokens per forward {work['tokens_per_forward']:.2f}, {work['blocks']} blocks",
                   file=sys.stderr)
     return 0
+
+
+def print_logprobs(out, file) -> None:
+    """A table per completion: each token, its logprob and rank, and the most likely alternatives."""
+    def rows(title: str, entries) -> None:
+        print(title, file=file)
+        for entry in entries:
+            if entry is None:  # the first prompt token: nothing predicts it
+                continue
+            (token, chosen), *_ = entry.items()
+            top = ", ".join(f"{lp.decoded_token or t!r} {lp.logprob:.3f}" for t, lp in entry.items() if t != token)
+            print(f"  {chosen.decoded_token or token!r:>14} {chosen.logprob:8.3f}  rank {chosen.rank:<5} {top}",
+                  file=file)
+
+    if out.prompt_logprobs is not None:
+        rows("prompt logprobs:", out.prompt_logprobs)
+    for completion in out.outputs:
+        if completion.logprobs is not None:
+            rows(f"logprobs of completion {completion.index} (sum {completion.cumulative_logprob:.3f}):",
+                 completion.logprobs)
 
 
 def _prompt_echo(args: argparse.Namespace) -> str:
@@ -140,6 +209,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tiermoe.chat import chat
+    from tiermoe.llm import LLM
+
+    llm = LLM(model_path(args), **engine_kwargs(args))
+    return chat(llm, sampling_params(args), args.system)
+
+
 def _messages(args: argparse.Namespace) -> list[dict]:
     system = [{"role": "system", "content": args.system}] if args.system else []
     return system + [{"role": "user", "content": args.prompt}]
@@ -152,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     add_model_args(gen)
     add_sampling_args(gen)
+    add_output_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     gen.add_argument("--system", default=None, help="system message for --chat")
@@ -164,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="diffusion models with an expert budget: refresh the expert placement every TAU denoising "
                           "steps (TIDE), or 'auto' to solve TAU from a cost model")
     gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="talk with a model: a multi-turn conversation in its chat template, replies "
+                                       "streamed; /reset, /exit, Ctrl-C stops a reply")
+    add_model_args(chat)
+    add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system message opening the conversation (default: none)")
+    chat.add_argument("--diffusion", action="store_true",
+                      help="without --model: use the built-in diffusion model (llada2_moe) instead")
+    chat.set_defaults(func=cmd_chat)
     cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them with the model; "
                                            "count which experts generation from the text uses (cache_policy static)")
     cal.add_argument("--model", default=None, help="Hugging Face model folder (default: the built-in model)")

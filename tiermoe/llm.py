@@ -15,7 +15,7 @@ from tiermoe.config import EngineConfig
 from tiermoe.decode import autoregressive, diffusion
 from tiermoe.decode.kv_cache import KVCache
 from tiermoe.decode.routing import RoutingRecorder, RoutingReplay
-from tiermoe.decode.sequence import Sequence
+from tiermoe.decode.sequence import Sequence, request_outputs
 from tiermoe.errors import ConfigError, RequestError
 from tiermoe.models.diffusion import diffusion_of
 from tiermoe.models.loader import load_model
@@ -115,11 +115,16 @@ class LLM:
                 bar.update(sum(s.finished for s in running))
 
             decoded = self._decode(seqs, on_step, observer)
-        outputs = [s.to_output() for s in seqs]
+        work: dict[str, list[dict]] = {}  # a request's diffusion statistics, one per completion
+        for s in seqs:
+            if s.request_id in decoded:
+                work.setdefault(s.parent_id or s.request_id, []).append(decoded[s.request_id])
+        outputs = request_outputs(seqs)
         for out in outputs:
             out.stats = self.store.stats.to_dict()
-            if out.request_id in decoded:
-                out.stats["diffusion"] = decoded[out.request_id]  # NFE, tokens per forward, logit rows
+            if out.request_id in work:  # NFE, tokens per forward, logit rows
+                done = work[out.request_id]
+                out.stats["diffusion"] = done[0] if len(done) == 1 else done
         return outputs
 
     def _decode(self, seqs: list[Sequence], on_step, observer) -> dict[str, dict]:
@@ -141,17 +146,18 @@ class LLM:
 
         While running, the text holds back an incomplete character or a possible start of a stop string.
         """
-        (seq,) = self._make_sequences([prompt], sampling_params)
+        seqs = self._make_sequences([prompt], sampling_params)  # n of them with SamplingParams.n
         if self.diffusion is not None:  # blocks are unmasked all over: only the finished output is meaningful
-            yield from self._run([seq], False, None)
+            yield from self._run(seqs, False, None)
             return
         self.store.stats = StoreStats()
         with torch.inference_mode():
-            while not seq.finished:
-                autoregressive.step(self.model, [seq], self.tokenizer)
-                out = seq.to_output()
-                out.outputs[0].text = seq.stable_text()
-                if seq.finished:
+            while running := [s for s in seqs if not s.finished]:
+                autoregressive.step(self.model, running, self.tokenizer)
+                (out,) = request_outputs(seqs)
+                for completion, seq in zip(out.outputs, seqs, strict=True):
+                    completion.text = seq.stable_text()
+                if out.finished:
                     out.stats = self.store.stats.to_dict()
                 yield out
 
@@ -178,7 +184,19 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        return [self._make_sequence(p, sp or SamplingParams()) for p, sp in zip(prompts, params, strict=True)]
+        return [seq for p, sp in zip(prompts, params, strict=True) for seq in self._make_request(p, sp)]
+
+    def _make_request(self, prompt: Prompt, params: SamplingParams | None) -> list[Sequence]:
+        """One sequence per completion (SamplingParams.n), after checking the params fit this model."""
+        params = params or SamplingParams()
+        params.check_for_model(self.model.shape.vocab_size, self.hf_config["model_type"], self.diffusion is not None)
+        if params.n == 1:
+            return [self._make_sequence(prompt, params)]
+        children = [self._make_sequence(prompt, params.for_completion(i)) for i in range(params.n)]
+        parent = str(next(self._ids))
+        for i, seq in enumerate(children):  # vLLM's child request ids
+            seq.request_id, seq.parent_id, seq.index = f"{i}_{parent}", parent, i
+        return children
 
     def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
         text, ids = self._prompt_ids(prompt)

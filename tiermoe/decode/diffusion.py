@@ -225,7 +225,7 @@ def generate(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: Diffus
         for seq in seqs:
             if seq.finished:
                 continue
-            d = Denoiser(model, seq, tokenizer, diffusion.mask_id, rows, _generator(seq), DiffusionStats(),
+            d = Denoiser(model, seq, tokenizer, diffusion.mask_id, rows, seq.generator, DiffusionStats(),
                          _schedule(options.tau, store))
             start = time.perf_counter()
             if diffusion.schedule == "blocks":
@@ -245,9 +245,3 @@ def _schedule(tau: Tau | None, store: ExpertStore | None) -> RefreshSchedule | N
         return None
     return RefreshSchedule(tau, store, getattr(store, "solve_tau", None))
 
-
-def _generator(seq: Sequence) -> torch.Generator | None:
-    """The request's seeded generator; random remasking needs one even when tokens are greedy."""
-    if seq.generator is None and seq.params.seed is not None and seq.params.remasking == "random":
-        return torch.Generator().manual_seed(seq.params.seed)
-    return seq.generator

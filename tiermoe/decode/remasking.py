@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tiermoe.decode.sampler import _top_p
+from tiermoe.decode.sampler import sampling_probs
 from tiermoe.models.transformer import CausalLM
 from tiermoe.sampling_params import SamplingParams
 
@@ -29,8 +29,9 @@ def predict(model: CausalLM, hidden: torch.Tensor, params: SamplingParams, gener
     """hidden [n, H] of masked positions -> token ids [n], confidences [n] (fp32), `rows` rows per lm_head call.
 
     Greedy (temperature 0) takes the argmax, and its confidence is its softmax probability. Otherwise a token is
-    sampled from the tempered, top-k/top-p filtered distribution; its confidence is its probability under that
-    distribution when `tempered_confidence` (LLaDA2), under the plain softmax otherwise (LLaDA).
+    sampled from the tempered, min-p/top-k/top-p filtered distribution (the autoregressive sampler's filters); its
+    confidence is its probability under that distribution when `tempered_confidence` (LLaDA2), under the plain
+    softmax otherwise (LLaDA).
     """
     tokens, confidence = [], []
     for chunk in hidden.split(rows):
@@ -53,21 +54,11 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     if params.greedy:
         best = logits.max(-1)
         return best.indices, (best.values - logits.logsumexp(-1)).exp()  # softmax prob without a second [c, V]
-    probs = _sampling_probs(logits, params)  # [c, V]
+    probs = sampling_probs(logits, params)  # [c, V]
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [c]
     if tempered_confidence:
         return tokens, probs.gather(1, tokens[:, None]).squeeze(1)
     return tokens, (logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)).exp()
-
-
-def _sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p; rows [c, V] of probabilities."""
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # [c, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return _top_p(probs, params.top_p) if params.top_p < 1.0 else probs
 
 
 def random_confidence(n: int, generator: torch.Generator | None) -> torch.Tensor:
