@@ -26,7 +26,7 @@ from tiermoe.errors import ConfigError
 from tiermoe.models.attention import AttentionArgs, attend_batch
 from tiermoe.models.config_fields import FieldRules, args_from_dict
 from tiermoe.models.diffusion import DiffusionSpec
-from tiermoe.models.layers import ForwardBatch, RMSNorm, SwiGLU, apply_rotary
+from tiermoe.models.layers import ForwardBatch, Linear, RMSNorm, SwiGLU, apply_rotary
 from tiermoe.models.moe import RouterArgs, SparseMoE
 from tiermoe.models.rope import make_rope
 from tiermoe.models.transformer import LMShape, build_decoder
@@ -88,8 +88,8 @@ class FusedQKVAttention(nn.Module):
     def __init__(self, layer: int, a: AttentionArgs):
         super().__init__()
         self.layer, self.a = layer, a
-        self.query_key_value = nn.Linear(a.hidden, (a.heads + 2 * a.kv_heads) * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
+        self.query_key_value = Linear(a.hidden, (a.heads + 2 * a.kv_heads) * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.eps), RMSNorm(a.head_dim, a.eps)
 

@@ -1,0 +1,377 @@
+// Small-batch matrix-vector products for decode: y[M, N] = x[M, K] @ W[N, K]^T with M <= a few rows.
+//
+// Batch-1 decode streams every weight byte once per token, so the speed limit is memory bandwidth; torch's GEMM
+// libraries are tuned for large M and reach a fraction of it on one row. Here each thread streams a contiguous
+// band of W's rows and dots every row with all M inputs while the row is in cache.
+//
+// NOTE: every output element y[m, n] is one vector accumulator over k in ascending chunks, reduced in a fixed
+// order, whatever M is, whatever other rows are in the batch, however rows are tiled or split across threads.
+// That makes a row's result independent of its batch (bitwise), which the engine promises.
+//
+// Code paths, chosen at run time by CPU features (TIERMOE_KERNEL_ISA=avx512|avx2 caps it, for tests):
+//   avx512bf16: bf16 x and W, _mm512_dpbf16_ps (pairs of bf16 products summed into fp32 lanes)
+//   avx512:     fp32 x, fp32 or bf16 W (bf16 widened exactly to fp32), FMA
+//   avx2:       as avx512 on 8 lanes
+// Anything else (other dtypes, other ISAs, too many rows) is at::linear.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+enum class Isa { none = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  Isa best = Isa::none;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = Isa::avx512;
+  if (best == Isa::avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::avx512bf16;
+  const char* cap = std::getenv("TIERMOE_KERNEL_ISA");
+  if (cap != nullptr) {
+    std::string c(cap);
+    Isa limit = c == "avx2" ? Isa::avx2 : c == "avx512" ? Isa::avx512 : c == "avx512bf16" ? Isa::avx512bf16 : Isa::none;
+    best = std::min(best, limit);
+  }
+  return best;
+}
+
+const Isa kIsa = detect_isa();
+std::atomic<int64_t> kCalls{0};  // products computed here (not by at::linear): lets tests see the path is used
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512bf16: return "avx512bf16";
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "none";
+  }
+}
+
+// ---- vector operations: one struct per (ISA, weight dtype); x is fp32 except for Dpbf16 ----
+// Each provides: step (elements per chunk), Acc, W, X, zero(), load_w, load_x, fma(acc, x, w), reduce(acc).
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define AVX2 __attribute__((target("avx2,fma")))
+
+struct Avx512F32 {
+  using welem = float;
+  using xelem = float;
+  using Acc = __m512;
+  using W = __m512;
+  using X = __m512;
+  static constexpr int step = 16;
+  AVX512 static inline Acc zero() { return _mm512_setzero_ps(); }
+  AVX512 static inline W load_w(const welem* p) { return _mm512_loadu_ps(p); }
+  AVX512 static inline X load_x(const xelem* p) { return _mm512_loadu_ps(p); }
+  AVX512 static inline Acc fma(Acc a, X x, W w) { return _mm512_fmadd_ps(x, w, a); }
+  AVX512 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
+};
+
+struct Avx512Bf16W {  // bf16 weights widened to fp32 (exact), fp32 x
+  using welem = bf16;
+  using xelem = float;
+  using Acc = __m512;
+  using W = __m512;
+  using X = __m512;
+  static constexpr int step = 16;
+  AVX512 static inline Acc zero() { return _mm512_setzero_ps(); }
+  AVX512 static inline W load_w(const welem* p) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  AVX512 static inline X load_x(const xelem* p) { return _mm512_loadu_ps(p); }
+  AVX512 static inline Acc fma(Acc a, X x, W w) { return _mm512_fmadd_ps(x, w, a); }
+  AVX512 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
+};
+
+struct Dpbf16 {  // bf16 x and W: each lane adds two exact bf16 products in fp32
+  using welem = bf16;
+  using xelem = bf16;
+  using Acc = __m512;
+  using W = __m512i;
+  using X = __m512i;
+  static constexpr int step = 32;
+  AVX512BF16 static inline Acc zero() { return _mm512_setzero_ps(); }
+  AVX512BF16 static inline W load_w(const welem* p) { return _mm512_loadu_si512(p); }
+  AVX512BF16 static inline X load_x(const xelem* p) { return _mm512_loadu_si512(p); }
+  AVX512BF16 static inline Acc fma(Acc a, X x, W w) {
+    return _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
+  }
+  AVX512BF16 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
+};
+
+AVX2 inline float reduce256(__m256 a) {  // fixed order: halves, then pairs, then the last two
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Avx2F32 {
+  using welem = float;
+  using xelem = float;
+  using Acc = __m256;
+  using W = __m256;
+  using X = __m256;
+  static constexpr int step = 8;
+  AVX2 static inline Acc zero() { return _mm256_setzero_ps(); }
+  AVX2 static inline W load_w(const welem* p) { return _mm256_loadu_ps(p); }
+  AVX2 static inline X load_x(const xelem* p) { return _mm256_loadu_ps(p); }
+  AVX2 static inline Acc fma(Acc a, X x, W w) { return _mm256_fmadd_ps(x, w, a); }
+  AVX2 static inline float reduce(Acc a) { return reduce256(a); }
+};
+
+struct Avx2Bf16W {
+  using welem = bf16;
+  using xelem = float;
+  using Acc = __m256;
+  using W = __m256;
+  using X = __m256;
+  static constexpr int step = 8;
+  AVX2 static inline Acc zero() { return _mm256_setzero_ps(); }
+  AVX2 static inline W load_w(const welem* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  AVX2 static inline X load_x(const xelem* p) { return _mm256_loadu_ps(p); }
+  AVX2 static inline Acc fma(Acc a, X x, W w) { return _mm256_fmadd_ps(x, w, a); }
+  AVX2 static inline float reduce(Acc a) { return reduce256(a); }
+};
+
+// ---- the tiled loop, one instantiation per vector-op struct ----
+
+constexpr int kMaxTileRows = 4;  // x rows sharing one pass over a band of W rows
+constexpr int kBand = 4;  // W rows streamed together
+
+// Dots MT rows of x (padded with zeros to Kp, a multiple of Op::step) with NR rows of W; res[m][r] in fp32.
+// The last partial chunk of W is copied into a zero-padded buffer, so it adds exactly 0 beyond K.
+template <class Op, int MT, int NR>
+__attribute__((always_inline)) inline void tile(const typename Op::xelem* x, int64_t Kp,
+                                                const typename Op::welem* w, int64_t ldw, int64_t K,
+                                                float res[kMaxTileRows][kBand]) {
+  typename Op::Acc acc[MT][NR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) acc[m][r] = Op::zero();
+  const int64_t kmain = K - K % Op::step;
+  for (int64_t k = 0; k < kmain; k += Op::step) {
+    typename Op::W wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) wv[r] = Op::load_w(w + r * ldw + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m) {
+      typename Op::X xv = Op::load_x(x + m * Kp + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[m][r] = Op::fma(acc[m][r], xv, wv[r]);
+    }
+  }
+  if (kmain < K) {
+    alignas(64) typename Op::welem pad[NR][Op::step];
+    std::memset(pad, 0, sizeof(pad));
+    typename Op::W wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      std::memcpy(pad[r], w + r * ldw + kmain, (K - kmain) * sizeof(typename Op::welem));
+      wv[r] = Op::load_w(pad[r]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      typename Op::X xv = Op::load_x(x + m * Kp + kmain);
+      for (int r = 0; r < NR; ++r) acc[m][r] = Op::fma(acc[m][r], xv, wv[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) res[m][r] = Op::reduce(acc[m][r]);
+}
+
+// What happens to a dot product before it is stored: + bias[n], * row_scale[m], then rounded to the output dtype.
+struct Epilogue {
+  const float* bias;  // [N] or null
+  const float* row_scale;  // [M] or null
+  void* out;  // [M, ldo] of out_dtype
+  int64_t ldo;
+  bool out_bf16;
+
+  inline void store(int64_t m, int64_t n, float v) const {
+    if (bias != nullptr) v += bias[n];
+    if (row_scale != nullptr) v *= row_scale[m];
+    if (out_bf16) {
+      static_cast<bf16*>(out)[m * ldo + n] = bf16(v);
+    } else {
+      static_cast<float*>(out)[m * ldo + n] = v;
+    }
+  }
+};
+
+template <class Op, int NR>
+__attribute__((always_inline)) inline void band(const typename Op::xelem* x, int64_t M, int64_t Kp,
+                                                const typename Op::welem* w, int64_t ldw, int64_t K, int64_t n,
+                                                const Epilogue& ep) {
+  float res[kMaxTileRows][kBand];
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+    const typename Op::xelem* xm = x + m0 * Kp;
+    const typename Op::welem* wn = w + n * ldw;
+    int64_t mt = std::min<int64_t>(kMaxTileRows, M - m0);
+    switch (mt) {
+      case 4: tile<Op, 4, NR>(xm, Kp, wn, ldw, K, res); break;
+      case 3: tile<Op, 3, NR>(xm, Kp, wn, ldw, K, res); break;
+      case 2: tile<Op, 2, NR>(xm, Kp, wn, ldw, K, res); break;
+      default: tile<Op, 1, NR>(xm, Kp, wn, ldw, K, res); break;
+    }
+    for (int64_t m = 0; m < mt; ++m)
+      for (int r = 0; r < NR; ++r) ep.store(m0 + m, n + r, res[m][r]);
+  }
+}
+
+// Rows [n0, n1) of W: bands of kBand rows, then single rows (same per-row arithmetic either way).
+template <class Op>
+__attribute__((always_inline)) inline void rows(const typename Op::xelem* x, int64_t M, int64_t Kp, const typename Op::welem* w, int64_t ldw, int64_t K,
+          int64_t n0, int64_t n1, const Epilogue& ep) {
+  int64_t n = n0;
+  for (; n + kBand <= n1; n += kBand) band<Op, kBand>(x, M, Kp, w, ldw, K, n, ep);
+  for (; n < n1; ++n) band<Op, 1>(x, M, Kp, w, ldw, K, n, ep);
+}
+
+// One instantiation per ISA, so the compiler can inline the target-specific intrinsics.
+#define DEFINE_ROWS(NAME, OP, TARGET)                                                                       \
+  TARGET void NAME(const OP::xelem* x, int64_t M, int64_t Kp, const OP::welem* w, int64_t ldw, int64_t K,   \
+                   int64_t n0, int64_t n1, const Epilogue& ep) {                                           \
+    rows<OP>(x, M, Kp, w, ldw, K, n0, n1, ep);                                                              \
+  }
+DEFINE_ROWS(rows_avx512_f32, Avx512F32, AVX512)
+DEFINE_ROWS(rows_avx512_bf16w, Avx512Bf16W, AVX512)
+DEFINE_ROWS(rows_dpbf16, Dpbf16, AVX512BF16)
+DEFINE_ROWS(rows_avx2_f32, Avx2F32, AVX2)
+DEFINE_ROWS(rows_avx2_bf16w, Avx2Bf16W, AVX2)
+
+// x as the kernel reads it: [M, Kp] contiguous, zero-padded past K, in the Op's x dtype.
+torch::Tensor padded_x(const torch::Tensor& x, int64_t step, at::ScalarType dtype) {
+  int64_t K = x.size(1), Kp = (K + step - 1) / step * step;
+  if (Kp == K && x.scalar_type() == dtype && x.is_contiguous()) return x;
+  auto buf = torch::zeros({x.size(0), Kp}, x.options().dtype(dtype));
+  buf.narrow(1, 0, K).copy_(x);
+  return buf;
+}
+
+// Which path serves (x dtype, W dtype) on this CPU; none = at::linear.
+enum class Path { none, dpbf16, f32, bf16w };
+
+Path choose(at::ScalarType xt, at::ScalarType wt) {
+  if (kIsa == Isa::none) return Path::none;
+  if (xt == at::kBFloat16 && wt == at::kBFloat16) return kIsa == Isa::avx512bf16 ? Path::dpbf16 : Path::bf16w;
+  if (xt == at::kFloat && wt == at::kFloat) return Path::f32;
+  if (xt == at::kFloat && wt == at::kBFloat16) return Path::bf16w;
+  return Path::none;
+}
+
+// Weight bytes below which one thread does the whole product (a fork/join costs more than it saves).
+constexpr int64_t kSerialBytes = 64 * 1024;
+
+// y = epilogue(x @ W^T) for rows of W; x [M, K] any strides, W [N, K] with unit stride along K.
+void product(Path path, const torch::Tensor& x, const torch::Tensor& w, const Epilogue& ep) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldw = w.stride(0);
+  const bool wide = kIsa != Isa::avx2;
+  const int64_t step = path == Path::dpbf16 ? Dpbf16::step : wide ? 16 : 8;
+  auto xp = padded_x(x, step, path == Path::dpbf16 ? at::kBFloat16 : at::kFloat);
+  const int64_t Kp = xp.size(1);
+  const int64_t row_bytes = K * w.element_size();
+  const int64_t grain = std::max<int64_t>(1, kSerialBytes / std::max<int64_t>(1, row_bytes * kBand));
+  const int64_t bands = (N + kBand - 1) / kBand;
+  const void* wp = w.data_ptr();
+  const void* xv = xp.data_ptr();
+  at::parallel_for(0, bands, grain, [&](int64_t b0, int64_t b1) {
+    int64_t n0 = b0 * kBand, n1 = std::min(N, b1 * kBand);
+    switch (path) {
+      case Path::dpbf16:
+        rows_dpbf16(static_cast<const bf16*>(xv), M, Kp, static_cast<const bf16*>(wp), ldw, K, n0, n1, ep);
+        break;
+      case Path::f32:
+        (wide ? rows_avx512_f32 : rows_avx2_f32)(static_cast<const float*>(xv), M, Kp,
+                                                 static_cast<const float*>(wp), ldw, K, n0, n1, ep);
+        break;
+      default:
+        (wide ? rows_avx512_bf16w : rows_avx2_bf16w)(static_cast<const float*>(xv), M, Kp,
+                                                     static_cast<const bf16*>(wp), ldw, K, n0, n1, ep);
+        break;
+    }
+  });
+  kCalls.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool servable(const torch::Tensor& x, const torch::Tensor& w, int64_t max_rows) {
+  return x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && w.dim() == 2 && x.size(0) >= 1 &&
+         x.size(0) <= max_rows && x.size(1) == w.size(1) && w.stride(1) == 1 && w.size(1) > 0 &&
+         !x.requires_grad() && !w.requires_grad();
+}
+
+std::optional<torch::Tensor> fp32_vector(const std::optional<torch::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->reshape({-1}).to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+// F.linear(x, weight, bias) for x [M, K] with M <= max_rows, in x's dtype, accumulated in fp32.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias,
+                     int64_t max_rows) {
+  Path path = servable(x, weight, max_rows) ? choose(x.scalar_type(), weight.scalar_type()) : Path::none;
+  if (path == Path::none) {  // weights of another dtype (an fp32 router over bf16 weights) are widened first
+    auto dt = x.scalar_type();
+    return at::linear(x, weight.to(dt), bias.has_value() && bias->defined() ? bias->to(dt) : bias);
+  }
+  auto b = fp32_vector(bias);
+  auto out = torch::empty({x.size(0), weight.size(0)}, x.options());
+  Epilogue ep{b ? b->data_ptr<float>() : nullptr, nullptr, out.data_ptr(), out.size(1),
+              out.scalar_type() == at::kBFloat16};
+  product(path, x, weight, ep);
+  return out;
+}
+
+// down(silu(gate) * up) * scale for x [M, H], gate_up [2I, H] (gate rows then up rows), down [H, I], scale [M] or
+// None; returns [M, H] in x's dtype. The gate/up products stay in fp32 until the activation; scale is applied in
+// fp32 before the one rounding to x's dtype.
+torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const torch::Tensor& down,
+                     const std::optional<torch::Tensor>& scale, int64_t max_rows) {
+  const int64_t I = down.size(1);
+  Path p1 = servable(x, gate_up, max_rows) ? choose(x.scalar_type(), gate_up.scalar_type()) : Path::none;
+  Path p2 = choose(x.scalar_type(), down.scalar_type());
+  if (p1 == Path::none || p2 == Path::none || down.stride(1) != 1 || gate_up.size(0) != 2 * I ||
+      down.size(0) != x.size(1)) {
+    auto h = at::linear(x, gate_up);
+    auto y = at::linear(at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I), down);
+    return scale ? (y * scale->reshape({-1, 1})).to(x.scalar_type()) : y;
+  }
+  const int64_t M = x.size(0);
+  auto h = torch::empty({M, 2 * I}, x.options().dtype(at::kFloat));
+  product(p1, x, gate_up, Epilogue{nullptr, nullptr, h.data_ptr(), 2 * I, false});
+  auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)).to(x.scalar_type());  // [M, I]
+  auto s = fp32_vector(scale);
+  auto out = torch::empty({M, down.size(0)}, x.options());
+  product(p2, act, down, Epilogue{nullptr, s ? s->data_ptr<float>() : nullptr, out.data_ptr(), out.size(1),
+                                  out.scalar_type() == at::kBFloat16});
+  return out;
+}
+
+std::string isa() { return isa_name(kIsa); }
+
+int64_t calls() { return kCalls.load(); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "F.linear for a few rows (fp32 accumulation, batch-invariant)");
+  m.def("swiglu", &swiglu, "down(silu(gate) * up) * scale for a few rows");
+  m.def("isa", &isa, "the code path chosen for this CPU");
+  m.def("calls", &calls, "products computed by the kernels so far");
+}
