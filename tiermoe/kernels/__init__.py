@@ -4,10 +4,13 @@
 MAX_ROWS rows of x on a CPU with AVX2 (AVX-512, AVX512-BF16) they run the compiled kernels (gemv.cpp): fp32
 accumulation, parallel over output rows on torch's intra-op threads, and each output row independent of the other
 rows in the batch, bit for bit. Larger batches, other devices and other dtypes use torch's own ops, as does
-everything when the kernels cannot be built (one warning line) or TIERMOE_KERNELS=off.
+everything when the kernels cannot be built (one warning line) or TIERMOE_KERNELS=off. `rmsnorm`, `rotary_` and
+`decode_attention` fuse the small ops of one decode step around them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -63,3 +66,29 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         y = F.linear(F.silu(gate) * up, down)
         return y if scale is None else (y * scale).to(x.dtype)
     return ops.swiglu(x, gate_up, down, scale, MAX_ROWS)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)) with fp32 statistics, rounded to x's dtype before the weight (as the
+    reference RMSNorm does); x [..., n]."""
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is None or x.device.type != "cpu":
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return ops.rmsnorm(x, weight, eps)
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate-half rotary embedding applied in place to q [T, h, d] and k [T, g, d] (the first d_rot features, with
+    cos, sin [T, d_rot]), bit-identical to x * cos + rotate_half(x) * sin. False (nothing done) if not served."""
+    ops = _ops if _ops is not _UNSET else compiled()
+    return ops is not None and q.device.type == "cpu" and ops.rotary_(q, k, cos, sin)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor | None:
+    """Attention of one query row per head over every cached key: q [h, d], k [S, g, d], v [S, g, dv] -> [h, dv]
+    (fp32 scores, softmax and sums); None when not served (then use scaled_dot_product_attention)."""
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is None or q.device.type != "cpu":
+        return None
+    return ops.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)

@@ -38,8 +38,9 @@ def compile_kernels() -> ModuleType | None:
 
         folder = build_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded
-        module = load(name="tiermoe_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded.
+        # -ffp-contract=off: a*b + c stays two roundings, as in torch's elementwise ops.
+        module = load(name="tiermoe_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
                       extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
     except Exception as e:  # a missing compiler or ninja, a failed build: torch ops still give the same tokens
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

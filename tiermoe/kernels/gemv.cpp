@@ -21,9 +21,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -314,7 +316,7 @@ void product(Path path, const torch::Tensor& x, const torch::Tensor& w, const Ep
 bool servable(const torch::Tensor& x, const torch::Tensor& w, int64_t max_rows) {
   return x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && w.dim() == 2 && x.size(0) >= 1 &&
          x.size(0) <= max_rows && x.size(1) == w.size(1) && w.stride(1) == 1 && w.size(1) > 0 &&
-         !x.requires_grad() && !w.requires_grad();
+         !(at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad()));  // no autograd here
 }
 
 std::optional<torch::Tensor> fp32_vector(const std::optional<torch::Tensor>& t) {
@@ -365,6 +367,154 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const
   return out;
 }
 
+// ---- small fused ops of a decode step (plain loops; the compiler vectorises them per ISA via target_clones) ----
+
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+template <class T>
+inline float f32(T v) { return static_cast<float>(v); }
+
+// Sum of squares with 16 lane accumulators combined in a fixed order (vectorisable without reassociation).
+template <class T>
+CLONES float sum_squares(const T* x, int64_t n) {
+  float lane[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) lane[l] += f32(x[i + l]) * f32(x[i + l]);
+  for (; i < n; ++i) lane[i % 16] += f32(x[i]) * f32(x[i]);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+  return lane[0];
+}
+
+template <class T>
+void rmsnorm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, int64_t ldx, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * ldx;
+    const float inv = 1.0f / std::sqrt(sum_squares(xr, n) / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] = T(f32(w[i]) * f32(T(f32(xr[i]) * inv)));
+  }
+}
+
+// Rotate-half rotary on rows of x [T, heads, d] (any strides, last dim contiguous), in place, over the first
+// d_rot features: x1' = x1*cos - x2*sin, x2' = x2*cos + x1*sin, each product rounded to T first as torch's
+// elementwise ops in T do (so bf16 matches x*cos + rotate_half(x)*sin bit for bit).
+template <class T>
+void rotary_rows(T* x, int64_t tokens, int64_t heads, int64_t st, int64_t sh, const T* cos, const T* sin,
+                 int64_t d_rot) {
+  const int64_t half = d_rot / 2;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const T* c = cos + t * d_rot;
+    const T* s = sin + t * d_rot;
+    for (int64_t h = 0; h < heads; ++h) {
+      T* v = x + t * st + h * sh;
+      for (int64_t i = 0; i < half; ++i) {
+        float a = f32(v[i]), b = f32(v[i + half]);
+        float lo = f32(T(a * f32(c[i]))) - f32(T(b * f32(s[i])));
+        float hi = f32(T(b * f32(c[i + half]))) + f32(T(a * f32(s[i + half])));
+        v[i] = T(lo);
+        v[i + half] = T(hi);
+      }
+    }
+  }
+}
+
+// out[m, :] = sum_j p[m, j] * v[j, :] in fp32, j ascending; v rows at stride ldv.
+template <class T>
+CLONES void weighted_rows(const float* p, int64_t M, int64_t S, const T* v, int64_t ldv, int64_t dv, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* o = out + m * dv;
+    for (int64_t c = 0; c < dv; ++c) o[c] = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float pj = p[m * S + j];
+      const T* vj = v + j * ldv;
+      for (int64_t c = 0; c < dv; ++c) o[c] += pj * f32(vj[c]);
+    }
+  }
+}
+
+torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  const int64_t n = x.size(-1);
+  if (!x.device().is_cpu() || x.stride(-1) != 1 || x.scalar_type() != weight.scalar_type() ||
+      !weight.is_contiguous() || (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) ||
+      weight.numel() != n || x.dim() < 2) {
+    auto xf = x.to(at::kFloat);
+    return weight * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
+  }
+  if (x.dim() > 2) return rmsnorm(x.reshape({-1, n}), weight, eps).view(x.sizes());
+  auto out = torch::empty({x.size(0), n}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    rmsnorm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), x.size(0), n, x.stride(0),
+                 static_cast<float>(eps));
+  } else {
+    rmsnorm_rows(x.data_ptr<bf16>(), weight.data_ptr<bf16>(), out.data_ptr<bf16>(), x.size(0), n, x.stride(0),
+                 static_cast<float>(eps));
+  }
+  return out;
+}
+
+// In place on q [T, h, d] and k [T, g, d] (views into one projection output are fine); cos, sin [T, d_rot].
+bool rotary_(torch::Tensor q, torch::Tensor k, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const auto dt = q.scalar_type();
+  const int64_t d_rot = cos.size(-1);
+  for (const auto* t : {&q, &k})
+    if (t->dim() != 3 || t->stride(2) != 1 || t->scalar_type() != dt || t->size(2) < d_rot) return false;
+  if ((dt != at::kFloat && dt != at::kBFloat16) || !cos.is_contiguous() || !sin.is_contiguous() ||
+      cos.scalar_type() != dt || sin.scalar_type() != dt || cos.size(0) != q.size(0) || d_rot % 2 != 0)
+    return false;
+  for (auto* t : {&q, &k}) {
+    if (dt == at::kFloat) {
+      rotary_rows(t->data_ptr<float>(), t->size(0), t->size(1), t->stride(0), t->stride(1), cos.data_ptr<float>(),
+                  sin.data_ptr<float>(), d_rot);
+    } else {
+      rotary_rows(t->data_ptr<bf16>(), t->size(0), t->size(1), t->stride(0), t->stride(1), cos.data_ptr<bf16>(),
+                  sin.data_ptr<bf16>(), d_rot);
+    }
+  }
+  return true;
+}
+
+// One query row per head over S cached keys: q [h, d], k [S, g, d], v [S, g, dv] (rows may be strided);
+// returns [h, dv] in q's dtype. Per KV head: scores by the GEMV kernel (the group's query heads as its rows),
+// softmax in fp32, then the fp32 weighted sum of values.
+std::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                              double scale) {
+  const int64_t h = q.size(0), S = k.size(0), g = k.size(1), dv = v.size(2);
+  Path path = choose(q.scalar_type(), k.scalar_type());
+  if (path == Path::none || q.dim() != 2 || k.dim() != 3 || v.dim() != 3 || h % g != 0 || S == 0 ||
+      k.stride(2) != 1 || v.stride(2) != 1 || v.scalar_type() != k.scalar_type() || q.size(1) != k.size(2))
+    return std::nullopt;
+  const int64_t per = h / g;
+  auto out = torch::empty({h, dv}, q.options());
+  auto qc = q.contiguous();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, S * (k.size(2) + dv) * per));
+  at::parallel_for(0, g, grain, [&](int64_t g0, int64_t g1) {
+    std::vector<float> p(per * S), o(per * dv);
+    for (int64_t kv = g0; kv < g1; ++kv) {
+      auto kg = k.select(1, kv);  // [S, d] at row stride g * d
+      Epilogue ep{nullptr, nullptr, p.data(), S, false};
+      product(path, qc.narrow(0, kv * per, per), kg, ep);  // serial inside this region (ATen runs it inline)
+      for (int64_t m = 0; m < per; ++m) {
+        float* row = p.data() + m * S;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) mx = std::max(mx, row[j] *= static_cast<float>(scale));
+        float sum = 0.0f;
+        for (int64_t j = 0; j < S; ++j) sum += (row[j] = std::exp(row[j] - mx));
+        for (int64_t j = 0; j < S; ++j) row[j] /= sum;
+      }
+      if (v.scalar_type() == at::kFloat) {
+        weighted_rows(p.data(), per, S, v.data_ptr<float>() + kv * v.stride(1), v.stride(0), dv, o.data());
+      } else {
+        weighted_rows(p.data(), per, S, v.data_ptr<bf16>() + kv * v.stride(1), v.stride(0), dv, o.data());
+      }
+      Epilogue store{nullptr, nullptr, out.data_ptr(), dv, q.scalar_type() == at::kBFloat16};
+      for (int64_t m = 0; m < per; ++m)
+        for (int64_t c = 0; c < dv; ++c) store.store(kv * per + m, c, o[m * dv + c]);
+    }
+  });
+  return out;
+}
+
 std::string isa() { return isa_name(kIsa); }
 
 int64_t calls() { return kCalls.load(); }
@@ -372,6 +522,9 @@ int64_t calls() { return kCalls.load(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "F.linear for a few rows (fp32 accumulation, batch-invariant)");
   m.def("swiglu", &swiglu, "down(silu(gate) * up) * scale for a few rows");
+  m.def("rmsnorm", &rmsnorm, "RMSNorm as the reference computes it (fp32 statistics)");
+  m.def("rotary_", &rotary_, "rotate-half rotary in place on q and k; False if the layout is not served");
+  m.def("decode_attention", &decode_attention, "one query row per head over the cache; None if not served");
   m.def("isa", &isa, "the code path chosen for this CPU");
   m.def("calls", &calls, "products computed by the kernels so far");
 }

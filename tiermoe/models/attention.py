@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tiermoe import kernels
 from tiermoe.models.layers import ForwardBatch, Linear, RMSNorm, apply_rotary, attend, fuse_linears
 
 
@@ -60,7 +61,8 @@ class Attention(nn.Module):
         v = v.view(T, a.kv_heads, a.head_dim)
         if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if not kernels.rotary_(q, k, cos, sin):
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attend_batch(self.layer, q, k, v, batch, window=self.window).reshape(T, -1))
 
 

@@ -24,10 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return kernels.rmsnorm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -143,6 +140,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: 
         return attend_blocks(q, k, v, past, scale, block)
     t, S = q.shape[0], k.shape[0]
     windowed = window is not None and S > window
+    if t == 1:  # decode: the one query sees the last `window` keys (all without a window)
+        seen = slice(S - window if windowed else 0, S)
+        out = kernels.decode_attention(q[0], k[seen], v[seen], scale)  # [h, dv]
+        if out is not None:
+            return out[None]
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
     if t == 1 and not windowed:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)

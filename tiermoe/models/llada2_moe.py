@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tiermoe import kernels
 from tiermoe.errors import ConfigError
 from tiermoe.models.attention import AttentionArgs, attend_batch
 from tiermoe.models.config_fields import FieldRules, args_from_dict
@@ -99,7 +100,8 @@ class FusedQKVAttention(nn.Module):
         q, k, v = qkv.split([a.heads, a.kv_heads, a.kv_heads], dim=1)  # [T, h, d], [T, g, d], [T, g, d]
         if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # partial: cos/sin cover the rotated prefix
+        if not kernels.rotary_(q, k, cos, sin):  # partial: cos/sin cover the rotated prefix
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attend_batch(self.layer, q, k, v, batch).reshape(T, -1))
 
 
