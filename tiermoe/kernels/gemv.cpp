@@ -78,6 +78,7 @@ struct Avx512F32 {
   AVX512 static inline W load_w(const welem* p) { return _mm512_loadu_ps(p); }
   AVX512 static inline X load_x(const xelem* p) { return _mm512_loadu_ps(p); }
   AVX512 static inline Acc fma(Acc a, X x, W w) { return _mm512_fmadd_ps(x, w, a); }
+  AVX512 static inline Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
   AVX512 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
 };
 
@@ -95,6 +96,7 @@ struct Avx512Bf16W {  // bf16 weights widened to fp32 (exact), fp32 x
   }
   AVX512 static inline X load_x(const xelem* p) { return _mm512_loadu_ps(p); }
   AVX512 static inline Acc fma(Acc a, X x, W w) { return _mm512_fmadd_ps(x, w, a); }
+  AVX512 static inline Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
   AVX512 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
 };
 
@@ -111,6 +113,7 @@ struct Dpbf16 {  // bf16 x and W: each lane adds two exact bf16 products in fp32
   AVX512BF16 static inline Acc fma(Acc a, X x, W w) {
     return _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
   }
+  AVX512BF16 static inline Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
   AVX512BF16 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
 };
 
@@ -132,6 +135,7 @@ struct Avx2F32 {
   AVX2 static inline W load_w(const welem* p) { return _mm256_loadu_ps(p); }
   AVX2 static inline X load_x(const xelem* p) { return _mm256_loadu_ps(p); }
   AVX2 static inline Acc fma(Acc a, X x, W w) { return _mm256_fmadd_ps(x, w, a); }
+  AVX2 static inline Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
   AVX2 static inline float reduce(Acc a) { return reduce256(a); }
 };
 
@@ -149,54 +153,59 @@ struct Avx2Bf16W {
   }
   AVX2 static inline X load_x(const xelem* p) { return _mm256_loadu_ps(p); }
   AVX2 static inline Acc fma(Acc a, X x, W w) { return _mm256_fmadd_ps(x, w, a); }
+  AVX2 static inline Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
   AVX2 static inline float reduce(Acc a) { return reduce256(a); }
 };
 
 // ---- the tiled loop, one instantiation per vector-op struct ----
 
-constexpr int kMaxTileRows = 4;  // x rows sharing one pass over a band of W rows
-constexpr int kBand = 4;  // W rows streamed together
+constexpr int kMaxTileRows = 4;  // x rows sharing one pass over a W row (4 x 4 accumulators fit the registers)
+// Accumulators per (x row, W row): chunk c of K (Op::step elements) goes to accumulator c % kUnroll, and they are
+// added in index order at the end. That is each output's fixed summation order. Independent accumulators let one
+// W row be read as one linear stream without waiting on a dependency chain; streaming one row at a time measured
+// faster than interleaving several rows (more streams), most for short bf16 rows (bench/gemv_speed.py).
+constexpr int kUnroll = 4;
 
-// Dots MT rows of x (padded with zeros to Kp, a multiple of Op::step) with NR rows of W; res[m][r] in fp32.
+// Dots MT rows of x (padded with zeros to Kp, a multiple of Op::step) with one row of W; res[m] in fp32.
 // The last partial chunk of W is copied into a zero-padded buffer, so it adds exactly 0 beyond K.
-template <class Op, int MT, int NR>
+template <class Op, int MT>
 __attribute__((always_inline)) inline void tile(const typename Op::xelem* x, int64_t Kp,
-                                                const typename Op::welem* w, int64_t ldw, int64_t K,
-                                                float res[kMaxTileRows][kBand]) {
-  typename Op::Acc acc[MT][NR];
-#pragma GCC unroll 4
+                                                const typename Op::welem* w, int64_t K, float* res) {
+  using Acc = typename Op::Acc;
+  constexpr int64_t step = Op::step, group = step * kUnroll;
+  Acc acc[MT][kUnroll];
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) acc[m][r] = Op::zero();
-  const int64_t kmain = K - K % Op::step;
-  for (int64_t k = 0; k < kmain; k += Op::step) {
-    typename Op::W wv[NR];
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) wv[r] = Op::load_w(w + r * ldw + k);
-#pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m) {
-      typename Op::X xv = Op::load_x(x + m * Kp + k);
-#pragma GCC unroll 4
-      for (int r = 0; r < NR; ++r) acc[m][r] = Op::fma(acc[m][r], xv, wv[r]);
+#pragma GCC unroll 8
+    for (int u = 0; u < kUnroll; ++u) acc[m][u] = Op::zero();
+  const int64_t kgroups = K - K % group;
+  for (int64_t k = 0; k < kgroups; k += group) {
+#pragma GCC unroll 8
+    for (int u = 0; u < kUnroll; ++u) {
+      typename Op::W wv = Op::load_w(w + k + u * step);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) acc[m][u] = Op::fma(acc[m][u], Op::load_x(x + m * Kp + k + u * step), wv);
     }
   }
-  if (kmain < K) {
-    alignas(64) typename Op::welem pad[NR][Op::step];
-    std::memset(pad, 0, sizeof(pad));
-    typename Op::W wv[NR];
-    for (int r = 0; r < NR; ++r) {
-      std::memcpy(pad[r], w + r * ldw + kmain, (K - kmain) * sizeof(typename Op::welem));
-      wv[r] = Op::load_w(pad[r]);
+  // The chunks after the last full group (the final one zero-padded) continue the c % kUnroll assignment.
+  for (int64_t k = kgroups, u = 0; k < K; k += step, ++u) {
+    alignas(64) typename Op::welem pad[step];
+    const typename Op::welem* src = w + k;
+    if (k + step > K) {
+      std::memset(pad, 0, sizeof(pad));
+      std::memcpy(pad, w + k, (K - k) * sizeof(typename Op::welem));
+      src = pad;
     }
-    for (int m = 0; m < MT; ++m) {
-      typename Op::X xv = Op::load_x(x + m * Kp + kmain);
-      for (int r = 0; r < NR; ++r) acc[m][r] = Op::fma(acc[m][r], xv, wv[r]);
-    }
+    typename Op::W wv = Op::load_w(src);
+    for (int m = 0; m < MT; ++m) acc[m][u] = Op::fma(acc[m][u], Op::load_x(x + m * Kp + k), wv);
   }
-#pragma GCC unroll 4
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) res[m][r] = Op::reduce(acc[m][r]);
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) {
+    Acc sum = acc[m][0];
+#pragma GCC unroll 8
+    for (int u = 1; u < kUnroll; ++u) sum = Op::add(sum, acc[m][u]);
+    res[m] = Op::reduce(sum);
+  }
 }
 
 // What happens to a dot product before it is stored: + bias[n], * row_scale[m], then rounded to the output dtype.
@@ -218,33 +227,26 @@ struct Epilogue {
   }
 };
 
-template <class Op, int NR>
-__attribute__((always_inline)) inline void band(const typename Op::xelem* x, int64_t M, int64_t Kp,
-                                                const typename Op::welem* w, int64_t ldw, int64_t K, int64_t n,
-                                                const Epilogue& ep) {
-  float res[kMaxTileRows][kBand];
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-    const typename Op::xelem* xm = x + m0 * Kp;
-    const typename Op::welem* wn = w + n * ldw;
-    int64_t mt = std::min<int64_t>(kMaxTileRows, M - m0);
-    switch (mt) {
-      case 4: tile<Op, 4, NR>(xm, Kp, wn, ldw, K, res); break;
-      case 3: tile<Op, 3, NR>(xm, Kp, wn, ldw, K, res); break;
-      case 2: tile<Op, 2, NR>(xm, Kp, wn, ldw, K, res); break;
-      default: tile<Op, 1, NR>(xm, Kp, wn, ldw, K, res); break;
-    }
-    for (int64_t m = 0; m < mt; ++m)
-      for (int r = 0; r < NR; ++r) ep.store(m0 + m, n + r, res[m][r]);
-  }
-}
-
-// Rows [n0, n1) of W: bands of kBand rows, then single rows (same per-row arithmetic either way).
+// Rows [n0, n1) of W, one at a time, each against every row of x (in tiles of kMaxTileRows, W row from cache).
 template <class Op>
-__attribute__((always_inline)) inline void rows(const typename Op::xelem* x, int64_t M, int64_t Kp, const typename Op::welem* w, int64_t ldw, int64_t K,
-          int64_t n0, int64_t n1, const Epilogue& ep) {
-  int64_t n = n0;
-  for (; n + kBand <= n1; n += kBand) band<Op, kBand>(x, M, Kp, w, ldw, K, n, ep);
-  for (; n < n1; ++n) band<Op, 1>(x, M, Kp, w, ldw, K, n, ep);
+__attribute__((always_inline)) inline void rows(const typename Op::xelem* x, int64_t M, int64_t Kp,
+                                                const typename Op::welem* w, int64_t ldw, int64_t K, int64_t n0,
+                                                int64_t n1, const Epilogue& ep) {
+  float res[kMaxTileRows];
+  for (int64_t n = n0; n < n1; ++n) {
+    const typename Op::welem* wn = w + n * ldw;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
+      const typename Op::xelem* xm = x + m0 * Kp;
+      const int64_t mt = std::min<int64_t>(kMaxTileRows, M - m0);
+      switch (mt) {
+        case 4: tile<Op, 4>(xm, Kp, wn, K, res); break;
+        case 3: tile<Op, 3>(xm, Kp, wn, K, res); break;
+        case 2: tile<Op, 2>(xm, Kp, wn, K, res); break;
+        default: tile<Op, 1>(xm, Kp, wn, K, res); break;
+      }
+      for (int64_t m = 0; m < mt; ++m) ep.store(m0 + m, n, res[m]);
+    }
+  }
 }
 
 // One instantiation per ISA, so the compiler can inline the target-specific intrinsics.
@@ -290,12 +292,10 @@ void product(Path path, const torch::Tensor& x, const torch::Tensor& w, const Ep
   auto xp = padded_x(x, step, path == Path::dpbf16 ? at::kBFloat16 : at::kFloat);
   const int64_t Kp = xp.size(1);
   const int64_t row_bytes = K * w.element_size();
-  const int64_t grain = std::max<int64_t>(1, kSerialBytes / std::max<int64_t>(1, row_bytes * kBand));
-  const int64_t bands = (N + kBand - 1) / kBand;
+  const int64_t grain = std::max<int64_t>(1, kSerialBytes / std::max<int64_t>(1, row_bytes));
   const void* wp = w.data_ptr();
   const void* xv = xp.data_ptr();
-  at::parallel_for(0, bands, grain, [&](int64_t b0, int64_t b1) {
-    int64_t n0 = b0 * kBand, n1 = std::min(N, b1 * kBand);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     switch (path) {
       case Path::dpbf16:
         rows_dpbf16(static_cast<const bf16*>(xv), M, Kp, static_cast<const bf16*>(wp), ldw, K, n0, n1, ep);
