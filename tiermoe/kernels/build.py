@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -29,9 +32,27 @@ def disabled() -> bool:
     return os.environ.get("TIERMOE_KERNELS", "").lower() in ("0", "off", "false", "no")
 
 
+@contextmanager
+def quiet_torch_build():
+    """torch's compiler checks warn through both `warnings` and its logger; our one line says it all."""
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_log.setLevel(level)
+
+
 def compile_kernels() -> ModuleType | None:
     """The compiled module, or None (with one warning line) when disabled, not x86, or the build fails."""
     if disabled():
+        return None
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        log.warning("tiermoe: compiled kernels unavailable (no C++ compiler %r); using torch ops", compiler)
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -40,11 +61,13 @@ def compile_kernels() -> ModuleType | None:
         folder.mkdir(parents=True, exist_ok=True)
         # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded.
         # -ffp-contract=off: a*b + c stays two roundings, as in torch's elementwise ops.
-        module = load(name="tiermoe_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
-                      extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
-    except Exception as e:  # a missing compiler or ninja, a failed build: torch ops still give the same tokens
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("tiermoe: compiled kernels unavailable (%s); using torch ops", reason[:200])
+        with quiet_torch_build():
+            module = load(name="tiermoe_gemv", sources=[str(SOURCE)],
+                          extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
+                          build_directory=str(folder), verbose=False)
+    except Exception as e:  # no ninja, a failed build: torch ops still compute the same products
+        reason = str(e).strip().splitlines()[0].split(": [")[0] if str(e).strip() else type(e).__name__
+        log.warning("tiermoe: compiled kernels unavailable (%s); using torch ops", reason[:160])
         return None
     if module.isa() == "none":
         return None
