@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,13 @@ def quiet_torch_build():
         torch_log.setLevel(level)
 
 
+def with_venv_tools_on_path() -> None:
+    """The `ninja` wheel puts its binary next to this interpreter, which is not on PATH unless the venv is active."""
+    bin_dir = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+
+
 def compile_kernels() -> ModuleType | None:
     """The compiled module, or None (with one warning line) when disabled, not x86, or the build fails."""
     if disabled():
@@ -54,6 +62,7 @@ def compile_kernels() -> ModuleType | None:
     if shutil.which(compiler) is None:
         log.warning("tiermoe: compiled kernels unavailable (no C++ compiler %r); using torch ops", compiler)
         return None
+    with_venv_tools_on_path()
     try:
         from torch.utils.cpp_extension import load
 
