@@ -39,7 +39,10 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """tiermoe's cache dir (cost profile, usage calibrations) in a temporary folder, never the user's."""
+    from tiermoe.kernels.build import build_dir
+
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIERMOE_KERNELS_DIR", str(build_dir()))  # compiled kernels: built once per machine, not per run
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         yield
 

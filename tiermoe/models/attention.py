@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tiermoe.models.layers import ForwardBatch, RMSNorm, apply_rotary, attend
+from tiermoe import kernels
+from tiermoe.models.layers import ForwardBatch, Linear, RMSNorm, apply_rotary, attend, fuse_linears
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,19 +33,25 @@ class Attention(nn.Module):
     def __init__(self, layer: int, a: AttentionArgs, window: int | None = None):
         super().__init__()
         self.layer, self.a, self.window = layer, a, window
-        self.q_proj = nn.Linear(a.hidden, a.heads * a.head_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
+        self.q_proj = Linear(a.hidden, a.heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.eps), RMSNorm(a.head_dim, a.eps)
         elif a.qk_norm == "full":
             self.q_norm = RMSNorm(a.heads * a.head_dim, a.eps)
             self.k_norm = RMSNorm(a.kv_heads * a.head_dim, a.eps)
 
+    def fuse_weights(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one qkv_proj, so decode streams them in one product."""
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         a, T = self.a, x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_size, kv_size = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # [T, h * d], [T, g * d], [T, g * d]
         if a.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if a.clip_qkv is not None:
@@ -54,7 +61,8 @@ class Attention(nn.Module):
         v = v.view(T, a.kv_heads, a.head_dim)
         if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if not kernels.rotary_(q, k, cos, sin):
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attend_batch(self.layer, q, k, v, batch, window=self.window).reshape(T, -1))
 
 

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from tiermoe.models.config_fields import FieldRules, args_from_dict
-from tiermoe.models.layers import ForwardBatch, RMSNorm, SwiGLU, apply_rotary, apply_rotary_interleaved, attend
+from tiermoe.models.layers import (
+    ForwardBatch,
+    Linear,
+    RMSNorm,
+    SwiGLU,
+    apply_rotary,
+    apply_rotary_interleaved,
+    attend,
+)
 from tiermoe.models.moe import RouterArgs, SparseMoE
 from tiermoe.models.rope import ROPE_CONFIG_KEYS, make_rope, softmax_scale_factor
 from tiermoe.models.transformer import LMShape, build_decoder
@@ -75,15 +83,15 @@ class MLAttention(nn.Module):
         self.layer, self.a, self.scale = layer, a, scale
         h, qk = a.num_attention_heads, a.qk_nope_head_dim + a.qk_rope_head_dim
         if a.q_lora_rank is None:
-            self.q_proj = nn.Linear(a.hidden_size, h * qk, bias=False)
+            self.q_proj = Linear(a.hidden_size, h * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
+            self.q_a_proj = Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
             self.q_a_layernorm = RMSNorm(a.q_lora_rank)
-            self.q_b_proj = nn.Linear(a.q_lora_rank, h * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.attention_bias)
+            self.q_b_proj = Linear(a.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.attention_bias)
         self.kv_a_layernorm = RMSNorm(a.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
+        self.kv_b_proj = Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
+        self.o_proj = Linear(h * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
         self.rotate = apply_rotary_interleaved if (a.rope_interleave or not a.v3) else apply_rotary
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

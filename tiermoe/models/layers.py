@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiermoe import kernels
+
 
 class RMSNorm(nn.Module):
     """RMS normalisation computed in fp32, scaled in the input dtype (as the reference implementations do)."""
@@ -22,23 +24,46 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return kernels.rmsnorm(x, self.weight, self.eps)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose products with a few rows (decode) run the bandwidth-bound kernels of tiermoe.kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
+def fuse_linears(parts: list[nn.Linear]) -> Linear:
+    """One Linear whose output rows are the parts' rows in order; the parts' weights are copied, not kept."""
+    first = parts[0]
+    fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                   device="meta")
+    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
 
 
 class SwiGLU(nn.Module):
-    """Dense gated MLP: down(silu(gate(x)) * up(x))."""
+    """Dense gated MLP: down(silu(gate(x)) * up(x)). After `fuse_weights` gate and up are one [2I, H] product."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
+
+    def fuse_weights(self) -> None:
+        """Replace gate_proj and up_proj by gate_up_proj (called once, after the checkpoint is loaded)."""
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.down_proj.bias is None:
+            return kernels.swiglu(x, self.gate_up_proj.weight, self.down_proj.weight)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Rotary:
@@ -115,6 +140,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: 
         return attend_blocks(q, k, v, past, scale, block)
     t, S = q.shape[0], k.shape[0]
     windowed = window is not None and S > window
+    if t == 1:  # decode: the one query sees the last `window` keys (all without a window)
+        seen = slice(S - window if windowed else 0, S)
+        out = kernels.decode_attention(q[0], k[seen], v[seen], scale)  # [h, dv]
+        if out is not None:
+            return out[None]
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
     if t == 1 and not windowed:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)

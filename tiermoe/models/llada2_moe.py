@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from tiermoe import kernels
 from tiermoe.errors import ConfigError
 from tiermoe.models.attention import AttentionArgs, attend_batch
 from tiermoe.models.config_fields import FieldRules, args_from_dict
 from tiermoe.models.diffusion import DiffusionSpec
-from tiermoe.models.layers import ForwardBatch, RMSNorm, SwiGLU, apply_rotary
+from tiermoe.models.layers import ForwardBatch, Linear, RMSNorm, SwiGLU, apply_rotary
 from tiermoe.models.moe import RouterArgs, SparseMoE
 from tiermoe.models.rope import make_rope
 from tiermoe.models.transformer import LMShape, build_decoder
@@ -88,8 +89,8 @@ class FusedQKVAttention(nn.Module):
     def __init__(self, layer: int, a: AttentionArgs):
         super().__init__()
         self.layer, self.a = layer, a
-        self.query_key_value = nn.Linear(a.hidden, (a.heads + 2 * a.kv_heads) * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
+        self.query_key_value = Linear(a.hidden, (a.heads + 2 * a.kv_heads) * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.eps), RMSNorm(a.head_dim, a.eps)
 
@@ -99,7 +100,8 @@ class FusedQKVAttention(nn.Module):
         q, k, v = qkv.split([a.heads, a.kv_heads, a.kv_heads], dim=1)  # [T, h, d], [T, g, d], [T, g, d]
         if a.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # partial: cos/sin cover the rotated prefix
+        if not kernels.rotary_(q, k, cos, sin):  # partial: cos/sin cover the rotated prefix
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(attend_batch(self.layer, q, k, v, batch).reshape(T, -1))
 
 

@@ -40,4 +40,5 @@ def load_model(folder: str | Path, dtype: torch.dtype) -> tuple[CausalLM, Checkp
     model.load_state_dict(state, assign=True)
     if model.shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.fuse_weights()
     return model.eval(), index, config

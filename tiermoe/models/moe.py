@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiermoe import kernels
+from tiermoe.models.layers import Linear
 from tiermoe.offload.fetch_order import fetch_order
-from tiermoe.offload.store import ExpertStore
+from tiermoe.offload.store import ExpertStore, ExpertWeights
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +45,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> weights [T, A], expert ids [T, A]."""
         a = self.args
-        logits = F.linear(x.float(), self.weight.float()) if a.fp32_logits else F.linear(x, self.weight)
+        logits = kernels.linear(x.float() if a.fp32_logits else x, self.weight)  # [T, E]; bf16 weights widen exactly
         scores = logits.float().softmax(-1) if a.scoring == "softmax" else logits.float().sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias if a.correction_bias else scores
         if a.n_group > 1:
@@ -79,7 +81,7 @@ class SparseMoE(nn.Module):
         self.layer = layer
         self.gate = Router(hidden, router)
         self.shared_expert = shared
-        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+        self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_gate else None
         self.act = act
         self.store: ExpertStore | None = None  # set by the engine
         self.prefetcher = None  # optional: predicts the next MoE layer's experts from this layer's router input
@@ -113,7 +115,7 @@ class SparseMoE(nn.Module):
         for e, w in self.store.fetch(self.layer, experts, counts, ahead):
             rows, slot = torch.where(ids == e)
             h = x[rows].to(w.down.device)  # an expert may run where its weights are (CPU or accelerator)
-            y = F.linear(self.act_mul(F.linear(h, w.gate_up)), w.down) * weights[rows, slot, None].to(h.device)
+            y = self.expert(h, w, weights[rows, slot, None].to(h.device))
             outputs[e] = (rows, y.to(x.device, x.dtype))
             del w  # release it before asking for the next: a store under a budget may have evicted it already
         out = torch.zeros_like(x)
@@ -121,10 +123,12 @@ class SparseMoE(nn.Module):
             out.index_add_(0, *outputs[e])
         return out
 
-    def act_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """[n, 2I] -> act(gate) * up  # [n, I]."""
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act(gate) * up
+    def expert(self, h: torch.Tensor, w: ExpertWeights, scale: torch.Tensor) -> torch.Tensor:
+        """down(act(gate(h)) * up(h)) * scale: h [n, H], scale [n, 1] -> [n, H] in h's dtype."""
+        if self.act is F.silu:
+            return kernels.swiglu(h, w.gate_up, w.down, scale)
+        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
+        return (F.linear(self.act(gate) * up, w.down) * scale).to(h.dtype)
 
     def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     ahead: tuple[int, list[int]] | None) -> torch.Tensor:
@@ -136,11 +140,9 @@ class SparseMoE(nn.Module):
         for e, w in self.store.fetch(self.layer, experts, [1] * len(experts), ahead):
             if w.down.device != x.device:  # the expert runs where its weights are
                 h = x.to(w.down.device)
-                y = F.linear(self.act_mul(F.linear(h, w.gate_up)), w.down) * scale[slot_of[e]].to(h.device)
-                outputs[e] = y.to(x.device, x.dtype)
+                outputs[e] = self.expert(h, w, scale[slot_of[e]].to(h.device)).to(x.device)
             else:
-                y = F.linear(self.act_mul(F.linear(x, w.gate_up)), w.down) * scale[slot_of[e]]  # [1, H]
-                outputs[e] = y.to(x.dtype)
+                outputs[e] = self.expert(x, w, scale[slot_of[e]])  # [1, H]
             del w
         out = torch.zeros_like(x)
         for e in experts:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tiermoe.models.layers import ForwardBatch, RMSNorm
+from tiermoe.models.layers import ForwardBatch, Linear, RMSNorm
 from tiermoe.models.moe import SparseMoE
 from tiermoe.models.rope import Rope
 
@@ -51,13 +51,20 @@ class CausalLM(nn.Module):
         self.model.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.model.layers = nn.ModuleList(layers)
         self.model.norm = RMSNorm(shape.hidden_size, eps)
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.lm_head = Linear(shape.hidden_size, shape.vocab_size, bias=False)
         if shape.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+    def fuse_weights(self) -> None:
+        """Fuse projections that read the same input into one weight (attention q/k/v, MLP gate/up), once, after
+        the checkpoint is loaded: decode then streams each in one product. The unfused weights are released."""
+        for module in list(self.modules()):
+            if module is not self and hasattr(module, "fuse_weights"):
+                module.fuse_weights()
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, H]."""

@@ -1,0 +1,69 @@
+"""Checks of the compiled kernels against float64 references, shared by the in-process tests and the subprocess
+tests that pin the kernels to a lower instruction set (TIERMOE_KERNEL_ISA)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from tiermoe import kernels
+
+EPS32 = 2.0**-24
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+SHAPES = list(itertools.product((1, 2, 3, 5, 8), (1, 7, 33, 130), (1, 15, 33, 100, 257)))  # M, N, K
+
+
+def check_linear_close_to_float64(x_dtype: torch.dtype, w_dtype: torch.dtype, seed: int = 0) -> None:
+    """Within fp32 accumulation error of the exact product, plus one rounding to x's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    for m, n, k in SHAPES:
+        x = torch.randn(m, k, generator=g).to(x_dtype)
+        w = torch.randn(n, k, generator=g).to(w_dtype)
+        b = torch.randn(n, generator=g).to(w_dtype)
+        y = kernels.linear(x, w, b)
+        assert y.dtype == x_dtype and y.shape == (m, n)
+        exact = x.double() @ w.double().T + b.double()
+        size = x.double().abs() @ w.double().abs().T + b.double().abs()
+        bound = (k + 2) * EPS32 * size + (2.0**-8 if x_dtype == torch.bfloat16 else 0.0) * exact.abs()
+        assert ((y.double() - exact).abs() <= bound + 1e-30).all(), (x_dtype, w_dtype, m, n, k)
+
+
+def check_rows_independent_of_batch(dtype: torch.dtype, seed: int = 0) -> None:
+    """Row i of a batch equals the same row computed alone or among other rows, bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    for n, k in ((130, 257), (64, 1024)):
+        w = torch.randn(n, k, generator=g).to(dtype)
+        gate_up = torch.randn(2 * 48, k, generator=g).to(dtype) / 8
+        down = torch.randn(k, 48, generator=g).to(dtype) / 8
+        rows = torch.randn(kernels.MAX_ROWS, k, generator=g).to(dtype)
+        scale = torch.rand(kernels.MAX_ROWS, 1, generator=g)
+        batch, mlp = kernels.linear(rows, w), kernels.swiglu(rows, gate_up, down, scale)
+        for i in range(kernels.MAX_ROWS):
+            assert torch.equal(kernels.linear(rows[i:i + 1], w)[0], batch[i])
+            assert torch.equal(kernels.swiglu(rows[i:i + 1], gate_up, down, scale[i:i + 1])[0], mlp[i])
+            others = torch.cat([rows[i:i + 1], torch.randn(2, k, generator=g).to(dtype)])
+            assert torch.equal(kernels.linear(others, w)[0], batch[i])
+
+
+def check_swiglu_close_to_float64(dtype: torch.dtype, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m, hidden, inner in ((1, 64, 48), (3, 33, 17), (8, 100, 70)):
+        x = torch.randn(m, hidden, generator=g).to(dtype)
+        gate_up = (torch.randn(2 * inner, hidden, generator=g) / hidden**0.5).to(dtype)
+        down = (torch.randn(hidden, inner, generator=g) / inner**0.5).to(dtype)
+        scale = torch.rand(m, 1, generator=g)
+        y = kernels.swiglu(x, gate_up, down, scale)
+        gate, up = F.linear(x.double(), gate_up.double()).chunk(2, dim=-1)
+        exact = F.linear(F.silu(gate) * up, down.double()) * scale.double()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the activation is rounded once before `down`
+        assert y.dtype == dtype and (y.double() - exact).abs().max() <= tol * exact.abs().max(), (dtype, m)
+
+
+def run_all() -> None:
+    for x_dtype, w_dtype in DTYPES:
+        check_linear_close_to_float64(x_dtype, w_dtype)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_rows_independent_of_batch(dtype)
+        check_swiglu_close_to_float64(dtype)

@@ -1,0 +1,177 @@
+"""The decode kernels (tiermoe.kernels): results against float64 references, batch invariance, every code path the
+CPU has, the torch fallback, and that the engine really runs the compiled path."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.kernels import checks
+from tiermoe import LLM, SamplingParams, kernels
+from tiermoe.models.layers import apply_rotary
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+FLAGS = cpu_flags()
+CAN_COMPILE = shutil.which(os.environ.get("CXX", "c++")) is not None and {"avx2", "fma"} <= FLAGS
+compiled_only = pytest.mark.skipif(kernels.backend() == "torch", reason="kernels not compiled on this machine")
+
+
+def test_kernels_compile_where_a_compiler_and_avx2_exist():
+    if not CAN_COMPILE:
+        pytest.skip("no C++ compiler or no AVX2")
+    expected = "avx512bf16" if "avx512_bf16" in FLAGS else "avx512" if {"avx512f", "avx512bw"} <= FLAGS else "avx2"
+    assert kernels.backend() == expected
+
+
+@compiled_only
+@pytest.mark.parametrize("x_dtype,w_dtype", checks.DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_linear_matches_float64_within_fp32_accumulation(x_dtype, w_dtype):
+    checks.check_linear_close_to_float64(x_dtype, w_dtype)
+
+
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_row_is_bitwise_independent_of_its_batch(dtype, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        checks.check_rows_independent_of_batch(dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_swiglu_matches_float64(dtype):
+    checks.check_swiglu_close_to_float64(dtype)
+
+
+@compiled_only
+def test_non_contiguous_operands_give_the_contiguous_result():
+    x_wide, w_wide = torch.randn(3, 2 * 100), torch.randn(40, 130)
+    x, w = x_wide[:, ::2], w_wide[:, :100]  # x strided along K; w rows at stride 130 (a view into a wider buffer)
+    expected = kernels.linear(x.contiguous(), w.contiguous())
+    assert torch.equal(kernels.linear(x, w), expected)
+    x_t = torch.randn(100, 3).t()  # unit stride along M
+    assert torch.equal(kernels.linear(x_t, w), kernels.linear(x_t.contiguous(), w))
+    w_t = torch.randn(100, 40).t()  # unit stride along N, not K: served by torch, still F.linear's result
+    torch.testing.assert_close(kernels.linear(x, w_t), F.linear(x.contiguous(), w_t.contiguous()))
+
+
+@compiled_only
+def test_more_rows_than_the_kernels_take_use_torch_and_give_its_result():
+    x, w = torch.randn(kernels.MAX_ROWS + 1, 64), torch.randn(32, 64)
+    calls = kernels.calls()
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    assert kernels.calls() == calls
+
+
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("rotated", [16, 8])  # full and partial rotary (LLaDA2)
+def test_rotary_in_place_is_bitwise_apply_rotary(dtype, rotated):
+    qkv = torch.randn(3, 4 + 2 + 2, 16).to(dtype)  # [T, h + 2g, d]: q and k are views into one projection
+    q, k, _ = qkv.split([4, 2, 2], dim=1)
+    angles = torch.randn(3, rotated // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    assert kernels.rotary_(q, k, cos, sin)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+
+
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_rmsnorm_matches_the_reference_formula(dtype):
+    x, w = torch.randn(5, 257).to(dtype), torch.randn(257).to(dtype)
+    xf = x.double()
+    exact = (w.double() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)))
+    out = kernels.rmsnorm(x, w, 1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 2.0**-7  # bf16: two roundings (before and after the weight)
+    assert out.dtype == dtype and ((out.double() - exact).abs() <= tol * exact.abs() + 1e-12).all()
+    assert torch.equal(kernels.rmsnorm(x.view(5, 1, 257), w, 1e-6), out.view(5, 1, 257))
+
+
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("keys", [1, 5, 70])
+def test_decode_attention_matches_float64_attention(dtype, keys):
+    h, g, d, dv = 8, 2, 24, 16  # grouped query heads; value width differs from the key width (as in MLA)
+    q = torch.randn(h, d).to(dtype)
+    cache_k, cache_v = torch.randn(keys + 3, g, d).to(dtype), torch.randn(keys + 3, g, 2 * dv).to(dtype)
+    k, v = cache_k[:keys], cache_v[:keys, :, :dv]  # views of cache buffers, v strided
+    out = kernels.decode_attention(q, k, v, None)
+    scores = torch.einsum("hd,shd->hs", q.double(), k.double().repeat_interleave(h // g, dim=1)) / math.sqrt(d)
+    exact = torch.einsum("hs,shd->hd", scores.softmax(-1), v.double().repeat_interleave(h // g, dim=1))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and (out.double() - exact).abs().max() <= tol
+
+
+@compiled_only
+def test_the_engine_runs_the_compiled_kernels(tiny_models):
+    llm = LLM(tiny_models("mixtral"))
+    calls = kernels.calls()
+    llm.generate([[3, 17, 42]], SamplingParams(temperature=0, max_tokens=8))
+    # every decode step: q/k/v, o, router and the experts of each of 3 layers, and the head
+    assert kernels.calls() - calls >= 7 * (3 * 4 + 1)
+
+
+def test_torch_fallback_gives_the_same_greedy_tokens(tiny_models, monkeypatch):
+    prompts, params = [[3, 17, 42, 9, 77, 5], [88, 1, 64]], SamplingParams(temperature=0, max_tokens=24)
+    folder = tiny_models("qwen2_moe")  # dense, shared and routed MLPs, sigmoid-gated shared expert
+    compiled = [o.outputs[0].token_ids for o in LLM(folder).generate(prompts, params)]
+    monkeypatch.setattr(kernels, "_ops", None)  # what TIERMOE_KERNELS=off or a failed build leaves
+    assert kernels.backend() == "torch"
+    assert [o.outputs[0].token_ids for o in LLM(folder).generate(prompts, params)] == compiled
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
+CHECKS = "from tests.kernels import checks; from tiermoe import kernels; checks.run_all(); print(kernels.backend())"
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_lower_instruction_sets_pass_the_same_checks(isa):
+    needed = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw"}}[isa]
+    if not CAN_COMPILE or not needed <= FLAGS:
+        pytest.skip(f"this CPU has no {isa}")
+    done = run_python(CHECKS, TIERMOE_KERNEL_ISA=isa)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == isa
+
+
+def test_kernels_off_uses_torch_ops():
+    code = ("import torch, torch.nn.functional as F; from tiermoe import kernels; x, w = torch.randn(2, 9), "
+            "torch.randn(5, 9); print(kernels.backend(), torch.equal(kernels.linear(x, w), F.linear(x, w)))")
+    done = run_python(code, TIERMOE_KERNELS="off")
+    assert done.returncode == 0 and done.stdout.split() == ["torch", "True"], done.stderr
+
+
+def test_a_failed_build_warns_in_one_line_and_falls_back(tmp_path):
+    code = ("import json, torch, torch.nn.functional as F; from tiermoe import kernels; x, w = torch.randn(2, 9), "
+            "torch.randn(5, 9); print(json.dumps([kernels.backend(), torch.equal(kernels.linear(x, w), "
+            "F.linear(x, w))]))")
+    done = run_python(code, CXX="false", TIERMOE_KERNELS_DIR=str(tmp_path / "build"))  # a "compiler" that fails
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == ["torch", True]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "compiled kernels unavailable" in lines[0], done.stderr

@@ -1,0 +1,94 @@
+"""Matrix-vector products for decode: a few rows of activations against a weight matrix, at memory bandwidth.
+
+`linear(x, w, bias)` is F.linear and `swiglu(x, gate_up, down, scale)` is down(silu(gate) * up) * scale. For at most
+MAX_ROWS rows of x on a CPU with AVX2 (AVX-512, AVX512-BF16) they run the compiled kernels (gemv.cpp): fp32
+accumulation, parallel over output rows on torch's intra-op threads, and each output row independent of the other
+rows in the batch, bit for bit. Larger batches, other devices and other dtypes use torch's own ops, as does
+everything when the kernels cannot be built (one warning line) or TIERMOE_KERNELS=off. `rmsnorm`, `rotary_` and
+`decode_attention` fuse the small ops of one decode step around them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tiermoe.kernels.build import compile_kernels
+
+MAX_ROWS = 8  # rows up to which the kernels beat torch's GEMM (decode); prefill keeps the GEMM
+_UNSET = object()
+_ops = _UNSET
+
+
+def compiled():
+    """The compiled module, built on the first call; None when torch ops serve everything."""
+    global _ops
+    if _ops is _UNSET:
+        _ops = compile_kernels()
+    return _ops
+
+
+def backend() -> str:
+    """The code path the kernels use on this CPU ("avx512bf16", "avx512", "avx2"), or "torch"."""
+    ops = compiled()
+    return "torch" if ops is None else ops.isa()
+
+
+def calls() -> int:
+    """Products the compiled kernels have computed in this process (0 when they are not in use)."""
+    ops = compiled()
+    return 0 if ops is None else ops.calls()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); x [M, K] or [K], weight [N, K] -> [M, N] (or [N]) in x's dtype."""
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is None or x.dim() != 2 or x.device.type != "cpu":
+        if weight.dtype != x.dtype:  # e.g. an fp32 router product over bf16 weights
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+    return ops.linear(x, weight, bias, MAX_ROWS)
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """down(silu(gate) * up) * scale: x [M, H], gate_up [2I, H] (gate rows, then up rows), down [H, I], scale [M, 1]
+    or None -> [M, H] in x's dtype.
+
+    The kernels keep the gate/up products in fp32 through the activation and apply `scale` before the one rounding
+    to x's dtype; torch's ops round at each step, as transformers' experts do.
+    """
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is None or x.device.type != "cpu":
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down)
+        return y if scale is None else (y * scale).to(x.dtype)
+    return ops.swiglu(x, gate_up, down, scale, MAX_ROWS)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)) with fp32 statistics, rounded to x's dtype before the weight (as the
+    reference RMSNorm does); x [..., n]."""
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is None or x.device.type != "cpu":
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return ops.rmsnorm(x, weight, eps)
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate-half rotary embedding applied in place to q [T, h, d] and k [T, g, d] (the first d_rot features, with
+    cos, sin [T, d_rot]), bit-identical to x * cos + rotate_half(x) * sin. False (nothing done) if not served."""
+    ops = _ops if _ops is not _UNSET else compiled()
+    return ops is not None and q.device.type == "cpu" and ops.rotary_(q, k, cos, sin)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor | None:
+    """Attention of one query row per head over every cached key: q [h, d], k [S, g, d], v [S, g, dv] -> [h, dv]
+    (fp32 scores, softmax and sums); None when not served (then use scaled_dot_product_attention)."""
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is None or q.device.type != "cpu":
+        return None
+    return ops.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)

@@ -1,0 +1,83 @@
+"""Compile the C++ kernels on first use (torch.utils.cpp_extension, cached per machine) or explain in one line why not.
+
+The build lands in $TIERMOE_KERNELS_DIR, else $TORCH_EXTENSIONS_DIR, else <tiermoe cache dir>/kernels; torch rebuilds
+it when the source or torch changes. TIERMOE_KERNELS=off skips it (torch ops everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+log = logging.getLogger("tiermoe")
+
+
+def build_dir() -> Path:
+    """Where the compiled extension is kept."""
+    for var in ("TIERMOE_KERNELS_DIR", "TORCH_EXTENSIONS_DIR"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    from tiermoe.offload.costs import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def disabled() -> bool:
+    return os.environ.get("TIERMOE_KERNELS", "").lower() in ("0", "off", "false", "no")
+
+
+@contextmanager
+def quiet_torch_build():
+    """torch's compiler checks warn through both `warnings` and its logger; our one line says it all."""
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_log.setLevel(level)
+
+
+def with_venv_tools_on_path() -> None:
+    """The `ninja` wheel puts its binary next to this interpreter, which is not on PATH unless the venv is active."""
+    bin_dir = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+
+
+def compile_kernels() -> ModuleType | None:
+    """The compiled module, or None (with one warning line) when disabled, not x86, or the build fails."""
+    if disabled():
+        return None
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        log.warning("tiermoe: compiled kernels unavailable (no C++ compiler %r); using torch ops", compiler)
+        return None
+    with_venv_tools_on_path()
+    try:
+        from torch.utils.cpp_extension import load
+
+        folder = build_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded.
+        # -ffp-contract=off: a*b + c stays two roundings, as in torch's elementwise ops.
+        with quiet_torch_build():
+            module = load(name="tiermoe_gemv", sources=[str(SOURCE)],
+                          extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
+                          build_directory=str(folder), verbose=False)
+    except Exception as e:  # no ninja, a failed build: torch ops still compute the same products
+        reason = str(e).strip().splitlines()[0].split(": [")[0] if str(e).strip() else type(e).__name__
+        log.warning("tiermoe: compiled kernels unavailable (%s); using torch ops", reason[:160])
+        return None
+    if module.isa() == "none":
+        return None
+    return module
