@@ -87,7 +87,7 @@ class LLM:
             return memory.Usage.of(cfg.memory_limit)
         if cfg.has_budget or cfg.torch_device.type != "cpu":
             return None
-        usage = memory.Usage.default(checkpoint_bytes(cfg.model, cfg.torch_dtype))
+        usage = memory.Usage.default(lambda: checkpoint_bytes(cfg.model, cfg.torch_dtype))
         if usage is not None:
             print(f"tiermoe: the model does not fit the cgroup's memory limit of {format_bytes(usage.limit)} "
                   "resident: sizing the expert cache to the limit (memory_limit='auto')", file=sys.stderr)
@@ -169,7 +169,7 @@ class LLM:
             decoded = self._decode(seqs, on_step, observer)
         outputs = [s.to_output() for s in seqs]
         for out in outputs:
-            out.stats = self.store.stats.to_dict()
+            out.stats = self.stats()
             if out.request_id in decoded:
                 out.stats["diffusion"] = decoded[out.request_id]  # NFE, tokens per forward, logit rows
         return outputs
@@ -183,6 +183,14 @@ class LLM:
             raise RequestError("routing traces are recorded and replayed for autoregressive models only")
         return diffusion.generate(self.model, seqs, self.tokenizer, self.diffusion,
                                   diffusion.DiffusionOptions(tau=self.config.tau), on_step, self.store)
+
+    def stats(self) -> dict:
+        """The expert store's statistics since the last generate call; under a memory limit also how the limit was
+        split (`memory`) and the process's peak RSS."""
+        stats = self.store.stats.to_dict()
+        if self.memory is not None:
+            stats["memory"] = self.memory.to_dict() | {"peak_rss": memory.peak_rss()}
+        return stats
 
     def _detach_observer(self) -> None:
         for block in self.model.moe_blocks:
@@ -204,7 +212,7 @@ class LLM:
                 out = seq.to_output()
                 out.outputs[0].text = seq.stable_text()
                 if seq.finished:
-                    out.stats = self.store.stats.to_dict()
+                    out.stats = self.stats()
                 yield out
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -230,7 +238,23 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        return [self._make_sequence(p, sp or SamplingParams()) for p, sp in zip(prompts, params, strict=True)]
+        seqs = [self._make_sequence(p, sp or SamplingParams()) for p, sp in zip(prompts, params, strict=True)]
+        self._check_fits(seqs)
+        return seqs
+
+    def _check_fits(self, seqs: list[Sequence]) -> None:
+        """The prompts are prefilled in one forward, and every sequence's KV cache is allocated for its whole
+        length: refuse what exceeds max_num_batched_tokens, or (under a memory limit) the KV cache reserved."""
+        prompt_tokens = sum(len(s.prompt_ids) for s in seqs)
+        if prompt_tokens > self.max_num_batched_tokens:
+            raise RequestError(f"the prompts hold {prompt_tokens} tokens but one forward may process at most "
+                               f"max_num_batched_tokens={self.max_num_batched_tokens}: send fewer or shorter prompts "
+                               "per call, or raise max_num_batched_tokens (a memory limit reserves its activations)")
+        kv_tokens = sum(s.cache.capacity for s in seqs)
+        if self.memory is not None and kv_tokens > self.memory.kv_tokens:
+            raise RequestError(f"these requests need KV cache for {kv_tokens} tokens (prompt + max_tokens each) but "
+                               f"the memory limit reserved {self.memory.kv_tokens} (max_model_len): send fewer "
+                               "requests per call or lower max_tokens")
 
     def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
         text, ids = self._prompt_ids(prompt)

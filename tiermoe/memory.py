@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,10 +156,11 @@ class Usage:
         return cls(limit, "memory_limit", rss(), "RSS")
 
     @classmethod
-    def default(cls, model_bytes: int) -> Usage | None:
-        """Without a limit or budget given: the cgroup's limit when the model cannot stay resident under it."""
+    def default(cls, model_bytes: Callable[[], int]) -> Usage | None:
+        """Without a limit or budget given: the cgroup's limit when the model (`model_bytes()`, asked only under a
+        cgroup limit) cannot stay resident under it."""
         usage = cls.of("auto")
-        if usage.source != "cgroup" or usage.used + model_bytes + margin_of(usage.limit) <= usage.limit:
+        if usage.source != "cgroup" or usage.used + model_bytes() + margin_of(usage.limit) <= usage.limit:
             return None
         return usage
 

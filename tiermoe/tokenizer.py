@@ -3,10 +3,10 @@
 Importing transformers costs about 90 MiB of RAM and a second of start-up, which matters under a memory limit. For
 the generic fast tokenizer (tokenizer_config.json's `tokenizer_class` TokenizersBackend / PreTrainedTokenizerFast, or
 none), transformers' encode and decode are tokenizer.json's pipeline plus a few settings, which `FastTokenizer`
-applies as transformers 5.23 does: `add_bos_token` / `add_eos_token` (they rebuild the post-processor),
-`clean_up_tokenization_spaces` (not for BPE models), no padding or truncation. A folder with any other setting or
-tokenizer class (family classes rebuild the pipeline in code), or special tokens tokenizer.json lacks, gets
-transformers' AutoTokenizer. transformers is imported only to render a chat template.
+applies as transformers 5.23 does: `clean_up_tokenization_spaces` (not for BPE models), no padding or truncation;
+`add_bos_token` / `add_eos_token` are dropped when tokenizer.json exists (its post-processor decides). A folder with
+any other setting or tokenizer class (family classes rebuild the pipeline in code), or special tokens
+tokenizer.json lacks, gets transformers' AutoTokenizer. transformers is imported only to render a chat template.
 """
 
 from __future__ import annotations
@@ -67,9 +67,6 @@ class FastTokenizer:
         self.tokenizer.no_truncation()
         self.special = {name: _content(config.get(name)) for name in SPECIAL_NAMES}
         self.complete = self._special_tokens_present(config)
-        if self.complete and ("add_bos_token" in config or "add_eos_token" in config
-                              or self.tokenizer.post_processor is None):
-            self._template(config.get("add_bos_token", False), config.get("add_eos_token", False))
         # transformers skips the clean-up for BPE models (it would strip real spaces before punctuation)
         bpe = type(self.tokenizer.model).__name__ == "BPE"
         self.clean_up = bool(config.get("clean_up_tokenization_spaces")) and not bpe
@@ -87,17 +84,6 @@ class FastTokenizer:
         decoder = config.get("added_tokens_decoder") or {}
         declared = [(v["content"], v.get("special", False)) for v in decoder.values()]
         return all(added.get(t) for t in named) and all(added.get(c) == s for c, s in declared)
-
-    def _template(self, add_bos: bool, add_eos: bool) -> None:
-        """transformers' update_post_processor: [bos] $A [eos] as the flags say."""
-        from tokenizers.processors import TemplateProcessing
-
-        bos, eos = self.special["bos_token"], self.special["eos_token"]
-        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-        tokens = [(t, self.tokenizer.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        self.tokenizer.post_processor = TemplateProcessing(single=single, pair=pair, special_tokens=tokens)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
