@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.peers import cgroup
-from bench.peers.memory import SIZED, LimitPlan, fixed_footprints, limit_row, run_at_limit
+from bench.peers.memory import SIZED, LimitPlan, fixed_footprints, limit_row, run_at_limit, tiermoe_sizes_itself
 from bench.peers.model import SHAPES, build_model, model_bytes, prompt_ids
 from bench.peers.report import describe_environment, environment, loadavg, save
 from bench.peers.resident import measure_resident, runs_as_dicts, summarize, token_checks
@@ -130,7 +130,7 @@ def equal_memory(args, engines: list[str], folder: Path, shape, ggufs: dict, spe
     total = model_bytes(folder)
     limits = parse_limits(args.limits, total)
     budgets = _fixed_budgets(args.tiermoe_budget, len(limits), shape.expert_params() * per_param)
-    sized = [e for e in engines if e in SIZED and not (e == "tiermoe" and budgets)]
+    sized = [e for e in engines if e in SIZED and not (e == "tiermoe" and (budgets or tiermoe_sizes_itself()))]
     plan = LimitPlan(base, {e: floors[e] for e in sized}, [folder, *map(Path, ggufs.values()), offload],
                      parse_budget(args.headroom, 0), args.fit_retries, args.timeout, args.drop_caches)
     print("(b) equal memory: fixed footprints", flush=True)

@@ -30,6 +30,7 @@ class RunSpec:
     threads: int
     warmup: bool = True  # one short untimed generation first (faults weights in, sizes buffers)
     budget: int | None = None  # tiermoe: expert cache bytes; transformers: accelerate's CPU max_memory
+    memory_limit: int | None = None  # tiermoe: --memory-limit (the engine sizes its expert cache itself)
     offload_dir: str | None = None  # transformers: accelerate's offload folder
 
 
@@ -61,6 +62,8 @@ def describe(spec: RunSpec) -> str:
     """How the engine holds the weights in this run."""
     if spec.engine == "llama.cpp":
         return "mmap"
+    if spec.memory_limit is not None:
+        return "memory limit"  # the runner adds the expert cache the engine chose
     if spec.budget is None:
         return "resident"
     from tiermoe.offload.budget import format_bytes
@@ -100,16 +103,22 @@ def run_tiermoe(spec: RunSpec) -> EngineRun:
     from tiermoe import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(spec.model, dtype=spec.dtype, threads=spec.threads, expert_cache=spec.budget)
+    sizing = {"memory_limit": spec.memory_limit} if spec.memory_limit is not None else {"expert_cache": spec.budget}
+    llm = LLM(spec.model, dtype=spec.dtype, threads=spec.threads, **sizing)
     run = EngineRun("tiermoe", spec.dtype, describe(spec), load_s=time.perf_counter() - start)
+    if llm.memory is not None:
+        from tiermoe.offload.budget import format_bytes
+
+        run.setting = f"memory limit -> expert cache {format_bytes(llm.memory.experts)}"
 
     def generate(n: int) -> Timed:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         out = llm.generate([spec.prompt], params, use_tqdm=False)[0]
         m = out.metrics
-        if spec.budget is not None:  # the expert cache's view of the latest run
+        if spec.budget is not None or llm.memory is not None:  # the expert cache's view of the latest run
             total = out.stats["total"]
-            run.extra = {"hit_rate": total["hit_rate"], "expert_bytes_read": total["bytes_read"]}
+            run.extra = {"hit_rate": total["hit_rate"], "expert_bytes_read": total["bytes_read"],
+                         "memory": out.stats.get("memory")}
         return (len(spec.prompt) / (m.first_token_time - m.arrival_time),
                 (n - 1) / (m.finish_time - m.first_token_time), list(out.outputs[0].token_ids))
 
