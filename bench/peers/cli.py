@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench.peers import cgroup
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit-dtype", choices=TORCH_DTYPES, default="bfloat16")
     ap.add_argument("--tiermoe-budget", default=None,
                     help="expert cache per limit (comma list, or one for all) instead of fitting it")
+    ap.add_argument("--tiermoe-prefetch", choices=["plain", "residual"], default=None,
+                    help="tiermoe's --prefetch in the memory-limited runs")
     ap.add_argument("--headroom", default="32MiB", help="memory left free under a limit when sizing an engine")
     ap.add_argument("--fit-retries", type=int, default=3, help="smaller settings tried after an OOM kill")
     ap.add_argument("--drop-caches", action="store_true",
@@ -124,6 +126,8 @@ def equal_memory(args, engines: list[str], folder: Path, shape, ggufs: dict, spe
     dtype, n = args.limit_dtype, args.limit_tokens
     offload = args.work_dir / args.shape / f"offload-{dtype}"
     base = {e: spec(e, dtype, new_tokens=n, runs=1, warmup=False, offload_dir=str(offload)) for e in engines}
+    if "tiermoe" in base:
+        base["tiermoe"] = replace(base["tiermoe"], prefetch=args.tiermoe_prefetch)
     per_param = 2 if dtype == "bfloat16" else 4
     expert_bytes = 3 * shape.hidden_size * shape.intermediate_size * per_param
     floors = {"tiermoe": shape.num_experts_per_tok * expert_bytes, "transformers": 0}  # tiermoe: one token's experts
