@@ -80,6 +80,17 @@ def test_kv_reserve_per_token_is_what_decoding_allocates(folder):
     assert seq.cache.nbytes == kv_bytes_per_token(llm.model) * seq.cache.capacity > 0
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                                    "llada2_moe"])
+def test_every_family_runs_under_a_limit_with_its_resident_tokens(family, tiny_models, folders):
+    model = folders[family] if family in folders else tiny_models(family)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    limited = LLM(model, memory_limit=f"{_rss() + 300 * MiB}")
+    assert limited.memory is not None and limited.memory.kv_cache > 0
+    assert limited.generate(PROMPT[:8], params)[0].outputs[0].token_ids == \
+        LLM(model).generate(PROMPT[:8], params)[0].outputs[0].token_ids
+
+
 def test_embedding_on_disk_reads_the_rows_the_resident_table_holds(folder):
     resident, _, _ = load_model(folder, torch.float32)
     on_disk, _, _ = load_model(folder, torch.float32, embedding_on_disk=True)
