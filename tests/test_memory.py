@@ -115,6 +115,18 @@ def test_requests_beyond_the_reserves_are_refused(folder):
         llm.generate([PROMPT[:4]] * 3, SamplingParams(max_tokens=250))
 
 
+def test_an_expert_cache_given_with_a_limit_must_fit_in_it(folder):
+    limit = f"{_rss() + 200 * MiB}"
+    with pytest.raises(ConfigError, match="expert_cache 1.00 GiB does not fit memory_limit"):
+        LLM(folder, memory_limit=limit, expert_cache="1GiB")
+    assert LLM(folder, memory_limit=limit, expert_cache="25%").memory.experts == 12 * MiB
+
+
+def test_without_a_limit_many_prompts_are_prefilled_together_uncapped(folder):
+    llm = LLM(folder, max_model_len=32)
+    assert len(llm.generate([PROMPT] * 3, SamplingParams(temperature=0, max_tokens=2))) == 3
+
+
 RUN = """
 import json, sys
 from pathlib import Path

@@ -31,7 +31,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "available): the fixed footprint is measured after load and the rest becomes the expert "
                         "cache (default: none, unless the model does not fit the cgroup's limit)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens one forward may process (default: the context, or 512 under a memory limit)")
+                   help="tokens one forward may process (default: no cap, or 512 under a memory limit)")
     p.add_argument("--io-threads", type=int, default=None,
                    help="threads reading experts from disk (default: 4, or top_k under a memory limit)")
     p.add_argument("--no-direct-io", dest="direct_io", action="store_false",

@@ -42,8 +42,8 @@ class EngineConfig:
     # fixed footprint is measured after load and the rest becomes expert_cache (tiermoe.memory). None: no limit,
     # unless the cgroup's limit cannot hold the model resident, which then sizes the engine as "auto" would.
     memory_limit: str | int | None = None
-    # Tokens one forward may process (all prompts of a generate call are prefilled together). None: the context
-    # length, or min(512, max_model_len) under a memory limit, which reserves their activations.
+    # Tokens one forward may process (all prompts of a generate call are prefilled together). None: no cap, or
+    # min(512, max_model_len) under a memory limit, which reserves their activations.
     max_num_batched_tokens: int | None = None
 
     def __post_init__(self):

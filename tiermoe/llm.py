@@ -75,8 +75,8 @@ class LLM:
             self.eos_ids = self.diffusion.eos_ids
         if cfg.tau is not None and self.diffusion is None:
             raise ConfigError("tau (TIDE's refresh interval) applies to diffusion models only")
-        self.max_num_batched_tokens = cfg.max_num_batched_tokens or (
-            self.max_model_len if self.memory is None else self.memory.batched_tokens)
+        # None: no cap (the prompts of a call are prefilled together, however many)
+        self.max_num_batched_tokens = cfg.max_num_batched_tokens or (self.memory and self.memory.batched_tokens)
         self._ids = itertools.count()
 
     def _usage(self) -> memory.Usage | None:
@@ -246,7 +246,7 @@ class LLM:
         """The prompts are prefilled in one forward, and every sequence's KV cache is allocated for its whole
         length: refuse what exceeds max_num_batched_tokens, or (under a memory limit) the KV cache reserved."""
         prompt_tokens = sum(len(s.prompt_ids) for s in seqs)
-        if prompt_tokens > self.max_num_batched_tokens:
+        if self.max_num_batched_tokens is not None and prompt_tokens > self.max_num_batched_tokens:
             raise RequestError(f"the prompts hold {prompt_tokens} tokens but one forward may process at most "
                                f"max_num_batched_tokens={self.max_num_batched_tokens}: send fewer or shorter prompts "
                                "per call, or raise max_num_batched_tokens (a memory limit reserves its activations)")
