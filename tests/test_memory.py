@@ -17,7 +17,16 @@ import torch
 from bench.peers import cgroup
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import ConfigError, RequestError
-from tiermoe.memory import MARGIN_MIN, MemoryPlan, Usage, kv_bytes_per_token, margin_of, minimum_limit, plan
+from tiermoe.memory import (
+    MARGIN_MIN,
+    MemoryPlan,
+    Usage,
+    kv_bytes_per_token,
+    margin_of,
+    minimum_limit,
+    plan,
+    read_buffer_bytes,
+)
 from tiermoe.models.loader import DiskEmbedding, load_model
 
 MiB = 1 << 20
@@ -120,6 +129,14 @@ def test_an_expert_cache_given_with_a_limit_must_fit_in_it(folder):
     with pytest.raises(ConfigError, match="expert_cache 1.00 GiB does not fit memory_limit"):
         LLM(folder, memory_limit=limit, expert_cache="1GiB")
     assert LLM(folder, memory_limit=limit, expert_cache="25%").memory.experts == 12 * MiB
+
+
+def test_idle_read_buffers_are_at_most_one_per_io_thread(folder):
+    llm = LLM(folder, expert_cache="25%", io_threads=3)
+    llm.generate([PROMPT] * 2, SamplingParams(temperature=0, max_tokens=4))
+    pool = llm.store.reader.pool
+    assert pool.max_bytes == 3 * read_buffer_bytes(llm.index, torch.float32)
+    assert 0 < pool.idle_bytes <= pool.max_bytes
 
 
 def test_without_a_limit_many_prompts_are_prefilled_together_uncapped(folder):

@@ -61,8 +61,7 @@ class LLM:
         self.memory = self._plan_memory(usage) if usage is not None and self.model.moe_blocks else None
         cfg.io_threads = cfg.io_threads or 4
         self.store = make_store(cfg, self.index, self.model)
-        if self.memory is not None:
-            cap_read_buffers(self.store, self.memory.read_buffers)
+        cap_read_buffers(self.store, memory.read_buffer_bytes(self.index, cfg.torch_dtype) * cfg.io_threads)
         prefetcher = None
         if cfg.prefetch:
             prefetcher = make_prefetcher(cfg.prefetch, self.model, cfg.model, cfg.prefetch_top_p)
@@ -312,9 +311,9 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
 
 
 def cap_read_buffers(store: ExpertStore, nbytes: int) -> None:
-    """Let the direct-I/O reader of a RAM tier keep at most `nbytes` of read buffers idle (what the memory plan
-    reserved for reads in flight), instead of its default."""
-    reader = getattr(store, "reader", None)
+    """Let the direct-I/O reader of a RAM tier keep at most `nbytes` of read buffers idle (one per I/O thread, what
+    a memory plan reserves for reads in flight) instead of its default 256 MiB."""
+    reader = getattr(store, "reader", None) or getattr(getattr(store, "host", None), "reader", None)
     if reader is not None:
         reader.pool.max_bytes = nbytes
 
