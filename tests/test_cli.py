@@ -37,6 +37,16 @@ def test_generate_streams_the_same_text_as_json(llm, tmp_path):
     assert "total" in streamed.stderr and "hit rate" in streamed.stderr
 
 
+def test_memory_limit_sizes_the_engine_or_is_refused_with_the_minimum(llm):
+    expected = llm.generate(["ROMEO:"], SamplingParams(temperature=0, max_tokens=8))[0]
+    run = tiermoe("generate", "--json", "--max-tokens", "8", "--memory-limit", "4GiB", "ROMEO:")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["token_ids"] == expected.outputs[0].token_ids
+    assert "memory limit 4.00 GiB" in run.stderr and "-> expert cache" in run.stderr
+    refused = tiermoe("generate", "--memory-limit", "100MB", "ROMEO:")
+    assert refused.returncode == 2 and "the minimum is" in refused.stderr
+
+
 def test_record_trace_and_convert(llm, tmp_path):
     rec = tiermoe("generate", "--max-tokens", "6", "--record-trace", str(tmp_path / "t"), "JULIET:")
     assert rec.returncode == 0, rec.stderr

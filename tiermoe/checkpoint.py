@@ -50,13 +50,14 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
-    def read_bytes(self) -> bytes:
-        """The tensor's raw bytes, with a plain buffered read."""
+    def read_bytes(self) -> bytearray:
+        """The tensor's raw bytes, with a plain buffered read straight into the returned buffer (no second copy)."""
+        data = bytearray(self.nbytes)
         with open(self.file, "rb") as f:
             f.seek(self.offset)
-            data = f.read(self.nbytes)
-        if len(data) != self.nbytes:
-            raise CheckpointError(f"{self.file}: short read at byte {self.offset} ({len(data)} of {self.nbytes} bytes)")
+            got = f.readinto(data)
+        if got != self.nbytes:
+            raise CheckpointError(f"{self.file}: short read at byte {self.offset} ({got} of {self.nbytes} bytes)")
         return data
 
     def read(self) -> torch.Tensor:

@@ -26,7 +26,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learned-weights", default=None, metavar="PATH",
                    help="weights of --cache-policy learned, as `tiermoe policy train --out` writes them "
                         "(default: the shipped ones)")
-    p.add_argument("--io-threads", type=int, default=4, help="threads reading experts from disk")
+    p.add_argument("--memory-limit", default=None,
+                   help="RAM for the whole engine, e.g. 650MB, or 'auto' (the cgroup's limit, else the RAM "
+                        "available): the fixed footprint is measured after load and the rest becomes the expert "
+                        "cache (default: none, unless the model does not fit the cgroup's limit)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one forward may process (default: no cap, or 512 under a memory limit)")
+    p.add_argument("--io-threads", type=int, default=None,
+                   help="threads reading experts from disk (default: 4, or top_k under a memory limit)")
     p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                    help="read experts through the page cache instead of O_DIRECT")
     p.add_argument("--prefetch", choices=["residual", "plain"], default=None,
@@ -117,6 +124,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads,
                 expert_cache=args.expert_cache, cache_policy=args.cache_policy, learned_weights=args.learned_weights,
                 io_threads=args.io_threads, direct_io=args.direct_io, prefetch=args.prefetch,
+                memory_limit=args.memory_limit, max_num_batched_tokens=args.max_num_batched_tokens,
                 prefetch_top_p=args.prefetch_top_p, device=args.device, gpu_expert_cache=args.gpu_expert_cache)
 
 

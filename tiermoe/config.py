@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tiermoe.errors import ConfigError
+from tiermoe.offload.budget import parse_budget
 from tiermoe.offload.placement import check_tau
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -25,7 +26,7 @@ class EngineConfig:
     cache_policy: str | None = None  # eviction policy (tiermoe.offload.policies.POLICIES); None: lru where one runs
     # Weights of cache_policy "learned" as `tiermoe policy train --out` writes them; None: the shipped weights.
     learned_weights: str | Path | None = None
-    io_threads: int = 4  # threads reading experts
+    io_threads: int | None = None  # threads reading experts; None: 4, or top_k under a memory limit
     direct_io: bool = True  # O_DIRECT reads (the page cache would be RAM outside the budget)
     prefetch: str | None = None  # "residual" (DALI; needs `tiermoe calibrate`) or "plain": read next layer's experts
     prefetch_top_p: int = 1  # experts predicted per token (DALI found 1 best)
@@ -37,6 +38,13 @@ class EngineConfig:
     # every `tau` denoising steps of a block, from that step's routing; "auto" solves tau from a cost model.
     # None: per-step caching by cache_policy.
     tau: int | str | None = None
+    # A RAM limit for the whole engine ("650MB", bytes, or "auto": the cgroup's limit, else the RAM available): the
+    # fixed footprint is measured after load and the rest becomes expert_cache (tiermoe.memory). None: no limit,
+    # unless the cgroup's limit cannot hold the model resident, which then sizes the engine as "auto" would.
+    memory_limit: str | int | None = None
+    # Tokens one forward may process (all prompts of a generate call are prefilled together). None: no cap, or
+    # min(512, max_model_len) under a memory limit, which reserves their activations.
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self):
         self.model = Path(self.model)
@@ -52,13 +60,32 @@ class EngineConfig:
             raise ConfigError("gpu_expert_cache needs device='cuda' (or 'auto' on a machine with a GPU)")
         if self.prefetch_top_p < 1:
             raise ConfigError(f"prefetch_top_p must be >= 1, got {self.prefetch_top_p}")
-        if self.io_threads < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        self._check_memory_limit()
+        if self.io_threads is not None and self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
         self._check_tau()
         self._check_static()
         if self.learned_weights is not None:
             self._check_learned_weights()
         self._check_offload_options()
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether experts are offloaded: a RAM or accelerator budget, or a memory limit that sets one."""
+        return not (self.expert_cache is None and self.gpu_expert_cache is None and self.memory_limit is None)
+
+    def _check_memory_limit(self) -> None:
+        if self.memory_limit is None:
+            return
+        if self.device != "cpu" or self.gpu_expert_cache is not None:
+            raise ConfigError("memory_limit sizes the engine's RAM on CPU runs; with an accelerator give expert_cache "
+                              "and gpu_expert_cache")
+        if self.memory_limit != "auto":
+            if str(self.memory_limit).strip().endswith("%"):
+                raise ConfigError(f"memory_limit is a size (650MB, 2GiB), bytes, or 'auto'; got {self.memory_limit!r}")
+            parse_budget(self.memory_limit, 0)
 
     def _check_learned_weights(self) -> None:
         from tiermoe.offload.learned import LearnedWeights
@@ -67,9 +94,9 @@ class EngineConfig:
             policy = self.cache_policy or "lru"
             raise ConfigError(f"learned_weights are the learned cache policy's; cache_policy is {policy!r} "
                               "(set cache_policy='learned')")
-        if self.expert_cache is None and self.gpu_expert_cache is None:
-            raise ConfigError("learned_weights need an expert budget (expert_cache or gpu_expert_cache): with every "
-                              "expert resident no cache policy runs")
+        if not self.has_budget:
+            raise ConfigError("learned_weights need an expert budget (expert_cache, memory_limit or gpu_expert_cache): "
+                              "with every expert resident no cache policy runs")
         if self.tau is not None and self.gpu_expert_cache is None:
             raise ConfigError("learned_weights have no use with tau: TIDE's refresh places the experts, no cache "
                               "policy runs")
@@ -81,13 +108,14 @@ class EngineConfig:
 
     def _check_tau(self) -> None:
         check_tau(self.tau)
-        if self.tau is not None and self.expert_cache is None and self.gpu_expert_cache is None:
-            raise ConfigError("tau (TIDE's refresh interval) needs an expert budget: expert_cache or gpu_expert_cache")
+        if self.tau is not None and not self.has_budget:
+            raise ConfigError("tau (TIDE's refresh interval) needs an expert budget: expert_cache, memory_limit or "
+                              "gpu_expert_cache")
 
     def _check_offload_options(self) -> None:
         """Placement options that would do nothing in the chosen setting are refused rather than ignored."""
-        if self.expert_cache is None and self.gpu_expert_cache is None:
-            why = "every expert stays resident without expert_cache"
+        if not self.has_budget:
+            why = "every expert stays resident without expert_cache or memory_limit"
         elif self.tau is not None and self.gpu_expert_cache is None:
             why = "with tau on the RAM tier TIDE's refresh places the experts"
         else:
@@ -100,8 +128,8 @@ class EngineConfig:
         """The static placement pins a calibrated set in the RAM budget: nothing else may place experts."""
         if self.cache_policy != "static":
             return
-        if self.expert_cache is None:
-            raise ConfigError("cache_policy 'static' needs an expert budget (expert_cache)")
+        if self.expert_cache is None and self.memory_limit is None:
+            raise ConfigError("cache_policy 'static' needs an expert budget (expert_cache or memory_limit)")
         for name in ("tau", "gpu_expert_cache", "prefetch"):
             if getattr(self, name) is not None:
                 raise ConfigError(f"cache_policy 'static' keeps a fixed calibrated set in RAM; it cannot be combined "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tiermoe import memory
 from tiermoe.config import EngineConfig
 from tiermoe.decode import autoregressive, diffusion
 from tiermoe.decode.kv_cache import KVCache
@@ -18,10 +21,10 @@ from tiermoe.decode.routing import RoutingRecorder, RoutingReplay
 from tiermoe.decode.sequence import Sequence, request_outputs
 from tiermoe.errors import ConfigError, RequestError
 from tiermoe.models.diffusion import diffusion_of
-from tiermoe.models.loader import load_model
+from tiermoe.models.loader import DiskEmbedding, checkpoint_bytes, load_model
 from tiermoe.models.registry import DEFAULT_MODEL
 from tiermoe.offload.accelerator import AcceleratorStore, profile_costs
-from tiermoe.offload.budget import parse_budget
+from tiermoe.offload.budget import format_bytes, parse_budget
 from tiermoe.offload.policies import POLICIES, make_policy
 from tiermoe.offload.prefetch import make_prefetcher
 from tiermoe.offload.refresh_accelerator import RefreshAcceleratorStore
@@ -29,10 +32,11 @@ from tiermoe.offload.refresh_store import RefreshStore
 from tiermoe.offload.static_store import STATIC, StaticStore
 from tiermoe.offload.stats import StoreStats
 from tiermoe.offload.store import ExpertStore, ResidentStore, loaded_nbytes
-from tiermoe.offload.tiered_store import TieredStore
+from tiermoe.offload.tiered_store import TieredStore, min_budget
 from tiermoe.outputs import RequestOutput
 from tiermoe.sampling_params import SamplingParams
 from tiermoe.sim.trace import Trace
+from tiermoe.tokenizer import load_tokenizer
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -41,29 +45,76 @@ class LLM:
     """A model loaded for generation. Keyword arguments are EngineConfig fields (dtype, max_model_len, threads)."""
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, **kwargs):
-        self.config = EngineConfig(model=model, **kwargs)
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
-        self.model, self.index, self.hf_config = load_model(self.config.model, self.config.torch_dtype)
-        self.model.to(self.config.torch_device)
+        self.config = cfg = EngineConfig(model=model, **kwargs)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        usage = self._usage()
+        if usage is not None or cfg.has_budget:
+            memory.tune_malloc()
+        self.model, self.index, self.hf_config = load_model(cfg.model, cfg.torch_dtype,
+                                                            embedding_on_disk=usage is not None)
+        self.model.to(cfg.torch_device)
         if not self.model.moe_blocks:
-            refuse_offloading(self.config, self.hf_config["model_type"])
-        self.store = make_store(self.config, self.index, self.model)
-        cfg, prefetcher = self.config, None
+            refuse_offloading(cfg, self.hf_config["model_type"])
+        self.tokenizer = load_tokenizer(cfg.model, self.hf_config["model_type"])
+        self.max_model_len = cfg.max_model_len or self.model.shape.max_position_embeddings
+        self.memory = self._plan_memory(usage) if usage is not None and self.model.moe_blocks else None
+        cfg.io_threads = cfg.io_threads or 4
+        self.store = make_store(cfg, self.index, self.model)
+        cap_read_buffers(self.store, memory.read_buffer_bytes(self.index, cfg.torch_dtype) * cfg.io_threads)
+        prefetcher = None
         if cfg.prefetch:
             prefetcher = make_prefetcher(cfg.prefetch, self.model, cfg.model, cfg.prefetch_top_p)
         for block in self.model.moe_blocks:
             block.store, block.prefetcher = self.store, prefetcher
-        self.tokenizer = load_tokenizer(self.config.model, self.hf_config["model_type"])
-        self.eos_ids = eos_token_ids(self.config.model, self.hf_config, self.tokenizer)
+        self.eos_ids = eos_token_ids(cfg.model, self.hf_config, self.tokenizer)
         # Diffusion families (LLaDA, LLaDA2) generate by unmasking blocks, see tiermoe.decode.diffusion.
         self.diffusion = diffusion_of(self.hf_config, self.tokenizer, self.model.shape.vocab_size)
         if self.diffusion is not None and not self.eos_ids:
             self.eos_ids = self.diffusion.eos_ids
-        if self.config.tau is not None and self.diffusion is None:
+        if cfg.tau is not None and self.diffusion is None:
             raise ConfigError("tau (TIDE's refresh interval) applies to diffusion models only")
-        self.max_model_len = self.config.max_model_len or self.model.shape.max_position_embeddings
+        # None: no cap (the prompts of a call are prefilled together, however many)
+        self.max_num_batched_tokens = cfg.max_num_batched_tokens or (self.memory and self.memory.batched_tokens)
         self._ids = itertools.count()
+
+    def _usage(self) -> memory.Usage | None:
+        """The limit to size the engine to: memory_limit, else the cgroup's when the model cannot stay resident
+        under it (then said on stderr), else None."""
+        cfg = self.config
+        if cfg.memory_limit is not None:
+            return memory.Usage.of(cfg.memory_limit)
+        if cfg.has_budget or cfg.torch_device.type != "cpu":
+            return None
+        usage = memory.Usage.default(lambda: checkpoint_bytes(cfg.model, cfg.torch_dtype))
+        if usage is not None:
+            print(f"tiermoe: the model does not fit the cgroup's memory limit of {format_bytes(usage.limit)} "
+                  "resident: sizing the expert cache to the limit (memory_limit='auto')", file=sys.stderr)
+        return usage
+
+    def _plan_memory(self, usage: memory.Usage) -> memory.MemoryPlan:
+        """Split the limit now that the non-expert weights and the tokenizer are loaded (tiermoe.memory); sets the
+        expert budget and the I/O threads, and says how on stderr."""
+        cfg, shape, dtype = self.config, self.model.shape, self.config.torch_dtype
+        layers = [b.layer for b in self.model.moe_blocks]
+        batched = cfg.max_num_batched_tokens or min(memory.ACTIVATION_TOKENS, self.max_model_len)
+        io_threads = cfg.io_threads or shape.top_k
+        expert_inner = max(s.gate.shape[0] for s in self.index.experts().values())
+        plan = memory.plan(usage, usage.now(), memory.resident_bytes(self.model), memory.kv_bytes_per_token(self.model),
+                           self.max_model_len, memory.activation_bytes(self.model, batched, expert_inner), batched,
+                           memory.read_buffer_bytes(self.index, dtype), io_threads,
+                           min_budget(self.index, layers, shape.top_k, dtype), isinstance(
+                               self.model.model.embed_tokens, DiskEmbedding))
+        if cfg.expert_cache is not None:
+            total = sum(loaded_nbytes(spec, dtype) for spec in self.index.experts().values())
+            given = parse_budget(cfg.expert_cache, total)
+            if given > plan.experts:
+                raise ConfigError(f"expert_cache {format_bytes(given)} does not fit memory_limit: "
+                                  f"{plan.describe()}")
+            plan = dataclasses.replace(plan, experts=given)
+        cfg.expert_cache, cfg.io_threads = plan.experts, io_threads
+        print(f"tiermoe: {plan.describe()}", file=sys.stderr)
+        return plan
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None,
                  use_tqdm: bool | None = None, record_trace: str | Path | None = None) -> list[RequestOutput]:
@@ -121,7 +172,7 @@ class LLM:
                 work.setdefault(s.parent_id or s.request_id, []).append(decoded[s.request_id])
         outputs = request_outputs(seqs)
         for out in outputs:
-            out.stats = self.store.stats.to_dict()
+            out.stats = self.stats()
             if out.request_id in work:  # NFE, tokens per forward, logit rows
                 done = work[out.request_id]
                 out.stats["diffusion"] = done[0] if len(done) == 1 else done
@@ -136,6 +187,14 @@ class LLM:
             raise RequestError("routing traces are recorded and replayed for autoregressive models only")
         return diffusion.generate(self.model, seqs, self.tokenizer, self.diffusion,
                                   diffusion.DiffusionOptions(tau=self.config.tau), on_step, self.store)
+
+    def stats(self) -> dict:
+        """The expert store's statistics since the last generate call; under a memory limit also how the limit was
+        split (`memory`) and the process's peak RSS."""
+        stats = self.store.stats.to_dict()
+        if self.memory is not None:
+            stats["memory"] = self.memory.to_dict() | {"peak_rss": memory.peak_rss()}
+        return stats
 
     def _detach_observer(self) -> None:
         for block in self.model.moe_blocks:
@@ -158,7 +217,7 @@ class LLM:
                 for completion, seq in zip(out.outputs, seqs, strict=True):
                     completion.text = seq.stable_text()
                 if out.finished:
-                    out.stats = self.store.stats.to_dict()
+                    out.stats = self.stats()
                 yield out
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -184,7 +243,9 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        return [seq for p, sp in zip(prompts, params, strict=True) for seq in self._make_request(p, sp)]
+        seqs = [seq for p, sp in zip(prompts, params, strict=True) for seq in self._make_request(p, sp)]
+        self._check_fits(seqs)
+        return seqs
 
     def _make_request(self, prompt: Prompt, params: SamplingParams | None) -> list[Sequence]:
         """One sequence per completion (SamplingParams.n), after checking the params fit this model."""
@@ -197,6 +258,20 @@ class LLM:
         for i, seq in enumerate(children):  # vLLM's child request ids
             seq.request_id, seq.parent_id, seq.index = f"{i}_{parent}", parent, i
         return children
+
+    def _check_fits(self, seqs: list[Sequence]) -> None:
+        """The prompts are prefilled in one forward, and every sequence's KV cache is allocated for its whole
+        length: refuse what exceeds max_num_batched_tokens, or (under a memory limit) the KV cache reserved."""
+        prompt_tokens = sum(len(s.prompt_ids) for s in seqs)
+        if self.max_num_batched_tokens is not None and prompt_tokens > self.max_num_batched_tokens:
+            raise RequestError(f"the prompts hold {prompt_tokens} tokens but one forward may process at most "
+                               f"max_num_batched_tokens={self.max_num_batched_tokens}: send fewer or shorter prompts "
+                               "per call, or raise max_num_batched_tokens (a memory limit reserves its activations)")
+        kv_tokens = sum(s.cache.capacity for s in seqs)
+        if self.memory is not None and kv_tokens > self.memory.kv_tokens:
+            raise RequestError(f"these requests need KV cache for {kv_tokens} tokens (prompt + max_tokens each) but "
+                               f"the memory limit reserved {self.memory.kv_tokens} (max_model_len): send fewer "
+                               "requests per call or lower max_tokens")
 
     def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
         text, ids = self._prompt_ids(prompt)
@@ -253,9 +328,18 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
                             live_policy(config), profile_costs(device))
 
 
+def cap_read_buffers(store: ExpertStore, nbytes: int) -> None:
+    """Let the direct-I/O reader of a RAM tier keep at most `nbytes` of read buffers idle (one per I/O thread, what
+    a memory plan reserves for reads in flight) instead of its default 256 MiB."""
+    reader = getattr(store, "reader", None) or getattr(getattr(store, "host", None), "reader", None)
+    if reader is not None:
+        reader.pool.max_bytes = nbytes
+
+
 def refuse_offloading(config: EngineConfig, model_type: str) -> None:
     """A model without routed experts (LLaDA) has nothing to offload: an option that would do nothing is refused."""
-    given = [o for o in ("expert_cache", "gpu_expert_cache", "prefetch", "tau") if getattr(config, o) is not None]
+    given = [o for o in ("expert_cache", "gpu_expert_cache", "prefetch", "tau", "memory_limit")
+             if getattr(config, o) is not None]
     if given:
         raise ConfigError(f"{', '.join(given)}: expert offloading applies to models with routed experts, and "
                           f"{model_type} has none (all its weights stay resident)")
@@ -269,19 +353,6 @@ def live_policy(config: EngineConfig):
         raise ConfigError(f"cache_policy {name!r} cannot run live; choose one of {', '.join(live)}, or {STATIC} "
                           "(a calibrated set, RAM tier only)")
     return make_policy(name, **({} if config.learned_weights is None else {"weights": config.learned_weights}))
-
-
-def load_tokenizer(folder: Path, model_type: str):
-    """The folder's Hugging Face tokenizer, or None when it has no tokenizer files."""
-    if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
-        return None
-    from transformers import AutoTokenizer, PretrainedConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    # A family transformers has no class for (llada2_moe, llada): an empty config keeps it from parsing config.json
-    # only to warn about the unknown model type; the tokenizer files name the tokenizer.
-    kwargs = {} if model_type in CONFIG_MAPPING else {"config": PretrainedConfig()}
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def eos_token_ids(folder: Path, config: dict, tokenizer) -> frozenset[int]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench.peers import cgroup
-from bench.peers.memory import SIZED, LimitPlan, fixed_footprints, limit_row, run_at_limit
+from bench.peers.memory import SIZED, LimitPlan, fixed_footprints, limit_row, run_at_limit, tiermoe_sizes_itself
 from bench.peers.model import SHAPES, build_model, model_bytes, prompt_ids
 from bench.peers.report import describe_environment, environment, loadavg, save
 from bench.peers.resident import measure_resident, runs_as_dicts, summarize, token_checks
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit-dtype", choices=TORCH_DTYPES, default="bfloat16")
     ap.add_argument("--tiermoe-budget", default=None,
                     help="expert cache per limit (comma list, or one for all) instead of fitting it")
+    ap.add_argument("--tiermoe-prefetch", choices=["plain", "residual"], default=None,
+                    help="tiermoe's --prefetch in the memory-limited runs")
     ap.add_argument("--headroom", default="32MiB", help="memory left free under a limit when sizing an engine")
     ap.add_argument("--fit-retries", type=int, default=3, help="smaller settings tried after an OOM kill")
     ap.add_argument("--drop-caches", action="store_true",
@@ -124,13 +126,15 @@ def equal_memory(args, engines: list[str], folder: Path, shape, ggufs: dict, spe
     dtype, n = args.limit_dtype, args.limit_tokens
     offload = args.work_dir / args.shape / f"offload-{dtype}"
     base = {e: spec(e, dtype, new_tokens=n, runs=1, warmup=False, offload_dir=str(offload)) for e in engines}
+    if "tiermoe" in base:
+        base["tiermoe"] = replace(base["tiermoe"], prefetch=args.tiermoe_prefetch)
     per_param = 2 if dtype == "bfloat16" else 4
     expert_bytes = 3 * shape.hidden_size * shape.intermediate_size * per_param
     floors = {"tiermoe": shape.num_experts_per_tok * expert_bytes, "transformers": 0}  # tiermoe: one token's experts
     total = model_bytes(folder)
     limits = parse_limits(args.limits, total)
     budgets = _fixed_budgets(args.tiermoe_budget, len(limits), shape.expert_params() * per_param)
-    sized = [e for e in engines if e in SIZED and not (e == "tiermoe" and budgets)]
+    sized = [e for e in engines if e in SIZED and not (e == "tiermoe" and (budgets or tiermoe_sizes_itself()))]
     plan = LimitPlan(base, {e: floors[e] for e in sized}, [folder, *map(Path, ggufs.values()), offload],
                      parse_budget(args.headroom, 0), args.fit_retries, args.timeout, args.drop_caches)
     print("(b) equal memory: fixed footprints", flush=True)

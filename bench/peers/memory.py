@@ -1,9 +1,10 @@
 """Part (b): every engine under the same cgroup memory limit (page cache counted), from a cold page cache.
 
-llama.cpp runs as users run it (mmap). transformers offloads to disk with accelerate: its CPU budget and tiermoe's
-expert cache are sized to the limit from each engine's fixed footprint, measured once in a first run at its
-smallest setting in a group without a limit; a run the OOM killer ends is retried with a 25% smaller setting, so
-the setting that fits is approached from above.
+llama.cpp runs as users run it (mmap). tiermoe is given the limit (`memory_limit`) and sizes its expert cache
+itself. transformers offloads to disk with accelerate: its CPU budget (and tiermoe's expert cache when a fixed
+budget is asked for, or with a tiermoe that has no `memory_limit`) is sized to the limit from the engine's fixed
+footprint, measured once in a first run at its smallest setting in a group without a limit; a run the OOM killer
+ends is retried with a 25% smaller setting, so the setting that fits is approached from above.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from bench.peers.runners import EngineRun, RunSpec
 from tiermoe.offload.direct_io import drop_page_cache
 
 SIZED = ("tiermoe", "transformers")  # engines with a memory setting to fit to the limit
+SELF_SIZED = ("tiermoe",)  # engines given the limit itself, when they take one (tiermoe_sizes_itself)
+
+
+def tiermoe_sizes_itself() -> bool:
+    """Whether the installed tiermoe takes `memory_limit`."""
+    from tiermoe.config import EngineConfig
+
+    return "memory_limit" in EngineConfig.__dataclass_fields__
 
 
 @dataclass
@@ -70,6 +79,10 @@ def run_at_limit(plan: LimitPlan, engine: str, limit: int, fixed: int | None = N
                  budget: int | None = None) -> list[EngineRun]:
     """Cold runs of `engine` under `limit`: one (llama.cpp, or a given budget), else for a sized engine from the
     budget its fixed footprint leaves, smaller after each OOM kill, until one run is not killed."""
+    if budget is None and engine in SELF_SIZED and engine not in plan.floors:
+        cold_cache(plan.evict, plan.drop_all_caches)
+        return [run_engine(replace(plan.base[engine], memory_limit=limit), limit, _group(engine, limit),
+                           plan.timeout)]
     fitting = budget is None and engine in plan.floors
     if fitting:
         floor = plan.floors[engine]

@@ -83,6 +83,11 @@ def _notes(row: dict) -> str:
     extra, notes = row["extra"] or {}, []
     if "hit_rate" in extra:
         notes.append(f"expert hit rate {extra['hit_rate']:.2f}")
+    if plan := extra.get("memory"):  # how tiermoe split the limit
+        notes.append(f"fixed {plan['fixed'] / 2**20:.0f} MiB (runtime {plan['runtime'] / 2**20:.0f}, weights "
+                     f"{plan['weights'] / 2**20:.0f}, KV {plan['kv_cache'] / 2**20:.0f}, activations "
+                     f"{plan['activations'] / 2**20:.0f}, reads {plan['read_buffers'] / 2**20:.0f}, margin "
+                     f"{plan['margin'] / 2**20:.0f})")
     if "modules_on_disk" in extra:
         notes.append(f"{extra['modules_on_disk']} of {extra['modules_on_disk'] + extra['modules_on_cpu']} "
                      "modules on disk")

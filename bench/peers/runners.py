@@ -30,6 +30,8 @@ class RunSpec:
     threads: int
     warmup: bool = True  # one short untimed generation first (faults weights in, sizes buffers)
     budget: int | None = None  # tiermoe: expert cache bytes; transformers: accelerate's CPU max_memory
+    memory_limit: int | None = None  # tiermoe: --memory-limit (the engine sizes its expert cache itself)
+    prefetch: str | None = None  # tiermoe under a limit: --prefetch
     offload_dir: str | None = None  # transformers: accelerate's offload folder
 
 
@@ -57,16 +59,23 @@ class EngineRun:
     error: str | None = None
 
 
+def context_length(spec: RunSpec) -> int:
+    """The context an engine is given: the prompt, the new tokens and a little room."""
+    return len(spec.prompt) + spec.new_tokens + 16
+
+
 def describe(spec: RunSpec) -> str:
     """How the engine holds the weights in this run."""
     if spec.engine == "llama.cpp":
         return "mmap"
+    if spec.memory_limit is not None:
+        return "memory limit"  # the runner adds the expert cache the engine chose
     if spec.budget is None:
         return "resident"
     from tiermoe.offload.budget import format_bytes
 
     what = "expert cache" if spec.engine == "tiermoe" else "disk offload, CPU"
-    return f"{what} {format_bytes(spec.budget)}"
+    return f"{what} {format_bytes(spec.budget)}" + (f", prefetch {spec.prefetch}" if spec.prefetch else "")
 
 
 def _time_tokens(tokens_iter, n: int, prompt_len: int, start: float) -> Timed:
@@ -100,16 +109,27 @@ def run_tiermoe(spec: RunSpec) -> EngineRun:
     from tiermoe import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(spec.model, dtype=spec.dtype, threads=spec.threads, expert_cache=spec.budget)
+    sizing = {"expert_cache": spec.budget}
+    if spec.memory_limit is not None:  # the context llama.cpp is given, whose KV cache the limit must reserve
+        sizing = {"memory_limit": spec.memory_limit, "max_model_len": context_length(spec)}
+    if spec.prefetch is not None:
+        sizing["prefetch"] = spec.prefetch
+    llm = LLM(spec.model, dtype=spec.dtype, threads=spec.threads, **sizing)
     run = EngineRun("tiermoe", spec.dtype, describe(spec), load_s=time.perf_counter() - start)
+    if llm.memory is not None:
+        from tiermoe.offload.budget import format_bytes
+
+        run.setting = f"memory limit -> expert cache {format_bytes(llm.memory.experts)}" + (
+            f", prefetch {spec.prefetch}" if spec.prefetch else "")
 
     def generate(n: int) -> Timed:
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         out = llm.generate([spec.prompt], params, use_tqdm=False)[0]
         m = out.metrics
-        if spec.budget is not None:  # the expert cache's view of the latest run
+        if spec.budget is not None or llm.memory is not None:  # the expert cache's view of the latest run
             total = out.stats["total"]
-            run.extra = {"hit_rate": total["hit_rate"], "expert_bytes_read": total["bytes_read"]}
+            run.extra = {"hit_rate": total["hit_rate"], "expert_bytes_read": total["bytes_read"],
+                         "memory": out.stats.get("memory")}
         return (len(spec.prompt) / (m.first_token_time - m.arrival_time),
                 (n - 1) / (m.finish_time - m.first_token_time), list(out.outputs[0].token_ids))
 
@@ -121,7 +141,7 @@ def run_llama_cpp(spec: RunSpec) -> EngineRun:
     from llama_cpp import Llama
 
     start = time.perf_counter()
-    llm = Llama(model_path=spec.gguf, n_ctx=len(spec.prompt) + spec.new_tokens + 16, n_threads=spec.threads,
+    llm = Llama(model_path=spec.gguf, n_ctx=context_length(spec), n_threads=spec.threads,
                 n_threads_batch=spec.threads, seed=0, verbose=False)
     run = EngineRun("llama.cpp", spec.dtype, describe(spec), load_s=time.perf_counter() - start)
 

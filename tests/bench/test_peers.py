@@ -115,3 +115,9 @@ def test_tiermoe_sized_to_a_limit_fits_it_and_keeps_its_tokens(folder, spec, res
     assert not row["oom_killed"] and row["decode_tok_s"] > 0, row["error"]
     assert row["group_peak_bytes"] <= limit and row["same_tokens_as_resident"]
     assert row["setting"].startswith("expert cache")
+    # tiermoe given the limit itself (no fitting loop): one run, under the limit, its own split in the notes
+    self_sized = replace(plan, floors={})
+    row = limit_row(100.0, limit, run_at_limit(self_sized, "tiermoe", limit), resident_runs[0].token_ids[0])
+    assert row["attempts"] == 1 and not row["oom_killed"] and row["decode_tok_s"] > 0, row["error"]
+    assert row["group_peak_bytes"] <= limit and row["same_tokens_as_resident"]
+    assert row["setting"].startswith("memory limit -> expert cache") and row["extra"]["memory"]["limit"] == limit

@@ -73,7 +73,8 @@ class BufferPool:
             if free:
                 self.idle_bytes -= size
                 return free.pop()
-        return mmap.mmap(-1, size)
+        # private, not shared, anonymous memory: counted as the process's own (RssAnon), freed at unmap
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
     def release(self, buf: mmap.mmap) -> None:
         """Takes a buffer back (the caller must hold no view of it any more)."""
