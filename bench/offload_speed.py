@@ -81,7 +81,7 @@ def decode_stats(folder: Path, trace_path: Path, sequences: list[int], budget, p
     budget None is the all-resident baseline: every expert is loaded before timing starts.
     """
     drop_caches(folder)
-    llm = LLM(folder, expert_cache=budget, cache_policy=policy, io_threads=io_threads)
+    llm = LLM(folder, expert_cache=budget, cache_policy=policy if budget is not None else None, io_threads=io_threads)
     if budget is None:
         for layer, e in llm.index.experts():
             list(llm.store.fetch(layer, [e]))

@@ -194,7 +194,7 @@ class Watch:
         """After the first call on a cold store: experts were read, and evicted (or streamed) once the routed set
         outgrew the budget."""
         stats, total = self.store.stats, self.store.stats.total
-        assert total.misses > 0 and total.bytes_read >= total.misses * min(self.store.cache.size(k)
+        assert total.misses > 0 and total.bytes_read >= total.misses * min(self.store.index.expert(*k).nbytes
                                                                              for k in self.routed)
         if sum(self.store.cache.size(k) for k in self.routed) > self.store.cache.capacity:
             assert (stats.streamed if isinstance(self.store, RefreshStore) else stats.evictions) > 0
@@ -209,8 +209,8 @@ def check_lossless(ref: Reference, budget: int, **options) -> list[RequestOutput
         batch = watch.run(ref.runs["batch"])
         assert token_ids_of(batch) == ref.expected["batch"], options
         watch.check_offloaded()
-        if options.get("prefetch") and budget >= ref.total // 2:
-            assert llm.store.stats.prefetched > 0
+        if options.get("prefetch") and budget >= ref.total:
+            assert llm.store.stats.prefetched > 0  # below the working set a prefetch may find no room (see cache.py)
         assert token_ids_of(watch.run(ref.runs["alone"])) == ref.expected["alone"], options
     finally:
         llm.store.close()
