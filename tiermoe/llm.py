@@ -50,8 +50,8 @@ class LLM:
             refuse_offloading(self.config, self.hf_config["model_type"])
         self.store = make_store(self.config, self.index, self.model)
         cfg, prefetcher = self.config, None
-        if cfg.prefetch:
-            prefetcher = make_prefetcher(cfg.prefetch, self.model, cfg.model, cfg.prefetch_top_p)
+        if cfg.prefetcher:
+            prefetcher = make_prefetcher(cfg.prefetcher, self.model, cfg.model, cfg.prefetch_top_p)
         for block in self.model.moe_blocks:
             block.store, block.prefetcher = self.store, prefetcher
         self.tokenizer = load_tokenizer(self.config.model, self.hf_config["model_type"])
@@ -237,7 +237,7 @@ def make_store(config: EngineConfig, index, model) -> ExpertStore:
 
 def refuse_offloading(config: EngineConfig, model_type: str) -> None:
     """A model without routed experts (LLaDA) has nothing to offload: an option that would do nothing is refused."""
-    given = [o for o in ("expert_cache", "gpu_expert_cache", "prefetch", "tau") if getattr(config, o) is not None]
+    given = [o for o in ("expert_cache", "gpu_expert_cache", "prefetch", "tau") if config.given(o)]
     if given:
         raise ConfigError(f"{', '.join(given)}: expert offloading applies to models with routed experts, and "
                           f"{model_type} has none (all its weights stay resident)")

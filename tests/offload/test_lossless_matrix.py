@@ -309,7 +309,8 @@ def test_below_one_tokens_working_set_a_stable_share_hits_every_token(deep_mixtr
     trace = repeating_trace(tmp_path / "repeat", 16, 2, passes)
     expected = [o.outputs[0].token_ids for o in LLM(deep_mixtral).replay(trace)]
     slot = LLM(deep_mixtral, expert_cache="100%").store.cache.size((0, 0))
-    llm = LLM(deep_mixtral, expert_cache=16 * slot, cache_policy=policy)
+    # prefetch off: the model's own routers know nothing of the replayed routing, so their guesses would be noise
+    llm = LLM(deep_mixtral, expert_cache=16 * slot, cache_policy=policy, prefetch="off")
     try:
         watch = Watch(llm)
         out = watch.checked(lambda: llm.replay(trace))
@@ -393,3 +394,14 @@ def test_llada_has_no_experts_so_offloading_options_are_refused(folders, options
 def test_prefetch_without_a_budget_is_refused(folders):
     with pytest.raises(ConfigError, match="prefetch would have no effect: every expert stays resident"):
         LLM(folders["llada"], prefetch="plain")
+
+
+def test_plain_prefetch_runs_by_default_wherever_a_cache_policy_places_experts(autoregressive, llada2):
+    folder = autoregressive("mixtral").folder
+    on = LLM(folder, expert_cache="50%")
+    assert on.config.prefetcher == "plain" and all(b.prefetcher is not None for b in on.model.moe_blocks)
+    for llm in (LLM(folder, expert_cache="50%", prefetch="off"), LLM(folder, prefetch="off"), LLM(folder),
+                LLM(llada2.folder, expert_cache="50%", tau=2)):
+        assert all(b.prefetcher is None for b in llm.model.moe_blocks)
+    with pytest.raises(ConfigError, match="prefetch would have no effect"):
+        LLM(folder, prefetch="plain")
