@@ -2,25 +2,37 @@
 
     python -m bench.offload_speed [--trace ../shared/traces/olmoe-1b-7b-0924_decode_wikitext-mbpp.npz]
         [--hidden 512 --expert-dim 256] [--sequences 3] [--reps 3] [--policies lru,lfu,dali,learned]
-        [--budgets 25%,50%] [--max-tokens N] [--out bench/results]
+        [--budgets 25%,50%] [--max-tokens N] [--perfect-prefetch lru] [--out bench/results]
     smoke check (under a minute): --hidden 64 --expert-dim 32 --sequences 1 --reps 1 --max-tokens 16 --threads 1
 
 The model is OLMoE-1B-7B's shape (16 MoE layers, 64 experts, top-8) with the width scaled down and random weights,
 written with transformers and converted to the aligned layout; its router's choices come from the trace
 (`LLM.replay`), so it does exactly the expert I/O the real model did on those prompts. Every run starts from a cold
-page cache; the configurations (all-resident, then each policy at each budget) run in turn within each repetition,
-so they share the machine's moments alike. Reported per configuration: median decode tokens/s (batch 1), hit rate,
-MiB read, I/O stall, whether every run produced the all-resident run's tokens, and the bound: the time the missed
-bytes need at the disk's direct-read bandwidth measured in the same run, or the all-resident compute time if
-larger; achieved/bound = bound time / measured time.
+page cache; the configurations run in turn within each repetition, so they share the machine's moments alike:
+all-resident (the compute baseline), on-demand (the minimum budget: one token's top-k of one layer, so nearly every
+expert is read on every use), then each policy at each budget. Reported per configuration: median decode tokens/s
+(batch 1), hit rate, MiB read, I/O stall, whether every run produced the all-resident run's tokens, and the bound:
+the time the bytes read need at the disk's bandwidth, or the all-resident compute time if larger;
+achieved/bound = bound time / measured time. The bandwidth is that of cold direct reads of one expert each at random
+experts of the checkpoint, `--io-threads` at a time (what decode does), measured in every repetition (the median is
+used); the table of it at 1-16 reads in flight is in the JSON.
+
+NOTE: the replayed routers are random, so no next-layer predictor (`prefetch`) can foresee the traced routing here,
+and a batch-1 decode must read a layer's misses after its router: no read can overlap the attention before it or
+the lm_head. `--perfect-prefetch POLICY` adds rows where the store is told each next layer's traced experts as the
+current layer starts (what a perfect predictor would say): an upper bound on what prefetching can add, not a setting
+a user can run.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,11 +40,22 @@ import torch
 from bench.report import machine, markdown_table, write
 from tiermoe import LLM
 from tiermoe.convert import convert
+from tiermoe.decode.routing import RoutingReplay
 from tiermoe.offload.direct_io import DirectReader, drop_page_cache
+from tiermoe.offload.tiered_store import min_budget
 from tiermoe.sim.trace import Trace
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
 DEFAULT_TRACE = SHARED / "olmoe-1b-7b-0924_decode_wikitext-mbpp.npz"
+DEPTHS = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    budget: str | None  # None: all-resident; "min": the smallest budget the engine takes
+    policy: str | None = None
+    perfect_prefetch: bool = False
 
 
 def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int) -> Path:
@@ -61,34 +84,51 @@ def drop_caches(folder: Path) -> None:
         pass
 
 
-def disk_bandwidth(path: Path, chunk: int, threads: int, total: int = 512 << 20) -> float:
-    """Cold direct-read bandwidth in bytes/s, expert-sized reads on `threads` threads."""
+def disk_bandwidth(path: Path, chunk: int, depth: int, reads: int = 128, seed: int = 0) -> float:
+    """Cold direct-read bandwidth in bytes/s: `reads` reads of `chunk` bytes at random chunk-aligned offsets of
+    `path` (one expert each in the converted layout), `depth` in flight."""
     drop_page_cache(path)
-    size = min(total, path.stat().st_size)
-    ranges = [(path, off, chunk) for off in range(0, size - chunk, chunk)]
-    with DirectReader(max_workers=threads) as reader:
+    offsets = random.Random(seed).sample(range(0, path.stat().st_size - chunk + 1, chunk), reads)
+    with DirectReader(max_workers=depth) as reader:
         start = time.perf_counter()
-        for i in range(0, len(ranges), threads * 2):
-            for seg in reader.read_many(ranges[i:i + threads * 2]):
+        for i in range(0, reads, depth):
+            for seg in reader.read_many([(path, off, chunk) for off in offsets[i:i + depth]]):
                 seg.release()
-        return len(ranges) * chunk / (time.perf_counter() - start)
+        return reads * chunk / (time.perf_counter() - start)
 
 
-def decode_stats(folder: Path, trace_path: Path, sequences: list[int], budget, policy: str, io_threads: int,
-                 max_tokens: int | None = None) -> dict:
+class PerfectPrefetch:
+    """Bench only: "predicts" each next MoE layer's experts from the replayed trace (its exact routing)."""
+
+    def __init__(self, replay: RoutingReplay, layers: list[int]):
+        self.replay, self.next = replay, dict(zip(layers, layers[1:], strict=False))
+
+    def predict(self, layer: int, x: torch.Tensor) -> tuple[int, list[int]] | None:
+        nxt = self.next.get(layer)
+        if nxt is None or len(self.replay._sel) == 0:
+            return None
+        return nxt, torch.unique(self.replay._ids[:, self.replay.layer_index[nxt]]).tolist()
+
+
+def decode_stats(folder: Path, trace_path: Path, sequences: list[int], config: Config, io_threads: int,
+                 max_tokens: int | None = None, least: int | None = None) -> dict:
     """Replay the sequences one after another (batch 1) from a cold page cache; decode-phase time, I/O and tokens.
 
-    budget None is the all-resident baseline: every expert is loaded before timing starts.
+    The all-resident baseline loads every expert before timing starts; budget "min" is `least` bytes.
     """
     drop_caches(folder)
-    llm = LLM(folder, expert_cache=budget, cache_policy=policy if budget is not None else None, io_threads=io_threads)
+    budget = least if config.budget == "min" else config.budget
+    # prefetch off: the replayed routing is not the random routers' (see the NOTE above)
+    offload = {} if budget is None else {"prefetch": "off", "cache_policy": config.policy}
+    llm = LLM(folder, expert_cache=budget, io_threads=io_threads, **offload)
     if budget is None:
         for layer, e in llm.index.experts():
             list(llm.store.fetch(layer, [e]))
-    total = {"hits": 0, "misses": 0, "bytes_read": 0, "stall_time_s": 0.0, "decode_time_s": 0.0, "tokens": 0}
+    total = {"hits": 0, "misses": 0, "bytes_read": 0, "stall_time_s": 0.0, "decode_time_s": 0.0, "tokens": 0,
+             "prefetched": 0, "streamed": 0}
     token_ids = []
     for seq in sequences:
-        out = _replay_decode_only(llm, trace_path, seq, max_tokens)
+        out = _replay_decode_only(llm, trace_path, seq, max_tokens, config.perfect_prefetch)
         token_ids.append(out.pop("token_ids"))
         for key in total:
             total[key] += out[key]
@@ -96,14 +136,18 @@ def decode_stats(folder: Path, trace_path: Path, sequences: list[int], budget, p
     return {**total, "token_ids": token_ids}
 
 
-def _replay_decode_only(llm: LLM, trace_path: Path, seq: int, max_tokens: int | None) -> dict:
+def _replay_decode_only(llm: LLM, trace_path: Path, seq: int, max_tokens: int | None,
+                        perfect_prefetch: bool = False) -> dict:
     """Replay one sequence; statistics are reset when its first token is out, so they cover decode only."""
     from tiermoe.decode import autoregressive
-    from tiermoe.decode.routing import RoutingReplay
     from tiermoe.offload.stats import StoreStats
     from tiermoe.sampling_params import SamplingParams
 
     replay = RoutingReplay(llm.model, Trace.load(trace_path))
+    if perfect_prefetch:
+        oracle = PerfectPrefetch(replay, [b.layer for b in llm.model.moe_blocks])
+        for block in llm.model.moe_blocks:
+            block.prefetcher = oracle
     prompt, traced = replay.prompts(llm.model.shape.vocab_size)[seq]
     params = SamplingParams(temperature=0, max_tokens=min(traced, max_tokens or traced), ignore_eos=True)
     s = llm._make_sequence(prompt, params)
@@ -116,9 +160,11 @@ def _replay_decode_only(llm: LLM, trace_path: Path, seq: int, max_tokens: int | 
             autoregressive.step(llm.model, [s], None, replay)
         elapsed = time.perf_counter() - start
     llm._detach_observer()
-    t = llm.store.stats.total
+    stats = llm.store.stats
+    t = stats.total
     return {"hits": t.hits, "misses": t.misses, "bytes_read": t.bytes_read, "stall_time_s": t.stall_time,
-            "decode_time_s": elapsed, "tokens": len(s.output_ids) - 1, "token_ids": list(s.output_ids)}
+            "decode_time_s": elapsed, "tokens": len(s.output_ids) - 1, "token_ids": list(s.output_ids),
+            "prefetched": stats.prefetched, "streamed": getattr(stats, "streamed", 0)}
 
 
 def main(argv=None) -> None:
@@ -130,6 +176,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--policies", default="lru,lfu,dali,learned", help="live cache policies (default: %(default)s)")
     ap.add_argument("--budgets", default="25%,50%", help="expert budgets (default: %(default)s)")
+    ap.add_argument("--perfect-prefetch", default="", help="policies to run again with the trace's next-layer "
+                                                           "routing as prefetch (an upper bound; default: none)")
     ap.add_argument("--max-tokens", type=int, default=None, help="decode tokens per sequence (default: as traced)")
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a shared machine)")
@@ -143,53 +191,74 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = build_model(Path(tmp), trace, args.hidden, args.expert_dim)
         results = measure_all(folder, args, trace)
-    rows = [[r["policy"], r["budget"], r["tok_s"], r["ratio_vs_resident"], r["hit_rate"], r["mib_read"], r["stall_s"],
-             r["bound_tok_s"], r["achieved_over_bound"], "yes" if r["same_tokens"] else "**NO**"]
-            for r in results["runs"]]
-    table = markdown_table(["policy", "budget", "decode tok/s", "vs resident", "hit rate", "MiB read", "I/O stall s",
-                            "bound tok/s", "achieved/bound", "same tokens"], rows)
+    rows = [[r["config"], r["budget"], r["tok_s"], r["ratio_vs_resident"], r["ratio_vs_on_demand"], r["hit_rate"],
+             r["mib_read"], r["stall_s"], r["bound_tok_s"], r["achieved_over_bound"],
+             "yes" if r["same_tokens"] else "**NO**"] for r in results["runs"]]
+    table = markdown_table(["configuration", "budget", "decode tok/s", "vs resident", "vs on-demand", "hit rate",
+                            "MiB read", "I/O stall s", "bound tok/s", "achieved/bound", "same tokens"], rows)
+    depths = ", ".join(f"{d}: {gb:.2f}" for d, gb in results["disk_gb_s_by_depth"].items())
     table += (f"\n\nModel: {results['model']}. Trace: {args.trace.name}, sequences {results['sequences']}, "
-              f"{results['decode_tokens']} decode tokens. Disk: {results['disk_gb_s']:.2f} GB/s cold direct reads. "
-              f"Medians of {args.reps} repetitions, every configuration once per repetition in turn.")
+              f"{results['decode_tokens']} decode tokens. Disk: {results['disk_gb_s']:.2f} GB/s cold direct reads of "
+              f"one expert at random offsets, {args.io_threads} in flight (median of {args.reps}; GB/s by reads in "
+              f"flight: {depths}). Medians of {args.reps} repetitions, every configuration once per repetition "
+              f"in turn.")
     write(args.out, "offload_speed", {"machine": machine(), **results}, table)
+
+
+def configs(args) -> list[Config]:
+    out = [Config("all-resident", None), Config("on-demand", "min", "lru")]
+    out += [Config(policy, budget, policy) for budget in _csv(args.budgets) for policy in _csv(args.policies)]
+    out += [Config(f"{policy} + perfect prefetch", budget, policy, True) for budget in _csv(args.budgets)
+            for policy in _csv(args.perfect_prefetch)]
+    return out
 
 
 def measure_all(folder: Path, args, trace: Trace) -> dict:
     llm = LLM(folder)
-    expert_bytes = llm.index.expert(llm.model.moe_blocks[0].layer, 0).nbytes
+    layers = [b.layer for b in llm.model.moe_blocks]
+    expert_bytes = llm.index.expert(layers[0], 0).nbytes
+    least = min_budget(llm.index, layers, llm.model.shape.top_k, llm.config.torch_dtype)
     del llm
-    bandwidth = disk_bandwidth(folder / "experts.bin", expert_bytes, args.io_threads)
+    experts_file = folder / "experts.bin"
+    by_depth = {d: statistics.median(disk_bandwidth(experts_file, expert_bytes, d, seed=i) for i in range(3)) / 1e9
+                for d in DEPTHS}
     sequences = list(range(args.sequences))
-    configs = [("all-resident", None, "lru")] + [(policy, budget, policy) for budget in _csv(args.budgets)
-                                                 for policy in _csv(args.policies)]
-    reps: dict[int, list[dict]] = {i: [] for i in range(len(configs))}
-    for _ in range(args.reps):  # interleaved: each configuration once per repetition
-        for i, (_, budget, policy) in enumerate(configs):
-            reps[i].append(decode_stats(folder, args.trace, sequences, budget, policy, args.io_threads,
-                                        args.max_tokens))
+    todo = configs(args)
+    reps: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
+    bandwidths = []
+    for rep in range(args.reps):  # interleaved: each configuration once per repetition
+        bandwidths.append(disk_bandwidth(experts_file, expert_bytes, args.io_threads, seed=100 + rep))
+        for i, config in enumerate(todo):
+            reps[i].append(decode_stats(folder, args.trace, sequences, config, args.io_threads, args.max_tokens,
+                                        least))
+    bandwidth = statistics.median(bandwidths)
     expected = reps[0][0]["token_ids"]
-    runs = [summarise(name, budget, reps[i], expected) for i, (name, budget, _) in enumerate(configs)]
-    compute_time = runs[0]["decode_time_s"]
+    runs = [summarise(config, reps[i], expected) for i, config in enumerate(todo)]
+    compute_time, on_demand = runs[0]["decode_time_s"], runs[1]["tok_s"]
     for r in runs:
         bound_time = max(r["bytes_read"] / bandwidth, compute_time)
         r["bound_tok_s"] = r["tokens"] / bound_time
         r["achieved_over_bound"] = bound_time / r["decode_time_s"]
         r["ratio_vs_resident"] = r["tok_s"] / runs[0]["tok_s"]
+        r["ratio_vs_on_demand"] = r["tok_s"] / on_demand
     return {"model": f"OLMoE shape {trace.num_layers}x{trace.num_experts} top-{trace.top_k}, hidden {args.hidden}, "
                      f"expert dim {args.expert_dim}, fp32, {expert_bytes / 2**20:.2f} MiB per expert",
-            "sequences": sequences, "decode_tokens": runs[0]["tokens"], "disk_gb_s": bandwidth / 1e9, "runs": runs}
+            "sequences": sequences, "decode_tokens": runs[0]["tokens"], "disk_gb_s": bandwidth / 1e9,
+            "disk_gb_s_each_rep": [b / 1e9 for b in bandwidths], "disk_gb_s_by_depth": by_depth,
+            "io_threads": args.io_threads, "runs": runs}
 
 
-def summarise(policy: str, budget, reps: list[dict], expected: list[list[int]]) -> dict:
+def summarise(config: Config, reps: list[dict], expected: list[list[int]]) -> dict:
     """Median over repetitions of decode time; the I/O of the median run; whether every run gave `expected`."""
     mid = sorted(reps, key=lambda r: r["decode_time_s"])[len(reps) // 2]
     requested = mid["hits"] + mid["misses"]
-    return {"policy": policy, "budget": "all" if budget is None else budget,
+    return {"config": config.name, "policy": config.policy, "budget": config.budget or "all",
+            "perfect_prefetch": config.perfect_prefetch,
             "tok_s": mid["tokens"] / mid["decode_time_s"], "tokens": mid["tokens"],
             "decode_time_s": mid["decode_time_s"], "all_decode_times_s": [r["decode_time_s"] for r in reps],
             "hit_rate": mid["hits"] / requested if requested else 1.0, "bytes_read": mid["bytes_read"],
-            "mib_read": mid["bytes_read"] / 2**20, "stall_s": mid["stall_time_s"],
-            "same_tokens": all(r["token_ids"] == expected for r in reps)}
+            "mib_read": mid["bytes_read"] / 2**20, "stall_s": mid["stall_time_s"], "prefetched": mid["prefetched"],
+            "streamed": mid["streamed"], "same_tokens": all(r["token_ids"] == expected for r in reps)}
 
 
 def _csv(text: str) -> list[str]:

@@ -55,10 +55,10 @@ def main() -> None:
         llm = LLM(folder)
         quality = calibrate(llm, llm.tokenizer.encode(CALIBRATION_TEXT.read_text()))
         runs = {}
-        for kind in (None, "plain", "residual"):
+        for kind in ("off", "plain", "residual"):
             reps = [decode(folder, args.budget, kind, args.tokens) for _ in range(args.reps)]
             best = sorted(reps, key=lambda r: r["tok_s"])[len(reps) // 2]
-            runs[kind or "off"] = best
+            runs[kind] = best
     same = runs["off"]["ids"] == runs["plain"]["ids"] == runs["residual"]["ids"]
     rows = [[kind, r["tok_s"], r["tok_s"] / runs["off"]["tok_s"], r["stall_s"], r["hit_rate"], r["prefetched"]]
             for kind, r in runs.items()]

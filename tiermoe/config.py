@@ -28,7 +28,9 @@ class EngineConfig:
     learned_weights: str | Path | None = None
     io_threads: int | None = None  # threads reading experts; None: 4, or top_k under a memory limit
     direct_io: bool = True  # O_DIRECT reads (the page cache would be RAM outside the budget)
-    prefetch: str | None = None  # "residual" (DALI; needs `tiermoe calibrate`) or "plain": read next layer's experts
+    # Read the next MoE layer's predicted experts ahead: "residual" (DALI; needs `tiermoe calibrate`), "plain" or
+    # "off". None: plain wherever a cache policy places experts in RAM (it helps there: bench/prefetch.py), else off.
+    prefetch: str | None = None
     prefetch_top_p: int = 1  # experts predicted per token (DALI found 1 best)
     # Accelerator: "cpu", "cuda" (or "cuda:N"), or "auto" (cuda when torch sees one). On an accelerator the dense
     # weights live there and `gpu_expert_cache` bytes of experts too; other experts run on the CPU or are promoted.
@@ -120,7 +122,7 @@ class EngineConfig:
             why = "with tau on the RAM tier TIDE's refresh places the experts"
         else:
             return
-        given = [name for name in ("cache_policy", "prefetch") if getattr(self, name) is not None]
+        given = [name for name in ("cache_policy", "prefetch") if self.given(name)]
         if given:
             raise ConfigError(f"{' and '.join(given)} would have no effect: {why}")
 
@@ -131,9 +133,21 @@ class EngineConfig:
         if self.expert_cache is None and self.memory_limit is None:
             raise ConfigError("cache_policy 'static' needs an expert budget (expert_cache or memory_limit)")
         for name in ("tau", "gpu_expert_cache", "prefetch"):
-            if getattr(self, name) is not None:
+            if self.given(name):
                 raise ConfigError(f"cache_policy 'static' keeps a fixed calibrated set in RAM; it cannot be combined "
                                   f"with {name}")
+
+    def given(self, name: str) -> bool:
+        """Whether option `name` asks for something (prefetch "off" asks for nothing)."""
+        return getattr(self, name) is not None and not (name == "prefetch" and self.prefetch == "off")
+
+    @property
+    def prefetcher(self) -> str | None:
+        """The prefetcher that runs: as set, else plain wherever a cache policy places experts in RAM; None: none."""
+        if self.prefetch is None:
+            placed = self.expert_cache is not None and self.tau is None and self.cache_policy != "static"
+            return "plain" if placed else None
+        return None if self.prefetch == "off" else self.prefetch
 
     @property
     def torch_device(self) -> torch.device:

@@ -63,8 +63,8 @@ class LLM:
         self.store = make_store(cfg, self.index, self.model)
         cap_read_buffers(self.store, memory.read_buffer_bytes(self.index, cfg.torch_dtype) * cfg.io_threads)
         prefetcher = None
-        if cfg.prefetch:
-            prefetcher = make_prefetcher(cfg.prefetch, self.model, cfg.model, cfg.prefetch_top_p)
+        if cfg.prefetcher:
+            prefetcher = make_prefetcher(cfg.prefetcher, self.model, cfg.model, cfg.prefetch_top_p)
         for block in self.model.moe_blocks:
             block.store, block.prefetcher = self.store, prefetcher
         self.eos_ids = eos_token_ids(cfg.model, self.hf_config, self.tokenizer)
@@ -338,8 +338,7 @@ def cap_read_buffers(store: ExpertStore, nbytes: int) -> None:
 
 def refuse_offloading(config: EngineConfig, model_type: str) -> None:
     """A model without routed experts (LLaDA) has nothing to offload: an option that would do nothing is refused."""
-    given = [o for o in ("expert_cache", "gpu_expert_cache", "prefetch", "tau", "memory_limit")
-             if getattr(config, o) is not None]
+    given = [o for o in ("expert_cache", "gpu_expert_cache", "prefetch", "tau", "memory_limit") if config.given(o)]
     if given:
         raise ConfigError(f"{', '.join(given)}: expert offloading applies to models with routed experts, and "
                           f"{model_type} has none (all its weights stay resident)")

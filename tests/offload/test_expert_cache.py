@@ -95,3 +95,67 @@ def test_byte_capacity_is_never_exceeded(requests, capacity, policy, sizes):
             assert (cache.resident, cache.used) == before
         else:
             _check_request(cache, keys, step)
+
+
+# --- scan resistance: a horizon of one pass over the layers ------------------------------------------------------
+
+LIVE = sorted(name for name, cls in POLICIES.items() if not cls.needs_future)
+
+
+def replay(cache: ExpertCache, requests: list[list], passes: int = 1) -> list[tuple]:
+    return [tuple(map(tuple, cache.request(keys, step))) for step, keys in enumerate(requests * passes)]
+
+
+@pytest.mark.parametrize("policy", LIVE)
+def test_a_cycle_longer_than_the_cache_keeps_a_stable_share_with_a_horizon(policy):
+    cycle = [[(layer, e) for e in (0, 1)] for layer in range(8)]  # one token: 8 layers x top-2 = 16 keys
+    plain = replay(ExpertCache(8, make_policy(policy)), cycle, passes=5)
+    assert sum(len(hits) for hits, _, _ in plain[8:]) == 0, "each key is evicted just before its next use"
+    resisting = replay(ExpertCache(8, make_policy(policy), horizon=8), cycle, passes=5)
+    # the first four layers' keys were admitted and stay; the last four's are streamed on every pass
+    assert [len(hits) for hits, _, _ in resisting[8:]] == ([2] * 4 + [0] * 4) * 4
+    assert all(not evicted for _, _, evicted in resisting[4:]), "once full, misses are streamed, nothing churns"
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests=requests_st, policy=st.sampled_from(LIVE), horizon=st.integers(1, 6), data=st.data())
+def test_above_the_working_set_a_horizon_changes_nothing(requests, policy, horizon, data):
+    """When every `horizon` consecutive requests touch at most `capacity - 1` distinct keys, an evictable resident
+    older than the horizon always exists, so every outcome (and the policy's choices) are those without one."""
+    widest = max(len({k for keys in requests[max(0, i - horizon + 1):i + 1] for k in keys})
+                 for i in range(len(requests)))
+    capacity = data.draw(st.integers(widest + 1, widest + 4), label="capacity")
+    plain, resisting = ExpertCache(capacity, make_policy(policy)), ExpertCache(capacity, make_policy(policy),
+                                                                               horizon=horizon)
+    for step, keys in enumerate(requests):
+        assert resisting.request(keys, step) == plain.request(keys, step)
+        assert resisting.propose(step, keys) == plain.propose(step, keys)
+
+
+def test_a_prefetch_takes_only_the_room_of_residents_older_than_the_horizon():
+    cache = ExpertCache(3, make_policy("lru"), horizon=3)
+    cache.request([1], 0)
+    cache.request([2], 1)
+    cache.request([3], 2)
+    assert cache.admit([4], 2, pinned=[3]) == ([], [], [])  # 1 and 2 were requested within 3 steps: 4 is skipped
+    cache.request([3], 3)  # 1 is now older than the horizon
+    assert cache.admit([4], 3, pinned=[3]) == ([], [4], [1])
+
+
+def test_a_request_streams_what_fits_only_by_evicting_the_working_set():
+    cache = ExpertCache(2, make_policy("lru"), horizon=3)
+    cache.request([1, 2], 0)
+    hits, misses, evicted = cache.request([1, 3], 1)
+    assert (hits, misses, evicted) == ([1], [], []) and sorted(cache.resident) == [1, 2]  # 3 streamed
+    assert 3 not in cache.policy.last, "a streamed key leaves no trace among the policy's residents"
+    cache.request([1], 2)
+    cache.request([1], 3)  # 2 was last requested at step 0: older than the horizon
+    assert cache.request([3], 4) == ([], [3], [2])
+
+
+def test_shrink_evicts_the_policys_victims_but_never_the_pinned():
+    cache = ExpertCache(4, make_policy("lru"), horizon=4)
+    cache.request([1, 2, 3, 4], 0)
+    assert cache.shrink(2, 1, pinned=[1, 2]) == [3, 4] and cache.capacity == 2 and cache.used == 2
+    with pytest.raises(ValueError, match="minimum capacity is 2"):
+        cache.shrink(1, 2, pinned=[1, 2])

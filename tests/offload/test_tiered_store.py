@@ -5,6 +5,7 @@ Lossless generation at every budget, policy and prefetcher, on every family: tes
 
 import os
 import shutil
+from collections import deque
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from tiermoe import LLM, SamplingParams
 from tiermoe.convert import convert
 from tiermoe.errors import CheckpointError, ConfigError, ExpertIOError
 from tiermoe.offload.direct_io import DirectReader, ShortReadError
+from tiermoe.offload.expert_reads import in_place, read_ranges
 from tiermoe.offload.policies import make_policy
 from tiermoe.offload.store import ResidentStore, loaded_nbytes
 from tiermoe.offload.tiered_store import TieredStore, min_budget
@@ -81,8 +83,9 @@ def test_resident_bytes_never_exceed_the_budget(data, disk_models):
             ids = sorted(experts)
             got = {}
             for e, w in store.fetch(layer, ids):
-                assert store.resident_bytes <= budget and store.cache.used <= budget
-                assert (layer, e) in store.weights  # the expert being computed is resident
+                # the expert being computed is resident, or streamed beside the cache within the budget
+                streamed = 0 if (layer, e) in store.weights else store.cache.size((layer, e))
+                assert store.cache.used + streamed <= budget and store.resident_bytes <= store.cache.used
                 got[e] = w
             assert sorted(got) == ids
             for e, w in reference.fetch(layer, ids):
@@ -138,3 +141,41 @@ def test_converted_experts_changed_after_conversion(disk_models, tmp_path):
         f.truncate(os.path.getsize(folder / "experts.bin") - 4096)
     with pytest.raises(CheckpointError, match=r"experts\.bin changed after conversion"):
         LLM(folder)
+
+
+def test_converted_experts_are_views_of_their_read_buffers_which_outlive_an_eviction_while_in_use(disk_models):
+    """In the converted layout at the compute dtype an expert's weights are its read buffer (gate | up and down
+    share it: no copy). Its eviction does not recycle the buffer while a caller still holds the weights; dropping
+    them does."""
+    folder = disk_models("mixtral", "converted")
+    llm = LLM(folder)
+    index, layers, k = llm.index, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
+    reference = ResidentStore(index, torch.float32)
+    expected = {e: w for e, w in reference.fetch(0, [0, 1])}
+    store = TieredStore(index, torch.float32, min_budget(index, layers, k, torch.float32), make_policy("lru"),
+                        layers, k)
+    pool = store.reader.pool
+    try:
+        held = dict(store.fetch(0, [0, 1]))  # beyond the fetch contract: keep both while more is read
+        assert all(in_place(index.expert(0, e), torch.float32) for e in (0, 1))
+        assert all(w.gate_up.untyped_storage().data_ptr() == w.down.untyped_storage().data_ptr()
+                   for w in held.values()), "one read buffer holds gate | up and down"
+        for experts in ([2, 3], [4, 5], [6, 7]):
+            deque(store.fetch(0, experts), maxlen=0)  # used and dropped one by one, as the model does
+        assert (0, 0) not in store.weights and pool.in_use == 2 + len(store.weights)
+        for e, w in held.items():  # the evicted buffers were not reused by the reads since
+            assert torch.equal(w.gate_up, expected[e].gate_up) and torch.equal(w.down, expected[e].down)
+        del held, w
+        assert pool.in_use == len(store.weights)
+    finally:
+        store.close()
+    assert not in_place(index.expert(0, 0), torch.bfloat16), "a dtype conversion copies"
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused", "converted"])
+def test_one_read_per_run_of_adjacent_parts(disk_models, layout):
+    spec = LLM(disk_models("qwen3_moe", layout)).index.expert(0, 1)
+    ranges = read_ranges(spec, gap=0)
+    assert sum(n for _, _, n in ranges) == spec.nbytes
+    assert len(ranges) == (1 if layout != "fused" else 2)  # fused: the gate_up_proj rows, then the down_proj rows
+    assert len(read_ranges(spec)) == 1  # the tiny fused tensors lie within COALESCE_GAP of each other

@@ -6,6 +6,15 @@ misses / frees the evicted that `request` reports; the simulator just counts. Bo
 - every requested key is reported to the policy (`on_access`), hit or miss;
 - the keys of the current request are never evicted (the token being computed needs all of them at once);
 - the resident size never exceeds the capacity.
+
+With a `horizon` the cache also resists scans: when the budget is below the working set of a pass over the layers
+(one token's experts in decode; a denoising step's in diffusion), a recency-driven policy evicts each expert just
+before it is needed again and nothing ever hits. So a miss may evict only residents that were not requested within
+the last `horizon` steps (one pass: `horizon` = the number of MoE layers); when the evictable residents are all more
+recent than that, the miss is *streamed* instead: read for this request only, never admitted. The resident subset
+then stays put and hits every pass, while the rest of the working set flows through a small window the driver
+keeps beside the cache. Above the working set some resident is always older than a pass, so the policy evicts
+as it would without a horizon.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ Key = Hashable
 
 
 class RequestOutcome(NamedTuple):
-    """What one `ExpertCache.request` did; unpacks as `hits, misses, evicted`."""
+    """What one `ExpertCache.request` did; unpacks as `hits, misses, evicted`. A requested key in neither `hits` nor
+    `misses` was streamed (only with a horizon): not resident before the request nor after it."""
 
     hits: list[Key]  # requested keys that were resident, in request order
     misses: list[Key]  # requested keys that were not resident and are now, in request order
@@ -34,14 +44,19 @@ class ExpertCache:
     not change.
     """
 
-    def __init__(self, capacity: int, policy: CachePolicy, size_of: Callable[[Key], int] | None = None):
+    def __init__(self, capacity: int, policy: CachePolicy, size_of: Callable[[Key], int] | None = None,
+                 horizon: int | None = None):
         if capacity < 0:
             raise ValueError(f"cache capacity must be >= 0, got {capacity}")
+        if horizon is not None and horizon < 1:
+            raise ValueError(f"cache horizon must be >= 1 step, got {horizon}")
         self.capacity = capacity
         self.policy = policy
+        self.horizon = horizon
         self._size_of = size_of
         self._sizes: dict[Key, int] = {}  # memo of size_of
         self._resident: dict[Key, int] = {}  # key -> size, in insertion order
+        self._seen: dict[Key, int] = {}  # with a horizon: resident -> step of its latest request, oldest first
         self.used = 0  # sum of resident sizes
 
     def __contains__(self, key: Key) -> bool:
@@ -76,12 +91,13 @@ class ExpertCache:
             return len(keys)
         return sum(self.size(k) for k in keys)
 
-    def request(self, keys: Iterable[Key], step: int) -> RequestOutcome:
-        """Serves one request at logical time `step`: all of `keys` are resident afterwards.
+    def request(self, keys: Iterable[Key], step: int, stream: bool = True) -> RequestOutcome:
+        """Serves one request at logical time `step`: all of `keys` are resident afterwards, except the misses a
+        cache with a horizon streams (`stream=False` turns that off for this request).
 
         `keys` may be a set, or a sequence whose order is the access order the policy sees (duplicates ignored).
-        Raises ValueError, naming the minimum capacity, if the keys together exceed the capacity; nothing changes
-        in the cache then, though the policy has seen the accesses.
+        Raises ValueError, naming the minimum capacity, if the keys together exceed the capacity and none may be
+        streamed; nothing changes in the cache then, though the policy has seen the accesses.
         """
         keys = list(dict.fromkeys(keys))
         hits: list[Key] = []
@@ -90,10 +106,43 @@ class ExpertCache:
         for key in keys:
             on_access(key, step)
             (hits if key in resident else misses).append(key)
+        if self.horizon is not None:
+            self._seen_at(hits, step)
+            if stream:
+                return self._request_or_stream(keys, hits, misses, step)
         evicted = self._make_room(keys, misses, step) if misses else []
         for key in misses:
             self._insert(key, step)
         return RequestOutcome(hits, misses, evicted)
+
+    def _request_or_stream(self, keys: list[Key], hits: list[Key], misses: list[Key], step: int) -> RequestOutcome:
+        """Admits each miss that fits, or fits by evicting residents older than the horizon; streams the others."""
+        admitted, evicted = [], []
+        room = self.capacity - self._total(hits)  # what the request's own residents leave
+        for key in misses:
+            size = self.size(key)
+            if size > room or not self._stale_hold(self.used + size - self.capacity, step):
+                self.policy.on_evict(key)  # streamed: it passes through without ever being resident
+                continue
+            evicted += self._make_room(hits + admitted, [key], step)
+            self._insert(key, step)
+            admitted.append(key)
+            room -= size
+        return RequestOutcome(hits, admitted, evicted)
+
+    def _stale_hold(self, need: int, step: int) -> bool:
+        """Whether residents not requested within the horizon hold at least `need` (the policy picks the victims)."""
+        held = 0
+        for key, seen in self._seen.items():  # oldest request first
+            if held >= need or seen > step - self.horizon:
+                break
+            held += self._resident[key]
+        return held >= need
+
+    def _seen_at(self, keys: list[Key], step: int) -> None:
+        for key in keys:
+            self._seen.pop(key, None)
+            self._seen[key] = step
 
     def _make_room(self, keys: list[Key], misses: list[Key], step: int, pinned: Collection[Key] = ()) -> list[Key]:
         """Evicts residents outside `keys` and `pinned` until `misses` fit; returns them in eviction order."""
@@ -119,14 +168,15 @@ class ExpertCache:
 
     def admit(self, keys: Iterable[Key], step: int, pinned: Collection[Key] = ()) -> RequestOutcome:
         """Brings keys in ahead of use (a prefetch): no access is recorded, `pinned` residents are protected, and
-        keys that do not fit beside `pinned` are skipped rather than refused. Returns (already resident, admitted,
-        evicted)."""
+        keys that do not fit beside `pinned` (with a horizon: in the room of residents older than it) are skipped
+        rather than refused. Returns (already resident, admitted, evicted)."""
         keys = list(dict.fromkeys(keys))
         hits = [k for k in keys if k in self._resident]
         room = self.capacity - self._total((set(pinned) | set(hits)) & self._resident.keys())
         admitted, evicted = [], []
         for key in (k for k in keys if k not in self._resident):
-            if self.size(key) > room:
+            if self.size(key) > room or (self.horizon is not None and
+                                         not self._stale_hold(self.used + self.size(key) - self.capacity, step)):
                 continue
             evicted += self._make_room([key], [key], step, list(pinned) + admitted + hits)
             self._insert(key, step)
@@ -143,6 +193,12 @@ class ExpertCache:
         keys = self.policy.proposals(step)
         return self.admit(keys, step, pinned) if keys else RequestOutcome([], [], [])
 
+    def shrink(self, capacity: int, step: int, pinned: Collection[Key] = ()) -> list[Key]:
+        """Lowers the capacity to `capacity`, evicting the policy's victims (never `pinned`); returns them.
+        Raises ValueError if the pinned residents alone exceed `capacity`."""
+        self.capacity = capacity
+        return self._make_room(list(pinned), [], step)
+
     def discard(self, key: Key) -> bool:
         """Drops `key` outside any request (e.g. the store frees it); returns whether it was resident."""
         if key not in self._resident:
@@ -154,10 +210,13 @@ class ExpertCache:
         size = self.size(key)
         self._resident[key] = size
         self.used += size
+        if self.horizon is not None:
+            self._seen[key] = step
         self.policy.on_insert(key, step)
 
     def _evict(self, key: Key) -> int:
         size = self._resident.pop(key)
+        self._seen.pop(key, None)
         self.used -= size
         self.policy.on_evict(key)
         return size

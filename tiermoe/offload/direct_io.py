@@ -9,7 +9,8 @@ What a read returns is a `Segment`: `segment.view` is a writable memoryview of t
 buffer, and `segment.as_tensor(dtype, shape)` is `torch.frombuffer` over it: a tensor of any dtype and shape sharing
 the buffer's memory, no copy. The buffer lives as long as any view or tensor over it; `segment.release()` returns it
 to the reader's pool for reuse, after which its contents will be overwritten, so release only once every tensor
-built on it is dead or copied (e.g. after converting to the compute dtype).
+built on it is dead or copied (e.g. after converting to the compute dtype), or `segment.hand_over()` it to those
+tensors: the buffer then returns to the pool by itself once the last of them is gone.
 
 Filesystems that refuse `O_DIRECT` (EINVAL on open or on the first read: tmpfs on older kernels, some FUSE and
 network filesystems) are read through the page cache instead; `DirectReader.fallbacks` records which files and why.
@@ -21,6 +22,7 @@ import errno
 import mmap
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,6 +119,18 @@ class Segment:
         self.buffer = None
         if pool is not None:
             pool.release(buf)
+
+    def hand_over(self) -> None:
+        """Gives the buffer to the tensors made by `as_tensor`: it returns to the pool once the last of them is gone
+        (at once if there are none), rather than on `release`. The segment itself must no longer be used."""
+        if self.buffer is None:
+            return
+        view, buf, pool = self.view, self.buffer, self._pool
+        self.view = memoryview(b"")
+        self.buffer = None
+        if pool is not None:
+            # `as_tensor` tensors hold this very view object: it dies with the last of them.
+            weakref.finalize(view, pool.release, buf).atexit = False
 
     def __enter__(self) -> Segment:
         return self

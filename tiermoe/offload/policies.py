@@ -48,7 +48,8 @@ class CachePolicy(ABC):
 
     @abstractmethod
     def on_evict(self, key: Key) -> None:
-        """Called when `key` leaves the cache: right after `victim` chose it, or when its owner drops it."""
+        """Called when `key` leaves the cache: right after `victim` chose it, or when its owner drops it; also right
+        after the access of a key the cache streams (served without being made resident, see `ExpertCache`)."""
 
     @abstractmethod
     def victim(self, candidates: Iterable[Key], step: int) -> Key:

@@ -14,10 +14,9 @@ next, as `ExpertStore.fetch` says).
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +36,12 @@ CostSource = TierCosts | Callable[[], TierCosts]  # the costs, or how to get the
 
 @dataclass(slots=True)
 class RefreshStats(StoreStats):
-    """Store statistics plus what the refreshes did."""
+    """Store statistics plus what the refreshes did (`streamed`: routed experts served from outside the fast tier;
+    RAM: read and dropped, device: computed on the CPU)."""
 
     refreshes: int = 0  # layer refreshes (one per MoE layer per refresh step)
     promoted: int = 0  # experts brought into the fast tier
     demoted: int = 0  # experts sent back to make room (also counted in `evictions`)
-    streamed: int = 0  # routed experts served from outside the fast tier (RAM: read and dropped; device: on CPU)
 
     def to_dict(self) -> dict:
         return {**StoreStats.to_dict(self), "refresh": {"refreshes": self.refreshes, "promoted": self.promoted,
@@ -53,7 +52,7 @@ def as_refresh_stats(value: StoreStats) -> RefreshStats:
     """The engine resets statistics with a plain StoreStats; keep its layers and add the refresh counters."""
     if isinstance(value, RefreshStats):
         return value
-    return RefreshStats(value.layers, value.evictions, value.prefetched)
+    return RefreshStats(value.layers, value.evictions, value.prefetched, value.streamed)
 
 
 class RefreshMixin:
@@ -98,14 +97,10 @@ class RefreshStore(RefreshMixin, TieredStore):
     def __init__(self, index: CheckpointIndex, dtype: torch.dtype, budget: int, moe_layers: list[int], top_k: int,
                  io_threads: int = 4, direct_io: bool = True, costs: CostSource | None = None,
                  stream_window: int | None = None):
-        # The LRU policy is bookkeeping only: the placement frees room before every admission.
-        super().__init__(index, dtype, budget, LRUPolicy(), moe_layers, top_k, io_threads, direct_io)
-        largest = max((self.cache.size(key) for key in index.experts()), default=0)
-        # Streamed reads in flight (the disk wants a queue), as many as fit beside the one being computed; 0 at a
-        # budget of one expert: each is read only once the caller has released the previous one.
-        room = budget // largest - 1 if largest else 1
-        self.window = max(0, min(stream_window or io_threads, room))
-        self.reserve = min((self.window + 1) * largest, budget)
+        # The LRU policy is bookkeeping only: the placement frees room before every admission, and streams what it
+        # does not place. Streamed reads in flight: one per I/O thread by default (the disk wants a queue).
+        super().__init__(index, dtype, budget, LRUPolicy(), moe_layers, top_k, io_threads, direct_io,
+                         stream_window or io_threads, scan_resistant=False)
         self.cache.capacity = budget - self.reserve
         self._init_refresh(self.cache.capacity // max(len(moe_layers), 1), costs)
 
@@ -142,7 +137,12 @@ class RefreshStore(RefreshMixin, TieredStore):
         stats.hits += len(ready)
         stats.misses += len(load) + len(stream)
         self.stats.streamed += len(stream)
-        yield from self._serve_placed(layer, ready, load, stream)
+        reads = {self.pool.submit(self._load, (layer, e)): ((layer, e), True) for e in load}
+        queue = deque((layer, e) for e in stream)
+        self._top_up(reads, queue)
+        for e in ready:
+            self.cache.policy.on_access((layer, e), self.step)
+        yield from self._collect(layer, [(layer, e) for e in ready], reads, queue)
 
     def _apply(self, layer: int, move: Move) -> None:
         """Free the demoted experts; the promoted ones are read as misses of this very request."""
@@ -164,57 +164,9 @@ class RefreshStore(RefreshMixin, TieredStore):
                 self.placement.drop(layer, e)
         return [e for e in experts if (layer, e) in self.cache]
 
-    def _serve_placed(self, layer: int, ready: list[int], load: list[int],
-                      stream: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
-        """Start reading `load` (kept) all at once and `stream` (dropped after use) at most `window` at a time, yield
-        the `ready` experts while they are read, then each read as it arrives. On a failed read, the others are
-        settled before the error is raised."""
-        futures: dict[Future, tuple[Key, bool]] = {self.pool.submit(self._load, (layer, e)): ((layer, e), True)
-                                                   for e in load}
-        queue = deque((layer, e) for e in stream)
-        self._top_up(futures, queue)
-        stats, error = self.stats.layer(layer), None
-        try:
-            for e in ready:
-                self.cache.policy.on_access((layer, e), self.step)
-                yield e, self.weights[(layer, e)]
-            while futures and error is None:
-                start = time.perf_counter()
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                stats.stall_time += time.perf_counter() - start
-                while done:
-                    fut = done.pop()
-                    key, keep = futures.pop(fut)
-                    w = self._install(key, fut) if keep else self._streamed(key, fut)
-                    if w is None:
-                        error = error or fut.exception() or RuntimeError(f"read of expert {key} was cancelled")
-                        self.placement.drop(*key)
-                        continue
-                    del fut  # a finished future holds its result: drop it with the caller's use of the weights
-                    yield key[1], w
-                    del w  # the caller is done with it: its room serves the next streamed read
-                    self._top_up(futures, queue)
-        finally:
-            for fut, (key, keep) in futures.items():  # settle every read so the books agree for the next request
-                wait([fut])
-                if keep and self._install(key, fut) is None:
-                    self.placement.drop(*key)
-        if error is not None:
-            raise error
-
-    def _top_up(self, futures: dict[Future, tuple[Key, bool]], queue: deque) -> None:
-        """Keep `window` streamed reads in flight (one with a window of 0: it is called when the caller holds none)."""
-        in_flight = sum(not keep for _, keep in futures.values())
-        for _ in range(min(max(self.window, 1) - in_flight, len(queue))):
-            key = queue.popleft()
-            futures[self.pool.submit(self._load, key)] = (key, False)
-
-    def _streamed(self, key: Key, fut: Future) -> ExpertWeights | None:
-        """A streamed read's weights, counted but not kept."""
-        if fut.cancelled() or fut.exception() is not None:
-            return None
-        w, nbytes, seconds = fut.result()
-        stats = self.stats.layer(key[0])
-        stats.bytes_read += nbytes
-        stats.read_time += seconds
+    def _install(self, key: Key, fut: Future) -> ExpertWeights | None:
+        """Keep a finished read's weights; an expert whose read failed leaves the placement too."""
+        w = super()._install(key, fut)
+        if w is None:
+            self.placement.drop(*key)
         return w

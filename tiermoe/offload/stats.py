@@ -35,6 +35,7 @@ class StoreStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
     evictions: int = 0
     prefetched: int = 0  # experts read ahead of their use
+    streamed: int = 0  # misses read for their request only, never admitted (also counted in `misses`)
 
     def layer(self, layer: int) -> LayerStats:
         s = self.layers.get(layer)
@@ -51,6 +52,7 @@ class StoreStats:
 
     def to_dict(self) -> dict:
         return {"total": self.total.to_dict(), "evictions": self.evictions, "prefetched": self.prefetched,
+                "streamed": self.streamed,
                 "layers": {str(k): v.to_dict() for k, v in sorted(self.layers.items())}}
 
     def table(self) -> str:

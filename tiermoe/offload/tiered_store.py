@@ -2,32 +2,38 @@
 
 The cache bookkeeping and the eviction policy are the same objects the simulator drives (`ExpertCache`,
 `CachePolicy`); this class adds the weights, the reads and the statistics.
+
+A request is served in the order its experts become ready: the resident ones first, while the misses are read, then
+each miss as its read lands, so reads overlap the compute of what is already there. Below the working set of one
+pass over the layers the cache streams misses rather than evicting what the pass is about to reuse (see
+`ExpertCache`); streamed experts flow through a window beside the cache (`stream_window` reads in flight plus the
+one being computed), taken from the cache's capacity the first time a miss is streamed, so expert RAM never exceeds
+the budget and a budget above the working set keeps all of it for the cache.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
 
-from tiermoe.checkpoint import CheckpointIndex, ExpertSpec, TensorInfo
+from tiermoe.checkpoint import CheckpointIndex
 from tiermoe.errors import ConfigError, ExpertIOError
 from tiermoe.offload.budget import format_bytes
 from tiermoe.offload.cache import ExpertCache
 from tiermoe.offload.direct_io import DirectReader
+from tiermoe.offload.expert_reads import read_expert, slot_nbytes
 from tiermoe.offload.policies import CachePolicy
 from tiermoe.offload.stats import StoreStats
-from tiermoe.offload.store import ExpertStore, ExpertWeights, build_expert, loaded_nbytes
+from tiermoe.offload.store import ExpertStore, ExpertWeights
 
 Key = tuple[int, int]  # (layer, expert)
-
-# Parts of one expert closer together than this are fetched with one read (save_pretrained writes an expert's
-# down, gate and up tensors next to each other).
-COALESCE_GAP = 64 << 10
+Reads = dict[Future, tuple[Key, bool]]  # read in flight -> (expert, kept in the cache or streamed)
 
 
 def min_budget(index: CheckpointIndex, moe_layers: list[int], top_k: int, dtype: torch.dtype) -> int:
@@ -35,22 +41,38 @@ def min_budget(index: CheckpointIndex, moe_layers: list[int], top_k: int, dtype:
     experts = index.experts()
     worst = 0
     for layer in moe_layers:
-        sizes = sorted((loaded_nbytes(s, dtype) for (lay, _), s in experts.items() if lay == layer), reverse=True)
+        sizes = sorted((slot_nbytes(s, dtype) for (lay, _), s in experts.items() if lay == layer), reverse=True)
         worst = max(worst, sum(sizes[:top_k]))
     return worst
+
+
+def stream_reserve(budget: int, largest: int, window: int, cached: int = 0) -> tuple[int, int]:
+    """(reads in flight, bytes) of a stream window: `window` reads beside the expert being computed, as far as the
+    budget holds them beside `cached` experts left to the cache (0 reads: each starts once the caller has released
+    the previous expert)."""
+    if not largest:
+        return 0, 0
+    window = max(0, min(window, budget // largest - cached - 1))
+    return window, min((window + 1) * largest, budget)
 
 
 class TieredStore(ExpertStore):
     """Experts resident in RAM up to `budget` bytes; the rest read from the checkpoint files on demand."""
 
     def __init__(self, index: CheckpointIndex, dtype: torch.dtype, budget: int, policy: CachePolicy,
-                 moe_layers: list[int], top_k: int, io_threads: int = 4, direct_io: bool = True):
+                 moe_layers: list[int], top_k: int, io_threads: int = 4, direct_io: bool = True,
+                 stream_window: int = 1, scan_resistant: bool = True):
         least = min_budget(index, moe_layers, top_k, dtype)
         if budget < least:
             raise ConfigError(f"expert cache budget {format_bytes(budget)} ({budget} bytes) is smaller than the "
                               f"{top_k} experts one token needs; the minimum is {format_bytes(least)} ({least} bytes)")
         self.index, self.dtype, self.budget = index, dtype, budget
-        self.cache = ExpertCache(budget, policy, size_of=lambda k: loaded_nbytes(index.expert(*k), dtype))
+        # A pass over the layers is one request per MoE layer: residents requested within it are its working set.
+        horizon = max(len(moe_layers), 1) if scan_resistant else None
+        self.cache = ExpertCache(budget, policy, size_of=lambda k: slot_nbytes(index.expert(*k), dtype),
+                                 horizon=horizon)
+        self.largest = max((self.cache.size(key) for key in index.experts()), default=0)
+        self.window, self.reserve = stream_reserve(budget, self.largest, stream_window, cached=1)
         self.weights: dict[Key, ExpertWeights] = {}
         self.reader = DirectReader(max_workers=1, direct=direct_io)
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
@@ -66,8 +88,15 @@ class TieredStore(ExpertStore):
 
     def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
               prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
-        for i, chunk in enumerate(self._chunks([(layer, e) for e in experts])):
-            yield from self._serve(chunk, prefetch if i == 0 else None)
+        keys = [(layer, e) for e in experts]
+        if sum(self.cache.size(k) for k in keys) <= self.budget:
+            yield from self._serve(keys, prefetch)
+            return
+        # Larger than the budget (a long prefill): turns that each fit the cache, each evicting the one before, so
+        # the last turn's experts stay (fetch_order puts the prompt's last tokens' there).
+        for i, chunk in enumerate(self._chunks(keys)):
+            alone = sum(self.cache.size(k) for k in chunk) > self.cache.capacity  # one expert beyond the cache
+            yield from self._serve(chunk, prefetch if i == 0 else None, stream=alone)
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading experts predicted for `layer` in the background, after the current request's reads.
@@ -94,55 +123,88 @@ class TieredStore(ExpertStore):
             wait([fut])  # already being read: let its bytes go before their room is reused
 
     def _chunks(self, keys: list[Key]) -> list[list[Key]]:
-        """Split a request whose experts do not fit the budget together into turns that do (prefill of many tokens)."""
+        """Split a request whose experts do not fit the cache together into turns that do."""
         chunks, current, used = [], [], 0
         for key in keys:
             size = self.cache.size(key)
-            if current and used + size > self.budget:
+            if current and used + size > self.cache.capacity:
                 chunks.append(current)
                 current, used = [], 0
             current.append(key)
             used += size
         return chunks + [current] if current else chunks
 
-    def _serve(self, keys: list[Key], prefetch: tuple[int, list[int]] | None) -> Iterator[tuple[int, ExpertWeights]]:
+    def _serve(self, keys: list[Key], prefetch: tuple[int, list[int]] | None,
+               stream: bool = True) -> Iterator[tuple[int, ExpertWeights]]:
         self.step += 1
-        hits, misses, evicted = self.cache.request(keys, self.step)
+        hits, misses, evicted = self.cache.request(keys, self.step, stream)
         for key in evicted:
             self._drop(key)
+        kept = set(hits) | set(misses)
+        streamed = [key for key in keys if key not in kept]
+        if streamed:
+            self._open_window(hits + misses)
         stats = self.stats.layer(keys[0][0])
         stats.hits += len(hits)
-        stats.misses += len(misses)
+        stats.misses += len(misses) + len(streamed)
         self.stats.evictions += len(evicted)
+        self.stats.streamed += len(streamed)
         self._in_use = keys
-        futures = {self.pool.submit(self._load, key): key for key in misses}
-        futures.update({self.inflight.pop(key): key for key in hits if key in self.inflight})  # prefetched
+        reads: Reads = {self.pool.submit(self._load, key): (key, True) for key in misses}
+        reads.update({self.inflight.pop(key): (key, True) for key in hits if key in self.inflight})  # prefetched
+        queue = deque(streamed)
+        self._top_up(reads, queue)  # demand reads first, then the reads ahead
         self._read_ahead(self.cache.propose(self.step, keys))  # swaps a policy asks for (DALI), else nothing
         if prefetch is not None:
             self.prefetch(*prefetch)
-        for key in hits:
-            if key in self.weights:
-                yield key[1], self.weights[key]
-        pending, error = set(futures), None
+        yield from self._collect(keys[0][0], [key for key in hits if key in self.weights], reads, queue)
+
+    def _open_window(self, pinned: list[Key]) -> None:
+        """Make room for streamed experts beside the cache (once: the cache keeps the smaller capacity after)."""
+        capacity = max(self.budget - self.reserve, sum(self.cache.size(k) for k in pinned))
+        if self.cache.capacity > capacity:
+            evicted = self.cache.shrink(capacity, self.step, pinned)
+            for key in evicted:
+                self._drop(key)
+            self.stats.evictions += len(evicted)
+
+    def _collect(self, layer: int, ready: list[Key], reads: Reads,
+                 queue: deque) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield the `ready` experts while `reads` land, then each read as it lands, keeping the stream `queue`'s
+        reads going. On a failed read, the others are settled before the error is raised."""
+        stats, error = self.stats.layer(layer), None
         try:
-            while pending:
+            for key in ready:
+                yield key[1], self.weights[key]
+            while reads and error is None:
                 start = time.perf_counter()
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(reads, return_when=FIRST_COMPLETED)
                 stats.stall_time += time.perf_counter() - start
-                for fut in done:
-                    if (w := self._install(futures[fut], fut)) is not None:
-                        yield futures[fut][1], w
-                    else:
-                        error = error or fut.exception()
-                if error is not None:
-                    break
+                while done:  # popped, so that no finished future (which holds its result) outlives the caller's use
+                    fut = done.pop()
+                    key, keep = reads.pop(fut)
+                    w = self._install(key, fut) if keep else self._streamed(key, fut)
+                    if w is None:
+                        error = error or fut.exception() or ExpertIOError(f"read of expert {key} was cancelled")
+                        continue
+                    del fut
+                    yield key[1], w
+                    del w  # the caller is done with it: its room serves the next streamed read
+                    self._top_up(reads, queue)
         finally:
-            # Whatever happens (a failed read, an abandoned request), settle every read so the cache's books and
-            # the weights agree for the next request.
-            for fut in pending:
-                self._install(futures[fut], fut)
+            for fut, (key, keep) in reads.items():  # settle every read so the books agree for the next request
+                wait([fut])
+                if keep:
+                    self._install(key, fut)
         if error is not None:
             raise error
+
+    def _top_up(self, reads: Reads, queue: deque) -> None:
+        """Keep the stream window's reads in flight (one with a window of 0: called when the caller holds none)."""
+        in_flight = sum(not keep for _, keep in reads.values())
+        for _ in range(min(max(self.window, 1) - in_flight, len(queue))):
+            key = queue.popleft()
+            reads[self.pool.submit(self._load, key)] = (key, False)
 
     def _install(self, key: Key, fut: Future) -> ExpertWeights | None:
         """Keep a finished read's weights, or forget the key if the read failed."""
@@ -151,13 +213,24 @@ class TieredStore(ExpertStore):
             return None
         w, nbytes, seconds = fut.result()
         self.weights[key] = w
+        self._count_read(key, nbytes, seconds)
+        return w
+
+    def _streamed(self, key: Key, fut: Future) -> ExpertWeights | None:
+        """A streamed read's weights, counted but not kept."""
+        if fut.cancelled() or fut.exception() is not None:
+            return None
+        w, nbytes, seconds = fut.result()
+        self._count_read(key, nbytes, seconds)
+        return w
+
+    def _count_read(self, key: Key, nbytes: int, seconds: float) -> None:
         stats = self.stats.layer(key[0])
         stats.bytes_read += nbytes
         stats.read_time += seconds
-        return w
 
     def _load(self, key: Key) -> tuple[ExpertWeights, int, float]:
-        """Runs on an I/O thread: read one expert's bytes and convert them to compute-ready weights."""
+        """Runs on an I/O thread: read one expert's bytes as compute-ready weights."""
         layer, e = key
         spec = self.index.expert(layer, e)
         start = time.perf_counter()
@@ -165,40 +238,15 @@ class TieredStore(ExpertStore):
             if _state(part.file) != self._file_state[part.file]:
                 raise ExpertIOError(f"{part.file} changed after the engine opened it (expert {e} of layer {layer}); "
                                     "restart on the new checkpoint")
-        segments = []
         try:
-            tensors = [self._read(spec, part, segments) for part in spec.parts]
-            weights = build_expert(spec, *tensors, self.dtype)  # copies out of the read buffers
+            weights, nbytes = read_expert(self.reader, spec, self.dtype)
         except OSError as err:
             raise ExpertIOError(f"reading expert {e} of layer {layer} from {spec.gate.file} failed: {err}") from err
-        finally:
-            for seg in segments:
-                seg.release()
-        return weights, sum(seg.nbytes for seg in segments), time.perf_counter() - start
-
-    def _read(self, spec: ExpertSpec, part: TensorInfo, segments: list) -> torch.Tensor:
-        """One part of an expert, from a segment already read for a neighbouring part when there is one.
-
-        Parts in one file close together are fetched with one read (the converted layout, and save_pretrained's).
-        """
-        for seg in segments:
-            if seg.path == os.fspath(part.file) and seg.offset <= part.offset <= seg.offset + seg.nbytes - part.nbytes:
-                return _tensor(seg.as_tensor(), part, part.offset - seg.offset)
-        same_file = [p for p in spec.parts if p.file == part.file]
-        lo, hi = min(p.offset for p in same_file), max(p.offset + p.nbytes for p in same_file)
-        if hi - lo > sum(p.nbytes for p in same_file) + COALESCE_GAP:
-            lo, hi = part.offset, part.offset + part.nbytes
-        segments.append(self.reader.read(part.file, lo, hi - lo))
-        return _tensor(segments[-1].as_tensor(), part, part.offset - lo)
+        return weights, nbytes, time.perf_counter() - start
 
     def close(self) -> None:
         self.pool.shutdown()
         self.reader.close()
-
-
-def _tensor(raw: torch.Tensor, part: TensorInfo, offset: int) -> torch.Tensor:
-    """View of `part`'s bytes inside a uint8 buffer, as its dtype and shape."""
-    return raw[offset:offset + part.nbytes].view(part.dtype).view(part.shape)
 
 
 def _state(path: Path) -> tuple[int, int]:

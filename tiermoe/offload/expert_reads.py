@@ -1,0 +1,86 @@
+"""One expert from disk to weights: which byte ranges to read, and whether the read buffers become the weights.
+
+An expert whose checkpoint dtype is the compute dtype and whose gate and up rows lie back to back (the converted
+layout, save_pretrained's per-expert tensors, fused `gate_up_proj` rows) is used in place: its `ExpertWeights` are
+views into the aligned read buffers, which go back to the reader's pool only once the last tensor over them is gone
+(an eviction frees the cache's reference; a caller still computing with the expert keeps the bytes alive). Any other
+expert is converted (dtype, gate | up concatenated) into new tensors and its read buffers are reused at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from tiermoe.checkpoint import ExpertSpec, TensorInfo
+from tiermoe.offload.direct_io import PAGE, DirectReader, Segment, align_down, align_up
+from tiermoe.offload.store import ExpertWeights, build_expert, loaded_nbytes
+
+# Parts of one expert closer together than this are fetched with one read (save_pretrained writes an expert's
+# down, gate and up tensors next to each other; the converted layout writes gate | up | down).
+COALESCE_GAP = 64 << 10
+
+Range = tuple[Path, int, int]  # (file, offset, nbytes)
+
+
+def read_ranges(spec: ExpertSpec, gap: int = COALESCE_GAP) -> list[Range]:
+    """The reads that fetch an expert: its parts by position, those of one file at most `gap` apart in one range."""
+    ranges: list[list] = []
+    for p in sorted(spec.parts, key=lambda p: (os.fspath(p.file), p.offset)):
+        last = ranges[-1] if ranges else None
+        if last is not None and last[0] == p.file and p.offset - (last[1] + last[2]) <= gap:
+            last[2] = max(last[2], p.offset + p.nbytes - last[1])
+        else:
+            ranges.append([p.file, p.offset, p.nbytes])
+    return [(f, off, n) for f, off, n in ranges]
+
+
+def in_place(spec: ExpertSpec, dtype: torch.dtype) -> bool:
+    """Whether the read buffers can be the weights: no dtype conversion, gate then up contiguous (one [2I, H]), and
+    whole pages around the bytes costing at most 1/16 more RAM than the weights (no small expert padded out)."""
+    g, u, _ = spec.parts
+    return (all(p.dtype == dtype and p.offset % dtype.itemsize == 0 for p in spec.parts)
+            and g.file == u.file and u.offset == g.offset + g.nbytes and g.shape[1:] == u.shape[1:]
+            and _pages(spec) - spec.nbytes <= spec.nbytes // 16)
+
+
+def slot_nbytes(spec: ExpertSpec, dtype: torch.dtype) -> int:
+    """RAM a resident expert holds: its page-aligned read buffers when used in place, else its converted tensors."""
+    return _pages(spec) if in_place(spec, dtype) else loaded_nbytes(spec, dtype)
+
+
+def _pages(spec: ExpertSpec) -> int:
+    """Bytes of the whole pages that in-place reads hold (parts less than a page apart share one read)."""
+    return sum(align_up(off + n) - align_down(off) for _, off, n in read_ranges(spec, gap=PAGE))
+
+
+def read_expert(reader: DirectReader, spec: ExpertSpec, dtype: torch.dtype) -> tuple[ExpertWeights, int]:
+    """Read one expert (one aligned read per range); returns its weights and the bytes read (whole pages)."""
+    kept = in_place(spec, dtype)
+    ranges = read_ranges(spec, gap=PAGE if kept else COALESCE_GAP)  # kept buffers hold no other expert's bytes
+    segments = [reader.read(*r) for r in ranges]
+    try:
+        if kept:
+            g, u, d = spec.parts
+            gate_up = TensorInfo(g.file, g.offset, g.nbytes + u.nbytes, dtype, (g.shape[0] + u.shape[0],
+                                                                                 *g.shape[1:]))
+            weights = ExpertWeights(_view(segments, gate_up), _view(segments, d))
+            for seg in segments:
+                seg.hand_over()
+        else:
+            weights = build_expert(spec, *(_view(segments, p) for p in spec.parts), dtype)  # copies
+    finally:
+        for seg in segments:
+            seg.release()  # nothing left to release for a handed-over segment
+    return weights, sum(align_up(off + n) - align_down(off) for _, off, n in ranges)  # what the disk transferred
+
+
+def _view(segments: list[Segment], part: TensorInfo) -> torch.Tensor:
+    """`part` as a tensor over the segment that holds its bytes (no copy)."""
+    for seg in segments:
+        if seg.path == os.fspath(part.file) and seg.offset <= part.offset <= seg.offset + seg.nbytes - part.nbytes:
+            start = part.offset - seg.offset
+            return seg.as_tensor()[start:start + part.nbytes].view(part.dtype).view(part.shape)
+    raise AssertionError(f"no read covers {part}")  # read_ranges covers every part
