@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
         return RunSpec(engine=engine, model=str(folder), gguf=ggufs.get(dtype), dtype=dtype, prompt=prompt,
                        threads=args.threads, **kw)
 
+    if "tiermoe" in engines:  # its kernels are compiled once per machine, here: never inside a timed or limited run
+        from tiermoe import kernels
+
+        result["environment"]["tiermoe_kernels"] = kernels.backend()
     if "resident" in parts:
         print("(a) resident decode", flush=True)
         specs = [spec(e, d, new_tokens=args.tokens, runs=args.runs) for d in dtypes for e in engines]

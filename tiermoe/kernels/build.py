@@ -6,14 +6,18 @@ it when the source or torch changes. TIERMOE_KERNELS=off skips it (torch ops eve
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
 log = logging.getLogger("tiermoe")
@@ -27,6 +31,21 @@ def build_dir() -> Path:
     from tiermoe.offload.costs import cache_dir
 
     return cache_dir() / "kernels"
+
+
+def staged_source() -> tuple[Path, Path]:
+    """The build folder for this source text and torch version, holding a copy of the source: every checkout of the
+    same code then shares one build (torch rebuilds whenever the source path in its build file changes)."""
+    text = SOURCE.read_bytes()
+    key = hashlib.sha256(text + torch.__version__.encode() + platform.machine().encode()).hexdigest()[:16]
+    folder = build_dir() / key
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / SOURCE.name
+    if not source.exists() or source.read_bytes() != text:
+        tmp = source.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(text)
+        tmp.replace(source)  # atomic: a concurrent build never sees half a file
+    return folder, source
 
 
 def disabled() -> bool:
@@ -66,12 +85,11 @@ def compile_kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        folder = build_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        folder, source = staged_source()
         # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded.
         # -ffp-contract=off: a*b + c stays two roundings, as in torch's elementwise ops.
         with quiet_torch_build():
-            module = load(name="tiermoe_gemv", sources=[str(SOURCE)],
+            module = load(name="tiermoe_gemv", sources=[str(source)],
                           extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                           build_directory=str(folder), verbose=False)
     except Exception as e:  # no ninja, a failed build: torch ops still compute the same products
