@@ -23,8 +23,8 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import DiffusionOptions
-from tiermoe.offload.routing_log import RecordingStore
-from tiermoe.offload.stability import layer_stability, overall
+from tiermoe.offload.placement.routing_log import RecordingStore
+from tiermoe.offload.placement.stability import layer_stability, overall
 
 
 def record(llm: LLM, args) -> tuple[RecordingStore, list[dict]]:

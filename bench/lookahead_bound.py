@@ -25,8 +25,8 @@ from pathlib import Path
 
 from bench.policy_heldout import OLMOE, OTHERS, SHARED
 from bench.report import machine, markdown_table, write
-from tiermoe.offload.learned_train import split_sequences
 from tiermoe.offload.policies import POLICIES, BeladyPolicy, Key
+from tiermoe.offload.tools.learned_train import split_sequences
 from tiermoe.sim.cache_sim import Capacity, simulate
 from tiermoe.sim.trace import Trace
 

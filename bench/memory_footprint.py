@@ -47,7 +47,7 @@ print(json.dumps({"stages": rows, "modules": {m: m in sys.modules for m in ("tra
 
 
 def measure(model: Path, kwargs: dict, tokens: int) -> dict:
-    from tiermoe.offload.direct_io import drop_page_cache
+    from tiermoe.offload.tiers.direct_io import drop_page_cache
 
     drop_page_cache(model / "model.safetensors")
     proc = subprocess.run([sys.executable, "-c", STAGE, str(model), json.dumps(kwargs), str(tokens)],

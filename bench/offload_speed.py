@@ -41,8 +41,8 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM
 from tiermoe.convert import convert
 from tiermoe.decode.routing import RoutingReplay
-from tiermoe.offload.direct_io import DirectReader, drop_page_cache
-from tiermoe.offload.tiered_store import min_budget
+from tiermoe.offload.tiers.direct_io import DirectReader, drop_page_cache
+from tiermoe.offload.tiers.ram import min_budget
 from tiermoe.sim.trace import Trace
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
@@ -140,7 +140,7 @@ def _replay_decode_only(llm: LLM, trace_path: Path, seq: int, max_tokens: int | 
                         perfect_prefetch: bool = False) -> dict:
     """Replay one sequence; statistics are reset when its first token is out, so they cover decode only."""
     from tiermoe.decode import autoregressive
-    from tiermoe.offload.stats import StoreStats
+    from tiermoe.offload.tiers.stats import StoreStats
     from tiermoe.sampling_params import SamplingParams
 
     replay = RoutingReplay(llm.model, Trace.load(trace_path))

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import machine, markdown_table, write
-from tiermoe.offload.cache import ExpertCache
-from tiermoe.offload.direct_io import DirectReader, drop_page_cache
 from tiermoe.offload.policies import make_policy
+from tiermoe.offload.tiers.cache import ExpertCache
+from tiermoe.offload.tiers.direct_io import DirectReader, drop_page_cache
 from tiermoe.sim.cache_sim import Capacity
 from tiermoe.sim.trace import Trace
 

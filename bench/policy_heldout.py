@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import machine, markdown_table, write
-from tiermoe.offload.learned import FEATURES, SHIPPED_WEIGHTS, LearnedConfig, LearnedWeights
-from tiermoe.offload.learned_train import Rows, TrainConfig, fit_weights, mine_trace, split_sequences, train
+from tiermoe.offload.policies.learned import FEATURES, SHIPPED_WEIGHTS, LearnedConfig, LearnedWeights
+from tiermoe.offload.tools.learned_train import Rows, TrainConfig, fit_weights, mine_trace, split_sequences, train
 from tiermoe.sim.cache_sim import Capacity, simulate
 from tiermoe.sim.trace import Trace
 

@@ -21,7 +21,7 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM, SamplingParams
 from tiermoe.cli import CALIBRATION_TEXT
 from tiermoe.models.registry import DEFAULT_MODEL
-from tiermoe.offload.calibrate import calibrate
+from tiermoe.offload.tools.calibrate import calibrate
 
 PROMPTS = ["ROMEO:", "KING HENRY:\nWhat say you, lords?", "First Citizen:\nWe are accounted poor citizens"]
 

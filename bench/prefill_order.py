@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.policy_heldout import OTHERS, SHARED
 from bench.report import machine, markdown_table, write
-from tiermoe.offload.fetch_order import fetch_order
+from tiermoe.offload.tiers.fetch_order import fetch_order
 from tiermoe.sim.cache_sim import Capacity, simulate
 from tiermoe.sim.trace import Trace
 

@@ -19,8 +19,8 @@ benchmark's without a tokenizer), with the benchmark's sampling, and saved as `t
 ~/.cache/tiermoe/usage); the engine then pins the most used experts that fit and streams the rest.
 
 Solver vs sweep: every tau="auto" request solves tau after its first block by replaying that block through its
-placement for each candidate tau (tiermoe.offload.tau_solver). Its prediction for a sweep tau, times the request's
-later blocks and summed over requests, is set beside the measured run of that tau: Spearman's rank correlation
+placement for each candidate tau (tiermoe.offload.placement.tau_solver). Its prediction for a sweep tau, times the
+request's later blocks and summed over requests, is set beside the measured run of that tau: Spearman's rank correlation
 over the sweep (time and reads), and the measured time of the solver's best tau against the measured best.
 """
 
@@ -40,7 +40,7 @@ import torch
 from bench.llada2_model import Scale, add_model_args, prompts, resolve
 from bench.report import machine, markdown_table, write
 from tiermoe import LLM, SamplingParams
-from tiermoe.offload.usage import count_usage, save_usage
+from tiermoe.offload.placement.usage import count_usage, save_usage
 
 BASELINES = ("lru", "lfu", "dali", "static")  # per-step cache policies, and the calibrated static set
 

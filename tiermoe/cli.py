@@ -196,8 +196,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tiermoe.llm import LLM
-    from tiermoe.offload.calibrate import calibrate
-    from tiermoe.offload.usage import calibrate_usage
+    from tiermoe.offload.placement.usage import calibrate_usage
+    from tiermoe.offload.tools.calibrate import calibrate
 
     llm = LLM(model_path(args), dtype=args.dtype, threads=args.threads)
     text = Path(args.text).read_text() if args.text else CALIBRATION_TEXT.read_text()
@@ -288,7 +288,7 @@ def _add_optional_commands(sub) -> None:
     except ImportError:
         return
     sim_cli.add_parser(sub)
-    __import__("tiermoe.offload.policy_cli", fromlist=["add_parser"]).add_parser(sub)  # `policy train`
+    __import__("tiermoe.offload.tools.policy_cli", fromlist=["add_parser"]).add_parser(sub)  # `policy train`
 
 
 def _tau(text: str) -> int | str:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from tiermoe.errors import ConfigError
-from tiermoe.offload.budget import parse_budget
-from tiermoe.offload.placement import check_tau
+from tiermoe.offload.placement.refresh import check_tau
+from tiermoe.offload.tiers.budget import parse_budget
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -90,7 +90,7 @@ class EngineConfig:
             parse_budget(self.memory_limit, 0)
 
     def _check_learned_weights(self) -> None:
-        from tiermoe.offload.learned import LearnedWeights
+        from tiermoe.offload.policies.learned import LearnedWeights
 
         if self.cache_policy != "learned":
             policy = self.cache_policy or "lru"

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tiermoe.errors import ConfigError
-from tiermoe.offload.budget import format_bytes, parse_budget
+from tiermoe.offload.tiers.budget import format_bytes, parse_budget
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
@@ -271,7 +271,7 @@ def read_buffer_bytes(index, dtype: torch.dtype) -> int:
     """What one expert read in flight holds beyond the expert's budgeted weights: its page-rounded read buffer (kept
     by the reader's pool for the next read), and the concatenated gate/up rows when the checkpoint's dtype is not
     the compute dtype (converted afterwards)."""
-    from tiermoe.offload.direct_io import PAGE
+    from tiermoe.offload.tiers.direct_io import PAGE
 
     worst = 0
     for spec in index.experts().values():

@@ -24,7 +24,7 @@ from bench.peers.model import SHAPES, build_model, model_bytes, prompt_ids
 from bench.peers.report import describe_environment, environment, loadavg, save
 from bench.peers.resident import measure_resident, runs_as_dicts, summarize, token_checks
 from bench.peers.runners import TORCH_DTYPES, RunSpec
-from tiermoe.offload.budget import parse_budget
+from tiermoe.offload.tiers.budget import parse_budget
 
 ENGINES = ("tiermoe", "llama.cpp", "transformers")
 NEEDS = {"llama.cpp": "llama_cpp", "transformers": "transformers"}  # module each peer needs

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.peers.process import run_engine
 from bench.peers.resident import common_prefix
 from bench.peers.runners import EngineRun, RunSpec
-from tiermoe.offload.direct_io import drop_page_cache
+from tiermoe.offload.tiers.direct_io import drop_page_cache
 
 SIZED = ("tiermoe", "transformers")  # engines with a memory setting to fit to the limit
 SELF_SIZED = ("tiermoe",)  # engines given the limit itself, when they take one (tiermoe_sizes_itself)

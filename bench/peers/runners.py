@@ -72,7 +72,7 @@ def describe(spec: RunSpec) -> str:
         return "memory limit"  # the runner adds the expert cache the engine chose
     if spec.budget is None:
         return "resident"
-    from tiermoe.offload.budget import format_bytes
+    from tiermoe.offload.tiers.budget import format_bytes
 
     what = "expert cache" if spec.engine == "tiermoe" else "disk offload, CPU"
     return f"{what} {format_bytes(spec.budget)}" + (f", prefetch {spec.prefetch}" if spec.prefetch else "")
@@ -117,7 +117,7 @@ def run_tiermoe(spec: RunSpec) -> EngineRun:
     llm = LLM(spec.model, dtype=spec.dtype, threads=spec.threads, **sizing)
     run = EngineRun("tiermoe", spec.dtype, describe(spec), load_s=time.perf_counter() - start)
     if llm.memory is not None:
-        from tiermoe.offload.budget import format_bytes
+        from tiermoe.offload.tiers.budget import format_bytes
 
         run.setting = f"memory limit -> expert cache {format_bytes(llm.memory.experts)}" + (
             f", prefetch {spec.prefetch}" if spec.prefetch else "")

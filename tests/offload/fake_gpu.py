@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiermoe.offload.store import ExpertWeights
+from tiermoe.offload.tiers.store import ExpertWeights
 
 
 class Stream:

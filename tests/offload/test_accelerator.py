@@ -6,9 +6,9 @@ import torch
 from tests.offload.fake_gpu import FakeGPU
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import ConfigError
-from tiermoe.offload.accelerator import AcceleratorStore, DeviceCosts, Where, place
 from tiermoe.offload.policies import LRUPolicy, make_policy
-from tiermoe.offload.store import ResidentStore
+from tiermoe.offload.tiers.accelerator import AcceleratorStore, DeviceCosts, Where, place
+from tiermoe.offload.tiers.store import ResidentStore
 
 # A PCIe-like machine: copies at 25 GB/s, CPU 20 GB/s streaming and 200 GFLOP/s, device 20 TFLOP/s.
 PCIE = DeviceCosts(cpu_flops=2e11, cpu_bandwidth=2e10, copy_bandwidth=2.5e10, device_flops=2e13)

@@ -3,8 +3,8 @@
 import torch
 
 from tests.offload.fake_gpu import FakeGPU
-from tiermoe.offload.accelerator import Stager
-from tiermoe.offload.store import ExpertWeights
+from tiermoe.offload.tiers.accelerator import Stager
+from tiermoe.offload.tiers.store import ExpertWeights
 
 
 def experts(n: int) -> list[ExpertWeights]:

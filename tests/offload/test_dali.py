@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiermoe.offload.cache import ExpertCache
-from tiermoe.offload.dali import DALIConfig, DALIPolicy
 from tiermoe.offload.policies import POLICIES, LRUPolicy, make_policy
+from tiermoe.offload.policies.dali import DALIConfig, DALIPolicy
+from tiermoe.offload.tiers.cache import ExpertCache
 from tiermoe.sim.cache_sim import replay_layer_counts
 
 

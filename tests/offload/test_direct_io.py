@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiermoe.offload import direct_io
-from tiermoe.offload.direct_io import PAGE, DirectReader, ShortReadError, drop_page_cache
+from tiermoe.offload.tiers import direct_io
+from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, ShortReadError, drop_page_cache
 
 SIZE = 5 * PAGE + 1234  # the tail is not a whole page
 DATA = os.urandom(SIZE)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiermoe.offload.cache import ExpertCache
 from tiermoe.offload.policies import POLICIES, make_policy
+from tiermoe.offload.tiers.cache import ExpertCache
 
 
 def test_request_reports_hits_misses_and_evictions():

@@ -6,7 +6,7 @@ import torch
 from tests.offload.test_tiered_store import budgets
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode.autoregressive import forward_new_tokens
-from tiermoe.offload.fetch_order import fetch_order
+from tiermoe.offload.tiers.fetch_order import fetch_order
 
 
 def test_experts_ordered_by_their_latest_token_with_counts():

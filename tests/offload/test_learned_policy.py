@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiermoe.offload.cache import ExpertCache
-from tiermoe.offload.learned import (
+from tiermoe.offload.policies import POLICIES, LRUPolicy, make_policy
+from tiermoe.offload.policies.learned import (
     DEFAULT_FEATURES,
     FEATURES,
     MLP,
@@ -18,9 +18,9 @@ from tiermoe.offload.learned import (
     LearnedPolicy,
     LearnedWeights,
 )
-from tiermoe.offload.learned_features import LayerHistory, ReusePredictor
-from tiermoe.offload.learned_train import TrainConfig, mine_layer, next_use_distance, train
-from tiermoe.offload.policies import POLICIES, LRUPolicy, make_policy
+from tiermoe.offload.policies.learned_features import LayerHistory, ReusePredictor
+from tiermoe.offload.tiers.cache import ExpertCache
+from tiermoe.offload.tools.learned_train import TrainConfig, mine_layer, next_use_distance, train
 from tiermoe.sim.cache_sim import Capacity, simulate
 from tiermoe.sim.trace import Trace
 
@@ -229,7 +229,7 @@ def test_budget_invariant(requests, extra, bare):
 
 def test_policy_train_command_writes_weights_and_heldout_report(tmp_path):
     from tiermoe.cli import build_parser
-    from tiermoe.offload import policy_cli
+    from tiermoe.offload.tools import policy_cli
 
     trace = periodic_trace(40)
     trace.seq_starts = np.array([0, 60])  # two prompts: one trains, the other is held out

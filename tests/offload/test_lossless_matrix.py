@@ -28,12 +28,12 @@ from tests.tiny_models import COMMON, FAMILIES, random_model
 from tiermoe import LLM, SamplingParams
 from tiermoe.convert import convert
 from tiermoe.errors import ConfigError
-from tiermoe.offload.calibrate import calibrate
-from tiermoe.offload.direct_io import DirectReader
+from tiermoe.offload.placement.refresh_store import RefreshStore
 from tiermoe.offload.policies import POLICIES
-from tiermoe.offload.refresh_store import RefreshStore
-from tiermoe.offload.store import loaded_nbytes
-from tiermoe.offload.tiered_store import min_budget
+from tiermoe.offload.tiers.direct_io import DirectReader
+from tiermoe.offload.tiers.ram import min_budget
+from tiermoe.offload.tiers.store import loaded_nbytes
+from tiermoe.offload.tools.calibrate import calibrate
 from tiermoe.outputs import RequestOutput
 from tiermoe.sim.trace import TraceRecorder
 

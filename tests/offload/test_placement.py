@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiermoe.errors import ConfigError
-from tiermoe.offload.placement import DenoiseStep, Move, RefreshPlacement, RefreshSchedule, check_tau
+from tiermoe.offload.placement.refresh import DenoiseStep, Move, RefreshPlacement, RefreshSchedule, check_tau
 
 
 def test_free_room_is_filled_busiest_first_ties_by_id():

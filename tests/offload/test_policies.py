@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiermoe.offload.cache import ExpertCache
 from tiermoe.offload.policies import POLICIES, BeladyPolicy, CachePolicy, LFUPolicy, LRUPolicy, make_policy
+from tiermoe.offload.tiers.cache import ExpertCache
 
 
 def replay(policy: CachePolicy, capacity: int, requests: list) -> tuple[list[bool], list[list]]:

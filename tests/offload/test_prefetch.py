@@ -8,8 +8,8 @@ import pytest
 
 from tiermoe import LLM
 from tiermoe.errors import ConfigError
-from tiermoe.offload.calibrate import calibrate
 from tiermoe.offload.prefetch import CALIBRATION_FILE
+from tiermoe.offload.tools.calibrate import calibrate
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from tests.offload.fake_gpu import FakeGPU
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import DiffusionOptions
-from tiermoe.offload.accelerator import DeviceCosts, Where
-from tiermoe.offload.costs import TierCosts
-from tiermoe.offload.placement import DenoiseStep
-from tiermoe.offload.refresh_accelerator import RefreshAcceleratorStore
-from tiermoe.offload.store import ResidentStore
+from tiermoe.offload.placement.costs import TierCosts
+from tiermoe.offload.placement.refresh import DenoiseStep
+from tiermoe.offload.placement.refresh_accelerator import RefreshAcceleratorStore
+from tiermoe.offload.tiers.accelerator import DeviceCosts, Where
+from tiermoe.offload.tiers.store import ResidentStore
 
 # A PCIe-like machine: NVMe 3 GB/s, copies 25 GB/s, CPU 20 GB/s streaming and 200 GFLOP/s, device 20 TFLOP/s.
 PCIE = TierCosts(3e9, DeviceCosts(cpu_flops=2e11, cpu_bandwidth=2e10, copy_bandwidth=2.5e10, device_flops=2e13))

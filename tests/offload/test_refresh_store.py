@@ -9,9 +9,9 @@ from tests.decode.test_diffusion import LONG
 from tiermoe import LLM, SamplingParams
 from tiermoe.cli import build_parser
 from tiermoe.errors import ConfigError, ExpertIOError
-from tiermoe.offload.placement import DenoiseStep
-from tiermoe.offload.refresh_store import RefreshStore
-from tiermoe.offload.store import ResidentStore, loaded_nbytes
+from tiermoe.offload.placement.refresh import DenoiseStep
+from tiermoe.offload.placement.refresh_store import RefreshStore
+from tiermoe.offload.tiers.store import ResidentStore, loaded_nbytes
 
 REFRESH, REUSE = DenoiseStep(0, 0, True), DenoiseStep(1, 1, False)
 

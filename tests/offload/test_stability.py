@@ -8,9 +8,9 @@ from tests.decode.test_diffusion import LONG
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import DiffusionOptions
-from tiermoe.offload.placement import DenoiseStep
-from tiermoe.offload.routing_log import RecordingStore, RoutingLog
-from tiermoe.offload.stability import cosine, jaccard, layer_stability, overall, top_overlap
+from tiermoe.offload.placement.refresh import DenoiseStep
+from tiermoe.offload.placement.routing_log import RecordingStore, RoutingLog
+from tiermoe.offload.placement.stability import cosine, jaccard, layer_stability, overall, top_overlap
 
 
 def test_similarities_by_hand():

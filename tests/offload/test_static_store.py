@@ -12,9 +12,9 @@ from tiermoe import LLM, SamplingParams
 from tiermoe.cli import main
 from tiermoe.errors import ConfigError
 from tiermoe.models.registry import DEFAULT_MODEL
-from tiermoe.offload.static_store import StaticStore
-from tiermoe.offload.store import ResidentStore
-from tiermoe.offload.usage import count_usage, load_usage, save_usage, usage_path
+from tiermoe.offload.placement.static_store import StaticStore
+from tiermoe.offload.placement.usage import count_usage, load_usage, save_usage, usage_path
+from tiermoe.offload.tiers.store import ResidentStore
 
 PARAMS = SamplingParams(temperature=0, max_tokens=24, block_length=8, steps=8, threshold=0.95, ignore_eos=True)
 CALIBRATION = [[5, 60, 8, 33, 101, 47, 12], [140, 3, 77, 25, 9], [66, 18, 120, 4, 51, 30]]  # not the test prompts

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from tiermoe.offload import costs as costs_module
-from tiermoe.offload.accelerator import DeviceCosts
-from tiermoe.offload.costs import TierCosts, load_costs
-from tiermoe.offload.placement import RefreshPlacement
-from tiermoe.offload.tau_solver import BlockModel, candidates, choose_tau, predict
+from tiermoe.offload.placement import costs as costs_module
+from tiermoe.offload.placement.costs import TierCosts, load_costs
+from tiermoe.offload.placement.refresh import RefreshPlacement
+from tiermoe.offload.placement.tau_solver import BlockModel, candidates, choose_tau, predict
+from tiermoe.offload.tiers.accelerator import DeviceCosts
 
 SIZE = 1000  # bytes per expert; 4-byte weights, so 500 FLOP per token
 

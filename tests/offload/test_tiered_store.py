@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from tiermoe import LLM, SamplingParams
 from tiermoe.convert import convert
 from tiermoe.errors import CheckpointError, ConfigError, ExpertIOError
-from tiermoe.offload.direct_io import DirectReader, ShortReadError
-from tiermoe.offload.expert_reads import in_place, read_ranges
 from tiermoe.offload.policies import make_policy
-from tiermoe.offload.store import ResidentStore, loaded_nbytes
-from tiermoe.offload.tiered_store import TieredStore, min_budget
+from tiermoe.offload.tiers.direct_io import DirectReader, ShortReadError
+from tiermoe.offload.tiers.expert_reads import in_place, read_ranges
+from tiermoe.offload.tiers.ram import TieredStore, min_budget
+from tiermoe.offload.tiers.store import ResidentStore, loaded_nbytes
 
 PROMPTS = [[3, 17, 42, 9, 77, 5, 61, 23], [88, 1, 64], [12, 99, 31, 7]]
 GREEDY = SamplingParams(temperature=0, max_tokens=16)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiermoe.offload.fetch_order import fetch_order
+from tiermoe.offload.tiers.fetch_order import fetch_order
 from tiermoe.sim.cache_sim import Capacity, batched_prefill_requests, simulate
 from tiermoe.sim.trace import Trace
 

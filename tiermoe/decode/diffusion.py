@@ -24,7 +24,7 @@ the same and only its NFE is higher.
 Temperature 0 is truly greedy (argmax), as LLaDA's reference is; LLaDA2's samples from the softmax even then (a
 known bug). Above 0 tokens are sampled with the request's seeded generator.
 
-TIDE (tiermoe.offload.placement): with `tau` set, the decoder tells the expert store before every step's forward
+TIDE (tiermoe.offload.placement.refresh): with `tau` set, the decoder tells the expert store before every step's forward
 whether it is a refresh step (every step of the first generated block, then every tau-th step of a block) or a
 reuse step, so that the store re-places experts only at refreshes.
 """
@@ -50,8 +50,8 @@ from tiermoe.decode.sequence import Sequence
 from tiermoe.models.diffusion import DiffusionModel
 from tiermoe.models.layers import ForwardBatch, SeqSlice
 from tiermoe.models.transformer import CausalLM
-from tiermoe.offload.placement import RefreshSchedule, Tau
-from tiermoe.offload.store import ExpertStore
+from tiermoe.offload.placement.refresh import RefreshSchedule, Tau
+from tiermoe.offload.tiers.store import ExpertStore
 
 
 @dataclass(frozen=True, slots=True)

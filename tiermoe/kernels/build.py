@@ -28,7 +28,7 @@ def build_dir() -> Path:
     for var in ("TIERMOE_KERNELS_DIR", "TORCH_EXTENSIONS_DIR"):
         if os.environ.get(var):
             return Path(os.environ[var])
-    from tiermoe.offload.costs import cache_dir
+    from tiermoe.offload.placement.costs import cache_dir
 
     return cache_dir() / "kernels"
 

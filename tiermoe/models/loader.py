@@ -19,7 +19,7 @@ from tiermoe.checkpoint import CheckpointIndex, TensorInfo
 from tiermoe.errors import CheckpointError
 from tiermoe.models.registry import family, read_config
 from tiermoe.models.transformer import CausalLM
-from tiermoe.offload.direct_io import BufferPool, DirectReader
+from tiermoe.offload.tiers.direct_io import BufferPool, DirectReader
 
 EMBEDDING = "model.embed_tokens.weight"
 # torch.nn.init functions module constructors call; on the meta device they would only cost time and imports.

@@ -11,8 +11,8 @@ from torch import nn
 
 from tiermoe import kernels
 from tiermoe.models.layers import Linear
-from tiermoe.offload.fetch_order import fetch_order
-from tiermoe.offload.store import ExpertStore, ExpertWeights
+from tiermoe.offload.tiers.fetch_order import fetch_order
+from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tiermoe.offload.cache import ExpertCache
-from tiermoe.offload.fetch_order import fetch_order
 from tiermoe.offload.policies import POLICIES, CachePolicy, make_policy
+from tiermoe.offload.tiers.cache import ExpertCache
+from tiermoe.offload.tiers.fetch_order import fetch_order
 from tiermoe.sim.trace import Trace
 
 # Orders a prompt's routing [T, K] into (distinct experts in the order to serve them, tokens per expert).

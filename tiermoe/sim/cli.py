@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tiermoe.offload.fetch_order import fetch_order
 from tiermoe.offload.policies import POLICIES
+from tiermoe.offload.tiers.fetch_order import fetch_order
 from tiermoe.sim.cache_sim import CacheSimResult, Capacity, simulate
 from tiermoe.sim.trace import Trace
 

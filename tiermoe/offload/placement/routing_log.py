@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from tiermoe.offload.placement import DenoiseStep
-from tiermoe.offload.store import ExpertStore, ExpertWeights
+from tiermoe.offload.placement.refresh import DenoiseStep
+from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
 StepRouting = dict[int, dict[int, int]]  # layer -> {expert: tokens routed to it in this step's forward}
 Block = list[StepRouting]  # one block's steps, in order

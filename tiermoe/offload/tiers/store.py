@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiermoe.checkpoint import CheckpointIndex, ExpertSpec
-from tiermoe.offload.stats import StoreStats
+from tiermoe.offload.tiers.stats import StoreStats
 
 if TYPE_CHECKING:
-    from tiermoe.offload.placement import DenoiseStep
+    from tiermoe.offload.placement.refresh import DenoiseStep
 
 
 @dataclass(slots=True)
@@ -75,7 +75,7 @@ class ExpertStore(ABC):
     def begin_step(self, step: DenoiseStep) -> None:  # noqa: B027 - optional hook
         """Diffusion decoders call this before each denoising step's forward, saying whether it is a refresh step
         (TIDE: update the expert placement from this step's routing) or a reuse step. Only stores with a refresh
-        placement (tiermoe.offload.placement) act on it."""
+        placement (tiermoe.offload.placement.refresh) act on it."""
 
 
 class ResidentStore(ExpertStore):

@@ -1,7 +1,7 @@
 """`policy` commands: `policy train` fits the learned eviction policy on routing traces and checks it on held-out ones.
 
 The main CLI registers these with `add_parser(subparsers)` and runs `args.func(args)` (an exit code); standalone:
-`python -m tiermoe.offload.policy_cli train --trace FILE --out W.safetensors`.
+`python -m tiermoe.offload.tools.policy_cli train --trace FILE --out W.safetensors`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tiermoe.offload.learned import DEFAULT_FEATURES, FEATURES, LearnedConfig, LearnedWeights
-from tiermoe.offload.learned_train import TrainConfig, split_sequences, train
+from tiermoe.offload.policies.learned import DEFAULT_FEATURES, FEATURES, LearnedConfig, LearnedWeights
+from tiermoe.offload.tools.learned_train import TrainConfig, split_sequences, train
 from tiermoe.sim.cache_sim import Capacity, simulate
 from tiermoe.sim.trace import Trace
 
@@ -143,7 +143,7 @@ def format_heldout(h: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: `python -m tiermoe.offload.policy_cli train ...`."""
+    """Standalone entry point: `python -m tiermoe.offload.tools.policy_cli train ...`."""
     parser = argparse.ArgumentParser(prog="tiermoe policy", description="learned cache policies")
     _add_train_command(parser.add_subparsers(dest="policy_command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

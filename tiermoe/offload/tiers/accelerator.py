@@ -32,9 +32,9 @@ from enum import Enum
 
 import torch
 
-from tiermoe.offload.cache import ExpertCache
 from tiermoe.offload.policies import CachePolicy
-from tiermoe.offload.store import ExpertStore, ExpertWeights
+from tiermoe.offload.tiers.cache import ExpertCache
+from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
 Key = tuple[int, int]  # (layer, expert)
 

@@ -6,8 +6,8 @@ Between step s and step s + lag of the same block, per MoE layer:
 - top overlap: the share of step s's `top` busiest experts still among step s + lag's `top` busiest (what a fast
   tier of `top` experts refreshed at s keeps getting right).
 
-Steps are StepRouting dicts (tiermoe.offload.routing_log). A block's step 0 may also run other rows (LLaDA2 writes
-the previous block's final K/V, or the prompt, in the same forward), so `skip_first` leaves it out.
+Steps are StepRouting dicts (tiermoe.offload.placement.routing_log). A block's step 0 may also run other rows (LLaDA2
+writes the previous block's final K/V, or the prompt, in the same forward), so `skip_first` leaves it out.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tiermoe.offload.routing_log import Block
+from tiermoe.offload.placement.routing_log import Block
 
 Counts = Mapping[int, int]  # expert -> tokens
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tiermoe.offload.learned_features import FEATURES, LayerHistory
-from tiermoe.offload.policies import POLICIES, CachePolicy, Key, VictimHeap, ranked_victim, split_key
+from tiermoe.offload.policies.base import CachePolicy, Key, VictimHeap, ranked_victim, split_key
+from tiermoe.offload.policies.learned_features import FEATURES, LayerHistory
 
-SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "policies" / "learned.safetensors"
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "assets" / "policies" / "learned.safetensors"
 
 DEFAULT_FEATURES = ("recency", "frequency", "reuse")
 
@@ -283,6 +283,3 @@ class LearnedPolicy(CachePolicy):
             state, slot = self._locate(key)
             out.append(state.mlp(state.history.features(np.array([slot], np.int64)))[0])
         return np.array(out)
-
-
-POLICIES["learned"] = LearnedPolicy

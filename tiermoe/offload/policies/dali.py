@@ -26,7 +26,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from tiermoe.offload.policies import POLICIES, CachePolicy, Key, VictimHeap, ranked_victim, split_key
+from tiermoe.offload.policies.base import CachePolicy, Key, VictimHeap, ranked_victim, split_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +158,3 @@ class DALIPolicy(CachePolicy):
                 break
             out.append(key)
         return out
-
-
-POLICIES["dali"] = DALIPolicy

@@ -1,5 +1,5 @@
 """Which experts a workload uses most: counted over a calibration run, kept in the user's cache, read back by the
-static placement (`cache_policy="static"`, tiermoe.offload.static_store).
+static placement (`cache_policy="static"`, tiermoe.offload.placement.static_store).
 
 A calibration run generates from prompts the user supplies (`tiermoe calibrate`: slices of a text file) with the
 engine's own decoder, so a diffusion model is counted on its denoising steps, where a block of mostly mask tokens
@@ -25,7 +25,7 @@ import torch
 
 from tiermoe.checkpoint import CheckpointIndex
 from tiermoe.errors import ConfigError
-from tiermoe.offload.costs import cache_dir, write_json
+from tiermoe.offload.placement.costs import cache_dir, write_json
 
 Key = tuple[int, int]  # (layer, expert)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from tiermoe.checkpoint import ExpertSpec, TensorInfo
-from tiermoe.offload.direct_io import PAGE, DirectReader, Segment, align_down, align_up
-from tiermoe.offload.store import ExpertWeights, build_expert, loaded_nbytes
+from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, Segment, align_down, align_up
+from tiermoe.offload.tiers.store import ExpertWeights, build_expert, loaded_nbytes
 
 # Parts of one expert closer together than this are fetched with one read (save_pretrained writes an expert's
 # down, gate and up tensors next to each other; the converted layout writes gate | up | down).

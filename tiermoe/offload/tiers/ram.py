@@ -24,13 +24,13 @@ import torch
 
 from tiermoe.checkpoint import CheckpointIndex
 from tiermoe.errors import ConfigError, ExpertIOError
-from tiermoe.offload.budget import format_bytes
-from tiermoe.offload.cache import ExpertCache
-from tiermoe.offload.direct_io import DirectReader
-from tiermoe.offload.expert_reads import read_expert, slot_nbytes
 from tiermoe.offload.policies import CachePolicy
-from tiermoe.offload.stats import StoreStats
-from tiermoe.offload.store import ExpertStore, ExpertWeights
+from tiermoe.offload.tiers.budget import format_bytes
+from tiermoe.offload.tiers.cache import ExpertCache
+from tiermoe.offload.tiers.direct_io import DirectReader
+from tiermoe.offload.tiers.expert_reads import read_expert, slot_nbytes
+from tiermoe.offload.tiers.stats import StoreStats
+from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
 Key = tuple[int, int]  # (layer, expert)
 Reads = dict[Future, tuple[Key, bool]]  # read in flight -> (expert, kept in the cache or streamed)

@@ -2,8 +2,8 @@
 in the budget, every other routed expert is streamed (read, computed with, dropped) and never cached.
 
 It is the baseline an interval refresh (TIDE) or a cache policy has to beat with knowledge of the request: the best
-fixed set a calibration run (tiermoe.offload.usage) can name, chosen once, across all MoE layers at once (a layer
-whose routing is concentrated gets more of the budget than one whose routing is spread).
+fixed set a calibration run (tiermoe.offload.placement.usage) can name, chosen once, across all MoE layers at once (a
+layer whose routing is concentrated gets more of the budget than one whose routing is spread).
 
 Budget: like TIDE's RAM tier, the pinned set gets `budget` minus room for the streamed experts alive at once, so
 expert RAM never exceeds the budget. Pinned experts are read on first use, then kept for the life of the engine.
@@ -16,9 +16,9 @@ from collections.abc import Mapping
 import torch
 
 from tiermoe.checkpoint import CheckpointIndex
-from tiermoe.offload.placement import DenoiseStep, Move, SizeOf
-from tiermoe.offload.refresh_store import RefreshStore
-from tiermoe.offload.usage import load_usage
+from tiermoe.offload.placement.refresh import DenoiseStep, Move, SizeOf
+from tiermoe.offload.placement.refresh_store import RefreshStore
+from tiermoe.offload.placement.usage import load_usage
 
 Key = tuple[int, int]  # (layer, expert)
 STATIC = "static"  # the cache_policy name that selects this store

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tiermoe.offload.learned import MLP, LearnedConfig, LearnedWeights
-from tiermoe.offload.learned_features import LayerHistory
+from tiermoe.offload.policies.learned import MLP, LearnedConfig, LearnedWeights
+from tiermoe.offload.policies.learned_features import LayerHistory
 from tiermoe.sim.trace import Trace
 
 

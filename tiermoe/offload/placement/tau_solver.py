@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tiermoe.offload.costs import TierCosts
-from tiermoe.offload.placement import RefreshPlacement, SizeOf
-from tiermoe.offload.routing_log import Block
+from tiermoe.offload.placement.costs import TierCosts
+from tiermoe.offload.placement.refresh import RefreshPlacement, SizeOf
+from tiermoe.offload.placement.routing_log import Block
 
 CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # intervals tried; tau >= a block's steps means once per block
 

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import torch
 
-from tiermoe.offload.accelerator import AcceleratorStore, DeviceOps, Where
-from tiermoe.offload.costs import TierCosts, load_costs
-from tiermoe.offload.placement import DenoiseStep, Move
+from tiermoe.offload.placement.costs import TierCosts, load_costs
+from tiermoe.offload.placement.refresh import DenoiseStep, Move
+from tiermoe.offload.placement.refresh_store import CostSource, RefreshMixin, RefreshStats, as_refresh_stats
 from tiermoe.offload.policies import LRUPolicy
-from tiermoe.offload.refresh_store import CostSource, RefreshMixin, RefreshStats, as_refresh_stats
-from tiermoe.offload.store import ExpertStore, ExpertWeights
+from tiermoe.offload.tiers.accelerator import AcceleratorStore, DeviceOps, Where
+from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
 
 class RefreshAcceleratorStore(RefreshMixin, AcceleratorStore):

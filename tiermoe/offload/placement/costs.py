@@ -1,6 +1,6 @@
 """The cost model the tau solver predicts with: disk bandwidth for expert reads, and CPU / accelerator expert
-throughput (`DeviceCosts`, see tiermoe.offload.accelerator). Profiled once per machine, device, disk and read size,
-then cached as JSON under the user's cache dir (~/.cache/tiermoe/costs.json, or $XDG_CACHE_HOME/tiermoe).
+throughput (`DeviceCosts`, see tiermoe.offload.tiers.accelerator). Profiled once per machine, device, disk and read
+size, then cached as JSON under the user's cache dir (~/.cache/tiermoe/costs.json, or $XDG_CACHE_HOME/tiermoe).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from tiermoe.offload.accelerator import DeviceCosts, profile_costs
-from tiermoe.offload.direct_io import DirectReader, align_up
+from tiermoe.offload.tiers.accelerator import DeviceCosts, profile_costs
+from tiermoe.offload.tiers.direct_io import DirectReader, align_up
 
 IO_DEPTH = 4  # reads in flight when profiling the disk: what the stores issue with their default 4 I/O threads
 

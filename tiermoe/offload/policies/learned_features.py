@@ -2,8 +2,8 @@
 
 Every feature lies in [0, 1]. `stack` and `reuse_rank` are scale-free: shares of the layer's experts seen so far,
 so they mean the same for any expert count, top-k and capacity. `reuse` comes from an online logistic regression
-(`ReusePredictor`) over which experts the latest requests used; see tiermoe/offload/learned.py for why it is there.
-
+(`ReusePredictor`) over which experts the latest requests used; see tiermoe/offload/policies/learned.py for why it is
+there.
 T = requests of one layer (its clock), E = expert slots of the layer, F = features.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from tiermoe.offload.learned import LearnedConfig
+    from tiermoe.offload.policies.learned import LearnedConfig
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from tiermoe.checkpoint import CheckpointIndex
-from tiermoe.offload.costs import TierCosts, load_costs
-from tiermoe.offload.placement import DenoiseStep, Move, RefreshPlacement
+from tiermoe.offload.placement.costs import TierCosts, load_costs
+from tiermoe.offload.placement.refresh import DenoiseStep, Move, RefreshPlacement
+from tiermoe.offload.placement.routing_log import RoutingLog
+from tiermoe.offload.placement.tau_solver import BlockModel, TauChoice, choose_tau
 from tiermoe.offload.policies import LRUPolicy
-from tiermoe.offload.routing_log import RoutingLog
-from tiermoe.offload.stats import StoreStats
-from tiermoe.offload.store import ExpertWeights
-from tiermoe.offload.tau_solver import BlockModel, TauChoice, choose_tau
-from tiermoe.offload.tiered_store import Key, TieredStore
+from tiermoe.offload.tiers.ram import Key, TieredStore
+from tiermoe.offload.tiers.stats import StoreStats
+from tiermoe.offload.tiers.store import ExpertWeights
 
 CostSource = TierCosts | Callable[[], TierCosts]  # the costs, or how to get them when first needed
 

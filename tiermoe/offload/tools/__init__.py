@@ -1,0 +1,1 @@
+"""Offline tools behind the CLI: calibration, and training/evaluating the learned policy."""
