@@ -11,9 +11,9 @@ from tiermoe import LLM, SamplingParams
 from tiermoe.cli import main as cli_main
 from tiermoe.errors import ConfigError
 from tiermoe.models.registry import DEFAULT_MODEL
-from tiermoe.offload.tools import policy_cli
 from tiermoe.offload.policies.learned import LearnedConfig, LearnedPolicy, LearnedWeights
 from tiermoe.offload.tiers.cache import ExpertCache
+from tiermoe.offload.tools import policy_cli
 from tiermoe.sim.trace import Trace
 
 PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:"]
