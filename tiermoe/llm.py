@@ -56,6 +56,9 @@ class LLM:
         self.model.to(cfg.torch_device)
         if not self.model.moe_blocks:
             refuse_offloading(cfg, self.hf_config["model_type"])
+        elif cfg.prefetch_top_p > self.model.shape.top_k:
+            raise ConfigError(f"prefetch_top_p {cfg.prefetch_top_p} is more than the {self.model.shape.top_k} experts "
+                              "a token routes to (top_k)")
         self.tokenizer = load_tokenizer(cfg.model, self.hf_config["model_type"])
         self.max_model_len = cfg.max_model_len or self.model.shape.max_position_embeddings
         self.memory = self._plan_memory(usage) if usage is not None and self.model.moe_blocks else None

@@ -170,7 +170,9 @@ def _policy_for(name: str, requests: Sequence[Sequence[int]], layer: int = 0, nu
     return make_policy(name, **kw)
 
 
-def _check_capacity(items: int, label: str, top_k: int) -> None:
+def _check_capacity(items: int, label: str, top_k: int, num_experts: int) -> None:
+    if items > num_experts:
+        raise ValueError(f"capacity {label} is more than the trace's {num_experts} experts per layer")
     if items < top_k:
         raise ValueError(f"capacity {label} gives {items} experts per layer, below top-k {top_k}: a token needs its "
                          f"whole top-k set resident at once, so the minimum capacity is {top_k} experts")
@@ -222,7 +224,7 @@ def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacit
                             prefill_order=getattr(prefill_order, "__name__", None))
     sizes = [(cap.label, cap.items_for(trace.num_experts)) for cap in capacities]
     for label, items in sizes:
-        _check_capacity(items, label, trace.top_k)
+        _check_capacity(items, label, trace.top_k, trace.num_experts)
     if prefill_order is None:  # the same replay at every capacity
         per_token = [(trace.layer_requests(layer, rows), counted) for layer in range(trace.num_layers)]
         replays = {items: per_token for _, items in sizes}
