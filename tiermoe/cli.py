@@ -20,6 +20,7 @@ CALIBRATION_TEXT = DEFAULT_MODEL.parent / "calibration.txt"  # held out from the
 DIFFUSION_DEFAULTS = {"block_length": 32, "steps": 32, "threshold": 0.95, "remasking": "low_confidence"}
 # One example per command, shown at the end of its --help.
 EXAMPLES = {
+    "": 'tiermoe generate "ROMEO:"   (tiermoe COMMAND --help: its options)',
     "generate": 'tiermoe generate --max-tokens 32 "ROMEO:"   (prompt from stdin: -, from a file: @FILE)',
     "chat": "tiermoe chat --system 'Answer as a Shakespearean character.'",
     "calibrate": "tiermoe calibrate --model path/to/hf-model --text my-text.txt",
@@ -280,11 +281,11 @@ def print_logprobs(out, file) -> None:
 
 
 def _stream(llm, prompt, params, echo: str):
-    """Print tokens as they are produced; returns the final output."""
+    """Print the prompt, then tokens as they are produced (a diffusion model's: block by block); returns the final
+    output."""
+    print(echo, end="", flush=True)
     shown, out = 0, None
-    for i, out in enumerate(llm.stream(prompt, params)):
-        if i == 0:
-            print(echo, end="", flush=True)
+    for out in llm.stream(prompt, params):
         text = out.outputs[0].text
         print(text[shown:], end="", flush=True)
         shown = len(text)
@@ -293,11 +294,11 @@ def _stream(llm, prompt, params, echo: str):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    text = read_text(args.text, "calibration text") if args.text else CALIBRATION_TEXT.read_text()
     from tiermoe.llm import LLM
     from tiermoe.offload.calibrate import calibrate, format_report
     from tiermoe.offload.usage import calibrate_usage
 
-    text = read_text(args.text, "calibration text") if args.text else CALIBRATION_TEXT.read_text()
     llm = LLM(model_path(args), dtype=args.dtype, threads=args.threads)
     ids = llm.tokenizer.encode(text)
     report = calibrate(llm, ids, args.chunk_tokens) if args.only in (None, "residuals") else {}
@@ -367,8 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--diffusion", action="store_true",
                       help="without --model: use the built-in diffusion model (llada2_moe) instead")
     chat.set_defaults(func=cmd_chat)
-    cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them with the model; "
-                                           "count which experts generation from the text uses (cache_policy static)")
+    cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them beside the model (or "
+                                           "in ~/.cache/tiermoe/ when that folder is read-only or the built-in "
+                                           "model's); count which experts generation from the text uses "
+                                           "(cache_policy static)")
     cal.add_argument("--model", default=None, help="Hugging Face model folder (default: the built-in model)")
     cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute dtype")
     cal.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -394,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 def finish_parsers(parser: argparse.ArgumentParser, path: str = "") -> None:
     """On every command's parser: defaults and an example in --help, and -q/--quiet (no progress bars)."""
     parser.formatter_class = HelpFormatter
-    if path in EXAMPLES and not parser.epilog:
+    if path in EXAMPLES and not parser.epilog:  # a command registered elsewhere may bring its own
         parser.epilog = f"example: {EXAMPLES[path]}"
     commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for action in commands:

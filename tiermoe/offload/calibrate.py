@@ -16,6 +16,7 @@ from tiermoe.decode.kv_cache import KVCache
 from tiermoe.decode.sequence import Sequence
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.prefetch import ResidualPrefetcher
+from tiermoe.progress import progress
 from tiermoe.sampling_params import SamplingParams
 
 
@@ -39,7 +40,7 @@ def capture(model: CausalLM, chunks: list[list[int]]) -> RouterInputs:
         hooks.append(block.gate.register_forward_hook(hook))
     try:
         with torch.inference_mode():
-            for ids in chunks:
+            for ids in progress(chunks, desc="capturing router inputs", unit="chunk"):
                 seq = Sequence("calib", None, ids, SamplingParams(max_tokens=1), KVCache(len(ids)), len(ids) + 1,
                                frozenset())
                 forward_new_tokens(model, [seq])

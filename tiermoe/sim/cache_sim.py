@@ -32,6 +32,7 @@ import numpy as np
 from tiermoe.offload.cache import ExpertCache
 from tiermoe.offload.fetch_order import fetch_order
 from tiermoe.offload.policies import POLICIES, CachePolicy, make_policy
+from tiermoe.progress import progress
 from tiermoe.sim.trace import Trace
 
 # Orders a prompt's routing [T, K] into (distinct experts in the order to serve them, tokens per expert).
@@ -233,15 +234,20 @@ def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacit
                            for layer in range(trace.num_layers)] for _, items in sizes}
     requested = {items: [sum(len(r) for r, c in zip(reqs, mask, strict=True) if c) if mask is not None
                          else sum(map(len, reqs)) for reqs, mask in layers] for items, layers in replays.items()}
+    bar = progress(total=len(policies) * len(sizes) * trace.num_layers, desc="simulating", unit="layer")
     for name in policies:
         for label, items in sizes:
             kw = policy_args.get(name.lower())
             layers = replays[items]
-            counts = [replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw), mask)
-                      for layer, (reqs, mask) in enumerate(layers)]
+            bar.set_postfix_str(f"{name} {label}")
+            counts = []
+            for layer, (reqs, mask) in enumerate(layers):
+                counts.append(replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw), mask))
+                bar.update()
             hits = [c.hits for c in counts]
             rates = [h / n if n else 0.0 for h, n in zip(hits, requested[items], strict=True)]
             result.runs.append(PolicyRun(name.lower(), label, items, rates, float(np.mean(rates)) if rates else 0.0,
                                          sum(hits), sum(requested[items]), sum(c.prefetches for c in counts),
                                          sum(c.prefetch_hits for c in counts)))
+    bar.close()
     return result
