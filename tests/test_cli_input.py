@@ -1,17 +1,24 @@
 """The command line's first minutes: --version, --help with defaults and an example for every command, prompts from
 stdin and files, throughput in --json/--stats, calibration output where a user expects it."""
 
+import fcntl
 import json
+import os
+import pty
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import time
 
+import numpy as np
 import pytest
 
 from tiermoe import LLM, SamplingParams, __version__
 from tiermoe.cli import EXAMPLES, build_parser
 from tiermoe.models.registry import DEFAULT_MODEL
+from tiermoe.sim.trace import Trace
 
 
 def tiermoe(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -107,3 +114,33 @@ def test_calibrate_never_writes_into_the_package_and_prints_tables(tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["file"] == str(copy / "tiermoe_residuals.safetensors")
     assert (copy / "tiermoe_residuals.safetensors").exists()
+
+
+def stderr_of(args: list[str], terminal: bool) -> bytes:
+    """What `tiermoe ARGS` writes on stderr, when stderr is a terminal (a pseudo-terminal) or a pipe."""
+    cmd = [sys.executable, "-m", "tiermoe.cli", *args]
+    if not terminal:
+        return subprocess.run(cmd, capture_output=True, timeout=120).stderr
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new one is 0 columns wide
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=child, timeout=120)
+    os.close(child)
+    out = b""
+    try:
+        while chunk := os.read(parent, 4096):
+            out += chunk
+    except OSError:  # EIO: the terminal's other end is closed and everything has been read
+        pass
+    os.close(parent)
+    return out
+
+
+def test_progress_bars_on_a_terminal_only_and_not_with_quiet(tmp_path):
+    experts = np.random.default_rng(0).integers(0, 16, (400, 8, 2))
+    experts[:, :, 1] = (experts[:, :, 0] + 1) % 16  # two distinct experts per token
+    Trace(experts, np.ones(experts.shape), [0], np.zeros(400, bool), np.arange(400)).save(tmp_path / "t",
+                                                                                          {"num_experts": 16})
+    args = ["sim", "cache", "--trace", str(tmp_path / "t.npz")]
+    assert b"simulating" in stderr_of(args, terminal=True)
+    assert b"simulating" not in stderr_of([*args, "--quiet"], terminal=True)
+    assert b"simulating" not in stderr_of(args, terminal=False)
