@@ -110,8 +110,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if len(raw_len) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (header_len,) = struct.unpack("<Q", raw_len)
+        if f.read(1) != b"{":  # a safetensors header is a JSON object right after its 8-byte length
+            raise CheckpointError(f"{path}: not a safetensors file (it does not start with a safetensors header)")
         if header_len > size - 8:
             raise CheckpointError(f"{path}: truncated safetensors file (header of {header_len} bytes, file {size})")
+        f.seek(8)
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

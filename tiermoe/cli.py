@@ -1,21 +1,45 @@
-"""Command line: `tiermoe generate | sim ...` (vLLM-style flags where vLLM has one)."""
+"""Command line: `tiermoe generate | chat | calibrate | convert | sim | policy` (vLLM-style flags where vLLM has one).
+
+Bad input ends in one line on stderr and exit status 2, Ctrl-C in exit status 130; never in a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
-from tiermoe.errors import TiermoeError
+from tiermoe import __version__
+from tiermoe.errors import ConfigError, RequestError, TiermoeError
 from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
 
 CALIBRATION_TEXT = DEFAULT_MODEL.parent / "calibration.txt"  # held out from the built-in model's training
+# The diffusion options' defaults; on an autoregressive model any other value is ignored, and said so.
+DIFFUSION_DEFAULTS = {"block_length": 32, "steps": 32, "threshold": 0.95, "remasking": "low_confidence"}
+# One example per command, shown at the end of its --help.
+EXAMPLES = {
+    "": 'tiermoe generate "ROMEO:"   (tiermoe COMMAND --help: its options)',
+    "generate": 'tiermoe generate --max-tokens 32 "ROMEO:"   (prompt from stdin: -, from a file: @FILE)',
+    "chat": "tiermoe chat --system 'Answer as a Shakespearean character.'",
+    "calibrate": "tiermoe calibrate --model path/to/hf-model --text my-text.txt",
+    "convert": "tiermoe convert path/to/hf-model path/to/aligned",
+    "sim": "tiermoe sim cache --trace trace.npz --capacity 25%,50% --policy lru,lfu,belady",
+    "sim cache": "tiermoe sim cache --trace trace.npz --capacity 25%,50% --policy lru,lfu,belady",
+    "policy": "tiermoe policy train --trace trace.npz --out learned.safetensors",
+    "policy train": "tiermoe policy train --trace trace.npz --out learned.safetensors",
+}
+
+
+def warn(message: str) -> None:
+    print(f"tiermoe: warning: {message}", file=sys.stderr)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags every command that loads a model shares."""
     p.add_argument("--model", default=None, help="Hugging Face model folder (default: the built-in model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute dtype")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--expert-cache", default=None,
@@ -39,7 +63,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", choices=["residual", "plain", "off"], default=None,
                    help="read the next layer's predicted experts ahead (residual: DALI, needs `tiermoe calibrate`; "
                         "default: plain where a cache policy runs on the RAM tier)")
-    p.add_argument("--prefetch-top-p", type=int, default=1, help="experts predicted per token for prefetch")
+    p.add_argument("--prefetch-top-p", type=int, default=1,
+                   help="experts predicted per token for prefetch, at most the model's top_k")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--gpu-expert-cache", default=None, help="accelerator budget for experts, e.g. 4GiB or 10%%")
 
@@ -72,14 +97,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="token ids that end the reply besides EOS (default: none)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
     diff = p.add_argument_group("diffusion models (LLaDA, LLaDA2)")
-    diff.add_argument("--block-length", type=int, default=32,
+    d = DIFFUSION_DEFAULTS
+    diff.add_argument("--block-length", type=int, default=d["block_length"],
                       help="positions denoised together, block by block (default: %(default)s)")
-    diff.add_argument("--steps", type=int, default=32,
+    diff.add_argument("--steps", type=int, default=d["steps"],
                       help="denoising steps per block (LLaDA2), or in all (LLaDA) (default: %(default)s)")
-    diff.add_argument("--threshold", type=float, default=0.95,
+    diff.add_argument("--threshold", type=float, default=d["threshold"],
                       help="LLaDA2: commit every position more confident than this, else the most confident "
                            "(default: %(default)s)")
-    diff.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence",
+    diff.add_argument("--remasking", choices=["low_confidence", "random"], default=d["remasking"],
                       help="LLaDA: which positions each step commits (default: %(default)s)")
 
 
@@ -130,29 +156,108 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)  # checked before the model loads
+    text = read_prompt(args)
+    if args.system is not None and not args.chat:
+        warn("--system is used with --chat only: ignored")
+    from tiermoe import progress
     from tiermoe.llm import LLM
 
-    params = sampling_params(args)  # checked before the model loads
     llm = LLM(model_path(args), **engine_kwargs(args), tau=args.tau)
-    prompt = llm.chat_prompt(_messages(args)) if args.chat else args.prompt
+    warn_ignored(args, llm)
+    prompt = llm.chat_prompt(_messages(args, text)) if args.chat else text
+    warn_context(llm, prompt, params)
+    echo = "" if args.chat else text
     if args.json or args.record_trace or params.n > 1:
-        (out,) = llm.generate([prompt], params, use_tqdm=False, record_trace=args.record_trace)
+        (out,) = llm.generate([prompt], params, use_tqdm=params.n > 1 and progress.shown(),
+                              record_trace=args.record_trace)
         if args.json:
             print(json.dumps(out.to_dict()))
         for completion in [] if args.json else out.outputs:
             header = f"--- completion {completion.index} ---\n" if params.n > 1 else ""
-            print(header + _prompt_echo(args) + completion.text)
+            print(header + echo + completion.text)
     else:
-        out = _stream(llm, prompt, params, _prompt_echo(args))
+        out = _stream(llm, prompt, params, echo)
     if not args.json and (params.logprobs is not None or params.prompt_logprobs is not None):
         print_logprobs(out, sys.stderr)
     if args.stats:
-        print(llm.store.stats.table(), file=sys.stderr)
-        if "diffusion" in out.stats:
-            work = out.stats["diffusion"]
-            print(f"NFE {work['nfe']}, tokens per forward {work['tokens_per_forward']:.2f}, {work['blocks']} blocks",
-                  file=sys.stderr)
+        print_stats(llm, out, sys.stderr)
     return 0
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt: the argument itself, stdin for '-', a file's text for '@FILE' or --prompt-file FILE (one trailing
+    newline dropped from stdin and files)."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise RequestError("give the prompt as an argument or with --prompt-file, not both")
+    if args.prompt_file is not None:
+        return read_text(args.prompt_file, "prompt file", RequestError).removesuffix("\n")
+    if args.prompt is None:
+        raise RequestError("no prompt: give it as an argument, '-' to read stdin, @FILE or --prompt-file FILE")
+    if args.prompt == "-":
+        return utf8(sys.stdin.buffer.read(), "the prompt on stdin", RequestError).removesuffix("\n")
+    if args.prompt.startswith("@") and len(args.prompt) > 1:
+        return read_text(args.prompt[1:], "prompt file", RequestError).removesuffix("\n")
+    return utf8(os.fsencode(args.prompt), "the prompt", RequestError)  # argv holds raw bytes as surrogates
+
+
+def utf8(data: bytes, what: str, error: type[TiermoeError]) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def read_text(path: str | Path, what: str, error: type[TiermoeError] = ConfigError) -> str:
+    """A UTF-8 text file's contents; a missing or unreadable file is an `error` naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{what} {path}: {e.strerror or e}") from None
+    return utf8(data, f"{what} {path}", error)
+
+
+def warn_ignored(args: argparse.Namespace, llm) -> None:
+    """Say which options the loaded model ignores."""
+    model_type = llm.hf_config["model_type"]
+    if llm.diffusion is None:
+        ignored = [f"--{k.replace('_', '-')}" for k, v in DIFFUSION_DEFAULTS.items() if getattr(args, k) != v]
+        if ignored:
+            warn(f"{', '.join(ignored)}: for diffusion models only; {model_type} is autoregressive: ignored")
+        if getattr(args, "diffusion", False) and args.model:
+            warn(f"--diffusion picks the built-in diffusion model when --model is not given; {args.model} is "
+                 f"{model_type}, an autoregressive model: --diffusion ignored")
+    trained = llm.model.shape.max_position_embeddings
+    if args.max_model_len is not None and args.max_model_len > trained:
+        warn(f"--max-model-len {args.max_model_len} is above the {trained} positions {model_type} was trained on: "
+             "text past them may degrade")
+
+
+def warn_context(llm, prompt, params) -> None:
+    """Say when max_tokens will be cut by the context (an autoregressive model stops at its end)."""
+    if llm.diffusion is not None:
+        return
+    ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else llm.tokenizer.encode(prompt)
+    room = llm.max_model_len - len(ids)
+    if params.max_tokens > room > 0:
+        warn(f"--max-tokens {params.max_tokens} does not fit the context: at most {room} tokens will be generated "
+             f"(context {llm.max_model_len} tokens, prompt {len(ids)}; see --max-model-len)")
+
+
+def print_stats(llm, out, file) -> None:
+    """Throughput, time to first token, and the expert store's hit rate and bytes read (per layer with a budget)."""
+    t, total = out.timing(), llm.store.stats.total
+    rate = lambda v: "n/a" if v is None else f"{v:.1f} tok/s"  # noqa: E731
+    ttft = "n/a" if t["time_to_first_token_s"] is None else f"{t['time_to_first_token_s']:.3f} s"
+    print(f"prompt {out.num_prompt_tokens} tokens, {rate(t['prompt_tokens_per_s'])}; time to first token {ttft}; "
+          f"decode {out.num_completion_tokens} tokens, {rate(t['decode_tokens_per_s'])}; experts: hit rate "
+          f"{total.hit_rate:.3f}, {total.bytes_read / 2**20:.1f} MiB read", file=file)
+    if total.hits + total.misses:
+        print(llm.store.stats.table(), file=file)
+    if "diffusion" in out.stats:
+        work = out.stats["diffusion"]
+        print(f"NFE {work['nfe']}, tokens per forward {work['tokens_per_forward']:.2f}, {work['blocks']} blocks",
+              file=file)
 
 
 def print_logprobs(out, file) -> None:
@@ -175,16 +280,12 @@ def print_logprobs(out, file) -> None:
                  completion.logprobs)
 
 
-def _prompt_echo(args: argparse.Namespace) -> str:
-    return "" if args.chat else args.prompt
-
-
 def _stream(llm, prompt, params, echo: str):
-    """Print tokens as they are produced; returns the final output."""
+    """Print the prompt, then tokens as they are produced (a diffusion model's: block by block); returns the final
+    output."""
+    print(echo, end="", flush=True)
     shown, out = 0, None
-    for i, out in enumerate(llm.stream(prompt, params)):
-        if i == 0:
-            print(echo, end="", flush=True)
+    for out in llm.stream(prompt, params):
         text = out.outputs[0].text
         print(text[shown:], end="", flush=True)
         shown = len(text)
@@ -193,20 +294,22 @@ def _stream(llm, prompt, params, echo: str):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    text = read_text(args.text, "calibration text") if args.text else CALIBRATION_TEXT.read_text()
     from tiermoe.llm import LLM
     from tiermoe.offload.placement.usage import calibrate_usage
-    from tiermoe.offload.tools.calibrate import calibrate
+    from tiermoe.offload.tools.calibrate import calibrate, format_report
 
     llm = LLM(model_path(args), dtype=args.dtype, threads=args.threads)
-    text = Path(args.text).read_text() if args.text else CALIBRATION_TEXT.read_text()
     ids = llm.tokenizer.encode(text)
     report = calibrate(llm, ids, args.chunk_tokens) if args.only in (None, "residuals") else {}
     if args.only in (None, "usage"):
         report["expert_usage"] = calibrate_usage(llm, ids, args.chunk_tokens, args.usage_prompts,
                                                  sampling_params(args))
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    for name in ("file", "expert_usage"):
+        if name in report:
+            print(f"tiermoe: saved {report[name]['file'] if name == 'expert_usage' else report[name]}",
+                  file=sys.stderr)
     return 0
 
 
@@ -226,23 +329,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return chat(llm, sampling_params(args), args.system)
 
 
-def _messages(args: argparse.Namespace) -> list[dict]:
+def _messages(args: argparse.Namespace, text: str) -> list[dict]:
     system = [{"role": "system", "content": args.system}] if args.system else []
-    return system + [{"role": "user", "content": args.prompt}]
+    return system + [{"role": "user", "content": text}]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tiermoe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="tiermoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tiermoe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", help="the prompt; - reads it from stdin, @FILE from a file")
+    gen.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from FILE")
     add_model_args(gen)
     add_sampling_args(gen)
     add_output_args(gen)
-    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (text, tokens, usage, timing with tokens/s, stats) instead of "
+                          "streaming")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     gen.add_argument("--system", default=None, help="system message for --chat")
-    gen.add_argument("--stats", action="store_true", help="print expert-store statistics (stderr) at the end")
+    gen.add_argument("--stats", action="store_true",
+                     help="print prompt and decode tokens/s, time to first token, and the expert store's hit rate "
+                          "and bytes read (stderr) at the end")
     gen.add_argument("--record-trace", default=None, metavar="FILE",
                      help="write every token's routing to FILE.npz/.json (../shared/traces format)")
     gen.add_argument("--diffusion", action="store_true",
@@ -259,11 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--diffusion", action="store_true",
                       help="without --model: use the built-in diffusion model (llada2_moe) instead")
     chat.set_defaults(func=cmd_chat)
-    cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them with the model; "
-                                           "count which experts generation from the text uses (cache_policy static)")
+    cal = sub.add_parser("calibrate", help="fit DALI's prefetch residuals on text and store them beside the model (or "
+                                           "in ~/.cache/tiermoe/ when that folder is read-only or the built-in "
+                                           "model's); count which experts generation from the text uses "
+                                           "(cache_policy static)")
     cal.add_argument("--model", default=None, help="Hugging Face model folder (default: the built-in model)")
-    cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    cal.add_argument("--threads", type=int, default=None)
+    cal.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute dtype")
+    cal.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     cal.add_argument("--text", default=None, help="calibration text file (default: a held-out Shakespeare play)")
     cal.add_argument("--chunk-tokens", type=int, default=256, help="tokens per calibration chunk (and usage prompt)")
     cal.add_argument("--only", choices=["residuals", "usage"], default=None,
@@ -271,14 +382,39 @@ def build_parser() -> argparse.ArgumentParser:
                           "text, which cache_policy 'static' pins from (default: both)")
     cal.add_argument("--usage-prompts", type=int, default=8,
                      help="prompts (chunks of the text) to generate from when counting expert usage")
+    cal.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     add_sampling_args(cal)
     cal.set_defaults(func=cmd_calibrate)
     conv = sub.add_parser("convert", help="rewrite a checkpoint so every expert is one aligned read")
-    conv.add_argument("src")
-    conv.add_argument("dst")
+    conv.add_argument("src", help="Hugging Face model folder")
+    conv.add_argument("dst", help="folder to write (new or empty)")
     conv.set_defaults(func=cmd_convert)
     _add_optional_commands(sub)
+    finish_parsers(parser)
     return parser
+
+
+def finish_parsers(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """On every command's parser: defaults and an example in --help, and -q/--quiet (no progress bars)."""
+    parser.formatter_class = HelpFormatter
+    if path in EXAMPLES and not parser.epilog:  # a command registered elsewhere may bring its own
+        parser.epilog = f"example: {EXAMPLES[path]}"
+    commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in commands:
+        for name, child in action.choices.items():
+            finish_parsers(child, f"{path} {name}".strip())
+    if not commands and path:
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to an option's help unless it states its default or has none worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _add_optional_commands(sub) -> None:
@@ -296,12 +432,23 @@ def _tau(text: str) -> int | str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; bad input is one line on stderr and status 2, Ctrl-C status 130, never a traceback."""
     try:
+        args = build_parser().parse_args(argv)
+        from tiermoe import progress
+
+        progress.quiet(getattr(args, "quiet", False))
         return args.func(args) or 0
     except TiermoeError as e:
         print(f"tiermoe: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -64,6 +64,12 @@ class EngineConfig:
             raise ConfigError(f"prefetch_top_p must be >= 1, got {self.prefetch_top_p}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        for name in ("expert_cache", "gpu_expert_cache"):  # malformed or above 100%: refused before loading
+            if getattr(self, name) is not None:
+                try:
+                    parse_budget(getattr(self, name), 0)
+                except ConfigError as e:
+                    raise ConfigError(f"{name}: {e}") from None
         self._check_memory_limit()
         if self.io_threads is not None and self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tiermoe.checkpoint import CONVERTED_INDEX, EXPERTS_FILE, CheckpointIndex
 from tiermoe.errors import CheckpointError
 from tiermoe.models.registry import family, read_config
+from tiermoe.progress import progress
 
 ALIGN = 4096
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -48,7 +49,7 @@ def convert(src: str | Path, dst: str | Path) -> Path:
 def _write_experts(index: CheckpointIndex, path: Path) -> dict[str, dict]:
     entries = {}
     with open(path, "wb") as f:
-        for (layer, e), spec in sorted(index.experts().items()):
+        for (layer, e), spec in progress(sorted(index.experts().items()), desc="writing experts", unit="expert"):
             start = f.tell()
             parts = []
             for name, part in zip(("gate", "up", "down"), spec.parts, strict=True):

@@ -52,6 +52,9 @@ class LLM:
         self.model.to(cfg.torch_device)
         if not self.model.moe_blocks:
             refuse_offloading(cfg, self.hf_config["model_type"])
+        elif cfg.prefetch_top_p > self.model.shape.top_k:
+            raise ConfigError(f"prefetch_top_p {cfg.prefetch_top_p} is more than the {self.model.shape.top_k} experts "
+                              "a token routes to (top_k)")
         self.tokenizer = load_tokenizer(cfg.model, self.hf_config["model_type"])
         self.max_model_len = cfg.max_model_len or self.model.shape.max_position_embeddings
         self.memory = self._plan_memory(usage) if usage is not None and self.model.moe_blocks else None
@@ -162,16 +165,10 @@ class LLM:
                 bar.update(sum(s.finished for s in running))
 
             decoded = self._decode(seqs, on_step, observer)
-        work: dict[str, list[dict]] = {}  # a request's diffusion statistics, one per completion
-        for s in seqs:
-            if s.request_id in decoded:
-                work.setdefault(s.parent_id or s.request_id, []).append(decoded[s.request_id])
         outputs = request_outputs(seqs)
         for out in outputs:
             out.stats = self.stats()
-            if out.request_id in work:  # NFE, tokens per forward, logit rows
-                done = work[out.request_id]
-                out.stats["diffusion"] = done[0] if len(done) == 1 else done
+        add_diffusion_stats(outputs, seqs, decoded)
         return outputs
 
     def _decode(self, seqs: list[Sequence], on_step, observer) -> dict[str, dict]:
@@ -197,24 +194,33 @@ class LLM:
             block.on_route = None
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield a cumulative RequestOutput after every generated token; the last one has `finished` set.
+        """Yield a cumulative RequestOutput after every generated token (a diffusion model: after every block it
+        commits); the last one has `finished` set.
 
         While running, the text holds back an incomplete character or a possible start of a stop string.
         """
         seqs = self._make_sequences([prompt], sampling_params)  # n of them with SamplingParams.n
-        if self.diffusion is not None:  # blocks are unmasked all over: only the finished output is meaningful
-            yield from self._run(seqs, False, None)
-            return
         self.store.stats = StoreStats()
+        if self.diffusion is not None:
+            decoded: dict[str, dict] = {}
+            options = diffusion.DiffusionOptions(tau=self.config.tau)
+            for _ in diffusion.stream(self.model, seqs, self.tokenizer, self.diffusion, options, self.store, decoded):
+                yield self._partial_output(seqs, decoded)
+            return
         with torch.inference_mode():
             while running := [s for s in seqs if not s.finished]:
                 autoregressive.step(self.model, running, self.tokenizer)
-                (out,) = request_outputs(seqs)
-                for completion, seq in zip(out.outputs, seqs, strict=True):
-                    completion.text = seq.stable_text()
-                if out.finished:
-                    out.stats = self.stats()
-                yield out
+                yield self._partial_output(seqs)
+
+    def _partial_output(self, seqs: list[Sequence], decoded: dict[str, dict] | None = None) -> RequestOutput:
+        """The request's output so far, its text held back where it may still change; with stats once finished."""
+        (out,) = request_outputs(seqs)
+        for completion, seq in zip(out.outputs, seqs, strict=True):
+            completion.text = seq.stable_text()
+        if out.finished:
+            out.stats = self.stats()
+            add_diffusion_stats([out], seqs, decoded or {})
+        return out
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool | None = None) -> list[RequestOutput]:
@@ -295,6 +301,19 @@ class LLM:
         if self.tokenizer is None:
             raise RequestError(f"{self.config.model} has no tokenizer: pass prompts as token ids")
         return self.tokenizer
+
+
+def add_diffusion_stats(outputs: list[RequestOutput], seqs: list[Sequence], decoded: dict[str, dict]) -> None:
+    """Each request's diffusion work (NFE, tokens per forward, logit rows) into its stats: a dict, or one per
+    completion with n > 1."""
+    work: dict[str, list[dict]] = {}
+    for s in seqs:
+        if s.request_id in decoded:
+            work.setdefault(s.parent_id or s.request_id, []).append(decoded[s.request_id])
+    for out in outputs:
+        if out.request_id in work:
+            done = work[out.request_id]
+            out.stats["diffusion"] = done[0] if len(done) == 1 else done
 
 
 def refuse_offloading(config: EngineConfig, model_type: str) -> None:

@@ -63,9 +63,19 @@ class RequestOutput:
     def num_completion_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
 
+    def timing(self) -> dict:
+        """Time to first token and total time (s); prompt tokens per second up to the first token, decode tokens per
+        second after it (None where undefined). Each completion's first token comes from the prompt's forward."""
+        m = self.metrics
+        ttft, total = m.time_to_first_token, m.total_time
+        decode_tokens = self.num_completion_tokens - len(self.outputs)
+        decode_s = None if ttft is None or total is None else total - ttft
+        return {"time_to_first_token_s": ttft, "total_s": total,
+                "prompt_tokens_per_s": self.num_prompt_tokens / ttft if ttft else None,
+                "decode_tokens_per_s": decode_tokens / decode_s if decode_s and decode_tokens > 0 else None}
+
     def to_dict(self) -> dict:
         """JSON-ready form used by `tiermoe generate --json`."""
-        m = self.metrics
         return {
             "request_id": self.request_id,
             "prompt": self.prompt,
@@ -75,7 +85,7 @@ class RequestOutput:
             "logprobs": _jsonable(self.outputs[0].logprobs),
             "prompt_logprobs": _jsonable(self.prompt_logprobs),
             "usage": {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": self.num_completion_tokens},
-            "timing": {"time_to_first_token_s": m.time_to_first_token, "total_s": m.total_time},
+            "timing": self.timing(),
             "stats": self.stats,
             "outputs": [{**asdict(o), "logprobs": _jsonable(o.logprobs)} for o in self.outputs],
         }

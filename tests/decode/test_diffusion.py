@@ -158,7 +158,8 @@ def test_outputs_report_nfe_and_tokens_per_forward(llada2):
     stats = out.stats["diffusion"]
     assert stats["output_tokens"] == 16 and stats["tokens_per_forward"] == 16 / stats["nfe"]
     assert out.metrics.total_time > 0 and "total" in out.stats  # expert-store statistics are still there
-    (last,) = list(llada2.stream(SHORT, SamplingParams(temperature=0, max_tokens=16, block_length=8, steps=8)))
+    *partial, last = list(llada2.stream(SHORT, SamplingParams(temperature=0, max_tokens=16, block_length=8, steps=8)))
+    assert partial and not any(p.finished for p in partial)  # outputs as blocks are committed
     assert last.finished and last.outputs[0].token_ids == out.outputs[0].token_ids
 
 

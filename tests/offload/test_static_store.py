@@ -3,6 +3,7 @@ budget, the rest streamed and never cached. Lossless, the pinned set is the cali
 the budget is never exceeded, and missing or stale calibrations are refused by name."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,7 +136,10 @@ def test_missing_stale_and_conflicting_calibrations_are_refused(model, folders, 
 def test_calibrate_command_saves_what_static_pins(capsys):
     args = ["calibrate", "--only", "usage", "--usage-prompts", "2", "--chunk-tokens", "24", "--max-tokens", "8"]
     assert main(args) == 0
-    assert '"expert_usage"' in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "expert usage: 2 prompts" in captured.out
+    saved = Path(captured.err.split("saved ", 1)[1].split()[0])
+    assert saved.exists()  # where the command said it saved the calibration
     llm = LLM(DEFAULT_MODEL, expert_cache="25%", cache_policy="static")
     usage = load_usage(llm.index, [b.layer for b in llm.model.moe_blocks])
     assert usage.info["prompts"] == 2 and llm.store.placement.pinned

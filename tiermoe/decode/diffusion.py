@@ -32,7 +32,7 @@ reuse step, so that the store re-places experts only at refreshes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -154,8 +154,8 @@ class Denoiser:
         return False
 
 
-def decode_blocks(d: Denoiser, options: DiffusionOptions) -> None:
-    """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks."""
+def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Iterator[None]:
+    """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks; yields after each block."""
     p, prompt = d.seq.params, d.seq.prompt_ids
     size = p.block_length
     # The reference caps steps at gen_length // minimal_topk, and runs no step at all (returns mask tokens) at 0.
@@ -180,12 +180,15 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> None:
             chosen = commit_confident(confidence, p.threshold, schedule[step])
             canvas.commit(masked[chosen], tokens[chosen])
             d.stats.committed += chosen.numel()
-        if d.emit(canvas, lo, hi):
+        finished = d.emit(canvas, lo, hi)
+        yield
+        if finished:
             return
 
 
-def decode_full(d: Denoiser) -> None:
-    """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step."""
+def decode_full(d: Denoiser) -> Iterator[None]:
+    """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step; yields
+    after each block."""
     p, prompt = d.seq.params, d.seq.prompt_ids
     size, length = p.block_length, len(prompt) + p.max_tokens
     num_blocks = -(-p.max_tokens // size)
@@ -206,7 +209,9 @@ def decode_full(d: Denoiser) -> None:
             chosen = commit_top_k(confidence, k)
             canvas.commit(masked[chosen], tokens[chosen])
             d.stats.committed += chosen.numel()
-        if d.emit(canvas, lo, hi):
+        finished = d.emit(canvas, lo, hi)
+        yield
+        if finished:
             return
 
 
@@ -219,7 +224,17 @@ def generate(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: Diffus
     `on_step` sees a sequence once it has finished. With `options.tau` set, `store` (the one the MoE layers read
     from) is told refresh vs reuse before every step.
     """
-    stats = {}
+    stats: dict[str, dict] = {}
+    for seq in stream(model, seqs, tokenizer, diffusion, options, store, stats):
+        if seq.finished and on_step is not None:
+            on_step([seq])
+    return stats
+
+
+def stream(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: DiffusionModel, options: DiffusionOptions,
+           store: ExpertStore | None, stats: dict[str, dict]) -> Iterator[Sequence]:
+    """As `generate`, yielding the sequence being decoded after each block it commits (its tokens are appended by
+    then); `stats` holds each request's DiffusionStats so far, by request id."""
     rows = options.logit_rows or logit_rows(model.shape.vocab_size)
     with torch.inference_mode():
         for seq in seqs:
@@ -228,15 +243,10 @@ def generate(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: Diffus
             d = Denoiser(model, seq, tokenizer, diffusion.mask_id, rows, seq.generator, DiffusionStats(),
                          _schedule(options.tau, store))
             start = time.perf_counter()
-            if diffusion.schedule == "blocks":
-                decode_blocks(d, options)
-            else:
-                decode_full(d)
-            d.stats.decode_time = time.perf_counter() - start
-            stats[seq.request_id] = d.stats.to_dict(len(seq.output_ids))
-            if on_step is not None:
-                on_step([seq])
-    return stats
+            for _ in decode_blocks(d, options) if diffusion.schedule == "blocks" else decode_full(d):
+                d.stats.decode_time = time.perf_counter() - start
+                stats[seq.request_id] = d.stats.to_dict(len(seq.output_ids))
+                yield seq
 
 
 def _schedule(tau: Tau | None, store: ExpertStore | None) -> RefreshSchedule | None:

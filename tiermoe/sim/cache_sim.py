@@ -32,6 +32,7 @@ import numpy as np
 from tiermoe.offload.policies import POLICIES, CachePolicy, make_policy
 from tiermoe.offload.tiers.cache import ExpertCache
 from tiermoe.offload.tiers.fetch_order import fetch_order
+from tiermoe.progress import progress
 from tiermoe.sim.trace import Trace
 
 # Orders a prompt's routing [T, K] into (distinct experts in the order to serve them, tokens per expert).
@@ -170,7 +171,9 @@ def _policy_for(name: str, requests: Sequence[Sequence[int]], layer: int = 0, nu
     return make_policy(name, **kw)
 
 
-def _check_capacity(items: int, label: str, top_k: int) -> None:
+def _check_capacity(items: int, label: str, top_k: int, num_experts: int) -> None:
+    if items > num_experts:
+        raise ValueError(f"capacity {label} is more than the trace's {num_experts} experts per layer")
     if items < top_k:
         raise ValueError(f"capacity {label} gives {items} experts per layer, below top-k {top_k}: a token needs its "
                          f"whole top-k set resident at once, so the minimum capacity is {top_k} experts")
@@ -222,7 +225,7 @@ def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacit
                             prefill_order=getattr(prefill_order, "__name__", None))
     sizes = [(cap.label, cap.items_for(trace.num_experts)) for cap in capacities]
     for label, items in sizes:
-        _check_capacity(items, label, trace.top_k)
+        _check_capacity(items, label, trace.top_k, trace.num_experts)
     if prefill_order is None:  # the same replay at every capacity
         per_token = [(trace.layer_requests(layer, rows), counted) for layer in range(trace.num_layers)]
         replays = {items: per_token for _, items in sizes}
@@ -231,15 +234,20 @@ def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacit
                            for layer in range(trace.num_layers)] for _, items in sizes}
     requested = {items: [sum(len(r) for r, c in zip(reqs, mask, strict=True) if c) if mask is not None
                          else sum(map(len, reqs)) for reqs, mask in layers] for items, layers in replays.items()}
+    bar = progress(total=len(policies) * len(sizes) * trace.num_layers, desc="simulating", unit="layer")
     for name in policies:
         for label, items in sizes:
             kw = policy_args.get(name.lower())
             layers = replays[items]
-            counts = [replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw), mask)
-                      for layer, (reqs, mask) in enumerate(layers)]
+            bar.set_postfix_str(f"{name} {label}")
+            counts = []
+            for layer, (reqs, mask) in enumerate(layers):
+                counts.append(replay_layer_counts(reqs, items, _policy_for(name, reqs, layer, len(layers), kw), mask))
+                bar.update()
             hits = [c.hits for c in counts]
             rates = [h / n if n else 0.0 for h, n in zip(hits, requested[items], strict=True)]
             result.runs.append(PolicyRun(name.lower(), label, items, rates, float(np.mean(rates)) if rates else 0.0,
                                          sum(hits), sum(requested[items]), sum(c.prefetches for c in counts),
                                          sum(c.prefetch_hits for c in counts)))
+    bar.close()
     return result

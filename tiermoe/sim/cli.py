@@ -52,6 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run_cache(args: argparse.Namespace) -> int:
     """Runs `sim cache` for parsed arguments; returns the exit code."""
     try:
+        if args.plot and not args.plot.parent.is_dir():
+            raise ValueError(f"--plot {args.plot}: folder {args.plot.parent} does not exist")
         trace = Trace.load(args.trace)
         capacities = [Capacity.parse(c) for c in args.capacity]
         policy_args = {"learned": {"weights": args.learned_weights}} if args.learned_weights else None
@@ -59,10 +61,11 @@ def run_cache(args: argparse.Namespace) -> int:
                           policy_args=policy_args, warmup_prefill=args.warmup_prefill is not None,
                           prefill_order=fetch_order if args.warmup_prefill == "batched" else None)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"tiermoe: error: {e}", file=sys.stderr)
         return 2
     if args.plot:
         plot_hit_rates(result, args.plot)
+        print(f"tiermoe: wrote {args.plot}", file=sys.stderr)
     print(result.to_json() if args.json else format_result(result))
     return 0
 
@@ -118,7 +121,6 @@ def plot_hit_rates(result: CacheSimResult, path: Path) -> None:
     tokens = _tokens(result)
     ax.set_title(f"{result.trace}\n{result.tokens} {tokens} tokens, top-{result.top_k}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 

@@ -163,6 +163,12 @@ class Trace:
     def load(cls, path: str | Path) -> Trace:
         """Reads `<stem>.npz` and, when present, `<stem>.json`; `path` may name either file or the stem."""
         npz_path, json_path = _paths(path)
+        if not npz_path.is_file():
+            raise ValueError(f"no routing trace at {npz_path} (a trace is FILE.npz with FILE.json beside it, as "
+                             "`tiermoe generate --record-trace FILE` writes)")
+        with open(npz_path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # .npz files are zip archives
+                raise ValueError(f"{npz_path} is not a routing trace: not an .npz archive")
         meta = json.loads(json_path.read_text()) if json_path.exists() else {}
         meta.setdefault("file", npz_path.name)
         with np.load(npz_path, allow_pickle=False) as z:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tiermoe import progress
 from tiermoe.checkpoint import CheckpointIndex
 from tiermoe.errors import ConfigError
 from tiermoe.offload.placement.costs import cache_dir, write_json
@@ -69,7 +70,7 @@ def count_usage(llm, prompts: list, params) -> ExpertUsage:
 
     hooks = [b.gate.register_forward_hook(partial(hook, layer=b.layer)) for b in llm.model.moe_blocks]
     try:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=progress.shown())
     finally:
         for h in hooks:
             h.remove()

@@ -21,6 +21,8 @@ def parse_budget(value: str | int | float, total: int) -> int:
         if not m or (unit != "%" and unit not in _UNITS):
             raise ConfigError(f"cannot read budget {value!r}: use bytes, a size like 2GiB or 512MB, or a percentage")
         number = float(m[1])
+        if unit == "%" and number > 100:
+            raise ConfigError(f"budget {value!r} is more than all the experts (100%)")
         nbytes = int(total * number / 100) if unit == "%" else int(number * _UNITS[unit])
     if nbytes < 0:
         raise ConfigError(f"budget must be >= 0, got {value!r}")

@@ -16,6 +16,7 @@ from tiermoe.decode.kv_cache import KVCache
 from tiermoe.decode.sequence import Sequence
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.prefetch import ResidualPrefetcher
+from tiermoe.progress import progress
 from tiermoe.sampling_params import SamplingParams
 
 
@@ -39,7 +40,7 @@ def capture(model: CausalLM, chunks: list[list[int]]) -> RouterInputs:
         hooks.append(block.gate.register_forward_hook(hook))
     try:
         with torch.inference_mode():
-            for ids in chunks:
+            for ids in progress(chunks, desc="capturing router inputs", unit="chunk"):
                 seq = Sequence("calib", None, ids, SamplingParams(max_tokens=1), KVCache(len(ids)), len(ids) + 1,
                                frozenset())
                 forward_new_tokens(model, [seq])
@@ -72,17 +73,42 @@ def prediction_quality(model: CausalLM, run: RouterInputs, prefetcher: ResidualP
 
 
 def calibrate(llm, ids: list[int], chunk_tokens: int = 256, held_out: float = 0.2) -> dict:
-    """Fit the residuals on the first part of the token ids, save them with the model, report quality on the rest."""
-    from tiermoe.offload.prefetch import CALIBRATION_FILE, save_residuals
+    """Fit the residuals on the first part of the token ids, save them (prefetch.residuals_path: beside the model, or
+    in the user's cache), report quality on the rest and where the residuals went (`file`)."""
+    from tiermoe.offload.prefetch import residuals_path, save_residuals
 
     chunks = [ids[i:i + chunk_tokens] for i in range(0, len(ids) - chunk_tokens + 1, chunk_tokens)]
     cut = max(1, int(len(chunks) * (1 - held_out)))
     fit, test = capture(llm.model, chunks[:cut]), capture(llm.model, chunks[cut:] or chunks[:1])
     deltas = residuals(llm.model, fit)
-    save_residuals(llm.config.model / CALIBRATION_FILE, deltas)
+    path = residuals_path(llm.config.model, writing=True)
+    save_residuals(path, deltas)
     k = llm.model.shape.top_k
-    report = {"fit_tokens": sum(map(len, chunks[:cut])), "held_out_tokens": sum(map(len, chunks[cut:]))}
+    report = {"file": str(path), "fit_tokens": sum(map(len, chunks[:cut])),
+              "held_out_tokens": sum(map(len, chunks[cut:]))}
     for name, res in (("residual", deltas), ("plain", None)):
         pf = ResidualPrefetcher(llm.model, res)
         report[name] = {f"top{j}": prediction_quality(llm.model, test, pf, j) for j in sorted({1, k})}
     return report
+
+
+def format_report(report: dict) -> str:
+    """`tiermoe calibrate`'s tables: per layer, the next-layer prediction's precision and recall with and without the
+    residual; then what the expert-usage count covered."""
+    lines = []
+    if "residual" in report:
+        tops = list(report["residual"])  # "top1", "top<k>"
+        heads = [f"{m}@{t[3:]} {v}" for t in tops for m in ("P", "R") for v in ("resid", "plain")]
+        lines += [f"next-layer expert prediction on {report['held_out_tokens']} held-out tokens (fit on "
+                  f"{report['fit_tokens']}): precision P and recall R of the top-k predicted, with the residual "
+                  "(resid) and without (plain)",
+                  f"{'layer':>5} " + " ".join(f"{h:>11}" for h in heads)]
+        for layer in report["residual"][tops[0]]:
+            cells = [report[v][t][layer][m] for t in tops for m in ("precision", "recall") for v in ("residual",
+                                                                                                     "plain")]
+            lines.append(f"{layer:>5} " + " ".join(f"{c:>11.3f}" for c in cells))
+    if "expert_usage" in report:
+        u = report["expert_usage"]
+        lines.append(f"expert usage: {u['prompts']} prompts, {u['prompt_tokens']} prompt tokens, "
+                     f"{u['generated_tokens']} generated tokens")
+    return "\n".join(lines)

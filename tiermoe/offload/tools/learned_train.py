@@ -18,6 +18,7 @@ import numpy as np
 
 from tiermoe.offload.policies.learned import MLP, LearnedConfig, LearnedWeights
 from tiermoe.offload.policies.learned_features import LayerHistory
+from tiermoe.progress import progress
 from tiermoe.sim.trace import Trace
 
 
@@ -115,7 +116,7 @@ def mine_trace(trace: Trace, config: LearnedConfig, rows: int, seed: int = 0) ->
     every = np.arange(trace.num_tokens)
     decode = ~trace.is_prefill
     return [mine_layer(trace.layer_requests(layer, every), config, rows, np.random.default_rng([seed, layer]), decode)
-            for layer in range(trace.num_layers)]
+            for layer in progress(range(trace.num_layers), desc=f"mining {trace.name or 'trace'}", unit="layer")]
 
 
 def fit_mlp(rows: Rows, config: TrainConfig) -> MLP:
@@ -129,7 +130,7 @@ def fit_mlp(rows: Rows, config: TrainConfig) -> MLP:
                               torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     x, y = torch.from_numpy(rows.x), torch.from_numpy(rows.y)
-    for _ in range(config.epochs):
+    for _ in progress(range(config.epochs), desc="fitting the MLP", unit="epoch"):
         for idx in torch.randperm(len(y)).split(config.batch):
             loss = torch.nn.functional.mse_loss(net(x[idx]).squeeze(-1), y[idx])
             opt.zero_grad()

@@ -76,11 +76,11 @@ def run_train(args: argparse.Namespace) -> int:
         traces = [Trace.load(p) for p in args.trace]
         splits = [split_sequences(t, args.split, args.seed) for t in traces]
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"tiermoe: error: {e}", file=sys.stderr)
         return 2
     parts = [first for first, _, _ in splits if first.num_sequences]
     if not parts:
-        print("error: the split leaves no sequence to train on", file=sys.stderr)
+        print("tiermoe: error: the split leaves no sequence to train on", file=sys.stderr)
         return 2
     weights = train(parts, config, log=lambda m: print(m, file=sys.stderr))
     weights.info["traces"] = [t.name for t, (first, _, _) in zip(traces, splits, strict=True) if first.num_sequences]
