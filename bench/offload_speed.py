@@ -58,8 +58,9 @@ class Config:
     perfect_prefetch: bool = False
 
 
-def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int) -> Path:
-    """An OLMoE-architecture checkpoint with the trace's layers/experts/top-k, written by transformers."""
+def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int, keep_source: bool = False) -> Path:
+    """An OLMoE-architecture checkpoint with the trace's layers/experts/top-k, written by transformers and converted
+    (the transformers checkpoint stays in folder/hf with `keep_source`)."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
@@ -70,7 +71,8 @@ def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int) -> Pat
     src = folder / "hf"
     OlmoeForCausalLM(config).save_pretrained(src)
     dst = convert(src, folder / "aligned")
-    shutil.rmtree(src)
+    if not keep_source:
+        shutil.rmtree(src)
     return dst
 
 
@@ -139,7 +141,7 @@ def decode_stats(folder: Path, trace_path: Path, sequences: list[int], config: C
 def _replay_decode_only(llm: LLM, trace_path: Path, seq: int, max_tokens: int | None,
                         perfect_prefetch: bool = False) -> dict:
     """Replay one sequence; statistics are reset when its first token is out, so they cover decode only."""
-    from tiermoe.decode import autoregressive
+    from tiermoe.engine import model_runner as autoregressive
     from tiermoe.offload.tiers.stats import StoreStats
     from tiermoe.sampling_params import SamplingParams
 
