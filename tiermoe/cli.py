@@ -234,9 +234,7 @@ def warn_ignored(args: argparse.Namespace, llm) -> None:
 
 
 def warn_context(llm, prompt, params) -> None:
-    """Say when max_tokens will be cut by the context (an autoregressive model stops at its end)."""
-    if llm.diffusion is not None:
-        return
+    """Say when max_tokens will be cut by the context (generation stops at its end)."""
     ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else llm.tokenizer.encode(prompt)
     room = llm.max_model_len - len(ids)
     if params.max_tokens > room > 0:

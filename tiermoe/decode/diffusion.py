@@ -8,7 +8,8 @@ reference's full recomputation would. A block's final K/V are written by the nex
 both (no extra forward). Per step: commit every masked position of the block whose confidence exceeds `threshold`,
 else the k most confident, k from `block_length` spread over `steps` (remainder first; a step with k = 0 commits
 only what crosses the threshold). `min_commit` (the reference's `minimal_topk`) only caps `steps` at
-`max_tokens // min_commit`. The last block is denoised whole even past `max_tokens`, as the reference does: the
+`max_tokens // min_commit`. A `max_tokens` beyond the context (max_model_len) counts as the room left there. The
+last block is denoised whole even past `max_tokens`, as the reference does: the
 order in which its positions are committed depends on all of them. A request whose output reaches EOS stops after
 that block; the text is cut at EOS.
 
@@ -144,6 +145,11 @@ class Denoiser:
                                      tempered_confidence)
         return tokens.cpu(), confidence.cpu()
 
+    def generated_length(self) -> int:
+        """Positions to generate: max_tokens, or the room left in the context (max_model_len) when that is less;
+        nothing past the context would be kept, so it is not denoised either."""
+        return min(self.seq.params.max_tokens, self.seq.max_len - len(self.seq.prompt_ids))
+
     def emit(self, canvas: Canvas, lo: int, hi: int) -> bool:
         """Append a finished block's generated tokens to the request; True once it has finished (EOS, length)."""
         self.stats.blocks += 1
@@ -156,12 +162,12 @@ class Denoiser:
 
 def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Iterator[None]:
     """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks; yields after each block."""
-    p, prompt = d.seq.params, d.seq.prompt_ids
+    p, prompt, gen = d.seq.params, d.seq.prompt_ids, d.generated_length()
     size = p.block_length
     # The reference caps steps at gen_length // minimal_topk, and runs no step at all (returns mask tokens) at 0.
-    steps = max(1, min(p.steps, p.max_tokens // p.min_commit))
+    steps = max(1, min(p.steps, gen // p.min_commit))
     schedule = transfer_schedule(size, steps)
-    num_blocks = -(-(len(prompt) + p.max_tokens) // size)
+    num_blocks = -(-(len(prompt) + gen) // size)
     canvas = Canvas.new(prompt, num_blocks * size, d.mask_id)
     cache = KVCache(num_blocks * size)
     final = 0  # positions before this have their final K/V in the cache
@@ -189,9 +195,9 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Iterator[None]:
 def decode_full(d: Denoiser) -> Iterator[None]:
     """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step; yields
     after each block."""
-    p, prompt = d.seq.params, d.seq.prompt_ids
-    size, length = p.block_length, len(prompt) + p.max_tokens
-    num_blocks = -(-p.max_tokens // size)
+    p, prompt, gen = d.seq.params, d.seq.prompt_ids, d.generated_length()
+    size, length = p.block_length, len(prompt) + gen
+    num_blocks = -(-gen // size)
     steps = max(1, p.steps // num_blocks)
     canvas = Canvas.new(prompt, length, d.mask_id)
     cache = KVCache(length)  # overwritten from position 0 by every step
