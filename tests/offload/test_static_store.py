@@ -133,7 +133,8 @@ def test_missing_stale_and_conflicting_calibrations_are_refused(model, folders, 
 
 
 def test_calibrate_command_saves_what_static_pins(capsys):
-    args = ["calibrate", "--only", "usage", "--usage-prompts", "2", "--chunk-tokens", "24", "--max-tokens", "8"]
+    args = ["calibrate", "--only", "usage", "--usage-prompts", "2", "--chunk-tokens", "24", "--max-tokens", "8",
+            "--json"]
     assert main(args) == 0
     assert '"expert_usage"' in capsys.readouterr().out
     llm = LLM(DEFAULT_MODEL, expert_cache="25%", cache_policy="static")
