@@ -18,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--baseline", type=Path, default=None, help="another tiermoe source tree to compare with")
     ap.add_argument("--drop-caches", action="store_true", help="also measure with the whole page cache dropped")
-    ap.add_argument("--kernels-dir", type=Path, default=Path("/tmp/tiermoe-start-time-kernels"),
+    ap.add_argument("--kernels-dir", type=Path, default=Path(tempfile.gettempdir()) / "tiermoe-start-time-kernels",
                     help="where each tree's compiled kernels are kept (built before timing)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)

@@ -233,16 +233,14 @@ def warn_ignored(args: argparse.Namespace, llm) -> None:
         if getattr(args, "diffusion", False) and args.model:
             warn(f"--diffusion picks the built-in diffusion model when --model is not given; {args.model} is "
                  f"{model_type}, an autoregressive model: --diffusion ignored")
-    trained = llm.model.shape.max_position_embeddings
-    if args.max_model_len is not None and args.max_model_len > trained:
-        warn(f"--max-model-len {args.max_model_len} is above the {trained} positions {model_type} was trained on: "
+    trained, given = llm.model.shape.max_position_embeddings, getattr(args, "max_model_len", None)
+    if given is not None and given > trained:
+        warn(f"--max-model-len {given} is above the {trained} positions {model_type} was trained on: "
              "text past them may degrade")
 
 
 def warn_context(llm, prompt, params) -> None:
-    """Say when max_tokens will be cut by the context (an autoregressive model stops at its end)."""
-    if llm.diffusion is not None:
-        return
+    """Say when max_tokens will be cut by the context (generation stops at its end)."""
     ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else llm.tokenizer.encode(prompt)
     room = llm.max_model_len - len(ids)
     if params.max_tokens > room > 0:
@@ -306,6 +304,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tiermoe.offload.tools.calibrate import calibrate, format_report
 
     llm = LLM(model_path(args), dtype=args.dtype, threads=args.threads)
+    warn_ignored(args, llm)
     ids = llm.tokenizer.encode(text)
     report = calibrate(llm, ids, args.chunk_tokens) if args.only in (None, "residuals") else {}
     if args.only in (None, "usage"):
@@ -332,6 +331,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from tiermoe.llm import LLM
 
     llm = LLM(model_path(args), **engine_kwargs(args))
+    warn_ignored(args, llm)
     return chat(llm, sampling_params(args), args.system)
 
 

@@ -159,6 +159,7 @@ def test_outputs_report_nfe_and_tokens_per_forward(llada2):
     assert stats["output_tokens"] == 16 and stats["tokens_per_forward"] == 16 / stats["nfe"]
     assert out.metrics.total_time > 0 and "total" in out.stats  # expert-store statistics are still there
     *running, last = llada2.stream(SHORT, SamplingParams(temperature=0, max_tokens=16, block_length=8, steps=8))
+    assert last.stats["diffusion"] == {**stats, "decode_time": last.stats["diffusion"]["decode_time"]}
     assert last.finished and last.outputs[0].token_ids == out.outputs[0].token_ids
     # one output per committed block: the tokens grow a block at a time
     assert running and not any(o.finished for o in running)
@@ -183,3 +184,14 @@ def test_bad_diffusion_params_are_refused(bad):
 def test_routing_traces_are_refused_for_diffusion_models(llada2, tmp_path):
     with pytest.raises(RequestError, match="autoregressive"):
         llada2.generate([SHORT], SamplingParams(max_tokens=4), record_trace=tmp_path / "t")
+
+
+@pytest.mark.parametrize("family", ["llada2_moe", "llada"])
+def test_max_tokens_beyond_the_context_denoises_only_the_room_left(folders, family):
+    llm = LLM(folders[family], max_model_len=40)
+    room = 40 - len(LONG)
+    params = dict(temperature=0, block_length=8, steps=8, ignore_eos=True)
+    huge = llm.generate([LONG], SamplingParams(max_tokens=10**9, **params))[0]  # no canvas of 10**9 positions
+    fits = llm.generate([LONG], SamplingParams(max_tokens=room, **params))[0]
+    assert huge.outputs[0].token_ids == fits.outputs[0].token_ids and len(fits.outputs[0].token_ids) == room
+    assert huge.stats["diffusion"]["nfe"] == fits.stats["diffusion"]["nfe"]

@@ -357,7 +357,7 @@ def test_random_settings_and_prompts_autoregressive(data, autoregressive):
     budget = data.draw(st.integers(ref.budgets["min"], ref.total), label="budget")
     options = dict(cache_policy=data.draw(st.sampled_from(LIVE_POLICIES), label="policy"),
                    prefetch=data.draw(st.sampled_from(PREFETCHERS), label="prefetch"),
-                   prefetch_top_p=data.draw(st.integers(1, 2), label="top_p"))
+                   prefetch_top_p=data.draw(st.integers(1, min(3, ref.resident.model.shape.top_k)), label="top_p"))
     prompts = data.draw(st.lists(st.lists(st.integers(0, 127), min_size=1, max_size=12), min_size=1, max_size=4),
                         label="prompts")
     params = SamplingParams(temperature=0, max_tokens=data.draw(st.integers(1, 12), label="max_tokens"))

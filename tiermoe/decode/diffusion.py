@@ -8,7 +8,8 @@ reference's full recomputation would. A block's final K/V are written by the nex
 both (no extra forward). Per step: commit every masked position of the block whose confidence exceeds `threshold`,
 else the k most confident, k from `block_length` spread over `steps` (remainder first; a step with k = 0 commits
 only what crosses the threshold). `min_commit` (the reference's `minimal_topk`) only caps `steps` at
-`max_tokens // min_commit`. The last block is denoised whole even past `max_tokens`, as the reference does: the
+`max_tokens // min_commit`. A `max_tokens` beyond the context (max_model_len) counts as the room left there. The
+last block is denoised whole even past `max_tokens`, as the reference does: the
 order in which its positions are committed depends on all of them. A request whose output reaches EOS stops after
 that block; the text is cut at EOS.
 
@@ -52,7 +53,6 @@ from tiermoe.models.layers import ForwardBatch, SeqSlice
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.placement.refresh import RefreshSchedule, Tau
 from tiermoe.offload.tiers.store import ExpertStore
-from tiermoe.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +152,7 @@ class Denoiser:
                                      tempered_confidence)
         return tokens.cpu(), confidence.cpu()
 
+
     def emit(self, canvas: Canvas, lo: int, hi: int) -> bool:
         """Append a finished block's generated tokens to the request; True once it has finished (EOS, length)."""
         self.stats.blocks += 1
@@ -162,11 +163,18 @@ class Denoiser:
         return False
 
 
-def canvas_length(params: SamplingParams, prompt_len: int, schedule: str) -> int:
+def canvas_length(req: Request, schedule: str) -> int:
     """Positions a request's canvas (prompt and generated region) spans: what its K/V cache must hold."""
+    prompt_len, gen, size = len(req.prompt_ids), generated_length(req), req.params.block_length
     if schedule == "blocks":  # whole blocks aligned to position 0
-        return -(-(prompt_len + params.max_tokens) // params.block_length) * params.block_length
-    return prompt_len + params.max_tokens
+        return -(-(prompt_len + gen) // size) * size
+    return prompt_len + gen
+
+
+def generated_length(req: Request) -> int:
+    """Positions to generate: max_tokens, or the room left in the context (max_model_len) when that is less;
+    nothing past the context would be kept, so it is not denoised either."""
+    return min(req.params.max_tokens, req.max_len - len(req.prompt_ids))
 
 
 Steps = Generator[Forward, torch.Tensor, None]  # yields the forwards it needs, is sent their hidden states
@@ -174,12 +182,12 @@ Steps = Generator[Forward, torch.Tensor, None]  # yields the forwards it needs, 
 
 def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Steps:
     """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks."""
-    p, prompt = d.seq.params, d.seq.prompt_ids
+    p, prompt, gen = d.seq.params, d.seq.prompt_ids, generated_length(d.seq)
     size = p.block_length
     # The reference caps steps at gen_length // minimal_topk, and runs no step at all (returns mask tokens) at 0.
-    steps = max(1, min(p.steps, p.max_tokens // p.min_commit))
+    steps = max(1, min(p.steps, gen // p.min_commit))
     schedule = transfer_schedule(size, steps)
-    num_blocks = canvas_length(p, len(prompt), "blocks") // size
+    num_blocks = canvas_length(d.seq, "blocks") // size
     canvas = Canvas.new(prompt, num_blocks * size, d.mask_id)
     final = 0  # positions before this have their final K/V in the cache
     first = len(prompt) // size
@@ -204,9 +212,9 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Steps:
 def decode_full(d: Denoiser) -> Steps:
     """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step (the
     cache is overwritten from position 0 by every step)."""
-    p, prompt = d.seq.params, d.seq.prompt_ids
-    size, length = p.block_length, canvas_length(p, len(prompt), "full")
-    num_blocks = -(-p.max_tokens // size)
+    p, prompt, gen = d.seq.params, d.seq.prompt_ids, generated_length(d.seq)
+    size, length = p.block_length, canvas_length(d.seq, "full")
+    num_blocks = -(-gen // size)
     steps = max(1, p.steps // num_blocks)
     canvas = Canvas.new(prompt, length, d.mask_id)
     for block in range(num_blocks):
@@ -236,7 +244,7 @@ class Denoising:
                  options: DiffusionOptions = DiffusionOptions(), store: ExpertStore | None = None):
         rows = options.logit_rows or logit_rows(model.shape.vocab_size)
         self.req = req
-        self.length = canvas_length(req.params, len(req.prompt_ids), diffusion.schedule)
+        self.length = canvas_length(req, diffusion.schedule)
         self.denoiser = Denoiser(model, req, KVCache(self.length), tokenizer, diffusion.mask_id, rows, req.generator,
                                  DiffusionStats(), _schedule(options.tau, store))
         self.steps = (decode_blocks(self.denoiser, options) if diffusion.schedule == "blocks"

@@ -221,7 +221,7 @@ class LLMEngine:
         req = children[0]
         need = min(len(req.prompt_ids) + req.params.max_tokens, self.max_model_len)
         if self.diffusion is not None:  # the whole canvas, allocated at admission
-            need = diffusion.canvas_length(req.params, len(req.prompt_ids), self.diffusion.schedule)
+            need = diffusion.canvas_length(req, self.diffusion.schedule)
         if need > self.kv.capacity_tokens:
             raise RequestError(f"the request needs KV cache for {need} tokens (prompt + max_tokens) but "
                                f"kv_cache_memory holds {self.kv.capacity_tokens} ({format_bytes(self.kv.budget)}): "

@@ -86,7 +86,7 @@ def compile_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         folder, source = staged_source()
-        if not (folder / "tiermoe_gemv.so").exists():  # the first run on a machine: say why it takes a while
+        if not (folder / "tiermoe_gemv.so").exists() and sys.stderr.isatty():  # a first run: say why it waits
             print("tiermoe: compiling the decode kernels for this machine (once, about 20 s)...", file=sys.stderr,
                   flush=True)
         # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded.
