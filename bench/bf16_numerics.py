@@ -131,7 +131,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="a checkpoint folder (default: peers' mixtral-0.6b)")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--baseline", default=None, help="a git revision to compare with (numerics and speed)")
+    ap.add_argument("--baseline", default=None,
+                    help="a git revision, or a checkout's folder, to compare with (numerics and speed)")
     ap.add_argument("--reps", type=int, default=3, help="speed repetitions per tree")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--show-steps", type=int, default=8, help="steps listed one by one in the table")
@@ -149,11 +150,15 @@ def main() -> None:
         ref_file = Path(tmp) / "fp32.pt"
         torch.save(fp32_reference(model, _prompt_ids(model), args.tokens), ref_file)
         trees = {"tiermoe bf16": REPO}
+        checkout = args.baseline is not None and not Path(args.baseline).is_dir()
         if args.baseline:
-            base = Path(tmp) / "baseline"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), args.baseline],
-                           check=True, capture_output=True)
-            trees = {f"tiermoe bf16 at {args.baseline}": base, **trees}
+            base = Path(tmp) / "baseline" if checkout else Path(args.baseline)
+            if checkout:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), args.baseline],
+                               check=True, capture_output=True)
+            rev = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True, check=False).stdout.strip() or args.baseline
+            trees = {f"tiermoe bf16 at {rev} (before)": base, **trees}
         try:
             runs = {label: run_tree(tree, f"t{i}", model, ref_file, False) for i, (label, tree) in
                     enumerate(trees.items())}
@@ -162,7 +167,7 @@ def main() -> None:
                 for i, (label, tree) in enumerate(trees.items()):
                     speed[label].append(statistics.median(run_tree(tree, f"t{i}", model, ref_file, True)["tok_s"]))
         finally:
-            if args.baseline:
+            if checkout:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
         engines = {"transformers bf16": summary(transformers_bf16(model, torch.load(ref_file)))}
         engines.update({label: summary(r) for label, r in runs.items()})
