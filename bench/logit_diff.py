@@ -30,8 +30,14 @@ def reference_run(model, prompt: list[int], n: int) -> tuple[list[int], torch.Te
     """Greedy tokens and the logits that chose each of them [n, V] (one forward over the whole sequence)."""
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        logits = model(out).logits[0, len(prompt) - 1:-1].float()
-    return out[0, len(prompt):].tolist(), logits
+    tokens = out[0, len(prompt):].tolist()
+    return tokens, teacher_forced(model, prompt, tokens)
+
+
+def teacher_forced(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """A transformers model's fp32 logits at each step when fed `tokens` after the prompt [n, V] (one forward)."""
+    with torch.inference_mode():
+        return model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
 
 
 def decode_logits(llm: LLM, prompt: list[int], tokens: list[int]) -> torch.Tensor:
@@ -43,6 +49,12 @@ def decode_logits(llm: LLM, prompt: list[int], tokens: list[int]) -> torch.Tenso
             rows.append(forward_new_tokens(llm.model, [seq])[0].float())
             seq.output_ids.append(tok)
     return torch.stack(rows)
+
+
+def step_distances(logits: torch.Tensor, reference: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per step (row), the max and the mean |logit - reference logit| over the vocabulary."""
+    diff = (logits - reference).abs()  # [n, V]
+    return diff.amax(-1).tolist(), diff.mean(-1).tolist()
 
 
 def compare(name: str, folder: Path, reference, prompt: list[int], n: int) -> list[dict]:

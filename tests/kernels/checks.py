@@ -16,7 +16,8 @@ SHAPES = list(itertools.product((1, 2, 3, 5, 8), (1, 7, 33, 130), (1, 15, 33, 10
 
 
 def check_linear_close_to_float64(x_dtype: torch.dtype, w_dtype: torch.dtype, seed: int = 0) -> None:
-    """Within fp32 accumulation error of the exact product, plus one rounding to x's dtype."""
+    """Within fp32 accumulation error of the exact product, plus one rounding to x's dtype; asked for fp32, the
+    same sums unrounded."""
     g = torch.Generator().manual_seed(seed)
     for m, n, k in SHAPES:
         x = torch.randn(m, k, generator=g).to(x_dtype)
@@ -28,6 +29,9 @@ def check_linear_close_to_float64(x_dtype: torch.dtype, w_dtype: torch.dtype, se
         size = x.double().abs() @ w.double().abs().T + b.double().abs()
         bound = (k + 2) * EPS32 * size + (2.0**-8 if x_dtype == torch.bfloat16 else 0.0) * exact.abs()
         assert ((y.double() - exact).abs() <= bound + 1e-30).all(), (x_dtype, w_dtype, m, n, k)
+        y32 = kernels.linear(x, w, b, torch.float32)
+        assert y32.dtype == torch.float32 and torch.equal(y32.to(x_dtype), y)
+        assert ((y32.double() - exact).abs() <= (k + 2) * EPS32 * size + 1e-30).all(), (x_dtype, w_dtype, m, n, k)
 
 
 def check_rows_independent_of_batch(dtype: torch.dtype, seed: int = 0) -> None:
@@ -39,10 +43,10 @@ def check_rows_independent_of_batch(dtype: torch.dtype, seed: int = 0) -> None:
         down = torch.randn(k, 48, generator=g).to(dtype) / 8
         rows = torch.randn(kernels.MAX_ROWS, k, generator=g).to(dtype)
         scale = torch.rand(kernels.MAX_ROWS, 1, generator=g)
-        batch, mlp = kernels.linear(rows, w), kernels.swiglu(rows, gate_up, down, scale)
+        batch, mlp = kernels.linear(rows, w), kernels.swiglu(rows, gate_up, down, scale, torch.float32)
         for i in range(kernels.MAX_ROWS):
             assert torch.equal(kernels.linear(rows[i:i + 1], w)[0], batch[i])
-            assert torch.equal(kernels.swiglu(rows[i:i + 1], gate_up, down, scale[i:i + 1])[0], mlp[i])
+            assert torch.equal(kernels.swiglu(rows[i:i + 1], gate_up, down, scale[i:i + 1], torch.float32)[0], mlp[i])
             others = torch.cat([rows[i:i + 1], torch.randn(2, k, generator=g).to(dtype)])
             assert torch.equal(kernels.linear(others, w)[0], batch[i])
 
@@ -59,6 +63,8 @@ def check_swiglu_close_to_float64(dtype: torch.dtype, seed: int = 0) -> None:
         exact = F.linear(F.silu(gate) * up, down.double()) * scale.double()
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the activation is rounded once before `down`
         assert y.dtype == dtype and (y.double() - exact).abs().max() <= tol * exact.abs().max(), (dtype, m)
+        y32 = kernels.swiglu(x, gate_up, down, scale, torch.float32)  # the same sums, not rounded to x's dtype
+        assert y32.dtype == torch.float32 and torch.equal(y32.to(dtype), y), (dtype, m)
 
 
 def run_all() -> None:

@@ -54,15 +54,3 @@ def last_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     seq = llm._make_sequence(prompt, GREEDY_32)
     with torch.inference_mode():
         return forward_new_tokens(llm.model, [seq])[0]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bfloat16_logits_close_to_transformers_in_bfloat16(family, tiny_models):
-    """bf16 keeps ~3 significant digits, so near-tied tokens may flip between kernels: compare logits, not tokens."""
-    llm = LLM(tiny_models(family), dtype="bfloat16")
-    assert llm.model.lm_head.weight.dtype == torch.bfloat16
-    ref = make_reference(family).to(torch.bfloat16)
-    for prompt in PROMPTS:
-        with torch.inference_mode():
-            expected = ref(torch.tensor([prompt])).logits[0, -1].float()
-        torch.testing.assert_close(last_logits(llm, prompt), expected, atol=0.1, rtol=0.02)

@@ -65,46 +65,49 @@ def _tiles(x: torch.Tensor, ops) -> list[torch.Tensor] | None:
     return None if x.shape[0] <= rows else list(x.split(rows))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); x [M, K] or [K], weight [N, K] -> [M, N] (or [N]) in x's dtype."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); x [M, K] or [K], weight [N, K] -> [M, N] (or [N]) in x's dtype, or in `out_dtype`
+    (float32: the kernels store their fp32 sums unrounded; torch's ops round to x's dtype first)."""
     ops = _ops if _ops is not _UNSET else compiled()
     tiles = _tiles(x, ops)
     if tiles is not None:
-        return torch.cat([linear(t, weight, bias) for t in tiles])
+        return torch.cat([linear(t, weight, bias, out_dtype) for t in tiles])
     if ops is None or x.dim() != 2 or x.device.type != "cpu":
         if weight.dtype != x.dtype:  # e.g. an fp32 router product over bf16 weights
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
-        return F.linear(x, weight, bias)
-    return ops.linear(x, weight, bias, MAX_ROWS)
+        y = F.linear(x, weight, bias)
+        return y if out_dtype is None else y.to(out_dtype)
+    return ops.linear(x, weight, bias, MAX_ROWS, out_dtype == torch.float32)
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """down(silu(gate) * up) * scale: x [M, H], gate_up [2I, H] (gate rows, then up rows), down [H, I], scale [M, 1]
-    or None -> [M, H] in x's dtype.
+    or None -> [M, H] in x's dtype, or in `out_dtype` (float32 only).
 
     The kernels keep the gate/up products in fp32 through the activation and apply `scale` before the one rounding
-    to x's dtype; torch's ops round at each step, as transformers' experts do.
+    to the output dtype; torch's ops round at each step, as transformers' experts do.
     """
     ops = _ops if _ops is not _UNSET else compiled()
     tiles = _tiles(x, ops)
     if tiles is not None:
         scales = [None] * len(tiles) if scale is None else scale.split(tiles[0].shape[0])
-        return torch.cat([swiglu(t, gate_up, down, s) for t, s in zip(tiles, scales, strict=True)])
+        return torch.cat([swiglu(t, gate_up, down, s, out_dtype) for t, s in zip(tiles, scales, strict=True)])
     if ops is None or x.device.type != "cpu":
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down)
-        return y if scale is None else (y * scale).to(x.dtype)
-    return ops.swiglu(x, gate_up, down, scale, MAX_ROWS)
+        return (y if scale is None else y * scale).to(out_dtype or x.dtype)
+    return ops.swiglu(x, gate_up, down, scale, MAX_ROWS, out_dtype == torch.float32)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * (x * rsqrt(mean(x^2) + eps)) with fp32 statistics, rounded to x's dtype before the weight (as the
-    reference RMSNorm does); x [..., n]."""
+    """weight * (x * rsqrt(mean(x^2) + eps)) computed in fp32 and rounded once to the weight's dtype (the dtype of
+    the products it feeds); x [..., n] in that dtype or fp32 (the residual stream)."""
     ops = _ops if _ops is not _UNSET else compiled()
     if ops is None or x.device.type != "cpu":
         xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(weight.dtype)
     return ops.rmsnorm(x, weight, eps)
 
 

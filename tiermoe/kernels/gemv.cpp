@@ -326,16 +326,18 @@ std::optional<torch::Tensor> fp32_vector(const std::optional<torch::Tensor>& t) 
 
 }  // namespace
 
-// F.linear(x, weight, bias) for x [M, K] with M <= max_rows, in x's dtype, accumulated in fp32.
+// F.linear(x, weight, bias) for x [M, K] with M <= max_rows, accumulated in fp32 and stored in x's dtype, or in fp32
+// when out_fp32 (a product whose result is summed in fp32 next: the residual stream, logits).
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias,
-                     int64_t max_rows) {
+                     int64_t max_rows, bool out_fp32) {
+  const auto out_dtype = out_fp32 ? at::kFloat : x.scalar_type();
   Path path = servable(x, weight, max_rows) ? choose(x.scalar_type(), weight.scalar_type()) : Path::none;
   if (path == Path::none) {  // weights of another dtype (an fp32 router over bf16 weights) are widened first
     auto dt = x.scalar_type();
-    return at::linear(x, weight.to(dt), bias.has_value() && bias->defined() ? bias->to(dt) : bias);
+    return at::linear(x, weight.to(dt), bias.has_value() && bias->defined() ? bias->to(dt) : bias).to(out_dtype);
   }
   auto b = fp32_vector(bias);
-  auto out = torch::empty({x.size(0), weight.size(0)}, x.options());
+  auto out = torch::empty({x.size(0), weight.size(0)}, x.options().dtype(out_dtype));
   Epilogue ep{b ? b->data_ptr<float>() : nullptr, nullptr, out.data_ptr(), out.size(1),
               out.scalar_type() == at::kBFloat16};
   product(path, x, weight, ep);
@@ -343,25 +345,26 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
 }
 
 // down(silu(gate) * up) * scale for x [M, H], gate_up [2I, H] (gate rows then up rows), down [H, I], scale [M] or
-// None; returns [M, H] in x's dtype. The gate/up products stay in fp32 until the activation; scale is applied in
-// fp32 before the one rounding to x's dtype.
+// None; returns [M, H] in x's dtype (fp32 when out_fp32). The gate/up products stay in fp32 until the activation;
+// scale is applied in fp32 before the one rounding to the output dtype.
 torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const torch::Tensor& down,
-                     const std::optional<torch::Tensor>& scale, int64_t max_rows) {
+                     const std::optional<torch::Tensor>& scale, int64_t max_rows, bool out_fp32) {
   const int64_t I = down.size(1);
+  const auto out_dtype = out_fp32 ? at::kFloat : x.scalar_type();
   Path p1 = servable(x, gate_up, max_rows) ? choose(x.scalar_type(), gate_up.scalar_type()) : Path::none;
   Path p2 = choose(x.scalar_type(), down.scalar_type());
   if (p1 == Path::none || p2 == Path::none || down.stride(1) != 1 || gate_up.size(0) != 2 * I ||
       down.size(0) != x.size(1)) {
     auto h = at::linear(x, gate_up);
     auto y = at::linear(at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I), down);
-    return scale ? (y * scale->reshape({-1, 1})).to(x.scalar_type()) : y;
+    return (scale ? y * scale->reshape({-1, 1}) : y).to(out_dtype);
   }
   const int64_t M = x.size(0);
   auto h = torch::empty({M, 2 * I}, x.options().dtype(at::kFloat));
   product(p1, x, gate_up, Epilogue{nullptr, nullptr, h.data_ptr(), 2 * I, false});
   auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)).to(x.scalar_type());  // [M, I]
   auto s = fp32_vector(scale);
-  auto out = torch::empty({M, down.size(0)}, x.options());
+  auto out = torch::empty({M, down.size(0)}, x.options().dtype(out_dtype));
   product(p2, act, down, Epilogue{nullptr, s ? s->data_ptr<float>() : nullptr, out.data_ptr(), out.size(1),
                                   out.scalar_type() == at::kBFloat16});
   return out;
@@ -387,12 +390,13 @@ CLONES float sum_squares(const T* x, int64_t n) {
   return lane[0];
 }
 
-template <class T>
-void rmsnorm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, int64_t ldx, float eps) {
+// out = w * (x * inv_rms) in fp32, rounded once to the weight's dtype W (X may be wider: the fp32 residual stream).
+template <class X, class W>
+void rmsnorm_rows(const X* x, const W* w, W* out, int64_t rows, int64_t n, int64_t ldx, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * ldx;
+    const X* xr = x + r * ldx;
     const float inv = 1.0f / std::sqrt(sum_squares(xr, n) / static_cast<float>(n) + eps);
-    for (int64_t i = 0; i < n; ++i) out[r * n + i] = T(f32(w[i]) * f32(T(f32(xr[i]) * inv)));
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] = W(f32(w[i]) * (f32(xr[i]) * inv));
   }
 }
 
@@ -435,20 +439,22 @@ CLONES void weighted_rows(const float* p, int64_t M, int64_t S, const T* v, int6
 
 torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   const int64_t n = x.size(-1);
-  if (!x.device().is_cpu() || x.stride(-1) != 1 || x.scalar_type() != weight.scalar_type() ||
-      !weight.is_contiguous() || (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16) ||
-      weight.numel() != n || x.dim() < 2) {
+  const auto xt = x.scalar_type(), wt = weight.scalar_type();
+  const bool mixed = xt == at::kFloat && wt == at::kBFloat16;
+  if (!x.device().is_cpu() || x.stride(-1) != 1 || (xt != wt && !mixed) || !weight.is_contiguous() ||
+      (xt != at::kFloat && xt != at::kBFloat16) || weight.numel() != n || x.dim() < 2) {
     auto xf = x.to(at::kFloat);
-    return weight * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
+    return (weight.to(at::kFloat) * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps))).to(wt);
   }
   if (x.dim() > 2) return rmsnorm(x.reshape({-1, n}), weight, eps).view(x.sizes());
-  auto out = torch::empty({x.size(0), n}, x.options());
-  if (x.scalar_type() == at::kFloat) {
-    rmsnorm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), x.size(0), n, x.stride(0),
-                 static_cast<float>(eps));
+  auto out = torch::empty({x.size(0), n}, x.options().dtype(wt));
+  const float e = static_cast<float>(eps);
+  if (xt == at::kBFloat16) {
+    rmsnorm_rows(x.data_ptr<bf16>(), weight.data_ptr<bf16>(), out.data_ptr<bf16>(), x.size(0), n, x.stride(0), e);
+  } else if (mixed) {
+    rmsnorm_rows(x.data_ptr<float>(), weight.data_ptr<bf16>(), out.data_ptr<bf16>(), x.size(0), n, x.stride(0), e);
   } else {
-    rmsnorm_rows(x.data_ptr<bf16>(), weight.data_ptr<bf16>(), out.data_ptr<bf16>(), x.size(0), n, x.stride(0),
-                 static_cast<float>(eps));
+    rmsnorm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), x.size(0), n, x.stride(0), e);
   }
   return out;
 }
@@ -522,7 +528,7 @@ int64_t calls() { return kCalls.load(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "F.linear for a few rows (fp32 accumulation, batch-invariant)");
   m.def("swiglu", &swiglu, "down(silu(gate) * up) * scale for a few rows");
-  m.def("rmsnorm", &rmsnorm, "RMSNorm as the reference computes it (fp32 statistics)");
+  m.def("rmsnorm", &rmsnorm, "RMSNorm in fp32, rounded once to the weight's dtype");
   m.def("rotary_", &rotary_, "rotate-half rotary in place on q and k; False if the layout is not served");
   m.def("decode_attention", &decode_attention, "one query row per head over the cache; None if not served");
   m.def("isa", &isa, "the code path chosen for this CPU");

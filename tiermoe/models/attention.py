@@ -36,7 +36,7 @@ class Attention(nn.Module):
         self.q_proj = Linear(a.hidden, a.heads * a.head_dim, bias=a.qkv_bias)
         self.k_proj = Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = Linear(a.hidden, a.kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
+        self.o_proj = Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias, fp32_out=True)
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.eps), RMSNorm(a.head_dim, a.eps)
         elif a.qk_norm == "full":

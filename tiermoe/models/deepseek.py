@@ -71,7 +71,6 @@ class ModelArgs:
             topk_group=(self.topk_group or 1) if grouped else 1,
             group_score="top2_sum" if self.v3 else "max",
             correction_bias=self.v3,
-            fp32_logits=True,
         )
 
 
@@ -91,7 +90,7 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = Linear(a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.attention_bias)
         self.kv_a_layernorm = RMSNorm(a.kv_lora_rank)
         self.kv_b_proj = Linear(a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
-        self.o_proj = Linear(h * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
+        self.o_proj = Linear(h * a.v_head_dim, a.hidden_size, bias=a.attention_bias, fp32_out=True)
         self.rotate = apply_rotary_interleaved if (a.rope_interleave or not a.v3) else apply_rotary
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -14,9 +14,14 @@ from torch import nn
 
 from tiermoe import kernels
 
+# NOTE: the residual stream (the embeddings, every sublayer's output and their sums) is fp32 whatever the weights'
+# dtype, as llama.cpp keeps it: in bf16 only the weights and the inputs of products are bf16, and a product's fp32
+# sums reach the stream unrounded. Rounding the stream to bf16 at every layer is where a bf16 run drifted from fp32.
+RESIDUAL_DTYPE = torch.float32
+
 
 class RMSNorm(nn.Module):
-    """RMS normalisation computed in fp32, scaled in the input dtype (as the reference implementations do)."""
+    """RMS normalisation computed in fp32 and rounded once to the weight's dtype (the products' input dtype)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -28,10 +33,17 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose products with a few rows (decode) run the bandwidth-bound kernels of tiermoe.kernels."""
+    """nn.Linear whose products with a few rows (decode) run the bandwidth-bound kernels of tiermoe.kernels.
+
+    `fp32_out`: the result is returned in fp32 (a projection into the residual stream, the logits).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fp32_out: bool = False, **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self.out_dtype = RESIDUAL_DTYPE if fp32_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias, self.out_dtype)
 
 
 def fuse_linears(parts: list[nn.Linear]) -> Linear:
@@ -46,13 +58,14 @@ def fuse_linears(parts: list[nn.Linear]) -> Linear:
 
 
 class SwiGLU(nn.Module):
-    """Dense gated MLP: down(silu(gate(x)) * up(x)). After `fuse_weights` gate and up are one [2I, H] product."""
+    """Dense gated MLP: down(silu(gate(x)) * up(x)), returned in fp32 (it writes into the residual stream or into
+    the MoE block's sum). After `fuse_weights` gate and up are one [2I, H] product."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
         self.gate_proj = Linear(hidden, intermediate, bias=bias)
         self.up_proj = Linear(hidden, intermediate, bias=bias)
-        self.down_proj = Linear(intermediate, hidden, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias, fp32_out=True)
 
     def fuse_weights(self) -> None:
         """Replace gate_proj and up_proj by gate_up_proj (called once, after the checkpoint is loaded)."""
@@ -61,7 +74,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.down_proj.bias is None:
-            return kernels.swiglu(x, self.gate_up_proj.weight, self.down_proj.weight)
+            return kernels.swiglu(x, self.gate_up_proj.weight, self.down_proj.weight, out_dtype=RESIDUAL_DTYPE)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -79,8 +79,7 @@ class ModelArgs:
         # The reference always renormalises the selected weights (top_k > 1), whatever norm_topk_prob says.
         return RouterArgs(self.num_experts, self.num_experts_per_tok, scoring="sigmoid", norm_topk_prob=True,
                           scaling_factor=self.routed_scaling_factor, n_group=self.n_group,
-                          topk_group=self.topk_group, group_score="top2_sum", correction_bias=True,
-                          fp32_logits=True)
+                          topk_group=self.topk_group, group_score="top2_sum", correction_bias=True)
 
 
 class FusedQKVAttention(nn.Module):
@@ -90,7 +89,7 @@ class FusedQKVAttention(nn.Module):
         super().__init__()
         self.layer, self.a = layer, a
         self.query_key_value = Linear(a.hidden, (a.heads + 2 * a.kv_heads) * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias)
+        self.o_proj = Linear(a.heads * a.head_dim, a.hidden, bias=a.o_bias, fp32_out=True)
         if a.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(a.head_dim, a.eps), RMSNorm(a.head_dim, a.eps)
 

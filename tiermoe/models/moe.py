@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiermoe import kernels
-from tiermoe.models.layers import Linear
+from tiermoe.models.layers import RESIDUAL_DTYPE, Linear
 from tiermoe.offload.tiers.fetch_order import fetch_order
 from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
@@ -28,12 +28,11 @@ class RouterArgs:
     topk_group: int = 1
     group_score: str = "max"  # "max" (DeepSeek-V2) or "top2_sum" (DeepSeek-V3, LLaDA2)
     correction_bias: bool = False  # sigmoid routers: a bias used for selection only
-    fp32_logits: bool = False  # compute the router matmul in fp32 (DeepSeek)
-    weights_in_input_dtype: bool = False  # round the weights to the activations' dtype (Qwen-MoE, OLMoE)
 
 
 class Router(nn.Module):
-    """Linear scorer over experts plus the family's selection rule."""
+    """Linear scorer over experts plus the family's selection rule, in fp32 whatever the weights' dtype (as
+    DeepSeek's and llama.cpp's routers are): a near-tie between experts is then decided as fp32 decides it."""
 
     def __init__(self, hidden: int, args: RouterArgs):
         super().__init__()
@@ -45,8 +44,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> weights [T, A], expert ids [T, A]."""
         a = self.args
-        logits = kernels.linear(x.float() if a.fp32_logits else x, self.weight)  # [T, E]; bf16 weights widen exactly
-        scores = logits.float().softmax(-1) if a.scoring == "softmax" else logits.float().sigmoid()  # [T, E]
+        logits = kernels.linear(x.float(), self.weight)  # [T, E]; bf16 weights widen exactly
+        scores = logits.softmax(-1) if a.scoring == "softmax" else logits.sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias if a.correction_bias else scores
         if a.n_group > 1:
             choice = _mask_groups(choice, a)
@@ -55,7 +54,7 @@ class Router(nn.Module):
         if a.norm_topk_prob and a.top_k > 1:
             weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if a.scoring == "sigmoid" else 0.0))
         weights = weights * a.scaling_factor
-        return (weights.to(x.dtype) if a.weights_in_input_dtype else weights), ids
+        return weights, ids
 
 
 def _mask_groups(choice: torch.Tensor, a: RouterArgs) -> torch.Tensor:
@@ -81,7 +80,7 @@ class SparseMoE(nn.Module):
         self.layer = layer
         self.gate = Router(hidden, router)
         self.shared_expert = shared
-        self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_gate else None
+        self.shared_expert_gate = Linear(hidden, 1, bias=False, fp32_out=True) if shared_gate else None
         self.act = act
         self.store: ExpertStore | None = None  # set by the engine
         self.prefetcher = None  # optional: predicts the next MoE layer's experts from this layer's router input
@@ -103,7 +102,7 @@ class SparseMoE(nn.Module):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                ahead: tuple[int, list[int]] | None = None) -> torch.Tensor:
-        """Sum over each token's experts of weight * expert(x).
+        """Sum over each token's experts of weight * expert(x), in fp32 (rounded once, by the residual stream's user).
 
         Experts are computed in the order the store delivers them but summed in ascending id order, so the result
         is bit-identical whatever was resident: that order is what makes offloading lossless.
@@ -116,19 +115,19 @@ class SparseMoE(nn.Module):
             rows, slot = torch.where(ids == e)
             h = x[rows].to(w.down.device)  # an expert may run where its weights are (CPU or accelerator)
             y = self.expert(h, w, weights[rows, slot, None].to(h.device))
-            outputs[e] = (rows, y.to(x.device, x.dtype))
+            outputs[e] = (rows, y.to(x.device))
             del w  # release it before asking for the next: a store under a budget may have evicted it already
-        out = torch.zeros_like(x)
+        out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)
         for e in sorted(outputs):
             out.index_add_(0, *outputs[e])
         return out
 
     def expert(self, h: torch.Tensor, w: ExpertWeights, scale: torch.Tensor) -> torch.Tensor:
-        """down(act(gate(h)) * up(h)) * scale: h [n, H], scale [n, 1] -> [n, H] in h's dtype."""
+        """down(act(gate(h)) * up(h)) * scale: h [n, H], scale [n, 1] -> [n, H] in fp32."""
         if self.act is F.silu:
-            return kernels.swiglu(h, w.gate_up, w.down, scale)
+            return kernels.swiglu(h, w.gate_up, w.down, scale, out_dtype=RESIDUAL_DTYPE)
         gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-        return (F.linear(self.act(gate) * up, w.down) * scale).to(h.dtype)
+        return (F.linear(self.act(gate) * up, w.down) * scale).to(RESIDUAL_DTYPE)
 
     def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     ahead: tuple[int, list[int]] | None) -> torch.Tensor:
@@ -144,7 +143,7 @@ class SparseMoE(nn.Module):
             else:
                 outputs[e] = self.expert(x, w, scale[slot_of[e]])  # [1, H]
             del w
-        out = torch.zeros_like(x)
+        out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)
         for e in experts:
             out += outputs[e]
         return out

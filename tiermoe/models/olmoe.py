@@ -48,7 +48,6 @@ def build(config: dict[str, Any]):
     attn = AttentionArgs(a.hidden_size, a.num_attention_heads, a.num_key_value_heads or a.num_attention_heads,
                          head_dim, qkv_bias=a.attention_bias, o_bias=a.attention_bias, qk_norm="full",
                          eps=a.rms_norm_eps, clip_qkv=a.clip_qkv)
-    router = RouterArgs(a.num_experts, a.num_experts_per_tok, norm_topk_prob=a.norm_topk_prob,
-                        weights_in_input_dtype=True)
+    router = RouterArgs(a.num_experts, a.num_experts_per_tok, norm_topk_prob=a.norm_topk_prob)
     return build_decoder(shape, lambda i: Attention(i, attn), lambda i: SparseMoE(i, a.hidden_size, router),
                          make_rope(config, head_dim, a.max_position_embeddings), a.rms_norm_eps)

@@ -101,8 +101,7 @@ def build(config: dict[str, Any]):
                          head_dim, qkv_bias=a.attention_bias if qwen3 else a.qkv_bias,
                          o_bias=qwen3 and a.attention_bias,
                          qk_norm="head" if qwen3 else None, eps=a.rms_norm_eps)
-    router = RouterArgs(a.num_experts, a.num_experts_per_tok, norm_topk_prob=a.norm_topk_prob,
-                        weights_in_input_dtype=True)
+    router = RouterArgs(a.num_experts, a.num_experts_per_tok, norm_topk_prob=a.norm_topk_prob)
     windows = a.windows()
 
     def make_mlp(i: int):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tiermoe.models.layers import ForwardBatch, Linear, RMSNorm
+from tiermoe.models.layers import RESIDUAL_DTYPE, ForwardBatch, Linear, RMSNorm
 from tiermoe.models.moe import SparseMoE
 from tiermoe.models.rope import Rope
 
@@ -51,7 +51,7 @@ class CausalLM(nn.Module):
         self.model.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.model.layers = nn.ModuleList(layers)
         self.model.norm = RMSNorm(shape.hidden_size, eps)
-        self.lm_head = Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.lm_head = Linear(shape.hidden_size, shape.vocab_size, bias=False, fp32_out=True)
         if shape.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -67,16 +67,17 @@ class CausalLM(nn.Module):
                 module.fuse_weights()
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """input_ids [T] -> final-normed hidden states [T, H]."""
+        """input_ids [T] -> final-normed hidden states [T, H] in the weights' dtype."""
         x = self.model.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary.cos_sin(batch, x.dtype)
+        x = x.to(RESIDUAL_DTYPE)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, H] -> fp32 logits [n, V]."""
-        return self.lm_head(hidden).float()
+        """hidden [n, H] -> fp32 logits [n, V] (unrounded fp32 sums for the few rows the kernels serve)."""
+        return self.lm_head(hidden)
 
 
 def build_decoder(shape: LMShape, make_attn, make_mlp, rope: Rope, eps: float) -> CausalLM:
