@@ -98,7 +98,7 @@ def within_budgets(engine: LLMEngine) -> None:
 request = st.tuples(st.integers(0, 6), st.integers(1, 40), st.integers(1, 10), st.integers(0, 1))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(name=st.sampled_from(sorted(ENGINES)), requests=st.lists(request, min_size=1, max_size=6),
        block_size=st.sampled_from([1, 4, 16]), max_num_seqs=st.integers(1, 6),
        budget=st.one_of(st.none(), st.integers(1, 32)), spare=st.integers(0, 60), seed=st.integers(0, 2**16))
