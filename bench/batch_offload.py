@@ -9,7 +9,8 @@ down, random weights, the router's choices replayed from a real trace, so the ex
 each batch size B, B trace sequences run together through the engine (continuous batching); the first step
 (prefill of every prompt and the first token) is excluded, then `--decode-tokens` steps are timed from a cold page
 cache and a fresh engine: total tokens/s and bytes read per generated token, all-resident and at each budget
-(configurations interleaved within each repetition; medians). Also, when the shipped diffusion model is there: 8
+(configurations interleaved within each repetition; medians); rows "torch GEMM" turn batch invariance off (its
+cost; "x batch 1" there is against resident batch 1). Also, when the shipped diffusion model is there: 8
 diffusion requests submitted together vs one at a time; and the resident engine at batch 32 against transformers'
 `generate` on the same prompts (equal lengths, so no padding changes the result), tokens compared.
 """
@@ -35,10 +36,11 @@ from tiermoe.sampling_params import SamplingParams
 from tiermoe.sim.trace import Trace
 
 
-def replay_run(folder: Path, trace_path: Path, batch: int, budget: str | None, decode_tokens: int) -> dict:
-    """B replayed sequences decoded together; decode steps only are measured."""
+def replay_run(folder: Path, trace_path: Path, batch: int, budget: str | None, decode_tokens: int,
+               invariant: bool = True) -> dict:
+    """B replayed sequences decoded together; the prefill step and the decode steps are timed apart."""
     drop_caches(folder)
-    engine = LLMEngine(EngineConfig(model=folder, expert_cache=budget, threads=2))
+    engine = LLMEngine(EngineConfig(model=folder, expert_cache=budget, threads=2, batch_invariant=invariant))
     replay = RoutingReplay(engine.model, Trace.load(trace_path))
     engine.runner.observer = replay
     specs = replay.prompts(engine.model.shape.vocab_size)
@@ -47,7 +49,10 @@ def replay_run(folder: Path, trace_path: Path, batch: int, budget: str | None, d
         replay.sequence_of[str(i)] = i
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=min(traced, decode_tokens + 1),
                                                           ignore_eos=True))
+    start = time.perf_counter()
     engine.step()  # every prompt's prefill and first token
+    prefill_s = time.perf_counter() - start
+    prompt_tokens = engine.stats()["prompt_tokens"]
     engine.store.stats = StoreStats()
     generated = 0
     start = time.perf_counter()
@@ -59,21 +64,25 @@ def replay_run(folder: Path, trace_path: Path, batch: int, budget: str | None, d
     close = getattr(engine.store, "close", None)
     if close is not None:
         close()
-    return {"tokens_per_s": generated / seconds, "bytes_per_token": read / generated, "tokens": generated}
+    return {"tokens_per_s": generated / seconds, "bytes_per_token": read / generated, "tokens": generated,
+            "prefill_tokens_per_s": prompt_tokens / prefill_s}
 
 
 def measure_replay(folder: Path, args) -> list[dict]:
-    budgets = [None] + args.budgets
+    """Every (budget, batch), plus resident without batch invariance (torch's GEMM) at the largest batches: its
+    cost. Configurations interleaved within each repetition."""
+    configs = [(budget, batch, True) for batch in args.batches for budget in [None] + args.budgets]
+    configs += [(None, batch, False) for batch in args.batches if batch >= 8]
     runs: dict[tuple, list[dict]] = {}
     for _ in range(args.reps):
-        for batch in args.batches:
-            for budget in budgets:
-                runs.setdefault((budget, batch), []).append(
-                    replay_run(folder, args.trace, batch, budget, args.decode_tokens))
+        for budget, batch, invariant in configs:
+            runs.setdefault((budget, batch, invariant), []).append(
+                replay_run(folder, args.trace, batch, budget, args.decode_tokens, invariant))
     rows = []
-    for (budget, batch), reps in runs.items():
-        rows.append({"budget": budget or "resident", "batch": batch,
+    for (budget, batch, invariant), reps in runs.items():
+        rows.append({"budget": (budget or "resident") + ("" if invariant else ", torch GEMM"), "batch": batch,
                      "tokens_per_s": statistics.median(r["tokens_per_s"] for r in reps),
+                     "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in reps),
                      "mib_read_per_token": statistics.median(r["bytes_per_token"] for r in reps) / 2**20})
     return rows
 
@@ -151,9 +160,11 @@ def main(argv=None) -> None:
         vs = versus_transformers(Path(tmp) / "hf", folder, 32, 16, args.decode_tokens)
     diff = diffusion_concurrency(args.diffusion_requests, 32)
     one = {r["budget"]: r["tokens_per_s"] for r in rows if r["batch"] == 1}
-    table = markdown_table(["budget", "batch", "tokens/s", "x batch 1", "MiB read / token"],
-                           [[r["budget"], r["batch"], r["tokens_per_s"], r["tokens_per_s"] / one[r["budget"]],
-                             r["mib_read_per_token"]] for r in rows])
+    table = markdown_table(["budget", "batch", "decode tokens/s", "x batch 1", "MiB read / token",
+                            "prefill tokens/s"],
+                           [[r["budget"], r["batch"], r["tokens_per_s"],
+                             r["tokens_per_s"] / one.get(r["budget"], one["resident"]), r["mib_read_per_token"],
+                             r["prefill_tokens_per_s"]] for r in rows])
     table += ("\n\nDiffusion (shipped model, {requests} requests): one at a time {one_at_a_time_tokens_per_s:.1f} "
               "tokens/s, submitted together {concurrent_tokens_per_s:.1f} tokens/s, same tokens: {same_tokens}."
               ).format(**diff)

@@ -89,3 +89,29 @@ def test_abort_and_disconnect_free_the_request(engine):
     stats = engine.stats()
     assert stats["num_running"] == stats["num_waiting"] == 0 and stats["kv_usage"] == 0.0
     assert not engine.engine.requests and not engine.engine.kv.tables
+
+
+def test_a_failing_request_raises_request_failed_and_the_others_go_on(tiny_models, tmp_path):
+    import os
+    import shutil
+
+    folder = shutil.copytree(tiny_models("mixtral"), tmp_path / "mixtral")
+    engine = AsyncLLMEngine(EngineConfig(model=folder, expert_cache="100%", prefetch="off"))
+    short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def main():
+        await engine.start()
+        try:
+            await collect(engine, [5, 6], short, "warm")  # its experts are now in RAM
+            shard = next(folder.glob("*.safetensors"))
+            os.truncate(shard, os.path.getsize(shard) // 2)  # every other expert is now unreadable
+            results = await asyncio.gather(collect(engine, [5, 6], short, "cached"),
+                                           collect(engine, list(range(1, 120)), short, "reads"),
+                                           return_exceptions=True)
+            return results
+        finally:
+            await engine.shutdown()
+
+    cached, reads = run(main())
+    assert cached[-1].finished and len(cached[-1].outputs[0].token_ids) == 2
+    assert isinstance(reads, RequestFailed) and "changed after the engine opened it" in str(reads.__cause__)

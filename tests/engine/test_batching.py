@@ -98,7 +98,7 @@ def within_budgets(engine: LLMEngine) -> None:
 request = st.tuples(st.integers(0, 6), st.integers(1, 40), st.integers(1, 10), st.integers(0, 1))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(name=st.sampled_from(sorted(ENGINES)), requests=st.lists(request, min_size=1, max_size=6),
        block_size=st.sampled_from([1, 4, 16]), max_num_seqs=st.integers(1, 6),
        budget=st.one_of(st.none(), st.integers(1, 32)), spare=st.integers(0, 60), seed=st.integers(0, 2**16))
@@ -210,3 +210,14 @@ def test_an_unreadable_expert_file_fails_only_the_requests_that_read_it(tiny_mod
     assert isinstance(outs["reads"].error, RequestFailed)
     assert "changed after the engine opened it" in str(outs["reads"].error.__cause__)
     assert engine.kv.used_blocks == 0 and not engine.requests
+
+
+def test_waiting_requests_are_admitted_by_priority_then_arrival(engines):
+    engine = engines("qwen2_moe")
+    configure(engine, 4096, 16, 1, None)  # one seat: admission order is completion order
+    for rid, priority in (("a", 1), ("b", 0), ("c", 1), ("d", 0)):
+        engine.add_request(rid, [1, 2, 3], greedy(2), priority=priority)
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["b", "d", "a", "c"]

@@ -49,7 +49,7 @@ request = st.tuples(st.integers(0, 4), st.integers(1, 20), st.sampled_from([4, 8
                     st.integers(1, 16))
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(name=st.sampled_from(sorted(ENGINES)), requests=st.lists(request, min_size=1, max_size=5),
        max_num_seqs=st.integers(1, 5), budget=st.one_of(st.none(), st.integers(1, 40)), seed=st.integers(0, 999))
 def test_batched_diffusion_equals_each_request_alone(engines, name, requests, max_num_seqs, budget, seed):

@@ -289,7 +289,8 @@ class LLMEngine:
             self.totals["generation_tokens"] += 1
             if req.finished:
                 self._retire(req, RequestStatus.FINISHED)
-        return [r for r, _ in plan.scheduled]
+        # a chunk of a prompt that samples nothing yet is no news; a request that failed is
+        return sampled + [r for r, _ in plan.scheduled if r.status is RequestStatus.FAILED and r not in sampled]
 
     def _execute(self, scheduled: list[tuple[Request, int]]) -> list[Request]:
         """Run the step; when it fails on an expert read, run each request alone so only those whose own reads
