@@ -277,8 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.set_defaults(func=cmd_convert)
+    add_serve_parser(sub)
     _add_optional_commands(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    from tiermoe.server.cli import add_serve_args, cmd_serve
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, "
+                                         "/v1/models, /health, /metrics, /tokenize, /detokenize, /version")
+    add_model_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
 
 def _add_optional_commands(sub) -> None:
