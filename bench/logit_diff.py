@@ -21,7 +21,7 @@ import torch
 from bench.report import machine, markdown_table, write
 from tests.tiny_models import FAMILIES, build_tiny
 from tiermoe import LLM, SamplingParams
-from tiermoe.decode.autoregressive import forward_new_tokens
+from tiermoe.engine.model_runner import forward_new_tokens
 
 PROMPT = [3, 17, 42, 9, 77, 5]
 

@@ -139,7 +139,7 @@ def decode_stats(folder: Path, trace_path: Path, sequences: list[int], config: C
 def _replay_decode_only(llm: LLM, trace_path: Path, seq: int, max_tokens: int | None,
                         perfect_prefetch: bool = False) -> dict:
     """Replay one sequence; statistics are reset when its first token is out, so they cover decode only."""
-    from tiermoe.decode import autoregressive
+    from tiermoe.engine import model_runner as autoregressive
     from tiermoe.offload.stats import StoreStats
     from tiermoe.sampling_params import SamplingParams
 

@@ -44,9 +44,17 @@ class EngineConfig:
     # fixed footprint is measured after load and the rest becomes expert_cache (tiermoe.memory). None: no limit,
     # unless the cgroup's limit cannot hold the model resident, which then sizes the engine as "auto" would.
     memory_limit: str | int | None = None
-    # Tokens one forward may process (all prompts of a generate call are prefilled together). None: no cap, or
-    # min(512, max_model_len) under a memory limit, which reserves their activations.
+    # Tokens one engine step may compute over all requests (longer prompts are prefilled in chunks). None: no cap,
+    # or min(512, max_model_len) under a memory limit, which reserves their activations.
     max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 256  # requests running at once; more wait their turn
+    # Bytes of the paged KV cache shared by the running requests ("1GiB", bytes); a request that needs a block
+    # when none is free preempts the latest one. None: what a memory limit reserves, else 1 GiB (at least one
+    # max_model_len context).
+    kv_cache_memory: str | int | None = None
+    # Every row of a step computed as it would be alone (batch-invariant products and attention), so batching,
+    # chunked prefill and preemption never change a request's tokens. False: torch's GEMM for large products.
+    batch_invariant: bool = True
 
     def __post_init__(self):
         self.model = Path(self.model)
@@ -64,6 +72,12 @@ class EngineConfig:
             raise ConfigError(f"prefetch_top_p must be >= 1, got {self.prefetch_top_p}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.kv_cache_memory is not None:
+            if str(self.kv_cache_memory).strip().endswith("%"):
+                raise ConfigError(f"kv_cache_memory is a size (1GiB, 512MB) or bytes; got {self.kv_cache_memory!r}")
+            parse_budget(self.kv_cache_memory, 0)
         self._check_memory_limit()
         if self.io_threads is not None and self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")

@@ -19,3 +19,8 @@ class RequestError(TiermoeError, ValueError):
 
 class ExpertIOError(TiermoeError, OSError):
     """Reading an expert's weights failed; the message names the file and the expert."""
+
+
+class RequestFailed(TiermoeError):
+    """A request ended with an error of its own (e.g. an unreadable expert file); the engine serves the others.
+    The cause is chained (`__cause__`)."""

@@ -1,120 +1,42 @@
-"""The Python API: `LLM(model_dir).generate(prompts, params)` and `.chat(messages, params)`, as in vLLM."""
+"""The Python API: `LLM(model_dir).generate(prompts, params)` and `.chat(messages, params)`, as in vLLM.
+
+LLM is a thin front over tiermoe.engine.LLMEngine: a call queues its prompts as requests and steps the engine until
+they have finished. Attributes that are not LLM's own (model, tokenizer, store, hf_config, max_model_len, ...) are
+the engine's.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from tiermoe import memory
 from tiermoe.config import EngineConfig
-from tiermoe.decode import autoregressive, diffusion
-from tiermoe.decode.kv_cache import KVCache
 from tiermoe.decode.routing import RoutingRecorder, RoutingReplay
-from tiermoe.decode.sequence import Sequence, request_outputs
-from tiermoe.errors import ConfigError, RequestError
-from tiermoe.models.diffusion import diffusion_of
-from tiermoe.models.loader import DiskEmbedding, checkpoint_bytes, load_model
+from tiermoe.engine.llm_engine import LLMEngine, Prompt
+from tiermoe.engine.request import Request
+from tiermoe.errors import RequestError
 from tiermoe.models.registry import DEFAULT_MODEL
-from tiermoe.offload.accelerator import AcceleratorStore, profile_costs
-from tiermoe.offload.budget import format_bytes, parse_budget
-from tiermoe.offload.policies import POLICIES, make_policy
-from tiermoe.offload.prefetch import make_prefetcher
-from tiermoe.offload.refresh_accelerator import RefreshAcceleratorStore
-from tiermoe.offload.refresh_store import RefreshStore
-from tiermoe.offload.static_store import STATIC, StaticStore
 from tiermoe.offload.stats import StoreStats
-from tiermoe.offload.store import ExpertStore, ResidentStore, loaded_nbytes
-from tiermoe.offload.tiered_store import TieredStore, min_budget
 from tiermoe.outputs import RequestOutput
 from tiermoe.sampling_params import SamplingParams
 from tiermoe.sim.trace import Trace
-from tiermoe.tokenizer import load_tokenizer
-
-Prompt = str | list[int] | dict[str, Any]
 
 
 class LLM:
-    """A model loaded for generation. Keyword arguments are EngineConfig fields (dtype, max_model_len, threads)."""
+    """A model loaded for generation. Keyword arguments are EngineConfig fields (dtype, max_model_len, threads,
+    expert_cache, kv_cache_memory, max_num_seqs, ...)."""
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, **kwargs):
-        self.config = cfg = EngineConfig(model=model, **kwargs)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        usage = self._usage()
-        if usage is not None or cfg.has_budget:
-            memory.tune_malloc()
-        self.model, self.index, self.hf_config = load_model(cfg.model, cfg.torch_dtype,
-                                                            embedding_on_disk=usage is not None)
-        self.model.to(cfg.torch_device)
-        if not self.model.moe_blocks:
-            refuse_offloading(cfg, self.hf_config["model_type"])
-        self.tokenizer = load_tokenizer(cfg.model, self.hf_config["model_type"])
-        self.max_model_len = cfg.max_model_len or self.model.shape.max_position_embeddings
-        self.memory = self._plan_memory(usage) if usage is not None and self.model.moe_blocks else None
-        cfg.io_threads = cfg.io_threads or 4
-        self.store = make_store(cfg, self.index, self.model)
-        cap_read_buffers(self.store, memory.read_buffer_bytes(self.index, cfg.torch_dtype) * cfg.io_threads)
-        prefetcher = None
-        if cfg.prefetcher:
-            prefetcher = make_prefetcher(cfg.prefetcher, self.model, cfg.model, cfg.prefetch_top_p)
-        for block in self.model.moe_blocks:
-            block.store, block.prefetcher = self.store, prefetcher
-        self.eos_ids = eos_token_ids(cfg.model, self.hf_config, self.tokenizer)
-        # Diffusion families (LLaDA, LLaDA2) generate by unmasking blocks, see tiermoe.decode.diffusion.
-        self.diffusion = diffusion_of(self.hf_config, self.tokenizer, self.model.shape.vocab_size)
-        if self.diffusion is not None and not self.eos_ids:
-            self.eos_ids = self.diffusion.eos_ids
-        if cfg.tau is not None and self.diffusion is None:
-            raise ConfigError("tau (TIDE's refresh interval) applies to diffusion models only")
-        # None: no cap (the prompts of a call are prefilled together, however many)
-        self.max_num_batched_tokens = cfg.max_num_batched_tokens or (self.memory and self.memory.batched_tokens)
-        self._ids = itertools.count()
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.config = self.engine.config
 
-    def _usage(self) -> memory.Usage | None:
-        """The limit to size the engine to: memory_limit, else the cgroup's when the model cannot stay resident
-        under it (then said on stderr), else None."""
-        cfg = self.config
-        if cfg.memory_limit is not None:
-            return memory.Usage.of(cfg.memory_limit)
-        if cfg.has_budget or cfg.torch_device.type != "cpu":
-            return None
-        usage = memory.Usage.default(lambda: checkpoint_bytes(cfg.model, cfg.torch_dtype))
-        if usage is not None:
-            print(f"tiermoe: the model does not fit the cgroup's memory limit of {format_bytes(usage.limit)} "
-                  "resident: sizing the expert cache to the limit (memory_limit='auto')", file=sys.stderr)
-        return usage
-
-    def _plan_memory(self, usage: memory.Usage) -> memory.MemoryPlan:
-        """Split the limit now that the non-expert weights and the tokenizer are loaded (tiermoe.memory); sets the
-        expert budget and the I/O threads, and says how on stderr."""
-        cfg, shape, dtype = self.config, self.model.shape, self.config.torch_dtype
-        layers = [b.layer for b in self.model.moe_blocks]
-        batched = cfg.max_num_batched_tokens or min(memory.ACTIVATION_TOKENS, self.max_model_len)
-        io_threads = cfg.io_threads or shape.top_k
-        expert_inner = max(s.gate.shape[0] for s in self.index.experts().values())
-        plan = memory.plan(usage, usage.now(), memory.resident_bytes(self.model), memory.kv_bytes_per_token(self.model),
-                           self.max_model_len, memory.activation_bytes(self.model, batched, expert_inner), batched,
-                           memory.read_buffer_bytes(self.index, dtype), io_threads,
-                           min_budget(self.index, layers, shape.top_k, dtype), isinstance(
-                               self.model.model.embed_tokens, DiskEmbedding))
-        if cfg.expert_cache is not None:
-            total = sum(loaded_nbytes(spec, dtype) for spec in self.index.experts().values())
-            given = parse_budget(cfg.expert_cache, total)
-            if given > plan.experts:
-                raise ConfigError(f"expert_cache {format_bytes(given)} does not fit memory_limit: "
-                                  f"{plan.describe()}")
-            plan = dataclasses.replace(plan, experts=given)
-        cfg.expert_cache, cfg.io_threads = plan.experts, io_threads
-        print(f"tiermoe: {plan.describe()}", file=sys.stderr)
-        return plan
+    def __getattr__(self, name: str):
+        if name == "engine":  # not set: __init__ failed
+            raise AttributeError(name)
+        return getattr(self.engine, name)
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None,
                  use_tqdm: bool | None = None, record_trace: str | Path | None = None) -> list[RequestOutput]:
@@ -122,14 +44,11 @@ class LLM:
 
         The progress bar is on by default for more than one prompt. `record_trace` writes every token's routing to
         FILE.npz + FILE.json in the ../shared/traces format. Each output's `stats` holds this call's expert-store
-        statistics.
+        statistics. A request that fails (e.g. an unreadable expert) raises its error once the others are done.
         """
-        seqs = self._make_sequences(prompts, sampling_params)
+        batch = self._requests(prompts, sampling_params)
         recorder = RoutingRecorder(self.model) if record_trace else None
-        try:
-            outputs = self._run(seqs, use_tqdm, recorder)
-        finally:
-            self._detach_observer()
+        outputs = self._run(batch, use_tqdm, recorder)
         if recorder is not None:
             recorder.save(record_trace, {"model": str(self.config.model), "model_type": self.hf_config["model_type"]})
         return outputs
@@ -144,49 +63,66 @@ class LLM:
         replay = RoutingReplay(self.model, Trace.load(trace))
         specs = replay.prompts(self.model.shape.vocab_size)
         chosen = range(len(specs)) if sequences is None else sequences
-        seqs = []
+        batch = []
         for i in chosen:
             prompt, max_tokens = specs[i]
-            seq = self._make_sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-            replay.sequence_of[seq.request_id] = i
-            seqs.append(seq)
-        try:
-            outputs = self._run(seqs, use_tqdm, replay)
-        finally:
-            self._detach_observer()
+            req = self.engine.new_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                 ignore_eos=True), self.engine.next_id())
+            replay.sequence_of[req.request_id] = i
+            batch.append((req.request_id, [req]))
+        outputs = self._run(batch, use_tqdm, replay)
         for out in outputs:
             out.stats["routing"] = f"replayed from {trace}"
         return outputs
 
-    def _run(self, seqs: list[Sequence], use_tqdm: bool | None, observer) -> list[RequestOutput]:
-        self.store.stats = StoreStats()
-        show = use_tqdm or (use_tqdm is None and len(seqs) > 1)
-        with tqdm(total=len(seqs), desc="Generating", unit="req", disable=not show) as bar:
-            def on_step(running: list[Sequence]) -> None:
-                bar.update(sum(s.finished for s in running))
+    def _requests(self, prompts, sampling_params) -> list[tuple[str, list[Request]]]:
+        """Every prompt checked and made into requests (ids, completions) before any is queued."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and
+                                                isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise RequestError("no prompts given")
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        batch = []
+        for p, sp in zip(prompts, params, strict=True):
+            rid = self.engine.next_id()
+            batch.append((rid, self.engine.make_requests(p, sp, rid)))
+        return batch
 
-            decoded = self._decode(seqs, on_step, observer)
-        work: dict[str, list[dict]] = {}  # a request's diffusion statistics, one per completion
-        for s in seqs:
-            if s.request_id in decoded:
-                work.setdefault(s.parent_id or s.request_id, []).append(decoded[s.request_id])
-        outputs = request_outputs(seqs)
-        for out in outputs:
-            out.stats = self.stats()
-            if out.request_id in work:  # NFE, tokens per forward, logit rows
-                done = work[out.request_id]
-                out.stats["diffusion"] = done[0] if len(done) == 1 else done
-        return outputs
-
-    def _decode(self, seqs: list[Sequence], on_step, observer) -> dict[str, dict]:
-        """Run the family's decoder; a diffusion decoder returns per-request statistics."""
-        if self.diffusion is None:
-            autoregressive.generate(self.model, seqs, self.tokenizer, on_step, observer)
-            return {}
-        if observer is not None:
+    def _run(self, batch: list[tuple[str, list[Request]]], use_tqdm: bool | None, observer) -> list[RequestOutput]:
+        """Queue the requests, step the engine until they are done, and return their outputs in order."""
+        engine = self.engine
+        if observer is not None and engine.is_diffusion:
             raise RequestError("routing traces are recorded and replayed for autoregressive models only")
-        return diffusion.generate(self.model, seqs, self.tokenizer, self.diffusion,
-                                  diffusion.DiffusionOptions(tau=self.config.tau), on_step, self.store)
+        for _, children in batch:
+            engine.check_fits(children)
+        engine.store.stats = StoreStats()
+        engine.runner.observer = observer
+        done: dict[str, RequestOutput] = {}
+        show = use_tqdm or (use_tqdm is None and len(batch) > 1)
+        try:
+            for rid, children in batch:
+                engine.enqueue(rid, children)
+            with tqdm(total=len(batch), desc="Generating", unit="req", disable=not show) as bar:
+                while len(done) < len(batch):
+                    for out in engine.step():
+                        if out.finished:
+                            done[out.request_id] = out
+                            bar.update(1)
+        finally:
+            engine.runner.observer = None
+            self._detach_observer()
+            for rid, _ in batch:
+                if rid not in done:
+                    engine.abort_request(rid)
+        outputs = [done[rid] for rid, _ in batch]
+        for out in outputs:
+            if out.error is not None:
+                raise out.error
+            out.stats = self.stats() | out.stats if out.stats else self.stats()
+        return outputs
 
     def stats(self) -> dict:
         """The expert store's statistics since the last generate call; under a memory limit also how the limit was
@@ -201,24 +137,31 @@ class LLM:
             block.on_route = None
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield a cumulative RequestOutput after every generated token; the last one has `finished` set.
+        """Yield a cumulative RequestOutput after every generated token (a diffusion model: after every block);
+        the last one has `finished` set.
 
         While running, the text holds back an incomplete character or a possible start of a stop string.
         """
-        seqs = self._make_sequences([prompt], sampling_params)  # n of them with SamplingParams.n
-        if self.diffusion is not None:  # blocks are unmasked all over: only the finished output is meaningful
-            yield from self._run(seqs, False, None)
-            return
-        self.store.stats = StoreStats()
-        with torch.inference_mode():
-            while running := [s for s in seqs if not s.finished]:
-                autoregressive.step(self.model, running, self.tokenizer)
-                (out,) = request_outputs(seqs)
-                for completion, seq in zip(out.outputs, seqs, strict=True):
-                    completion.text = seq.stable_text()
-                if out.finished:
-                    out.stats = self.stats()
-                yield out
+        ((rid, children),) = self._requests([prompt], sampling_params)
+        engine = self.engine
+        engine.check_fits(children)
+        engine.store.stats = StoreStats()
+        engine.enqueue(rid, children)
+        finished = False
+        try:
+            while not finished:
+                for out in engine.step():
+                    if out.request_id != rid:
+                        continue
+                    if out.error is not None:
+                        raise out.error
+                    finished = out.finished
+                    if finished:
+                        out.stats = self.stats() | out.stats if out.stats else self.stats()
+                    yield out
+        finally:
+            if not finished:
+                engine.abort_request(rid)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool | None = None) -> list[RequestOutput]:
@@ -228,139 +171,12 @@ class LLM:
 
     def chat_prompt(self, messages: list[dict]) -> dict[str, list[int]]:
         """Token ids of a conversation rendered with the chat template, ending with the assistant's turn."""
-        tok = self._require_tokenizer()
+        tok = self.engine.require_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise RequestError(f"{self.config.model} has no chat template")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
 
-    def _make_sequences(self, prompts, sampling_params) -> list[Sequence]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and
-                                                isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise RequestError("no prompts given")
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        seqs = [seq for p, sp in zip(prompts, params, strict=True) for seq in self._make_request(p, sp)]
-        self._check_fits(seqs)
-        return seqs
-
-    def _make_request(self, prompt: Prompt, params: SamplingParams | None) -> list[Sequence]:
-        """One sequence per completion (SamplingParams.n), after checking the params fit this model."""
-        params = params or SamplingParams()
-        params.check_for_model(self.model.shape.vocab_size, self.hf_config["model_type"], self.diffusion is not None)
-        if params.n == 1:
-            return [self._make_sequence(prompt, params)]
-        children = [self._make_sequence(prompt, params.for_completion(i)) for i in range(params.n)]
-        parent = str(next(self._ids))
-        for i, seq in enumerate(children):  # vLLM's child request ids
-            seq.request_id, seq.parent_id, seq.index = f"{i}_{parent}", parent, i
-        return children
-
-    def _check_fits(self, seqs: list[Sequence]) -> None:
-        """The prompts are prefilled in one forward, and every sequence's KV cache is allocated for its whole
-        length: refuse what exceeds max_num_batched_tokens, or (under a memory limit) the KV cache reserved."""
-        prompt_tokens = sum(len(s.prompt_ids) for s in seqs)
-        if self.max_num_batched_tokens is not None and prompt_tokens > self.max_num_batched_tokens:
-            raise RequestError(f"the prompts hold {prompt_tokens} tokens but one forward may process at most "
-                               f"max_num_batched_tokens={self.max_num_batched_tokens}: send fewer or shorter prompts "
-                               "per call, or raise max_num_batched_tokens (a memory limit reserves its activations)")
-        kv_tokens = sum(s.cache.capacity for s in seqs)
-        if self.memory is not None and kv_tokens > self.memory.kv_tokens:
-            raise RequestError(f"these requests need KV cache for {kv_tokens} tokens (prompt + max_tokens each) but "
-                               f"the memory limit reserved {self.memory.kv_tokens} (max_model_len): send fewer "
-                               "requests per call or lower max_tokens")
-
-    def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
-        text, ids = self._prompt_ids(prompt)
-        if not ids:
-            raise RequestError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} "
-                               "tokens, which must also hold at least one generated token")
-        if max(ids) >= self.model.shape.vocab_size or min(ids) < 0:
-            raise RequestError(f"prompt token ids must be in [0, {self.model.shape.vocab_size})")
-        capacity = min(len(ids) + params.max_tokens, self.max_model_len)
-        return Sequence(str(next(self._ids)), text, ids, params, KVCache(capacity), self.max_model_len,
-                        self.eos_ids)
-
-    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt.get("prompt", "")
-        if isinstance(prompt, str):
-            return prompt, self._require_tokenizer().encode(prompt) if prompt else []
-        return None, list(prompt)
-
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise RequestError(f"{self.config.model} has no tokenizer: pass prompts as token ids")
-        return self.tokenizer
-
-
-def make_store(config: EngineConfig, index, model) -> ExpertStore:
-    """All-resident store without a budget, else the RAM tier over the checkpoint files; under an accelerator tier
-    when `gpu_expert_cache` is set."""
-    dtype = config.torch_dtype
-    total = sum(loaded_nbytes(spec, dtype) for spec in index.experts().values())
-    layers = [b.layer for b in model.moe_blocks]
-    if config.expert_cache is None:
-        store = ResidentStore(index, dtype)
-    elif config.tau is not None and config.gpu_expert_cache is None:  # TIDE with RAM as the fast tier
-        store = RefreshStore(index, dtype, min(parse_budget(config.expert_cache, total), total), layers,
-                             model.shape.top_k, config.io_threads, config.direct_io)
-    elif config.cache_policy == STATIC:  # a calibrated set pinned in RAM, the rest streamed
-        store = StaticStore.calibrated(index, dtype, min(parse_budget(config.expert_cache, total), total), layers,
-                                       model.shape.top_k, config.io_threads, config.direct_io)
-    else:
-        store = TieredStore(index, dtype, min(parse_budget(config.expert_cache, total), total),
-                            live_policy(config), [b.layer for b in model.moe_blocks], model.shape.top_k,
-                            config.io_threads, config.direct_io)
-    if config.gpu_expert_cache is None:
-        return store
-    device = config.torch_device
-    if config.tau is not None:  # TIDE with the accelerator as the fast tier
-        return RefreshAcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total), layers, dtype)
-    return AcceleratorStore(store, device, parse_budget(config.gpu_expert_cache, total),
-                            live_policy(config), profile_costs(device))
-
-
-def cap_read_buffers(store: ExpertStore, nbytes: int) -> None:
-    """Let the direct-I/O reader of a RAM tier keep at most `nbytes` of read buffers idle (one per I/O thread, what
-    a memory plan reserves for reads in flight) instead of its default 256 MiB."""
-    reader = getattr(store, "reader", None) or getattr(getattr(store, "host", None), "reader", None)
-    if reader is not None:
-        reader.pool.max_bytes = nbytes
-
-
-def refuse_offloading(config: EngineConfig, model_type: str) -> None:
-    """A model without routed experts (LLaDA) has nothing to offload: an option that would do nothing is refused."""
-    given = [o for o in ("expert_cache", "gpu_expert_cache", "prefetch", "tau", "memory_limit") if config.given(o)]
-    if given:
-        raise ConfigError(f"{', '.join(given)}: expert offloading applies to models with routed experts, and "
-                          f"{model_type} has none (all its weights stay resident)")
-
-
-def live_policy(config: EngineConfig):
-    """The configured cache policy; it must run without knowing the future."""
-    name = config.cache_policy or "lru"
-    if name not in POLICIES or POLICIES[name].needs_future:
-        live = [n for n, p in sorted(POLICIES.items()) if not p.needs_future]
-        raise ConfigError(f"cache_policy {name!r} cannot run live; choose one of {', '.join(live)}, or {STATIC} "
-                          "(a calibrated set, RAM tier only)")
-    return make_policy(name, **({} if config.learned_weights is None else {"weights": config.learned_weights}))
-
-
-def eos_token_ids(folder: Path, config: dict, tokenizer) -> frozenset[int]:
-    """EOS ids from generation_config.json, else config.json, else the tokenizer."""
-    gen_path = folder / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
-    eos = gen.get("eos_token_id", config.get("eos_token_id"))
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
+    def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Request:
+        """A checked request with its own KV cache, not queued (tools and tests that drive the model directly)."""
+        return self.engine.new_request(prompt, params)

@@ -54,6 +54,7 @@ class RequestOutput:
     metrics: RequestMetrics
     stats: dict | None = field(default=None)  # expert-store statistics of the run, when asked for
     prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs is set
+    error: Exception | None = None  # why the request failed (tiermoe.errors.RequestFailed); then finished is set
 
     @property
     def num_prompt_tokens(self) -> int:

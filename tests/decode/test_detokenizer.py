@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from tiermoe import LLM, SamplingParams
 from tiermoe.decode.detokenizer import INCOMPLETE, Detokenizer
 from tiermoe.decode.kv_cache import KVCache
-from tiermoe.decode.sequence import Sequence
+from tiermoe.engine.request import Request
 from tiermoe.llm import load_tokenizer
 from tiermoe.models.registry import DEFAULT_MODEL
 
@@ -123,9 +123,9 @@ def test_work_per_token_does_not_grow_with_the_output(tokenizers, name):
     assert max(per_token[-200:]) <= max(per_token[:200])
 
 
-def feed(tok, ids, stop) -> tuple[Sequence, list[str]]:
+def feed(tok, ids, stop) -> tuple[Request, list[str]]:
     """A request fed `ids` one by one as the decoders feed it, and the text it would stream after each."""
-    seq = Sequence("r", None, [1], SamplingParams(max_tokens=len(ids), stop=stop), KVCache(1), 10**6, frozenset())
+    seq = Request("r", None, [1], SamplingParams(max_tokens=len(ids), stop=stop), KVCache(1), 10**6, frozenset())
     streamed = []
     for token in ids:
         seq.append(token, tok)

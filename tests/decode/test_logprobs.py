@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tiermoe import LLM, SamplingParams
-from tiermoe.decode import autoregressive
+from tiermoe.engine import model_runner as autoregressive
 
 PROMPT = [3, 17, 42, 9, 77, 5, 17, 42, 100, 64, 8]
 

@@ -5,7 +5,7 @@ import torch
 
 from tests.tiny_models import FAMILIES, make_reference
 from tiermoe import LLM, SamplingParams
-from tiermoe.decode.autoregressive import forward_new_tokens
+from tiermoe.engine.model_runner import forward_new_tokens
 
 PROMPTS = [[3, 17, 42, 9, 77, 5], [88, 1, 64], [12, 99, 31, 7, 54, 23, 70, 2, 45, 16, 61]]
 GREEDY_32 = SamplingParams(temperature=0.0, max_tokens=32)

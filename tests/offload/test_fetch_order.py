@@ -5,7 +5,7 @@ import torch
 
 from tests.offload.test_tiered_store import budgets
 from tiermoe import LLM, SamplingParams
-from tiermoe.decode.autoregressive import forward_new_tokens
+from tiermoe.engine.model_runner import forward_new_tokens
 from tiermoe.offload.fetch_order import fetch_order
 
 

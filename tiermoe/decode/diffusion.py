@@ -32,7 +32,7 @@ reuse step, so that the store re-places experts only at refreshes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,7 +46,7 @@ from tiermoe.decode.remasking import (
     random_confidence,
     transfer_schedule,
 )
-from tiermoe.decode.sequence import Sequence
+from tiermoe.engine.request import Request
 from tiermoe.models.diffusion import DiffusionModel
 from tiermoe.models.layers import ForwardBatch, SeqSlice
 from tiermoe.models.transformer import CausalLM
@@ -112,7 +112,7 @@ class Denoiser:
     """One request being denoised: runs the model and the logits path, counts the work, emits finished blocks."""
 
     model: CausalLM
-    seq: Sequence
+    seq: Request
     tokenizer: object
     mask_id: int
     rows: int  # rows per lm_head call
@@ -154,8 +154,8 @@ class Denoiser:
         return False
 
 
-def decode_blocks(d: Denoiser, options: DiffusionOptions) -> None:
-    """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks."""
+def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Iterator[None]:
+    """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks; yields after each block."""
     p, prompt = d.seq.params, d.seq.prompt_ids
     size = p.block_length
     # The reference caps steps at gen_length // minimal_topk, and runs no step at all (returns mask tokens) at 0.
@@ -182,10 +182,12 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> None:
             d.stats.committed += chosen.numel()
         if d.emit(canvas, lo, hi):
             return
+        yield
 
 
-def decode_full(d: Denoiser) -> None:
-    """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step."""
+def decode_full(d: Denoiser) -> Iterator[None]:
+    """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step;
+    yields after each block."""
     p, prompt = d.seq.params, d.seq.prompt_ids
     size, length = p.block_length, len(prompt) + p.max_tokens
     num_blocks = -(-p.max_tokens // size)
@@ -208,35 +210,44 @@ def decode_full(d: Denoiser) -> None:
             d.stats.committed += chosen.numel()
         if d.emit(canvas, lo, hi):
             return
+        yield
 
 
-def generate(model: CausalLM, seqs: list[Sequence], tokenizer, diffusion: DiffusionModel,
-             options: DiffusionOptions = DiffusionOptions(),
-             on_step: Callable[[list[Sequence]], None] | None = None,
-             store: ExpertStore | None = None) -> dict[str, dict]:
-    """Decode every sequence (one at a time); returns each request's DiffusionStats as a dict, by request id.
+class Denoising:
+    """One diffusion request decoded a block at a time (the engine's unit of progress); `work` is its
+    DiffusionStats as a dict once done."""
 
-    `on_step` sees a sequence once it has finished. With `options.tau` set, `store` (the one the MoE layers read
-    from) is told refresh vs reuse before every step.
-    """
-    stats = {}
-    rows = options.logit_rows or logit_rows(model.shape.vocab_size)
-    with torch.inference_mode():
-        for seq in seqs:
-            if seq.finished:
-                continue
-            d = Denoiser(model, seq, tokenizer, diffusion.mask_id, rows, seq.generator, DiffusionStats(),
-                         _schedule(options.tau, store))
-            start = time.perf_counter()
-            if diffusion.schedule == "blocks":
-                decode_blocks(d, options)
-            else:
-                decode_full(d)
-            d.stats.decode_time = time.perf_counter() - start
-            stats[seq.request_id] = d.stats.to_dict(len(seq.output_ids))
-            if on_step is not None:
-                on_step([seq])
-    return stats
+    def __init__(self, model: CausalLM, req: Request, tokenizer, diffusion: DiffusionModel,
+                 options: DiffusionOptions = DiffusionOptions(), store: ExpertStore | None = None):
+        rows = options.logit_rows or logit_rows(model.shape.vocab_size)
+        self.req = req
+        self.denoiser = Denoiser(model, req, tokenizer, diffusion.mask_id, rows, req.generator, DiffusionStats(),
+                                 _schedule(options.tau, store))
+        self.blocks = (decode_blocks(self.denoiser, options) if diffusion.schedule == "blocks"
+                       else decode_full(self.denoiser))
+        self.done = False
+        self.counted = 0  # output tokens the engine has counted
+
+    def advance(self) -> None:
+        """Denoise the request's next block (its last one sets `done` and the request's `work`)."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.done = next(self.blocks, StopIteration) is StopIteration or self.req.finished
+        stats = self.denoiser.stats
+        stats.decode_time += time.perf_counter() - start
+        if self.done:
+            self.req.work = stats.to_dict(len(self.req.output_ids))
+
+
+def generate(model: CausalLM, reqs: list[Request], tokenizer, diffusion: DiffusionModel,
+             options: DiffusionOptions = DiffusionOptions(), store: ExpertStore | None = None) -> dict[str, dict]:
+    """Decode every request to the end, one at a time; returns each one's DiffusionStats as a dict, by request id.
+    With `options.tau` set, `store` (the one the MoE layers read from) is told refresh vs reuse before every step."""
+    for req in reqs:
+        job = Denoising(model, req, tokenizer, diffusion, options, store)
+        while not job.done:
+            job.advance()
+    return {req.request_id: req.work for req in reqs}
 
 
 def _schedule(tau: Tau | None, store: ExpertStore | None) -> RefreshSchedule | None:

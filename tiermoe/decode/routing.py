@@ -1,7 +1,7 @@
 """Observers of the router: record every token's routing as a trace, or replay a trace's routing (benchmarks only).
 
-Both see a forward pass as `begin(seqs)` -> one `on_route(layer, ...)` per MoE layer -> `end()`; the rows of the
-pass are the sequences' new tokens, flattened in order.
+Both see a forward pass as `begin(scheduled)` -> one `on_route(layer, ...)` per MoE layer -> `end()`; the rows of
+the pass are the scheduled requests' next uncached tokens ((request, count) pairs), flattened in order.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tiermoe.decode.sequence import Sequence
+from tiermoe.engine.request import Request
 from tiermoe.errors import ConfigError
 from tiermoe.models.transformer import CausalLM
 from tiermoe.sim.trace import Trace, TraceRecorder
@@ -19,14 +19,14 @@ from tiermoe.sim.trace import Trace, TraceRecorder
 
 @dataclass(slots=True)
 class _Row:
-    seq: Sequence
+    seq: Request
     position: int
     token: int
 
 
-def _rows(seqs: list[Sequence]) -> list[_Row]:
-    """One entry per token of the coming forward pass, in row order."""
-    return [_Row(s, s.cached + i, t) for s in seqs for i, t in enumerate(s.new_tokens())]
+def _rows(scheduled: list[tuple[Request, int]]) -> list[_Row]:
+    """One entry per token of the coming forward pass (n tokens of each request), in row order."""
+    return [_Row(s, s.cached + i, t) for s, n in scheduled for i, t in enumerate(s.all_ids[s.cached:s.cached + n])]
 
 
 class RoutingRecorder:
@@ -46,8 +46,8 @@ class RoutingRecorder:
         self._pass: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._by_seq: dict[str, list[tuple]] = {}
 
-    def begin(self, seqs: list[Sequence]) -> None:
-        self._rows, self._pass = _rows(seqs), {}
+    def begin(self, scheduled: list[tuple[Request, int]]) -> None:
+        self._rows, self._pass = _rows(scheduled), {}
 
     def on_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._pass[layer] = (ids, weights)
@@ -94,9 +94,9 @@ class RoutingReplay:
             block.on_route = self.on_route
         self._sel = torch.empty(0, dtype=torch.long)
 
-    def begin(self, seqs: list[Sequence]) -> None:
+    def begin(self, scheduled: list[tuple[Request, int]]) -> None:
         rows = []
-        for r in _rows(seqs):
+        for r in _rows(scheduled):
             start, end = self.bounds[self.sequence_of[r.seq.request_id]]
             row = start + r.position - int(self.trace.positions[start])  # a sequence's rows are consecutive positions
             rows.append(row if start <= row < end else -1)

@@ -6,6 +6,10 @@ accumulation, parallel over output rows on torch's intra-op threads, and each ou
 rows in the batch, bit for bit. Larger batches, other devices and other dtypes use torch's own ops, as does
 everything when the kernels cannot be built (one warning line) or TIERMOE_KERNELS=off. `rmsnorm`, `rotary_` and
 `decode_attention` fuse the small ops of one decode step around them.
+
+Batch-invariant mode (`set_batch_invariant`, on in the engine): products with more than MAX_ROWS rows run the same
+kernels MAX_ROWS rows at a time (row by row through torch where the kernels do not serve), so that a row's result
+never depends on how many rows share the product; torch's GEMM picks different blockings for different row counts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tiermoe.kernels.build import compile_kernels
 MAX_ROWS = 8  # rows up to which the kernels beat torch's GEMM (decode); prefill keeps the GEMM
 _UNSET = object()
 _ops = _UNSET
+_invariant = False
 
 
 def compiled():
@@ -42,9 +47,30 @@ def calls() -> int:
     return 0 if ops is None else ops.calls()
 
 
+def set_batch_invariant(on: bool) -> None:
+    """Make every row of a product independent of the other rows, whatever their number (see the module doc)."""
+    global _invariant
+    _invariant = on
+
+
+def batch_invariant() -> bool:
+    return _invariant
+
+
+def _tiles(x: torch.Tensor, ops) -> list[torch.Tensor] | None:
+    """x's rows in the tiles a batch-invariant product computes separately; None: one product is invariant."""
+    if not _invariant or x.dim() != 2:
+        return None
+    rows = MAX_ROWS if ops is not None and x.device.type == "cpu" else 1
+    return None if x.shape[0] <= rows else list(x.split(rows))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); x [M, K] or [K], weight [N, K] -> [M, N] (or [N]) in x's dtype."""
     ops = _ops if _ops is not _UNSET else compiled()
+    tiles = _tiles(x, ops)
+    if tiles is not None:
+        return torch.cat([linear(t, weight, bias) for t in tiles])
     if ops is None or x.dim() != 2 or x.device.type != "cpu":
         if weight.dtype != x.dtype:  # e.g. an fp32 router product over bf16 weights
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
@@ -61,6 +87,10 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     to x's dtype; torch's ops round at each step, as transformers' experts do.
     """
     ops = _ops if _ops is not _UNSET else compiled()
+    tiles = _tiles(x, ops)
+    if tiles is not None:
+        scales = [None] * len(tiles) if scale is None else scale.split(tiles[0].shape[0])
+        return torch.cat([swiglu(t, gate_up, down, s) for t, s in zip(tiles, scales, strict=True)])
     if ops is None or x.device.type != "cpu":
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down)

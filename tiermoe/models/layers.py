@@ -139,6 +139,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: 
     if block != 1:
         return attend_blocks(q, k, v, past, scale, block)
     t, S = q.shape[0], k.shape[0]
+    if t > 1 and kernels.batch_invariant():  # each row as a decode step sees it, whatever the chunk it is in
+        return torch.cat([attend(q[i:i + 1], k[:past + i + 1], v[:past + i + 1], past + i, scale, 1, window)
+                          for i in range(t)])
     windowed = window is not None and S > window
     if t == 1:  # decode: the one query sees the last `window` keys (all without a window)
         seen = slice(S - window if windowed else 0, S)

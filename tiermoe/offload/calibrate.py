@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tiermoe.decode.autoregressive import forward_new_tokens
 from tiermoe.decode.kv_cache import KVCache
-from tiermoe.decode.sequence import Sequence
+from tiermoe.engine.model_runner import forward_new_tokens
+from tiermoe.engine.request import Request
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.prefetch import ResidualPrefetcher
 from tiermoe.sampling_params import SamplingParams
@@ -40,7 +40,7 @@ def capture(model: CausalLM, chunks: list[list[int]]) -> RouterInputs:
     try:
         with torch.inference_mode():
             for ids in chunks:
-                seq = Sequence("calib", None, ids, SamplingParams(max_tokens=1), KVCache(len(ids)), len(ids) + 1,
+                seq = Request("calib", None, ids, SamplingParams(max_tokens=1), KVCache(len(ids)), len(ids) + 1,
                                frozenset())
                 forward_new_tokens(model, [seq])
     finally:

@@ -1,11 +1,13 @@
-"""A request's life: prompt ids, generated ids, its KV cache, its sampler state, when and why it stopped.
+"""A request's life: prompt ids, generated ids, its KV cache, its sampler state, its place in the scheduler, when and
+why it stopped.
 
-A request with n > 1 completions runs as n sequences (its children, as in vLLM), one per completion; their outputs
+A request with n > 1 completions runs as n requests (its children, as in vLLM), one per completion; their outputs
 are merged back into one RequestOutput (`request_outputs`).
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass, field
 
@@ -18,17 +20,30 @@ from tiermoe.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMe
 from tiermoe.sampling_params import SamplingParams
 
 
-@dataclass(slots=True)
-class Sequence:
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no KV blocks
+    RUNNING = "running"  # scheduled, holds KV blocks for its computed tokens
+    PREEMPTED = "preempted"  # its KV blocks were taken back: waits to recompute them
+    FINISHED = "finished"  # EOS, stop or length
+    ABORTED = "aborted"  # by the caller
+    FAILED = "failed"  # an error of this request only (its expert reads, a bad input found late)
+
+    @property
+    def done(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.ABORTED, RequestStatus.FAILED)
+
+
+@dataclass(slots=True, eq=False)  # a request is itself, not its fields' values
+class Request:
     request_id: str
     prompt: str | None
     prompt_ids: list[int]
     params: SamplingParams
-    cache: KVCache
+    cache: KVCache | None  # KV of the computed tokens (the engine's paged view); None while waiting
     max_len: int  # context limit: generation stops at this many tokens in all
     eos_ids: frozenset[int]
     output_ids: list[int] = field(default_factory=list)
-    cached: int = 0  # tokens whose K/V are in the cache
+    cached: int = 0  # tokens whose K/V are in the cache (computed)
     text: str = ""  # decoded output text (stop string excluded once finished)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -36,6 +51,10 @@ class Sequence:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
     index: int = 0  # which completion of its request this sequence produces
     parent_id: str | None = None  # the request's id when it has n > 1 completions (request_id is then this one's)
+    priority: int = 0  # lower runs first (FCFS among equals), as vLLM's priority scheduling
+    status: RequestStatus = RequestStatus.WAITING
+    error: Exception | None = None  # why it FAILED
+    work: dict | None = None  # diffusion: what its decoding took (NFE, tokens per forward, logit rows)
     sampler: SamplerState = field(init=False)  # generator and token history the sampler reads
     logprobs: SampleLogprobs | None = field(init=False)  # per generated token, when params.logprobs is set
     cumulative_logprob: float | None = field(init=False)
@@ -64,6 +83,10 @@ class Sequence:
     def new_tokens(self) -> list[int]:
         """Tokens not yet in the cache: the whole prompt at prefill, the last sampled token after."""
         return self.all_ids[self.cached:]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
 
     def append(self, token: int, tokenizer, logprobs: dict[int, Logprob] | None = None) -> None:
         """Add a sampled token (with its logprobs, when asked for), update the text, and decide whether the request
@@ -131,7 +154,7 @@ class Sequence:
                              self.finished, self.metrics, prompt_logprobs=self.prompt_logprobs)
 
 
-def request_outputs(seqs: list[Sequence]) -> list[RequestOutput]:
+def request_outputs(seqs: list[Request]) -> list[RequestOutput]:
     """One RequestOutput per request, in order: the n completions of a request (consecutive sequences sharing its
     id) become its `outputs`, ordered by index."""
     merged: list[RequestOutput] = []

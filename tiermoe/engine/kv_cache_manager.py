@@ -1,0 +1,101 @@
+"""The KV cache of every running request in one byte budget, paged in fixed-size blocks (as vLLM's PagedAttention).
+
+Per layer, each tensor the attention caches (K and V; MLA's latent and rotary key) lives in one pool
+[num_blocks, block_size, ...]. A request holds a block table: its token at position p sits at row p % block_size of
+block table[p // block_size]. Blocks are handed out on admission and as the request grows, and all come back when it
+finishes, is aborted or is preempted, so requests of any length share the budget without fragmentation. Free blocks
+are handed out lowest id first: the pools are allocated untouched (virtual memory) and only the blocks in use are
+ever written, so resident memory follows the blocks used, not the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+BLOCK_SIZE = 16  # tokens per block (vLLM's default)
+
+
+class KVCacheManager:
+    """Blocks of `block_size` tokens, as many as `budget` bytes hold at `bytes_per_token` (all layers)."""
+
+    def __init__(self, budget: int, bytes_per_token: int, block_size: int = BLOCK_SIZE):
+        self.budget, self.bytes_per_token, self.block_size = budget, bytes_per_token, block_size
+        self.block_bytes = block_size * bytes_per_token
+        self.num_blocks = budget // self.block_bytes if bytes_per_token else 0
+        self._free = list(range(self.num_blocks))  # a heap: the lowest id is handed out first
+        self.tables: dict[str, list[int]] = {}  # request id -> block ids in position order
+        self.pools: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> pools [num_blocks, block_size, ...]
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_blocks * self.block_bytes
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the pools allocated so far (at most the budget)."""
+        return sum(p.nbytes for pools in self.pools.values() for p in pools)
+
+    @property
+    def usage(self) -> float:
+        """Share of the blocks in use, 0..1."""
+        return self.used_blocks / self.num_blocks if self.num_blocks else 0.0
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, request_id: str, num_tokens: int) -> bool:
+        """Grow the request's table to hold `num_tokens` tokens; False (nothing taken) when the free blocks can't."""
+        table = self.tables.setdefault(request_id, [])
+        need = self.blocks_for(num_tokens) - len(table)
+        if need > len(self._free):
+            if not table:
+                del self.tables[request_id]
+            return False
+        table.extend(heapq.heappop(self._free) for _ in range(need))
+        return True
+
+    def free(self, request_id: str) -> None:
+        """Give back every block the request holds (finish, abort, preemption)."""
+        for block in self.tables.pop(request_id, []):
+            heapq.heappush(self._free, block)
+
+    def view(self, request_id: str) -> PagedKV:
+        """The request's cache as the attention layers use it (update, then read back)."""
+        return PagedKV(self, request_id)
+
+    def pool(self, layer: int, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The layer's pools, made at its first write from the shapes and dtypes it caches."""
+        pools = self.pools.get(layer)
+        if pools is None:
+            pools = tuple(t.new_empty((self.num_blocks, self.block_size, *t.shape[1:])) for t in like)
+            self.pools[layer] = pools
+        return pools
+
+
+class PagedKV:
+    """One request's KV cache over the manager's pools; same interface as tiermoe.decode.kv_cache.KVCache."""
+
+    def __init__(self, manager: KVCacheManager, request_id: str):
+        self.manager, self.request_id = manager, request_id
+
+    def update(self, layer: int, past: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write `new` (each [t, ...]) at positions [past, past + t) and return the cached [0, past + t) of each."""
+        m = self.manager
+        pools = m.pool(layer, new)
+        end = past + new[0].shape[0]
+        table = torch.tensor(m.tables[self.request_id][:m.blocks_for(end)])  # [b]
+        positions = torch.arange(past, end)
+        blocks, rows = table[positions // m.block_size], positions % m.block_size  # [t], [t]
+        for pool, t in zip(pools, new, strict=True):
+            pool[blocks, rows] = t
+        return tuple(pool[table].flatten(0, 1)[:end] for pool in pools)  # [S, ...], gathered in position order
