@@ -39,8 +39,9 @@ class Server:
         return httpx.get(self.url + path, timeout=60, **kwargs)
 
     def post(self, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
+        kwargs.setdefault("timeout", 120)
         return httpx.post(self.url + path, headers={"Authorization": f"Bearer {API_KEY}", **(headers or {})},
-                          timeout=120, **kwargs)
+                          **kwargs)
 
     @contextmanager
     def stream_raw(self, path: str, body: dict):

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from importlib.metadata import version
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from tiermoe.errors import RequestError
 from tiermoe.server import serving
@@ -18,6 +18,7 @@ from tiermoe.server.errors import APIError, error_response, install_handlers
 from tiermoe.server.metrics import CONTENT_TYPE
 from tiermoe.server.protocol import (
     MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -31,7 +32,7 @@ def build_app(state: ServerState, lifespan: Callable[[], AbstractAsyncContextMan
     """The app; `lifespan` (which loads the engine in the background, so that /health answers 503 meanwhile, and
     shuts it down) runs with it."""
     app = FastAPI(title="tiermoe", version=version("tiermoe"), lifespan=lifespan and (lambda _: lifespan()))
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(SizeLimits, max_body=MAX_BODY_BYTES, max_headers=MAX_HEADER_BYTES)
     install_handlers(app)
     auth = [Depends(key_check(api_key))]
 
@@ -110,19 +111,24 @@ def key_check(api_key: str | None):
     return check
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` (by Content-Length, or as it arrives) gets 413 before any
-    handler runs; the body read here is replayed to the app."""
+class SizeLimits:
+    """ASGI middleware: headers over `max_headers` bytes get 431, a body over `max_body` bytes (by Content-Length,
+    or as it arrives) 413, before any handler runs; the body read here is replayed to the app."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_body: int, max_headers: int):
+        self.app, self.max_body, self.max_headers = app, max_body, max_headers
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_headers:
+            return await error_response(431, f"request headers larger than {self.max_headers} bytes")(
+                scope, receive, send)
+        if scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await self._too_large(scope, receive, send)
         body, more = [], True
         while more:
             message = await receive()
@@ -130,8 +136,8 @@ class BodyLimit:
                 return
             body.append(message.get("body", b""))
             more = message.get("more_body", False)
-            if sum(map(len, body)) > self.max_bytes:
-                return await self._refuse(scope, receive, send)
+            if sum(map(len, body)) > self.max_body:
+                return await self._too_large(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -143,6 +149,5 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send):
-        response: JSONResponse = error_response(413, f"request body larger than {self.max_bytes} bytes")
-        await response(scope, receive, send)
+    async def _too_large(self, scope, receive, send):
+        await error_response(413, f"request body larger than {self.max_body} bytes")(scope, receive, send)

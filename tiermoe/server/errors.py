@@ -15,7 +15,8 @@ from tiermoe.errors import RequestError
 log = logging.getLogger("tiermoe.server")
 
 TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-         413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailable"}
+         413: "RequestTooLargeError", 429: "RateLimitError", 431: "RequestHeaderFieldsTooLarge",
+         500: "InternalServerError", 503: "ServiceUnavailable"}
 
 
 class APIError(Exception):
