@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_serve_parser(sub) -> None:
+    """`serve` and `bench serve` (tiermoe.server)."""
+    from tiermoe.server import bench_client
     from tiermoe.server.cli import add_serve_args, cmd_serve
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, "
@@ -290,6 +292,7 @@ def add_serve_parser(sub) -> None:
     add_model_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
+    bench_client.add_parser(sub)
 
 
 def _add_optional_commands(sub) -> None:

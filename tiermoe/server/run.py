@@ -33,8 +33,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(unknown)}: not supported by this engine build")
     config = EngineConfig(model=model_path(args), **engine_kwargs(args), tau=args.tau, **extra)  # checked now
     name = args.served_model_name or args.model or config.model.name
-    max_seqs = getattr(config, "max_num_seqs", None) or 256
-    state = ServerState(name, max_queued=max_seqs + args.max_waiting)
+    state = ServerState(name, max_queued=config.max_num_seqs + args.max_waiting)
     exit_code = 0
 
     @asynccontextmanager
