@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai package is built on
@@ -31,6 +31,7 @@ class Server:
     model: str  # served model name
     folder: Path
     log: Path
+    loading: list[tuple[int, dict]] = field(default_factory=list)  # /health's answers before the first 200
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120, **kwargs)
@@ -84,11 +85,13 @@ def start_server(folder: Path, log: Path, *flags: str) -> Server:
         if process.poll() is not None:
             raise RuntimeError(f"tiermoe serve exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if server.get("/health").status_code == 200:
+            health = server.get("/health")
+            if health.status_code == 200:
                 return server
+            server.loading.append((health.status_code, health.json()))
         except httpx.TransportError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     server.stop()
     raise RuntimeError(f"tiermoe serve did not become healthy:\n{log.read_text()}")
 

@@ -28,6 +28,16 @@ def test_greedy_completion_equals_llm_generate(server, reference, prompt):
     assert out.usage.total_tokens == want.num_prompt_tokens + 16 and out.model == server.model
 
 
+def test_echo_puts_the_prompt_before_the_completion(server, reference):
+    want = expected(reference, "ROMEO:", temperature=0, max_tokens=6).outputs[0].text
+    client = server.client()
+    out = client.completions.create(model=server.model, prompt="ROMEO:", max_tokens=6, temperature=0, echo=True)
+    assert out.choices[0].text == "ROMEO:" + want
+    chunks = client.completions.create(model=server.model, prompt="ROMEO:", max_tokens=6, temperature=0, echo=True,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == "ROMEO:" + want
+
+
 def test_chat_equals_llm_chat(server, reference):
     out = server.client().chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=12,
                                                   temperature=0)

@@ -68,6 +68,11 @@ class Generation:
             last[i] = out
         return [last[i] for i in range(len(self.tasks))]
 
+    def interrupt(self, error: Exception) -> None:
+        """End the request with `error` (the server is stopping): the consumer raises it after the outputs queued
+        before it, and then closes this generation."""
+        self.queue.put_nowait((0, error))
+
     async def close(self) -> None:
         """Stop the prompts still running and abort them in the engine (a client left, or an error ended the
         request): their sequences and KV memory are freed."""

@@ -62,23 +62,26 @@ def serve(args: argparse.Namespace) -> int:
                 await state.engine.shutdown()
 
     app = build_app(state, lifespan, args.api_key)
-    server = DrainingServer(state, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                                  h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                                                  timeout_keep_alive=5))
+    server = DrainingServer(state, args.shutdown_timeout, uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=5))
     server.run()
     return exit_code
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, marking the state as draining on SIGTERM / SIGINT so no new request is admitted, and
-    exiting 0 after a graceful stop (uvicorn's own handler re-raises the signal once it has stopped)."""
+    """uvicorn's server: on SIGTERM / SIGINT no new request is admitted, running ones get `timeout` seconds to
+    finish before they are ended (a stream with an error event and [DONE]), and the process exits 0 (uvicorn's
+    own handler re-raises the signal once it has stopped)."""
 
-    def __init__(self, state: ServerState, config: uvicorn.Config):
+    def __init__(self, state: ServerState, timeout: float, config: uvicorn.Config):
         super().__init__(config)
-        self.state = state
+        self.state, self.timeout = state, timeout
 
     def handle_exit(self, sig, frame) -> None:
-        self.state.draining = True
-        if self.should_exit and sig == signal.SIGINT:  # a second Ctrl-C: stop without waiting
-            self.force_exit = True
-        self.should_exit = True
+        if self.should_exit:
+            self.force_exit = self.force_exit or sig == signal.SIGINT  # a second Ctrl-C: stop without waiting
+            return
+        self.state.draining = self.should_exit = True
+        asyncio.get_running_loop().call_later(self.timeout, self.state.interrupt_all,
+                                              f"the server is shutting down (requests get {self.timeout:g} s)")

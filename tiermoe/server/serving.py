@@ -105,6 +105,7 @@ async def respond(req: SamplingFields, state: ServerState, http: Request, reply:
     """Admit the request, start its engine requests, and answer with a JSON body or an SSE stream."""
     slot = state.admit()
     gen = Generation(state.engine, prompts, params, reply.id)
+    slot.hold(gen)
     try:
         await failing_as_500(state, until_disconnected(http, gen.accepted()))
         if not req.stream:
@@ -177,7 +178,8 @@ async def stream(reply: Reply, gen: Generation, release: Callable[[], None]) -> 
     except Exception as e:  # the request failed after its stream began: say so in the stream, then end it
         reply.state.metrics.failed(type(e).__name__)
         ended = True
-        yield sse(error_body(400 if isinstance(e, RequestError) else 500, str(e)))
+        status = e.status if isinstance(e, APIError) else 400 if isinstance(e, RequestError) else 500
+        yield sse(error_body(status, str(e)))
     finally:
         if not ended:
             reply.state.metrics.failed("aborted")

@@ -16,12 +16,18 @@ class Slot:
     """A request's place among those admitted; released once when it ends."""
 
     state: ServerState
+    generation: object | None = None  # its Generation, once started
     held: bool = True
+
+    def hold(self, generation) -> None:
+        self.generation = generation
+        self.state.live.add(generation)
 
     def release(self) -> None:
         if self.held:
             self.held = False
             self.state.in_flight -= 1
+            self.state.live.discard(self.generation)
 
 
 @dataclass
@@ -32,6 +38,7 @@ class ServerState:
     load_error: str | None = None  # why loading failed
     draining: bool = False  # SIGTERM: no new requests
     in_flight: int = 0
+    live: set = field(default_factory=set)  # the Generations of admitted requests
     metrics: Metrics = field(init=False)
 
     def __post_init__(self):
@@ -64,6 +71,11 @@ class ServerState:
                                 f"{self.max_queued}); retry later", headers={"Retry-After": "1"})
         self.in_flight += 1
         return Slot(self)
+
+    def interrupt_all(self, reason: str) -> None:
+        """End every request still running with a 503 (in a stream: an error event, then [DONE])."""
+        for generation in list(self.live):
+            generation.interrupt(APIError(503, reason))
 
     def check_max_tokens(self, max_tokens: int) -> int:
         if max_tokens >= self.max_model_len:
