@@ -58,8 +58,9 @@ class Config:
     perfect_prefetch: bool = False
 
 
-def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int) -> Path:
-    """An OLMoE-architecture checkpoint with the trace's layers/experts/top-k, written by transformers."""
+def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int, keep_source: bool = False) -> Path:
+    """An OLMoE-architecture checkpoint with the trace's layers/experts/top-k, written by transformers and converted
+    (the transformers checkpoint stays in folder/hf with `keep_source`)."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     torch.manual_seed(0)
@@ -70,7 +71,8 @@ def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int) -> Pat
     src = folder / "hf"
     OlmoeForCausalLM(config).save_pretrained(src)
     dst = convert(src, folder / "aligned")
-    shutil.rmtree(src)
+    if not keep_source:
+        shutil.rmtree(src)
     return dst
 
 

@@ -83,10 +83,12 @@ def test_the_minimum_it_names_is_exactly_the_smallest_limit_it_accepts(used):
 
 
 def test_kv_reserve_per_token_is_what_decoding_allocates(folder):
-    llm = LLM(folder)
-    (seq,) = llm._make_sequences([PROMPT], SamplingParams(max_tokens=8))
-    llm._run([seq], False, None)
-    assert seq.cache.nbytes == kv_bytes_per_token(llm.model) * seq.cache.capacity > 0
+    llm = LLM(folder, kv_cache_memory="1MiB")
+    llm.generate(PROMPT, SamplingParams(max_tokens=8))
+    kv = llm.engine.kv
+    assert kv.pool_bytes == kv_bytes_per_token(llm.model) * kv.block_size * kv.pool_blocks > 0
+    assert kv.pool_blocks * kv.block_size >= len(PROMPT) + 8  # grown to what the request held, not beyond the budget
+    assert kv.pool_bytes <= 1 << 20 and kv.used_bytes == 0  # within its budget, and all given back
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
@@ -115,13 +117,22 @@ def test_a_limit_below_the_footprint_is_refused_naming_the_minimum(folder):
         LLM(folder, memory_limit="40%")
 
 
-def test_requests_beyond_the_reserves_are_refused(folder):
+def test_requests_are_served_within_the_reserves(folder):
+    """Under a limit, prompts longer than a forward's reserve are prefilled in chunks, requests that together exceed
+    the KV reserve take turns, and only a request that alone exceeds it is refused."""
     llm = LLM(folder, memory_limit=f"{_rss() + 200 * MiB}", max_num_batched_tokens=16)
-    assert llm.memory.batched_tokens == 16
-    with pytest.raises(RequestError, match="max_num_batched_tokens=16"):
-        llm.generate(PROMPT, SamplingParams(max_tokens=2))
-    with pytest.raises(RequestError, match=f"reserved {llm.memory.kv_tokens}"):
-        llm.generate([PROMPT[:4]] * 3, SamplingParams(max_tokens=250))
+    assert llm.memory.batched_tokens == 16 and len(PROMPT) > 16
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    assert llm.generate(PROMPT, params)[0].outputs[0].token_ids == \
+        LLM(folder).generate(PROMPT, params)[0].outputs[0].token_ids
+    kv_tokens = llm.engine.kv.capacity_tokens
+    assert kv_tokens <= llm.memory.kv_tokens
+    long = SamplingParams(temperature=0, max_tokens=kv_tokens // 2, ignore_eos=True)  # 3 of them exceed the cache
+    outs = llm.generate([PROMPT[:4]] * 3, long)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [kv_tokens // 2] * 3
+    small = LLM(folder, kv_cache_memory=64 * llm.engine.kv.bytes_per_token)
+    with pytest.raises(RequestError, match="needs KV cache for 68 tokens .* kv_cache_memory holds 64"):
+        small.generate(PROMPT[:4], SamplingParams(max_tokens=64))
 
 
 def test_an_expert_cache_given_with_a_limit_must_fit_in_it(folder):

@@ -31,7 +31,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "available): the fixed footprint is measured after load and the rest becomes the expert "
                         "cache (default: none, unless the model does not fit the cgroup's limit)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens one forward may process (default: no cap, or 512 under a memory limit)")
+                   help="tokens one engine step may compute over all requests; longer prompts are prefilled in "
+                        "chunks (default: no cap, or 512 under a memory limit)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once (default: 256)")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="bytes of the paged KV cache shared by running requests, e.g. 1GiB (default: what a memory "
+                        "limit reserves, else 1 GiB)")
     p.add_argument("--io-threads", type=int, default=None,
                    help="threads reading experts from disk (default: 4, or top_k under a memory limit)")
     p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
@@ -126,6 +131,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 expert_cache=args.expert_cache, cache_policy=args.cache_policy, learned_weights=args.learned_weights,
                 io_threads=args.io_threads, direct_io=args.direct_io, prefetch=args.prefetch,
                 memory_limit=args.memory_limit, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
                 prefetch_top_p=args.prefetch_top_p, device=args.device, gpu_expert_cache=args.gpu_expert_cache)
 
 

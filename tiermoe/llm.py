@@ -119,8 +119,8 @@ class LLM:
                     engine.abort_request(rid)
         outputs = [done[rid] for rid, _ in batch]
         for out in outputs:
-            if out.error is not None:
-                raise out.error
+            if out.error is not None:  # what failed (e.g. ExpertIOError naming the file and expert), as before
+                raise out.error.__cause__ or out.error
             out.stats = self.stats() | out.stats if out.stats else self.stats()
         return outputs
 
@@ -154,7 +154,7 @@ class LLM:
                     if out.request_id != rid:
                         continue
                     if out.error is not None:
-                        raise out.error
+                        raise out.error.__cause__ or out.error
                     finished = out.finished
                     if finished:
                         out.stats = self.stats() | out.stats if out.stats else self.stats()

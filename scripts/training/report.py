@@ -91,7 +91,7 @@ def write_report(out_dir: Path, report: dict) -> None:
 
 def build_report(run, corpus, streams, model, state, out_dir, recipe, val_loss_fp32: float) -> dict:
     """Evaluate the shipped (bf16-rounded) weights and gather everything for training_report.json."""
-    from tiermoe.llm import load_tokenizer
+    from tiermoe.tokenizer import load_tokenizer
 
     shipped, tokenizer = recipe.load(out_dir), load_tokenizer(out_dir, run.model.model_type)
     val = eval_windows(streams["val"], run.train.seq_len)

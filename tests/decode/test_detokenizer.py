@@ -17,8 +17,8 @@ from tiermoe import LLM, SamplingParams
 from tiermoe.decode.detokenizer import INCOMPLETE, Detokenizer
 from tiermoe.decode.kv_cache import KVCache
 from tiermoe.engine.request import Request
-from tiermoe.llm import load_tokenizer
 from tiermoe.models.registry import DEFAULT_MODEL
+from tiermoe.tokenizer import load_tokenizer
 
 CORPUS = ("naïve café — 日本語のテキスト、絵文字 🎉🙂 Ελληνικά русский текст ñandú façade Zürich 東京 €100; "
           "the quick brown fox jumps over the lazy dog. ROMEO: But, soft! what light through yonder window breaks?")

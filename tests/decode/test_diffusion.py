@@ -158,8 +158,11 @@ def test_outputs_report_nfe_and_tokens_per_forward(llada2):
     stats = out.stats["diffusion"]
     assert stats["output_tokens"] == 16 and stats["tokens_per_forward"] == 16 / stats["nfe"]
     assert out.metrics.total_time > 0 and "total" in out.stats  # expert-store statistics are still there
-    (last,) = list(llada2.stream(SHORT, SamplingParams(temperature=0, max_tokens=16, block_length=8, steps=8)))
+    *running, last = llada2.stream(SHORT, SamplingParams(temperature=0, max_tokens=16, block_length=8, steps=8))
     assert last.finished and last.outputs[0].token_ids == out.outputs[0].token_ids
+    # one output per committed block: the tokens grow a block at a time
+    assert running and not any(o.finished for o in running)
+    assert all(len(o.outputs[0].token_ids) < 16 for o in running)
 
 
 def test_commit_rules():

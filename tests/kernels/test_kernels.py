@@ -76,7 +76,8 @@ def test_non_contiguous_operands_give_the_contiguous_result():
 
 
 @compiled_only
-def test_more_rows_than_the_kernels_take_use_torch_and_give_its_result():
+def test_more_rows_than_the_kernels_take_use_torch_and_give_its_result(monkeypatch):
+    monkeypatch.setattr(kernels, "_invariant", False)  # outside the engine's batch-invariant mode
     x, w = torch.randn(kernels.MAX_ROWS + 1, 64), torch.randn(32, 64)
     calls = kernels.calls()
     assert torch.equal(kernels.linear(x, w), F.linear(x, w))
@@ -175,3 +176,14 @@ def test_a_failed_build_warns_in_one_line_and_falls_back(tmp_path):
     assert json.loads(done.stdout.splitlines()[-1]) == ["torch", True]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "compiled kernels unavailable" in lines[0], done.stderr
+
+
+@compiled_only
+def test_batch_invariant_mode_gives_each_row_its_bits_alone(monkeypatch):
+    monkeypatch.setattr(kernels, "_invariant", True)
+    x, w, gate_up, down = torch.randn(37, 64), torch.randn(48, 64), torch.randn(64, 64), torch.randn(64, 32)
+    scale = torch.rand(37, 1)
+    many, fused = kernels.linear(x, w), kernels.swiglu(x, gate_up, down, scale)
+    for i in range(37):
+        assert torch.equal(many[i], kernels.linear(x[i:i + 1], w)[0])
+        assert torch.equal(fused[i], kernels.swiglu(x[i:i + 1], gate_up, down, scale[i:i + 1])[0])

@@ -32,7 +32,7 @@ reuse step, so that the store re-places experts only at refreshes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,6 +52,7 @@ from tiermoe.models.layers import ForwardBatch, SeqSlice
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.placement import RefreshSchedule, Tau
 from tiermoe.offload.store import ExpertStore
+from tiermoe.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +108,22 @@ class Canvas:
         self.open[positions] = False
 
 
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One denoising step's forward pass over a request's cache."""
+
+    ids: torch.Tensor  # [n] token ids (CPU)
+    start: int  # position of ids[0]; the cache holds [0, start) already
+    attn_block: int | None  # ForwardBatch.attn_block: the block length (LLaDA2) or None (LLaDA, bidirectional)
+
+
 @dataclass(slots=True)
 class Denoiser:
-    """One request being denoised: runs the model and the logits path, counts the work, emits finished blocks."""
+    """One request being denoised: asks for forwards, runs the logits path, counts the work, emits finished blocks."""
 
     model: CausalLM
     seq: Request
+    cache: KVCache  # or the engine's paged view: holds [0, length) of the canvas
     tokenizer: object
     mask_id: int
     rows: int  # rows per lm_head call
@@ -126,15 +137,12 @@ class Denoiser:
             self.stats.refresh_steps += self.schedule.begin_step(block, step).refresh
             self.stats.tau = self.schedule.interval
 
-    def forward(self, ids: torch.Tensor, start: int, cache: KVCache, block: int | None) -> torch.Tensor:
-        """ids [n] at positions [start, start + n) -> hidden states [n, H]; their K/V land in `cache`."""
-        device = self.model.lm_head.weight.device
-        n = ids.shape[0]
-        batch = ForwardBatch(torch.arange(start, start + n, device=device), [SeqSlice(cache, 0, n, start)],
-                             attn_block=block)
+    def forward(self, ids: torch.Tensor, start: int, block: int | None) -> Forward:
+        """The forward a step needs (ids [n] at positions [start, start + n), K/V into `cache`); the driver runs it,
+        maybe beside other requests' steps, and sends back the hidden states [n, H]."""
         self.stats.nfe += 1
-        self.stats.forward_rows += n
-        return self.model(ids.to(device), batch)
+        self.stats.forward_rows += ids.shape[0]
+        return Forward(ids, start, block)
 
     def predict(self, hidden: torch.Tensor, tempered_confidence: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [m, H] of masked positions -> tokens [m], confidences [m], on the CPU."""
@@ -154,16 +162,25 @@ class Denoiser:
         return False
 
 
-def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Iterator[None]:
-    """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks; yields after each block."""
+def canvas_length(params: SamplingParams, prompt_len: int, schedule: str) -> int:
+    """Positions a request's canvas (prompt and generated region) spans: what its K/V cache must hold."""
+    if schedule == "blocks":  # whole blocks aligned to position 0
+        return -(-(prompt_len + params.max_tokens) // params.block_length) * params.block_length
+    return prompt_len + params.max_tokens
+
+
+Steps = Generator[Forward, torch.Tensor, None]  # yields the forwards it needs, is sent their hidden states
+
+
+def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Steps:
+    """LLaDA2's block diffusion with a K/V cache of the prompt and finished blocks."""
     p, prompt = d.seq.params, d.seq.prompt_ids
     size = p.block_length
     # The reference caps steps at gen_length // minimal_topk, and runs no step at all (returns mask tokens) at 0.
     steps = max(1, min(p.steps, p.max_tokens // p.min_commit))
     schedule = transfer_schedule(size, steps)
-    num_blocks = -(-(len(prompt) + p.max_tokens) // size)
+    num_blocks = canvas_length(p, len(prompt), "blocks") // size
     canvas = Canvas.new(prompt, num_blocks * size, d.mask_id)
-    cache = KVCache(num_blocks * size)
     final = 0  # positions before this have their final K/V in the cache
     first = len(prompt) // size
     for block in range(first, num_blocks):
@@ -174,7 +191,7 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Iterator[None]:
                 break
             d.begin_step(block - first, step)
             start = final if options.kv_cache else 0
-            hidden = d.forward(canvas.tokens[start:hi], start, cache, size)  # [hi - start, H]
+            hidden = yield d.forward(canvas.tokens[start:hi], start, size)  # [hi - start, H]
             final = lo
             tokens, confidence = d.predict(hidden[masked - start], tempered_confidence=True)
             chosen = commit_confident(confidence, p.threshold, schedule[step])
@@ -182,18 +199,16 @@ def decode_blocks(d: Denoiser, options: DiffusionOptions) -> Iterator[None]:
             d.stats.committed += chosen.numel()
         if d.emit(canvas, lo, hi):
             return
-        yield
 
 
-def decode_full(d: Denoiser) -> Iterator[None]:
-    """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step;
-    yields after each block."""
+def decode_full(d: Denoiser) -> Steps:
+    """LLaDA's semi-autoregressive remasking: bidirectional attention over everything, recomputed every step (the
+    cache is overwritten from position 0 by every step)."""
     p, prompt = d.seq.params, d.seq.prompt_ids
-    size, length = p.block_length, len(prompt) + p.max_tokens
+    size, length = p.block_length, canvas_length(p, len(prompt), "full")
     num_blocks = -(-p.max_tokens // size)
     steps = max(1, p.steps // num_blocks)
     canvas = Canvas.new(prompt, length, d.mask_id)
-    cache = KVCache(length)  # overwritten from position 0 by every step
     for block in range(num_blocks):
         lo, hi = len(prompt) + block * size, min(len(prompt) + (block + 1) * size, length)
         for step, k in enumerate(transfer_schedule(hi - lo, steps)):
@@ -201,7 +216,7 @@ def decode_full(d: Denoiser) -> Iterator[None]:
             if k == 0 or masked.numel() == 0:  # the reference still runs the model here, and commits nothing
                 break
             d.begin_step(block, step)
-            hidden = d.forward(canvas.tokens, 0, cache, None)  # [L, H]
+            hidden = yield d.forward(canvas.tokens, 0, None)  # [L, H]
             tokens, confidence = d.predict(hidden[masked], tempered_confidence=False)
             if p.remasking == "random":
                 confidence = random_confidence(masked.numel(), d.generator)
@@ -210,33 +225,65 @@ def decode_full(d: Denoiser) -> Iterator[None]:
             d.stats.committed += chosen.numel()
         if d.emit(canvas, lo, hi):
             return
-        yield
 
 
 class Denoising:
-    """One diffusion request decoded a block at a time (the engine's unit of progress); `work` is its
-    DiffusionStats as a dict once done."""
+    """One diffusion request as the engine drives it: `pending` is the forward its next step needs; `resume` with
+    that forward's hidden states runs the step (and any block it completes) up to the next forward. `done` once
+    finished; the request's `work` then holds its DiffusionStats as a dict."""
 
     def __init__(self, model: CausalLM, req: Request, tokenizer, diffusion: DiffusionModel,
                  options: DiffusionOptions = DiffusionOptions(), store: ExpertStore | None = None):
         rows = options.logit_rows or logit_rows(model.shape.vocab_size)
         self.req = req
-        self.denoiser = Denoiser(model, req, tokenizer, diffusion.mask_id, rows, req.generator, DiffusionStats(),
-                                 _schedule(options.tau, store))
-        self.blocks = (decode_blocks(self.denoiser, options) if diffusion.schedule == "blocks"
-                       else decode_full(self.denoiser))
+        self.length = canvas_length(req.params, len(req.prompt_ids), diffusion.schedule)
+        self.denoiser = Denoiser(model, req, KVCache(self.length), tokenizer, diffusion.mask_id, rows, req.generator,
+                                 DiffusionStats(), _schedule(options.tau, store))
+        self.steps = (decode_blocks(self.denoiser, options) if diffusion.schedule == "blocks"
+                      else decode_full(self.denoiser))
+        self.pending: Forward | None = None
         self.done = False
+        self.started: float | None = None
         self.counted = 0  # output tokens the engine has counted
 
-    def advance(self) -> None:
-        """Denoise the request's next block (its last one sets `done` and the request's `work`)."""
-        start = time.perf_counter()
-        with torch.inference_mode():
-            self.done = next(self.blocks, StopIteration) is StopIteration or self.req.finished
-        stats = self.denoiser.stats
-        stats.decode_time += time.perf_counter() - start
+    @property
+    def blocks(self) -> int:
+        """Blocks committed so far."""
+        return self.denoiser.stats.blocks
+
+    def start(self) -> None:
+        """Run up to the first forward."""
+        self.started = time.perf_counter()
+        self._advance(None)
+
+    def resume(self, hidden: torch.Tensor) -> None:
+        self._advance(hidden)
+
+    def _advance(self, hidden: torch.Tensor | None) -> None:
+        try:
+            with torch.inference_mode():
+                self.pending = self.steps.send(hidden)
+        except StopIteration:
+            self.pending, self.done = None, True
         if self.done:
+            stats = self.denoiser.stats
+            stats.decode_time = time.perf_counter() - self.started
             self.req.work = stats.to_dict(len(self.req.output_ids))
+
+
+def forward(model: CausalLM, jobs: list[Denoising]) -> list[torch.Tensor]:
+    """The pending forwards of several requests (of one attn_block) in one flattened pass; their hidden states."""
+    device = model.lm_head.weight.device
+    works = [job.pending for job in jobs]
+    slices, row = [], 0
+    for job, w in zip(jobs, works, strict=True):
+        slices.append(SeqSlice(job.denoiser.cache, row, w.ids.shape[0], w.start))
+        row += w.ids.shape[0]
+    positions = torch.cat([torch.arange(w.start, w.start + w.ids.shape[0]) for w in works])
+    with torch.inference_mode():
+        hidden = model(torch.cat([w.ids for w in works]).to(device),
+                       ForwardBatch(positions.to(device), slices, attn_block=works[0].attn_block))
+    return list(hidden.split([w.ids.shape[0] for w in works]))
 
 
 def generate(model: CausalLM, reqs: list[Request], tokenizer, diffusion: DiffusionModel,
@@ -245,8 +292,9 @@ def generate(model: CausalLM, reqs: list[Request], tokenizer, diffusion: Diffusi
     With `options.tau` set, `store` (the one the MoE layers read from) is told refresh vs reuse before every step."""
     for req in reqs:
         job = Denoising(model, req, tokenizer, diffusion, options, store)
+        job.start()
         while not job.done:
-            job.advance()
+            job.resume(forward(model, [job])[0])
     return {req.request_id: req.work for req in reqs}
 
 

@@ -4,8 +4,8 @@ Per layer, each tensor the attention caches (K and V; MLA's latent and rotary ke
 [num_blocks, block_size, ...]. A request holds a block table: its token at position p sits at row p % block_size of
 block table[p // block_size]. Blocks are handed out on admission and as the request grows, and all come back when it
 finishes, is aborted or is preempted, so requests of any length share the budget without fragmentation. Free blocks
-are handed out lowest id first: the pools are allocated untouched (virtual memory) and only the blocks in use are
-ever written, so resident memory follows the blocks used, not the budget.
+are handed out lowest id first and the pools grow (doubling, up to the budget) only when a block past their end is
+handed out, so memory follows the most blocks ever in use, not the budget.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class KVCacheManager:
         self.num_blocks = budget // self.block_bytes if bytes_per_token else 0
         self._free = list(range(self.num_blocks))  # a heap: the lowest id is handed out first
         self.tables: dict[str, list[int]] = {}  # request id -> block ids in position order
-        self.pools: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> pools [num_blocks, block_size, ...]
+        self.pools: dict[int, tuple[torch.Tensor, ...]] = {}  # layer -> pools [pool_blocks, block_size, ...]
+        self.pool_blocks = 0  # blocks the pools hold (grown on demand, at most num_blocks)
 
     @property
     def capacity_tokens(self) -> int:
@@ -62,7 +63,18 @@ class KVCacheManager:
                 del self.tables[request_id]
             return False
         table.extend(heapq.heappop(self._free) for _ in range(need))
+        if table and max(table) >= self.pool_blocks:
+            self._grow(max(table) + 1)
         return True
+
+    def _grow(self, blocks: int) -> None:
+        """Make the pools hold at least `blocks` blocks (doubling), keeping what they hold."""
+        self.pool_blocks = min(self.num_blocks, max(blocks, 2 * self.pool_blocks))
+        for layer, pools in self.pools.items():
+            grown = tuple(p.new_empty((self.pool_blocks, *p.shape[1:])) for p in pools)
+            for new, old in zip(grown, pools, strict=True):
+                new[:old.shape[0]] = old
+            self.pools[layer] = grown
 
     def free(self, request_id: str) -> None:
         """Give back every block the request holds (finish, abort, preemption)."""
@@ -77,7 +89,7 @@ class KVCacheManager:
         """The layer's pools, made at its first write from the shapes and dtypes it caches."""
         pools = self.pools.get(layer)
         if pools is None:
-            pools = tuple(t.new_empty((self.num_blocks, self.block_size, *t.shape[1:])) for t in like)
+            pools = tuple(t.new_empty((self.pool_blocks, self.block_size, *t.shape[1:])) for t in like)
             self.pools[layer] = pools
         return pools
 

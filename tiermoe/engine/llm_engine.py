@@ -28,7 +28,7 @@ from tiermoe.decode.kv_cache import KVCache
 from tiermoe.engine.kv_cache_manager import BLOCK_SIZE, KVCacheManager
 from tiermoe.engine.model_runner import ModelRunner
 from tiermoe.engine.request import Request, RequestStatus, request_outputs
-from tiermoe.engine.scheduler import Scheduler
+from tiermoe.engine.scheduler import DiffusionScheduler, Scheduler
 from tiermoe.engine.setup import cap_read_buffers, eos_token_ids, make_store, refuse_offloading
 from tiermoe.errors import ConfigError, ExpertIOError, RequestError, RequestFailed
 from tiermoe.models.diffusion import diffusion_of
@@ -83,9 +83,12 @@ class LLMEngine:
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or (self.memory and self.memory.batched_tokens)
         self.kv = self._kv_cache()
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens)
+        # TIDE's refresh rhythm follows one request's steps: with tau, diffusion requests run one at a time
+        seats = 1 if cfg.tau is not None else cfg.max_num_seqs
+        self.diffusion_scheduler = DiffusionScheduler(self.kv, seats, self.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.tokenizer)
         self.requests: dict[str, list[Request]] = {}  # request id -> its completions (n of them)
-        self.denoising: dict[str, diffusion.Denoising] = {}  # diffusion: running requests' decoders
+        self.jobs: dict[str, diffusion.Denoising] = {}  # diffusion: each request's decoder
         self.totals = {"prompt_tokens": 0, "generation_tokens": 0}
         self._ids = itertools.count()
 
@@ -179,8 +182,10 @@ class LLMEngine:
             if self.diffusion is None:
                 self.scheduler.add(req)
             else:
-                self.denoising[req.request_id] = diffusion.Denoising(
-                    self.model, req, self.tokenizer, self.diffusion, self._diffusion_options(), self.store)
+                job = diffusion.Denoising(self.model, req, self.tokenizer, self.diffusion, self._diffusion_options(),
+                                          self.store)
+                self.jobs[req.request_id] = job
+                self.diffusion_scheduler.add(job)
 
     def make_requests(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> list[Request]:
         """One Request per completion (SamplingParams.n, vLLM's child ids), after checking the params fit."""
@@ -209,10 +214,10 @@ class LLMEngine:
 
     def check_fits(self, children: list[Request]) -> None:
         """A request must fit the KV cache alone, or preemption could never let it finish."""
-        if self.diffusion is not None:
-            return
         req = children[0]
         need = min(len(req.prompt_ids) + req.params.max_tokens, self.max_model_len)
+        if self.diffusion is not None:  # the whole canvas, allocated at admission
+            need = diffusion.canvas_length(req.params, len(req.prompt_ids), self.diffusion.schedule)
         if need > self.kv.capacity_tokens:
             raise RequestError(f"the request needs KV cache for {need} tokens (prompt + max_tokens) but "
                                f"kv_cache_memory holds {self.kv.capacity_tokens} ({format_bytes(self.kv.budget)}): "
@@ -285,62 +290,77 @@ class LLMEngine:
     def _execute(self, scheduled: list[tuple[Request, int]]) -> list[Request]:
         """Run the step; when it fails on an expert read, run each request alone so only those whose own reads
         fail end (FAILED), and the others progress."""
-        try:
-            return self.runner.execute(scheduled)
-        except ExpertIOError as e:
-            if len(scheduled) == 1:
-                self._fail(scheduled[0][0], e)
-                return []
-        sampled = []
-        for item in scheduled:
-            try:
-                sampled += self.runner.execute([item])
-            except ExpertIOError as e:
-                self._fail(item[0], e)
-        return sampled
+        return self._isolating([req for req, _ in scheduled], lambda reqs: self.runner.execute(
+            [item for item in scheduled if item[0] in reqs]))
 
-    def _step_diffusion(self) -> list[Request]:
-        """Admit up to max_num_seqs requests, and denoise one block of each."""
-        touched = []
-        for job in list(self.denoising.values())[:self.config.max_num_seqs]:
-            req = job.req
-            req.status = RequestStatus.RUNNING
+    def _isolating(self, reqs: list[Request], run):
+        """run(reqs) -> list; on an expert-read error run each request alone and fail those that fail alone."""
+        try:
+            return run(reqs)
+        except ExpertIOError as e:
+            if len(reqs) == 1:
+                self._fail(reqs[0], e)
+                return []
+        results = []
+        for req in reqs:
+            if req.status.done:  # a sibling completion failed
+                continue
             try:
-                job.advance()
+                results += run([req])
             except ExpertIOError as e:
                 self._fail(req, e)
-            touched.append(req)
+        return results
+
+    def _step_diffusion(self) -> list[Request]:
+        """Run the chosen requests' next denoising steps, batched per attention-block length; the requests that
+        committed a block (or ended) are returned."""
+        chosen = self.diffusion_scheduler.schedule()
+        groups: dict = {}
+        for job in chosen:
+            if job.pending is not None:
+                groups.setdefault(job.pending.attn_block, []).append(job)
+        blocks = {job.req.request_id: job.blocks for job in chosen}
+        for jobs in groups.values():
+            def run(reqs, jobs=jobs):
+                ran = [j for j in jobs if j.req in reqs]
+                return list(zip(ran, diffusion.forward(self.model, ran), strict=True))
+
+            for job, hidden in self._isolating([j.req for j in jobs], run):
+                job.resume(hidden)
+        touched = []
+        for job in chosen:
+            req = job.req
             if job.done and not req.status.done:
                 self._retire(req, RequestStatus.FINISHED)
-            self.totals["generation_tokens"] += len(req.output_ids) - job.counted
-            job.counted = len(req.output_ids)
+            if job.blocks > blocks[req.request_id] or req.status.done:
+                self.totals["generation_tokens"] += len(req.output_ids) - job.counted
+                job.counted = len(req.output_ids)
+                touched.append(req)
         return touched
 
     def _fail(self, req: Request, error: Exception) -> None:
+        """End the request (all its completions) with RequestFailed, caused by `error`."""
         failure = RequestFailed(f"request {req.parent_id or req.request_id} failed: {error}")
         failure.__cause__ = error
         req.error = failure
         for sibling in self.requests.get(req.parent_id or req.request_id, [req]):
             if not sibling.status.done:
                 self._retire(sibling, RequestStatus.FAILED)
-                if sibling.finish_reason is None:
-                    sibling.finish_reason = "error"
-        req.error = failure
+                sibling.finish_reason = sibling.finish_reason or "error"
 
     def _retire(self, req: Request, status: RequestStatus) -> None:
         if self.diffusion is None:
             self.scheduler.finish(req, status)
         else:
-            self.denoising.pop(req.request_id, None)
-            req.status = status
+            self.diffusion_scheduler.finish(self.jobs.pop(req.request_id), status)
 
     def stats(self) -> dict:
         """Scheduler, KV cache and expert-store statistics, and token totals since the engine started."""
         total = self.store.stats.to_dict()["total"]
         store = {"hits": total["hits"], "misses": total["misses"], "bytes_read": total["bytes_read"],
                  "stall_s": total["stall_time_s"]}
-        return {"num_running": len(self.scheduler.running) + len(self.denoising),
-                "num_waiting": len(self.scheduler.waiting),
+        queues = self.diffusion_scheduler if self.diffusion is not None else self.scheduler
+        return {"num_running": len(queues.running), "num_waiting": len(queues.waiting),
                 "kv_usage": self.kv.usage, "kv_bytes": self.kv.used_bytes, "kv_budget": self.kv.budget,
                 "store": store, **self.totals}
 

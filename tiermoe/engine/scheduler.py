@@ -99,3 +99,45 @@ class Scheduler:
 
     def _insert(self, queue: list[Request], req: Request) -> None:
         bisect.insort(queue, req, key=lambda r: self._order[r.request_id])
+
+
+class DiffusionScheduler:
+    """Diffusion requests (tiermoe.decode.diffusion.Denoising): admitted in arrival order while there is a seat and
+    KV blocks for the whole canvas (a request never grows past it, so none is preempted); each step takes the
+    running requests' next denoising steps in order while their rows fit `max_num_batched_tokens` (at least one)."""
+
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int | None):
+        self.kv, self.max_num_seqs, self.max_num_batched_tokens = kv, max_num_seqs, max_num_batched_tokens
+        self.waiting: list = []  # Denoising jobs
+        self.running: list = []
+
+    def add(self, job) -> None:
+        job.req.status = RequestStatus.WAITING
+        self.waiting.append(job)
+
+    def schedule(self) -> list:
+        """Admit what fits, start it (up to its first forward), and return the jobs whose pending step runs now."""
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            job = self.waiting[0]
+            if not self.kv.allocate(job.req.request_id, job.length):
+                break
+            self.waiting.pop(0)
+            job.req.status = RequestStatus.RUNNING
+            job.denoiser.cache = self.kv.view(job.req.request_id)
+            self.running.append(job)
+            job.start()
+        budget, chosen = self.max_num_batched_tokens or float("inf"), []
+        for job in self.running:
+            rows = job.pending.ids.shape[0] if job.pending is not None else 0
+            if chosen and rows > budget:
+                break
+            chosen.append(job)
+            budget -= rows
+        return chosen
+
+    def finish(self, job, status: RequestStatus) -> None:
+        for queue in (self.running, self.waiting):
+            if job in queue:
+                queue.remove(job)
+        self.kv.free(job.req.request_id)
+        job.req.status = status

@@ -1,0 +1,182 @@
+"""Batched decode under expert offloading: one expert read serves every request routed to it in a step.
+
+    python -m bench.batch_offload [--trace ../shared/traces/olmoe-1b-7b-0924_decode_wikitext-mbpp.npz]
+        [--hidden 256 --expert-dim 128] [--batches 1,2,4,8,16,32] [--budgets 25%,50%] [--decode-tokens 16]
+        [--reps 1] [--out bench/results]
+
+Model and routing as bench/offload_speed.py: OLMoE-1B-7B's shape (16 MoE layers, 64 experts, top-8), width scaled
+down, random weights, the router's choices replayed from a real trace, so the expert I/O is the real model's. For
+each batch size B, B trace sequences run together through the engine (continuous batching); the first step
+(prefill of every prompt and the first token) is excluded, then `--decode-tokens` steps are timed from a cold page
+cache and a fresh engine: total tokens/s and bytes read per generated token, all-resident and at each budget
+(configurations interleaved within each repetition; medians); rows "torch GEMM" turn batch invariance off (its
+cost; "x batch 1" there is against resident batch 1). Also, when the shipped diffusion model is there: 8
+diffusion requests submitted together vs one at a time; and the resident engine at batch 32 against transformers'
+`generate` on the same prompts (equal lengths, so no padding changes the result), tokens compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.offload_speed import DEFAULT_TRACE, build_model, drop_caches
+from bench.report import machine, markdown_table, write
+from tiermoe.config import EngineConfig
+from tiermoe.decode.routing import RoutingReplay
+from tiermoe.engine import LLMEngine
+from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
+from tiermoe.offload.stats import StoreStats
+from tiermoe.sampling_params import SamplingParams
+from tiermoe.sim.trace import Trace
+
+
+def replay_run(folder: Path, trace_path: Path, batch: int, budget: str | None, decode_tokens: int,
+               invariant: bool = True) -> dict:
+    """B replayed sequences decoded together; the prefill step and the decode steps are timed apart."""
+    drop_caches(folder)
+    engine = LLMEngine(EngineConfig(model=folder, expert_cache=budget, threads=2, batch_invariant=invariant))
+    replay = RoutingReplay(engine.model, Trace.load(trace_path))
+    engine.runner.observer = replay
+    specs = replay.prompts(engine.model.shape.vocab_size)
+    for i in range(batch):
+        prompt, traced = specs[i]
+        replay.sequence_of[str(i)] = i
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=min(traced, decode_tokens + 1),
+                                                          ignore_eos=True))
+    start = time.perf_counter()
+    engine.step()  # every prompt's prefill and first token
+    prefill_s = time.perf_counter() - start
+    prompt_tokens = engine.stats()["prompt_tokens"]
+    engine.store.stats = StoreStats()
+    generated = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        generated += sum(1 for _ in engine.scheduler.running)
+        engine.step()
+    seconds = time.perf_counter() - start
+    read = engine.store.stats.to_dict()["total"]["bytes_read"]
+    close = getattr(engine.store, "close", None)
+    if close is not None:
+        close()
+    return {"tokens_per_s": generated / seconds, "bytes_per_token": read / generated, "tokens": generated,
+            "prefill_tokens_per_s": prompt_tokens / prefill_s}
+
+
+def measure_replay(folder: Path, args) -> list[dict]:
+    """Every (budget, batch), plus resident without batch invariance (torch's GEMM) at the largest batches: its
+    cost. Configurations interleaved within each repetition."""
+    configs = [(budget, batch, True) for batch in args.batches for budget in [None] + args.budgets]
+    configs += [(None, batch, False) for batch in args.batches if batch >= 8]
+    runs: dict[tuple, list[dict]] = {}
+    for _ in range(args.reps):
+        for budget, batch, invariant in configs:
+            runs.setdefault((budget, batch, invariant), []).append(
+                replay_run(folder, args.trace, batch, budget, args.decode_tokens, invariant))
+    rows = []
+    for (budget, batch, invariant), reps in runs.items():
+        rows.append({"budget": (budget or "resident") + ("" if invariant else ", torch GEMM"), "batch": batch,
+                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in reps),
+                     "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in reps),
+                     "mib_read_per_token": statistics.median(r["bytes_per_token"] for r in reps) / 2**20})
+    return rows
+
+
+def diffusion_concurrency(requests: int, max_tokens: int) -> dict:
+    """The shipped diffusion model: `requests` requests submitted together vs one at a time."""
+    engine = LLMEngine(EngineConfig(model=DEFAULT_DIFFUSION_MODEL, threads=2))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    prompts = [f"Romeo {i}:" for i in range(requests)]
+
+    def run(groups: list[list[int]]) -> tuple[float, dict]:
+        tokens, start = {}, time.perf_counter()
+        for group in groups:
+            for i in group:
+                engine.add_request(f"{len(tokens)}-{i}-{time.perf_counter()}", prompts[i], params)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        tokens[out.request_id.split("-")[1]] = out.outputs[0].token_ids
+        return time.perf_counter() - start, tokens
+
+    alone_s, alone = run([[i] for i in range(requests)])
+    together_s, together = run([list(range(requests))])
+    total = sum(len(t) for t in together.values())
+    return {"requests": requests, "one_at_a_time_tokens_per_s": total / alone_s,
+            "concurrent_tokens_per_s": total / together_s, "same_tokens": alone == together}
+
+
+def versus_transformers(hf_folder: Path, aligned: Path, batch: int, prompt_len: int, max_tokens: int) -> dict:
+    """Resident engine at batch `batch` vs transformers' generate on the same prompts (fp32, greedy)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    prompts = torch.randint(0, 50304, (batch, prompt_len))
+    ref = AutoModelForCausalLM.from_pretrained(hf_folder, torch_dtype=torch.float32).eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = ref.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=max_tokens,
+                           min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    ref_s = time.perf_counter() - start
+    theirs = out[:, prompt_len:].tolist()
+    del ref
+    engine = LLMEngine(EngineConfig(model=aligned, threads=2))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts.tolist()):
+        engine.add_request(str(i), p, params)
+    ours = {}
+    while engine.has_unfinished_requests():
+        ours.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    our_s = time.perf_counter() - start
+    same = sum(ours[str(i)] == theirs[i] for i in range(batch))
+    return {"batch": batch, "prompt_len": prompt_len, "max_tokens": max_tokens,
+            "tiermoe_tokens_per_s": batch * max_tokens / our_s, "transformers_tokens_per_s": batch * max_tokens / ref_s,
+            "requests_with_identical_tokens": f"{same}/{batch}"}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--expert-dim", type=int, default=128)
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--budgets", type=lambda s: s.split(","), default=["25%", "50%"])
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--diffusion-requests", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    trace = Trace.load(args.trace)
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
+        folder = build_model(Path(tmp), trace, args.hidden, args.expert_dim, keep_source=True)
+        rows = measure_replay(folder, args)
+        vs = versus_transformers(Path(tmp) / "hf", folder, 32, 16, args.decode_tokens)
+    diff = diffusion_concurrency(args.diffusion_requests, 32)
+    one = {r["budget"]: r["tokens_per_s"] for r in rows if r["batch"] == 1}
+    table = markdown_table(["budget", "batch", "decode tokens/s", "x batch 1", "MiB read / token",
+                            "prefill tokens/s"],
+                           [[r["budget"], r["batch"], r["tokens_per_s"],
+                             r["tokens_per_s"] / one.get(r["budget"], one["resident"]), r["mib_read_per_token"],
+                             r["prefill_tokens_per_s"]] for r in rows])
+    table += ("\n\nDiffusion (shipped model, {requests} requests): one at a time {one_at_a_time_tokens_per_s:.1f} "
+              "tokens/s, submitted together {concurrent_tokens_per_s:.1f} tokens/s, same tokens: {same_tokens}."
+              ).format(**diff)
+    table += ("\n\nResident batch {batch} ({prompt_len}-token prompts, {max_tokens} tokens): tiermoe "
+              "{tiermoe_tokens_per_s:.1f} tokens/s, transformers generate {transformers_tokens_per_s:.1f} tokens/s; "
+              "identical tokens: {requests_with_identical_tokens}.").format(**vs)
+    table += (f"\n\nModel: OLMoE shape {trace.num_layers}x{trace.num_experts} top-{trace.top_k}, hidden "
+              f"{args.hidden}, expert dim {args.expert_dim}; trace {args.trace.name}; {args.decode_tokens} decode "
+              f"steps after the prefill step, cold page cache, 2 threads, medians of {args.reps}.")
+    write(args.out, "batch_offload", {"machine": machine(), "replay": rows, "diffusion": diff,
+                                      "versus_transformers": vs}, table)
+
+
+if __name__ == "__main__":
+    main()
