@@ -87,7 +87,7 @@ def test_fuzzed_requests_never_get_a_server_error(server):
     assert len(operations) >= 8
 
     for operation in operations:
-        @settings(max_examples=12, deadline=None, derandomize=True, database=None,
+        @settings(max_examples=8, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def no_server_error(case):

@@ -17,10 +17,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="without --model: serve the built-in diffusion model (llada2_moe) instead")
     p.add_argument("--tau", type=lambda t: t if t == "auto" else int(t), default=None,
                    help="diffusion models with an expert budget: TIDE's refresh interval, or 'auto'")
-    p.add_argument("--kv-cache-memory", default=None,
-                   help="RAM for the KV cache of all running requests, e.g. 512MiB (default: the engine's)")
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="sequences decoded together at most (default: the engine's)")
     p.add_argument("--scheduler", default=None, choices=["fcfs-request", "fcfs", "phase"],
                    help="diffusion models: fcfs-request (one request at a time), fcfs (batched, phase-blind) or "
                         "phase (dLLM-Serve's phase-multiplexed); refused until the engine implements them")

@@ -22,7 +22,7 @@ from tiermoe.server.app import build_app
 from tiermoe.server.protocol import MAX_HEADER_BYTES
 from tiermoe.server.state import ServerState
 
-ENGINE_FLAGS = ("kv_cache_memory", "max_num_seqs", "scheduler")  # EngineConfig fields of the async engine
+ENGINE_FLAGS = ("scheduler",)  # flags of `serve` that are EngineConfig fields once the engine has them
 
 
 def serve(args: argparse.Namespace) -> int:
