@@ -17,6 +17,7 @@ import uvicorn
 
 from tiermoe.cli import engine_kwargs, model_path
 from tiermoe.config import EngineConfig
+from tiermoe.engine.async_engine import AsyncLLMEngine
 from tiermoe.errors import ConfigError
 from tiermoe.server.app import build_app
 from tiermoe.server.protocol import MAX_HEADER_BYTES
@@ -41,8 +42,6 @@ def serve(args: argparse.Namespace) -> int:
         async def load():
             nonlocal exit_code
             try:
-                from tiermoe.engine.async_engine import AsyncLLMEngine
-
                 engine = await asyncio.to_thread(AsyncLLMEngine, config)
                 await engine.start()
             except Exception as e:  # a model that cannot load ends the server, saying why
