@@ -56,17 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     rows, figures = [], {}
     for (trace, name), results in samples.items():
         med = {key: statistics.median(r[key] for r in results) for key in ("request_throughput", "output_throughput")}
-        lat = {m: statistics.median(r["latency_ms"][m][p] for r in results)
-               for m, p in (("ttft", "p50"), ("ttft", "p99"), ("e2e", "p50"), ("e2e", "p99"), ("tpot", "p50"))}
+        lat = {f"{m}_{p}": statistics.median(r["latency_ms"][m][p] for r in results)
+               for m in ("ttft", "tpot", "e2e") for p in ("p50", "p99")}
         figures.setdefault(trace, {})[name] = {**med, "latency_ms": lat}
-        rows.append([trace, name, med["request_throughput"], med["output_throughput"], lat["ttft"], lat["e2e"]])
+        rows.append([trace, name, med["request_throughput"], med["output_throughput"], lat["ttft_p50"],
+                     lat["ttft_p99"], lat["e2e_p50"], lat["e2e_p99"]])
     for by in figures.values():
         base, batched = by["one request at a time"], by["continuous batching (32 seqs)"]
         by["speedup_output_throughput"] = batched["output_throughput"] / base["output_throughput"]
-    table = markdown_table(["trace", "server", "req/s", "output tok/s", "TTFT p50 ms", "E2E p50 ms"], rows)
+    table = markdown_table(["trace", "server", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "E2E p50 ms",
+                            "E2E p99 ms"], rows)
     table += "\n\n" + "\n".join(f"{t}: continuous batching gives {by['speedup_output_throughput']:.2f}x the output "
                                 "throughput" for t, by in figures.items())
-    result = {"machine": machine(), "model": "shakespeare-moe (shipped)", "runs": args.runs,
+    result = {"machine": machine(), "model": "shakespeare-moe (shipped)", "runs": args.runs, "rate": args.rate,
               "num_prompts": args.num_prompts, "output_len": args.output_len, "figures": figures}
     write(args.out, "serve_batching", result, table)
     return 0
