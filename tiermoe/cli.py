@@ -29,6 +29,9 @@ EXAMPLES = {
     "sim cache": "tiermoe sim cache --trace trace.npz --capacity 25%,50% --policy lru,lfu,belady",
     "policy": "tiermoe policy train --trace trace.npz --out learned.safetensors",
     "policy train": "tiermoe policy train --trace trace.npz --out learned.safetensors",
+    "serve": "tiermoe serve --model path/to/hf-model --expert-cache 25% --port 8000",
+    "bench": "tiermoe bench serve --url http://127.0.0.1:8000 --num-prompts 64 --request-rate 4",
+    "bench serve": "tiermoe bench serve --url http://127.0.0.1:8000 --num-prompts 64 --request-rate 4",
 }
 
 
@@ -395,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="Hugging Face model folder")
     conv.add_argument("dst", help="folder to write (new or empty)")
     conv.set_defaults(func=cmd_convert)
+    add_serve_parser(sub)
     _add_optional_commands(sub)
     finish_parsers(parser)
     return parser
@@ -421,6 +425,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
+
+
+def add_serve_parser(sub) -> None:
+    """`serve` and `bench serve` (tiermoe.server)."""
+    from tiermoe.server import bench_client
+    from tiermoe.server.cli import add_serve_args, cmd_serve
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, "
+                                         "/v1/models, /health, /metrics, /tokenize, /detokenize, /version")
+    add_model_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    bench_client.add_parser(sub)
 
 
 def _add_optional_commands(sub) -> None:

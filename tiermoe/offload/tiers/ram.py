@@ -151,7 +151,9 @@ class TieredStore(ExpertStore):
         self.stats.streamed += len(streamed)
         self._in_use = keys
         reads: Reads = {self.pool.submit(self._load, key): (key, True) for key in misses}
-        reads.update({self.inflight.pop(key): (key, True) for key in hits if key in self.inflight})  # prefetched
+        for key in [key for key in hits if key in self.inflight]:  # prefetched; one that failed is read again
+            fut = self.inflight.pop(key)
+            reads[self.pool.submit(self._load, key) if _failed(fut) else fut] = (key, True)
         queue = deque(streamed)
         self._top_up(reads, queue)  # demand reads first, then the reads ahead
         self._read_ahead(self.cache.propose(self.step, keys))  # swaps a policy asks for (DALI), else nothing
@@ -247,6 +249,12 @@ class TieredStore(ExpertStore):
     def close(self) -> None:
         self.pool.shutdown()
         self.reader.close()
+
+
+def _failed(fut: Future) -> bool:
+    """A read that ended in an error: a prefetch that failed earlier (the file was unreadable then) is retried
+    rather than failing the request that now needs the expert."""
+    return fut.done() and (fut.cancelled() or fut.exception() is not None)
 
 
 def _state(path: Path) -> tuple[int, int]:
