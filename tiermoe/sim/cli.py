@@ -7,6 +7,7 @@ The main CLI registers these with `add_parser(subparsers)` and runs `args.func(a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,10 +44,38 @@ def _add_cache_command(commands: argparse._SubParsersAction) -> None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Registers `sim` (with its `cache` command) on the main CLI's subparsers; returns the `sim` parser."""
+    """Registers `sim` (with its `cache` and `run` commands) and `profile` on the main CLI's subparsers; returns the
+    `sim` parser."""
     sim = subparsers.add_parser("sim", help="trace-driven simulation of offload policies")
-    _add_cache_command(sim.add_subparsers(dest="sim_command", required=True, metavar="COMMAND"))
+    commands = sim.add_subparsers(dest="sim_command", required=True, metavar="COMMAND")
+    _add_cache_command(commands)
+    _add_profile_command(subparsers)
     return sim
+
+
+def _add_profile_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("profile", help="measure this machine into a hardware profile for `tiermoe sim run`",
+                              description="Measure CPU GEMV/GEMM rates per thread count, DRAM, the disk (direct "
+                                          "reads) and the GPU if any, and write a hardware profile (JSON).")
+    p.add_argument("--out", type=Path, default=None, help="profile file to write (default: print it)")
+    p.add_argument("--disk-dir", type=Path, default=None, help="a folder on the disk to measure (default: the "
+                                                               "temporary folder; use the one holding your models)")
+    p.add_argument("--name", default="this-machine", help="the profile's name (default: %(default)s)")
+    p.add_argument("--read-size", default="1MiB", help="size of the random reads (one expert; default %(default)s)")
+    p.set_defaults(func=run_profile)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from tiermoe.offload.budget import parse_budget
+    from tiermoe.sim.hardware import measure_this_machine
+
+    hw = measure_this_machine(args.disk_dir, parse_budget(args.read_size, 0), args.name)
+    if args.out is None:
+        print(json.dumps(hw.to_dict(), indent=1))
+    else:
+        hw.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
 
 
 def run_cache(args: argparse.Namespace) -> int:
