@@ -5,7 +5,7 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
     name, description, ram_gib, dram_gbs, sources
     cpu   {name, cores, gemv_gbs {threads: GB/s}, gemm_gflops {threads: GFLOP/s}, call_us}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
-    ssd   {name, seq_read_gbs, rand_read_gbs, read_iops}
+    ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional)}
 
 `gemv_gbs` is the rate the CPU streams weights through a matrix-vector product (batch-1 decode is bound by it),
 `gemm_gflops` its matrix-matrix rate (prefill, large batches), `call_us` the fixed cost of one operator call (what
@@ -68,6 +68,11 @@ class SSDProfile:
     seq_read_gbs: float
     rand_read_gbs: float  # MiB-sized random reads, a few in flight
     read_iops: float  # 4 KiB random reads per second
+    rand_read_qd1_gbs: float | None = None  # the same reads one at a time (None: half of rand_read_gbs)
+
+    @property
+    def qd1_read_gbs(self) -> float:
+        return self.rand_read_qd1_gbs or self.rand_read_gbs / 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,11 +166,12 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         _write_random(probe, file_mib << 20)
         seq = io_bandwidth(probe, 8 << 20, threads=1, total=file_mib << 20) / GB
         rand = io_bandwidth(probe, read_bytes, threads=IO_DEPTH, total=file_mib << 20) / GB
+        qd1 = io_bandwidth(probe, read_bytes, threads=1, total=file_mib << 19) / GB
         iops = io_bandwidth(probe, 4096, threads=IO_DEPTH, total=4 << 20) / 4096
     return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
                     cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2)),
                     ssd=SSDProfile("disk holding " + str(disk_dir or tempfile.gettempdir()), round(seq, 3),
-                                   round(rand, 3), round(iops)),
+                                   round(rand, 3), round(iops), round(qd1, 3)),
                     gpu=_measure_gpu(), description="measured by `tiermoe profile`",
                     sources=["measured on this machine by `tiermoe profile` (tiermoe.sim.hardware)"],
                     measured=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -1,0 +1,76 @@
+"""The hardware simulator: its RAM tier makes the live store's decisions, its timing follows the resources."""
+
+from pathlib import Path
+
+import pytest
+
+from tiermoe import LLM, SamplingParams
+from tiermoe.convert import convert
+from tiermoe.sim.hardware import load_hardware
+from tiermoe.sim.machine_sim import SimConfig, simulate
+from tiermoe.sim.model_shape import load_shape
+from tiermoe.sim.trace import Trace
+
+OLMOE = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces" / "olmoe-1b-7b-0924_decode_wikitext-mbpp.npz"
+PROMPT = [3, 17, 42, 9, 77, 5, 61, 23, 11, 54]
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_models, tmp_path_factory):
+    """A converted tiny OLMoE checkpoint, and per (policy, budget) the live store's counts on a recorded trace."""
+    root = tmp_path_factory.mktemp("machine-sim")
+    folder = convert(tiny_models("olmoe"), root / "aligned")
+    runs = {}
+    for policy, budget in [("lru", "30%"), ("lfu", "50%"), ("dali", "40%"), ("learned", "60%")]:
+        llm = LLM(folder, expert_cache=budget, cache_policy=policy, prefetch="off")
+        path = root / f"{policy}-{budget}"
+        llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), record_trace=path)
+        stats = llm.store.stats
+        size = llm.store.cache.size((llm.model.moe_blocks[0].layer, 0))
+        runs[policy, budget] = (Trace.load(path), llm.store.budget, size, stats.total, stats.streamed)
+        llm.store.close()
+    return folder, runs
+
+
+@pytest.mark.parametrize("policy,budget", [("lru", "30%"), ("lfu", "50%"), ("dali", "40%"), ("learned", "60%")])
+def test_hits_and_misses_equal_the_live_store_on_a_recorded_trace(recorded, policy, budget):
+    folder, runs = recorded
+    trace, nbytes, size, live, streamed = runs[policy, budget]
+    shape = load_shape(folder).with_dtype("float32")
+    assert shape.expert_bytes == size  # the same expert sizes, so the same byte budget means the same room
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=nbytes, cache_policy=policy)
+    sim = simulate(trace, shape, load_hardware("laptop-16gb"), cfg)
+    assert live.misses > 0 and live.hits > 0
+    assert (sim.hits, sim.misses, sim.streamed) == (live.hits, live.misses, streamed)
+
+
+def test_another_policy_in_the_simulator_would_not_match(recorded):
+    """The equality above is a property of replaying the same policy, not of the trace alone."""
+    folder, runs = recorded
+    trace, nbytes, _, live, _ = runs["dali", "40%"]
+    shape = load_shape(folder).with_dtype("float32")
+    sim = simulate(trace, shape, load_hardware("laptop-16gb"), SimConfig("tiermoe", gpu_memory=0,
+                                                                         expert_cache=nbytes, cache_policy="lru"))
+    assert (sim.hits, sim.misses) != (live.hits, live.misses)
+
+
+def test_a_budget_below_one_tokens_experts_is_refused_with_the_minimum(recorded):
+    folder, runs = recorded
+    trace = runs["lru", "30%"][0]
+    shape = load_shape(folder).with_dtype("float32")
+    with pytest.raises(Exception, match="minimum is"):
+        simulate(trace, shape, load_hardware("laptop-16gb"), SimConfig(gpu_memory=0, expert_cache=shape.expert_bytes))
+
+
+def test_more_gpu_memory_never_slows_tiermoe_and_dali_beats_llamacpp_on_decode():
+    if not OLMOE.exists():
+        pytest.skip(f"{OLMOE} is absent")
+    trace = Trace.load(OLMOE).select_sequences([0, 1])
+    shape, hw = load_shape("olmoe-1b-7b"), load_hardware("rtx4090")
+
+    def tok_s(strategy, gpu):
+        return simulate(trace, shape, hw, SimConfig(strategy, gpu_memory=gpu << 30, max_tokens=24)).tokens_per_s
+
+    speeds = [tok_s("tiermoe", g) for g in (2, 6, 12)]
+    assert speeds == sorted(speeds)
+    assert tok_s("dali", 6) > tok_s("llamacpp", 6)
