@@ -74,3 +74,19 @@ def test_more_gpu_memory_never_slows_tiermoe_and_dali_beats_llamacpp_on_decode()
     speeds = [tok_s("tiermoe", g) for g in (2, 6, 12)]
     assert speeds == sorted(speeds)
     assert tok_s("dali", 6) > tok_s("llamacpp", 6)
+
+
+def test_greedy_never_beats_the_optimum_and_both_exact_methods_agree():
+    import random
+
+    from tiermoe.sim import assign
+
+    rng = random.Random(0)
+    for n in (1, 2, 5, 9):
+        for _ in range(20):
+            g = [rng.uniform(0.1, 2) for _ in range(n)]
+            c = [rng.uniform(0.1, 2) for _ in range(n)]
+            base = rng.uniform(0, 2)
+            best = assign.makespan(assign.optimal(g, c, base, "enumerate"), g, c, base)
+            assert assign.makespan(assign.optimal(g, c, base, "milp"), g, c, base) == pytest.approx(best)
+            assert assign.makespan(assign.greedy(g, c, [1] * n, base), g, c, base) >= best - 1e-12

@@ -37,13 +37,31 @@ def greedy(gpu: Sequence[float], cpu: Sequence[float], tokens: Sequence[int], ba
     return on_gpu
 
 
-def optimal(gpu: Sequence[float], cpu: Sequence[float], base_gpu: float = 0.0) -> list[bool]:
-    """The exact minimum of the makespan (a mixed-integer program: n binaries and the makespan z)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+ENUMERATE_UP_TO = 12  # experts: below this, trying every assignment (vectorised) is faster than the solver
 
+
+def optimal(gpu: Sequence[float], cpu: Sequence[float], base_gpu: float = 0.0, method: str = "auto") -> list[bool]:
+    """The exact minimum of the makespan: by trying all 2^n assignments (`method="enumerate"`, "auto" for up to
+    `ENUMERATE_UP_TO` experts), else as a mixed-integer program (n binaries and the makespan z) with milp."""
     n = len(gpu)
     if n == 0:
         return []
+    if method == "enumerate" or (method == "auto" and n <= ENUMERATE_UP_TO):
+        return _enumerate(np.asarray(gpu, float), np.asarray(cpu, float), base_gpu)
+    return _milp(gpu, cpu, base_gpu)
+
+
+def _enumerate(g: np.ndarray, c: np.ndarray, base_gpu: float) -> list[bool]:
+    n = len(g)
+    masks = (np.arange(2**n)[:, None] >> np.arange(n)) & 1  # [2^n, n]: row m assigns expert i to the GPU if bit i
+    span = np.maximum(base_gpu + masks @ g, (1 - masks) @ c)  # [2^n]
+    return [bool(v) for v in masks[int(np.argmin(span))]]
+
+
+def _milp(gpu: Sequence[float], cpu: Sequence[float], base_gpu: float) -> list[bool]:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n = len(gpu)
     g, c = np.asarray(gpu, float), np.asarray(cpu, float)
     cost = np.zeros(n + 1)
     cost[-1] = 1.0  # minimise z

@@ -20,36 +20,35 @@ STEP_CALLS = 12  # per forward pass: embedding, final norm, head, sampling, book
 GPU_EFFICIENCY = 0.5  # share of the vendor's peak tensor FLOP/s that expert-sized GEMMs reach (estimate)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pricing:
     hw: Hardware
     shape: ModelShape
     threads: int
+    # derived once (the simulator prices every expert of every step)
+    cpu_bw: float = 0.0  # bytes/s a GEMV streams at `threads` threads
+    cpu_flops: float = 0.0
+    call_s: float = 0.0
+    gpu_flops: float = 0.0
+    expert_bytes: int = 0
+    expert_flops: float = 0.0  # per token
 
-    @property
-    def cpu_bw(self) -> float:
-        return self.hw.cpu.gemv_bandwidth(self.threads)
-
-    @property
-    def cpu_flops(self) -> float:
-        return self.hw.cpu.gemm_flops(self.threads)
-
-    @property
-    def call_s(self) -> float:
-        return self.hw.cpu.call_us * 1e-6
+    def __post_init__(self) -> None:
+        self.cpu_bw = self.hw.cpu.gemv_bandwidth(self.threads)
+        self.cpu_flops = self.hw.cpu.gemm_flops(self.threads)
+        self.call_s = self.hw.cpu.call_us * 1e-6
+        self.gpu_flops = self.hw.gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY if self.hw.gpu else 0.0
+        self.expert_bytes = self.shape.expert_bytes
+        self.expert_flops = self.shape.expert_flops
 
     def cpu_expert(self, tokens: int) -> float:
-        s = self.shape
-        return EXPERT_CALLS * self.call_s + max(s.expert_bytes / self.cpu_bw, tokens * s.expert_flops / self.cpu_flops)
+        return EXPERT_CALLS * self.call_s + max(self.expert_bytes / self.cpu_bw,
+                                                tokens * self.expert_flops / self.cpu_flops)
 
     def gpu_expert(self, tokens: int) -> float:
-        g, s = self.hw.gpu, self.shape
-        return EXPERT_CALLS * g.launch_us * 1e-6 + max(s.expert_bytes / (g.mem_gbs * GB),
-                                                       tokens * s.expert_flops / self.gpu_flops)
-
-    @property
-    def gpu_flops(self) -> float:
-        return self.hw.gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY
+        g = self.hw.gpu
+        return EXPERT_CALLS * g.launch_us * 1e-6 + max(self.expert_bytes / (g.mem_gbs * GB),
+                                                       tokens * self.expert_flops / self.gpu_flops)
 
     def copy(self, nbytes: int) -> float:
         """Host -> device copy (nothing to copy with unified memory)."""

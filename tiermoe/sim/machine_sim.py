@@ -55,6 +55,10 @@ class SimConfig:
     prompt_tokens: int = 32  # a trace without prefill rows: the first N rows of a sequence stand for its prompt
     calibration: float = 0.1  # fiddler: share of the sequences (the first) whose routing counts choose its set
     warmup: int = 0  # replay the first N sequences untimed (caches warm, as a serving process's would be)
+    # Warm start: the tiers start full, the most used experts of the calibration share first (the RAM tier takes
+    # every expert when they all fit, as an all-resident engine whose experts were read before timing; the GPU
+    # tier of a dynamic strategy starts where fiddler's static set is, then adapts).
+    preload: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in S.STRATEGIES:
@@ -176,12 +180,19 @@ class MachineSim:
 
     def run(self) -> SimResult:
         tokens, seconds = 0, 0.0
+        if self.cfg.preload:
+            usage = self._calibration_usage()
+            keys = [(lay, e) for lay in range(self.shape.num_layers) for e in range(self.shape.num_experts)]
+            keys.sort(key=lambda k: -usage.get(k, 0))  # stable: unused ones in layer order
+            self.ram.cache.admit(keys, 0)
+            self.tier.preload(keys, usage)
         batches = self._batches()
         for batch in batches[: self.cfg.warmup]:
             self.replay(batch)
         self.ram.counts = type(self.ram.counts)()
         self.placements.clear()
         self.bytes_read = 0
+        self.clock.busy.clear()
         for batch in batches[self.cfg.warmup:]:
             n, s = self.replay(batch)
             tokens, seconds = tokens + n, seconds + s

@@ -52,6 +52,9 @@ class Strategy:
         """Experts the tier brought in outside a request since the last call (copied in the background)."""
         return []
 
+    def preload(self, keys: list[Key], usage: Counter) -> None:
+        """Fill the GPU tier before the run: `keys` most used first (static strategies are placed already)."""
+
 
 class CachedTier(Strategy):
     """GPU residency by an `ExpertCache` under a cache policy, as the engine's `AcceleratorStore` keeps it."""
@@ -97,6 +100,9 @@ class CachedTier(Strategy):
     def swaps(self) -> list[Key]:
         out, self._swapped = self._swapped, []
         return out
+
+    def preload(self, keys: list[Key], usage: Counter) -> None:
+        self.cache.admit(keys[: self.budget // self.nbytes], 0)
 
 
 class OnDemand(CachedTier):
@@ -188,6 +194,12 @@ class TIDE(Strategy):
         self.requests: Counter = Counter()
         self.refresh = refresh  # diffusion: the decoder's schedule says which steps refresh
         self._swapped: list[Key] = []
+
+    def preload(self, keys: list[Key], usage: Counter) -> None:
+        """A first refresh of every layer from the calibration counts."""
+        for layer in range(self.price.shape.num_layers):
+            tokens = {e: n for (lay, e), n in usage.items() if lay == layer}
+            self.placement.refresh(layer, tokens)
 
     def assign(self, layer, experts, counts, base_gpu):
         n = self.requests[layer]
