@@ -90,3 +90,18 @@ def test_greedy_never_beats_the_optimum_and_both_exact_methods_agree():
             best = assign.makespan(assign.optimal(g, c, base, "enumerate"), g, c, base)
             assert assign.makespan(assign.optimal(g, c, base, "milp"), g, c, base) == pytest.approx(best)
             assert assign.makespan(assign.greedy(g, c, [1] * n, base), g, c, base) >= best - 1e-12
+
+
+def test_sim_cache_global_layout_is_the_live_stores_cache(recorded):
+    """`sim cache --layout global` replays the same store bookkeeping: the live decode hits (prompt uncounted)."""
+    from tiermoe.sim.cache_sim import Capacity
+    from tiermoe.sim.cache_sim import simulate as cache_simulate
+
+    folder, runs = recorded
+    trace = runs["lru", "30%"][0]
+    per_layer = cache_simulate(trace, ["lru"], [Capacity(items=3)])
+    global_ = cache_simulate(trace, ["lru"], [Capacity(items=3)], layout="global")
+    assert global_.layout == "global" and per_layer.layout == "per-layer"
+    assert global_.runs[0].requests == per_layer.runs[0].requests  # the same decode requests, counted alike
+    with pytest.raises(ValueError, match="layout"):
+        cache_simulate(trace, ["lru"], [Capacity(items=3)], layout="columns")

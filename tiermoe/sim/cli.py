@@ -38,6 +38,9 @@ def _add_cache_command(commands: argparse._SubParsersAction) -> None:
                         "prompt, one forward pass asking for its experts by their latest token (batched)")
     p.add_argument("--learned-weights", type=Path, default=None, metavar="FILE.safetensors",
                    help="weights of the 'learned' policy (default: the shipped ones; see `tiermoe policy train`)")
+    p.add_argument("--layout", choices=["per-layer", "global"], default="per-layer",
+                   help="per-layer: a cache of CAPACITY items per layer (default); global: the live store's "
+                        "layout, one cache of CAPACITY x layers experts for all layers under one budget")
     p.add_argument("--json", action="store_true", help="print only the result as JSON on stdout")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw mean hit rate vs capacity per policy")
     p.set_defaults(func=run_cache)
@@ -85,6 +88,10 @@ def _add_run_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", type=int, default=8, help="tide: refresh interval in steps (default: %(default)s)")
     p.add_argument("--sequences", type=int, default=None, help="replay the first N sequences only")
     p.add_argument("--max-tokens", type=int, default=None, help="decode rows per sequence")
+    p.add_argument("--warmup", type=int, default=0, help="batches replayed untimed first (default: %(default)s)")
+    p.add_argument("--preload", action="store_true",
+                   help="start with warm tiers: the most used experts of the first tenth of the sequences fill RAM "
+                        "and the GPU tier (default: cold, as a fresh engine)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="bar chart of tokens/s per strategy")
     p.set_defaults(func=run_machine)
@@ -106,9 +113,9 @@ def run_machine(args: argparse.Namespace) -> int:
             cfg = SimConfig(strategy, _bytes(args.gpu_memory, 0), _bytes(args.ram, 0),
                             _bytes(args.expert_cache, shape.total_expert_bytes), args.cache_policy, args.batch,
                             args.phase, args.prefetch, args.threads, args.n_cpu_moe, args.tau, args.sequences,
-                            args.max_tokens)
+                            args.max_tokens, warmup=args.warmup, preload=args.preload)
             results.append(simulate(trace, shape, hw, cfg))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"tiermoe sim run: error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -191,7 +198,8 @@ def run_cache(args: argparse.Namespace) -> int:
         policy_args = {"learned": {"weights": args.learned_weights}} if args.learned_weights else None
         result = simulate(trace, args.policy, capacities, include_prefill=args.include_prefill,
                           policy_args=policy_args, warmup_prefill=args.warmup_prefill is not None,
-                          prefill_order=fetch_order if args.warmup_prefill == "batched" else None)
+                          prefill_order=fetch_order if args.warmup_prefill == "batched" else None,
+                          layout=args.layout)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -212,7 +220,8 @@ def _tokens(result: CacheSimResult) -> str:
 def format_result(result: CacheSimResult) -> str:
     """A summary table (policy x capacity) followed by a per-layer table (layers x runs)."""
     tokens = _tokens(result)
-    lines = [f"trace {result.trace}: {result.tokens} {tokens} tokens, {result.num_layers} layers x "
+    layout = "one cache per layer" if result.layout == "per-layer" else "one cache for all layers (live store)"
+    lines = [f"trace {result.trace} ({layout}): {result.tokens} {tokens} tokens, {result.num_layers} layers x "
              f"{result.num_experts} experts, top-{result.top_k}", "",
              f"{'policy':<8} {'capacity':>8} {'experts':>7} {'mean hit':>8} {'min layer':>9} {'max layer':>9}"]
     prefetching = any(r.prefetches for r in result.runs)
