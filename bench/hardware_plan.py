@@ -154,8 +154,9 @@ def plot_preset(points: list[dict], name: str, path: Path) -> None:
                 xs = [(p["gpu_gib"], p["tok_s"]) for p in mine if (p["model"], p["batch"], p["phase"],
                                                                    p["strategy"]) == (model, batch, phase, strategy)
                       and p["tok_s"] is not None]
-                if xs:
-                    ax.plot(*zip(*xs, strict=True), marker="o", label=strategy)
+                if xs:  # a fixed colour per strategy: panels without `optimal` keep the legend's colours
+                    ax.plot(*zip(*xs, strict=True), marker="o", label=strategy,
+                            color=f"C{STRATEGIES.index(strategy)}")
             ax.set_title(f"{model}, {phase}, batch {batch}", fontsize=8)
             ax.set_xlabel("GPU memory (GiB)", fontsize=7)
             ax.set_ylabel("tokens/s", fontsize=7)
