@@ -6,10 +6,10 @@ The problems are the ones the simulator's `dali` strategy poses while replaying 
 profile (decode at batch 1 and 16, and the prompts where the trace has them; warm tiers, one untimed batch first; a
 single-request trace makes its batch of 16 from its decode rows rotated by 8 rows per sequence): per layer and
 step, the activated experts not resident on the GPU, each with its GPU time (copy over the link + compute) and CPU
-time, and the GPU work already queued. Each problem with at least two experts is solved by `assign.greedy` and by `assign.optimal`
-(scipy.optimize.milp, the solver DALI compares with); reported: the share of the optimum the greedy reaches
-(optimal makespan / greedy makespan, 1 = optimal), how often it is exactly optimal, and the solve time of each per
-problem. DALI (arXiv 2602.03495) reports ~92% of optimal at ~5% of the solver's overhead.
+time, and the GPU work already queued. Each problem with at least two experts is solved by `assign.greedy` and by
+`assign.optimal` (scipy.optimize.milp, the solver DALI compares with); reported: the share of the optimum the greedy
+reaches (optimal makespan / greedy makespan, 1 = optimal), how often it is exactly optimal, and the solve time of
+each per problem. DALI (arXiv 2602.03495) reports ~92% of optimal at ~5% of the solver's overhead.
 """
 
 from __future__ import annotations
