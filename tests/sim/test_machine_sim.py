@@ -105,3 +105,22 @@ def test_sim_cache_global_layout_is_the_live_stores_cache(recorded):
     assert global_.runs[0].requests == per_layer.runs[0].requests  # the same decode requests, counted alike
     with pytest.raises(ValueError, match="layout"):
         cache_simulate(trace, ["lru"], [Capacity(items=3)], layout="columns")
+
+
+def test_sim_run_command_prints_json_per_strategy_and_refuses_unknown_hardware(recorded, tmp_path, capsys):
+    import json
+
+    from tiermoe.cli import main
+
+    folder, runs = recorded
+    trace = tmp_path / "t"
+    runs["lru", "30%"][0].save(trace)
+    args = ["sim", "run", "--trace", f"{trace}.npz", "--model-shape", str(folder), "--dtype", "float32",
+            "--hardware", "rtx4090", "--gpu-memory", "1GiB", "--expert-cache", "50%", "--json"]
+    assert main(args + ["--strategy", "tiermoe,dali,llamacpp", "--plot", str(tmp_path / "p.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in out] == ["tiermoe", "dali", "llamacpp"]
+    assert all(r["tokens"] == 39 and r["tokens_per_s"] > 0 for r in out)  # 40 new tokens: 39 fed back
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert main(args[:-3] + ["--hardware", "rtx9090"]) == 2
+    assert "unknown hardware 'rtx9090'" in capsys.readouterr().err

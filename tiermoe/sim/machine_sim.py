@@ -20,6 +20,7 @@ B sequences' next rows together (distinct experts with token counts); a prefill 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 
@@ -31,7 +32,7 @@ from tiermoe.sim import strategies as S
 from tiermoe.sim.costs import Pricing
 from tiermoe.sim.hardware import Hardware
 from tiermoe.sim.model_shape import ModelShape
-from tiermoe.sim.ram_tier import RamTier
+from tiermoe.sim.ram_tier import RamTier, Served
 from tiermoe.sim.trace import Trace
 
 HOST_RESERVE = 2 << 30  # RAM left to the OS and the engine's own buffers when the expert budget is derived from --ram
@@ -287,31 +288,28 @@ class MachineSim:
         nxt = ids[:, layer + 1, 0]
         return layer + 1, sorted({int(e) for e in nxt if e >= 0})
 
-    def serve(self, served, tokens: dict[int, int], where: dict[int, str], t0: float) -> float:
+    def serve(self, served: Served, tokens: dict[int, int], where: dict[int, str], t0: float) -> float:
         """One RAM-tier turn: resident experts first, reads as they land, streamed reads through the window."""
-        size, last = self.shape.expert_bytes, t0
+        size, last, order = self.shape.expert_bytes, t0, itertools.count()  # order: ties go in request order
         ready: list[tuple[float, int, tuple]] = []  # (ready time, order, key), a heap
-        for i, key in enumerate(served.hits):
-            ready.append((max(t0, self.inflight.pop(key, t0)), i, key))
+        for key in served.hits:
+            ready.append((max(t0, self.inflight.pop(key, t0)), next(order), key))
         for key in served.misses:
             self.inflight.pop(key, None)
-            ready.append((self._read(t0, size, depth_one=False), len(ready), key))
+            ready.append((self._read(t0, size, depth_one=False), next(order), key))
         heapq.heapify(ready)
-        queue = deque(served.streamed)
-        window = max(self.ram.window, 1)
-        streaming = 0
+        queue, window = deque(served.streamed), max(self.ram.window, 1)
         for _ in range(min(window, len(queue))):
-            heapq.heappush(ready, (self._read(t0, size, depth_one=window == 1), len(ready) + 1000, queue.popleft()))
-            streaming += 1
+            heapq.heappush(ready, (self._read(t0, size, depth_one=window == 1), next(order), queue.popleft()))
         for key in served.prefetch:  # issued after the demand reads
             self.inflight[key] = self._read(t0, size, depth_one=False)
+        streamed = set(served.streamed)
         while ready:
             at, _, key = heapq.heappop(ready)
             done = self._compute(key, tokens[key[1]], where[key[1]], at)
             last = max(last, done)
-            if key in served.streamed and queue:  # its room serves the next streamed read
-                heapq.heappush(ready, (self._read(done, size, depth_one=window == 1), len(ready) + 1000,
-                                       queue.popleft()))
+            if key in streamed and queue:  # its room serves the next streamed read
+                heapq.heappush(ready, (self._read(done, size, depth_one=window == 1), next(order), queue.popleft()))
         return last
 
     def _read(self, at: float, nbytes: int, depth_one: bool) -> float:

@@ -21,7 +21,6 @@ engine's own objects decide wherever the engine has one: `ExpertCache` and the c
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 from tiermoe.offload.accelerator import Where, place
 from tiermoe.offload.cache import ExpertCache
@@ -187,13 +186,11 @@ class TIDE(Strategy):
 
     name = "tide"
 
-    def __init__(self, price: Pricing, budget: int, tau: int = 8, refresh: Callable[[int], bool] | None = None):
+    def __init__(self, price: Pricing, budget: int, tau: int = 8):
         super().__init__(price, budget)
         self.tau = tau
         self.placement = RefreshPlacement(budget // max(price.shape.num_layers, 1), lambda lay, e: self.nbytes)
         self.requests: Counter = Counter()
-        self.refresh = refresh  # diffusion: the decoder's schedule says which steps refresh
-        self._swapped: list[Key] = []
 
     def preload(self, keys: list[Key], usage: Counter) -> None:
         """A first refresh of every layer from the calibration counts."""
@@ -204,7 +201,7 @@ class TIDE(Strategy):
     def assign(self, layer, experts, counts, base_gpu):
         n = self.requests[layer]
         self.requests[layer] += 1
-        if (self.refresh(n) if self.refresh else n % self.tau == 0):
+        if n % self.tau == 0:
             move = self.placement.refresh(layer, dict(zip(experts, counts, strict=True)))
             promoted = set(move.promote)
             return {e: COPY if e in promoted else GPU if self.placement.is_fast(layer, e) else CPU for e in experts}
