@@ -133,7 +133,10 @@ def ratio_table(points: list[dict]) -> str:
                      DALI_PUBLISHED[phase]])
     return markdown_table(["hardware", "model", "phase", "batch", "GPU GiB", "dali tok/s", "llamacpp tok/s",
                            "tiermoe tok/s", "dali / llamacpp", "tiermoe / llamacpp", "DALI published"], rows) + \
-        "\n\nSimulated (tiermoe sim run) on the hardware presets; plots per preset in hardware_plan/."
+        ("\n\nSimulated (tiermoe sim run) on the hardware presets, RAM as each profile says, tiers warm; the middle "
+         "GPU size of the sweep (3/4 of the GPU's memory). Routing: OLMoE and Qwen3 from the shared traces (Qwen3: one "
+         "request, top-k forced to 6, rotated into batches), Mixtral synthetic (uniform random top-2). Plots per "
+         "preset in hardware_plan/.")
 
 
 def plot_preset(points: list[dict], name: str, path: Path) -> None:
