@@ -45,3 +45,14 @@ def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="not found"):
         load_hardware("missing.json")
     assert isinstance(Hardware.from_dict(load_hardware("h100").to_dict()), Hardware)
+
+
+def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
+    from tiermoe.sim.hardware import measure_this_machine
+
+    hw = measure_this_machine(tmp_path, read_bytes=1 << 20, file_mib=8)
+    assert hw.gpu is None or hw.gpu.memory_gib > 0
+    assert hw.cpu.gemv_bandwidth(1) > 0 and hw.cpu.call_us > 0 and hw.dram_gbs > 0
+    assert hw.ssd.rand_read_gbs > 0 and hw.ssd.read_iops > 0 and hw.measured
+    hw.save(tmp_path / "here.json")
+    assert load_hardware(tmp_path / "here.json") == hw
