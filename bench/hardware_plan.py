@@ -148,7 +148,7 @@ def plot_preset(points: list[dict], name: str, path: Path) -> None:
 
     mine = [p for p in points if p["hardware"] == name]
     models = list(dict.fromkeys(p["model"] for p in mine))
-    fig, axes = plt.subplots(len(models), len(CASES), figsize=(4 * len(CASES), 3 * len(models)), dpi=100,
+    fig, axes = plt.subplots(len(models), len(CASES), figsize=(4 * len(CASES), 3 * len(models)), dpi=60,
                              squeeze=False)
     for i, model in enumerate(models):
         for j, (batch, phase) in enumerate(CASES):
