@@ -27,6 +27,9 @@ EXAMPLES = {
     "convert": "tiermoe convert path/to/hf-model path/to/aligned",
     "sim": "tiermoe sim cache --trace trace.npz --capacity 25%,50% --policy lru,lfu,belady",
     "sim cache": "tiermoe sim cache --trace trace.npz --capacity 25%,50% --policy lru,lfu,belady",
+    "sim run": "tiermoe sim run --trace trace.npz --model-shape olmoe-1b-7b --hardware rtx4090 --gpu-memory 8GiB "
+               "--strategy dali,llamacpp,tiermoe",
+    "profile": "tiermoe profile --out my-machine.json",
     "policy": "tiermoe policy train --trace trace.npz --out learned.safetensors",
     "policy train": "tiermoe policy train --trace trace.npz --out learned.safetensors",
     "serve": "tiermoe serve --model path/to/hf-model --expert-cache 25% --port 8000",

@@ -7,7 +7,8 @@ from tests.offload.fake_gpu import FakeGPU
 from tiermoe import LLM, SamplingParams
 from tiermoe.errors import ConfigError
 from tiermoe.offload.policies import LRUPolicy, make_policy
-from tiermoe.offload.tiers.accelerator import AcceleratorStore, DeviceCosts, Where, place
+from tiermoe.offload.tiers.accelerator import AcceleratorStore
+from tiermoe.offload.tiers.placement_rule import DeviceCosts, Where, place
 from tiermoe.offload.tiers.store import ResidentStore
 
 # A PCIe-like machine: copies at 25 GB/s, CPU 20 GB/s streaming and 200 GFLOP/s, device 20 TFLOP/s.

@@ -11,7 +11,7 @@ from tiermoe.decode.diffusion import DiffusionOptions
 from tiermoe.offload.placement.costs import TierCosts
 from tiermoe.offload.placement.refresh import DenoiseStep
 from tiermoe.offload.placement.refresh_accelerator import RefreshAcceleratorStore
-from tiermoe.offload.tiers.accelerator import DeviceCosts, Where
+from tiermoe.offload.tiers.placement_rule import DeviceCosts, Where
 from tiermoe.offload.tiers.store import ResidentStore
 
 # A PCIe-like machine: NVMe 3 GB/s, copies 25 GB/s, CPU 20 GB/s streaming and 200 GFLOP/s, device 20 TFLOP/s.

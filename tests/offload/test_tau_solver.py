@@ -9,7 +9,7 @@ from tiermoe.offload.placement import costs as costs_module
 from tiermoe.offload.placement.costs import TierCosts, load_costs
 from tiermoe.offload.placement.refresh import RefreshPlacement
 from tiermoe.offload.placement.tau_solver import BlockModel, candidates, choose_tau, predict
-from tiermoe.offload.tiers.accelerator import DeviceCosts
+from tiermoe.offload.tiers.placement_rule import DeviceCosts
 
 SIZE = 1000  # bytes per expert; 4-byte weights, so 500 FLOP per token
 

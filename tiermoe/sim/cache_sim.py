@@ -106,6 +106,7 @@ class CacheSimResult:
     runs: list[PolicyRun] = field(default_factory=list)
     warmup_prefill: bool = False  # prefill rows were replayed uncounted before their decode rows
     prefill_order: str | None = None  # ...as one forward pass per prompt, experts in this order (else per token)
+    layout: str = "per-layer"  # a cache of `capacity` items per layer, or "global": one for all, as the live store
 
     def run(self, policy: str, capacity: str) -> PolicyRun:
         """The run of `policy` at the capacity labelled `capacity` (e.g. "25%")."""
@@ -200,9 +201,34 @@ def batched_prefill_requests(trace: Trace, layer: int, items: int, order: Prefil
     return requests, counted
 
 
+def replay_global(trace: Trace, items: int, policy: CachePolicy) -> tuple[list[int], list[int]]:
+    """Per layer (hits, requests) of decode rows through one cache for all layers holding `items` x L experts, as
+    the live store keeps them (`RamTier`: one byte budget, every expert the same size, the scan-resistant horizon,
+    requests in the engine's order); each sequence's prompt, if any, warms it in one uncounted pass."""
+    from tiermoe.sim.machine_sim import MachineSim
+    from tiermoe.sim.ram_tier import RamTier
+
+    layers = trace.num_layers
+    tier = RamTier(items * layers, policy, lambda k: 1, layers, trace.top_k, 1)
+    hits, requests = [0] * layers, [0] * layers
+    for start, end in trace.sequence_bounds():
+        prefill = trace.is_prefill[start:end]
+        passes = [(np.arange(start, end)[prefill], False)] if prefill.any() else []
+        passes += [(np.array([row]), True) for row in np.arange(start, end)[~prefill]]
+        for rows, counted in passes:
+            for layer in range(layers):
+                experts, _ = MachineSim.order(trace.experts[rows, layer])
+                served = tier.fetch(layer, experts)
+                if counted:
+                    hits[layer] += sum(len(s.hits) for s in served)
+                    requests[layer] += len(experts)
+    return hits, requests
+
+
 def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacity],
              include_prefill: bool = False, policy_args: dict[str, dict] | None = None,
-             warmup_prefill: bool = False, prefill_order: PrefillOrder | None = None) -> CacheSimResult:
+             warmup_prefill: bool = False, prefill_order: PrefillOrder | None = None,
+             layout: str = "per-layer") -> CacheSimResult:
     """Hit rates of every policy at every capacity on `trace` (see the module docstring for the rules).
 
     `policy_args` maps a policy name to extra constructor arguments, e.g. {"learned": {"weights": path}}.
@@ -210,7 +236,15 @@ def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacit
     nothing when `include_prefill` already counts every row. `prefill_order` (the engine's is `fetch_order`) warms
     the cache with each prompt as the engine computes it, one forward pass asking for the prompt's experts in that
     order (`batched_prefill_requests`); None replays one request per prompt token.
+
+    `layout` "per-layer" (the rules of the module docstring: a cache per layer of `capacity` items) or "global": the
+    live store's layout, one cache for every layer under one budget of `capacity` x L experts (`replay_global`;
+    decode rows counted, prompts warm it as the engine's prefill pass).
     """
+    if layout not in ("per-layer", "global"):
+        raise ValueError(f"cache layout must be 'per-layer' or 'global', got {layout!r}")
+    if layout == "global":
+        return _simulate_global(trace, policies, capacities, policy_args)
     policy_args = {k.lower(): v for k, v in (policy_args or {}).items()}
     for name in policies:
         if name.lower() not in POLICIES:
@@ -250,4 +284,24 @@ def simulate(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacit
                                          sum(hits), sum(requested[items]), sum(c.prefetches for c in counts),
                                          sum(c.prefetch_hits for c in counts)))
     bar.close()
+    return result
+
+
+def _simulate_global(trace: Trace, policies: Sequence[str], capacities: Sequence[Capacity],
+                     policy_args: dict[str, dict] | None) -> CacheSimResult:
+    policy_args = {k.lower(): v for k, v in (policy_args or {}).items()}
+    result = CacheSimResult(trace.name, int((~trace.is_prefill).sum()), False, trace.num_layers, trace.num_experts,
+                            trace.top_k, warmup_prefill=bool(trace.is_prefill.any()), prefill_order="fetch_order",
+                            layout="global")
+    for name in policies:
+        for cap in capacities:
+            items = cap.items_for(trace.num_experts)
+            _check_capacity(items, cap.label, trace.top_k, trace.num_experts)
+            kw = dict(policy_args.get(name.lower()) or {})
+            if POLICIES.get(name.lower()) is not None and POLICIES[name.lower()].needs_future:
+                raise ValueError(f"{name} needs the future of one cache per layer; use the per-layer layout")
+            hits, requests = replay_global(trace, items, make_policy(name, **kw))
+            rates = [h / n if n else 0.0 for h, n in zip(hits, requests, strict=True)]
+            result.runs.append(PolicyRun(name.lower(), cap.label, items, rates, float(np.mean(rates)), sum(hits),
+                                         sum(requests)))
     return result

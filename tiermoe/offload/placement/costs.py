@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from tiermoe.offload.tiers.accelerator import DeviceCosts, profile_costs
+from tiermoe.offload.tiers.accelerator import profile_costs
 from tiermoe.offload.tiers.direct_io import DirectReader, align_up
+from tiermoe.offload.tiers.placement_rule import DeviceCosts
 
 IO_DEPTH = 4  # reads in flight when profiling the disk: what the stores issue with their default 4 I/O threads
 

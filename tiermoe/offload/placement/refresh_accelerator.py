@@ -18,7 +18,8 @@ from tiermoe.offload.placement.costs import TierCosts, load_costs
 from tiermoe.offload.placement.refresh import DenoiseStep, Move
 from tiermoe.offload.placement.refresh_store import CostSource, RefreshMixin, RefreshStats, as_refresh_stats
 from tiermoe.offload.policies import LRUPolicy
-from tiermoe.offload.tiers.accelerator import AcceleratorStore, DeviceOps, Where
+from tiermoe.offload.tiers.accelerator import AcceleratorStore, DeviceOps
+from tiermoe.offload.tiers.placement_rule import Where
 from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
 

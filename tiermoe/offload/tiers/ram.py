@@ -56,6 +56,19 @@ def stream_reserve(budget: int, largest: int, window: int, cached: int = 0) -> t
     return window, min((window + 1) * largest, budget)
 
 
+def turns(keys: list[Key], cache: ExpertCache) -> list[list[Key]]:
+    """Split a request whose experts do not fit the cache together into turns that do (the simulator's too)."""
+    chunks, current, used = [], [], 0
+    for key in keys:
+        size = cache.size(key)
+        if current and used + size > cache.capacity:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(key)
+        used += size
+    return chunks + [current] if current else chunks
+
+
 class TieredStore(ExpertStore):
     """Experts resident in RAM up to `budget` bytes; the rest read from the checkpoint files on demand."""
 
@@ -123,16 +136,7 @@ class TieredStore(ExpertStore):
             wait([fut])  # already being read: let its bytes go before their room is reused
 
     def _chunks(self, keys: list[Key]) -> list[list[Key]]:
-        """Split a request whose experts do not fit the cache together into turns that do."""
-        chunks, current, used = [], [], 0
-        for key in keys:
-            size = self.cache.size(key)
-            if current and used + size > self.cache.capacity:
-                chunks.append(current)
-                current, used = [], 0
-            current.append(key)
-            used += size
-        return chunks + [current] if current else chunks
+        return turns(keys, self.cache)
 
     def _serve(self, keys: list[Key], prefetch: tuple[int, list[int]] | None,
                stream: bool = True) -> Iterator[tuple[int, ExpertWeights]]:

@@ -1,0 +1,58 @@
+"""Hardware profiles: every preset loads with its sources, and bad names and files are refused clearly."""
+
+import json
+
+import pytest
+
+from tiermoe.sim.hardware import Hardware, load_hardware, presets
+
+NAMED = ["rtx3090", "rtx4090", "rtx5070ti", "rtx5070ti-pcie4", "a100", "h100", "laptop-16gb", "apple-m2"]
+
+
+def test_every_named_preset_ships_with_sources():
+    assert set(NAMED) <= set(presets())
+    for name in presets():
+        hw = load_hardware(name)
+        assert hw.name == name and hw.sources and hw.ssd.rand_read_gbs > 0
+        assert hw.cpu.gemv_bandwidth(1) > 0 and hw.cpu.gemm_flops(hw.cpu.cores) >= hw.cpu.gemm_flops(1)
+        assert hw.gpu is not None and hw.gpu.memory_gib > 0  # every preset has a GPU (or unified memory)
+
+
+def test_pcie5_doubles_the_link_of_the_same_gpu():
+    assert load_hardware("rtx5070ti").gpu.link_gbs == 2 * load_hardware("rtx5070ti-pcie4").gpu.link_gbs
+
+
+def test_thread_counts_between_measured_ones_use_the_one_below():
+    cpu = load_hardware("rtx4090").cpu
+    assert cpu.gemv_bandwidth(3) == cpu.gemv_bandwidth(2) < cpu.gemv_bandwidth(4)
+
+
+def test_a_profile_file_round_trips_and_unknown_fields_are_refused(tmp_path):
+    hw = load_hardware("apple-m2")
+    path = tmp_path / "mine.json"
+    hw.save(path)
+    assert load_hardware(path) == hw
+    data = json.loads(path.read_text())
+    data["turbo"] = True
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="turbo"):
+        load_hardware(path)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="rtx4090"):
+        load_hardware("rtx9090")
+    with pytest.raises(ValueError, match="not found"):
+        load_hardware("missing.json")
+    assert isinstance(Hardware.from_dict(load_hardware("h100").to_dict()), Hardware)
+
+
+def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
+    from tiermoe.sim.hardware import measure_this_machine
+
+    hw = measure_this_machine(tmp_path, read_bytes=1 << 20, file_mib=8)
+    assert hw.gpu is None or hw.gpu.memory_gib > 0
+    assert hw.cpu.gemv_bandwidth(1) > 0 and hw.cpu.call_us > 0 and hw.dram_gbs > 0
+    assert hw.ssd.rand_read_gbs > 0 and hw.ssd.read_iops > 0 and hw.measured
+    hw.save(tmp_path / "here.json")
+    assert load_hardware(tmp_path / "here.json") == hw

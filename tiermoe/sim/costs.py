@@ -1,0 +1,87 @@
+"""Seconds of each piece of work on a given machine and model: an expert on the CPU or GPU, a copy, a disk read, a
+layer's dense part, the head. All from a `Hardware` profile and a `ModelShape`; no measurement here.
+
+A matrix product is priced as the slower of streaming its weights and doing its FLOPs, plus a fixed cost per
+operator call (the eager engine's dispatch, a GPU kernel launch): small models on a CPU are call-bound, batch-1
+decode bandwidth-bound, prefill compute-bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tiermoe.offload.tiers.placement_rule import DeviceCosts
+from tiermoe.sim.hardware import GB, Hardware
+from tiermoe.sim.model_shape import ModelShape
+
+EXPERT_CALLS = 2  # operator calls per expert on the engine's decode path (fused gate|up, then down)
+LAYER_CALLS = 14  # per layer besides the experts: norms, q/k/v/o, rotary, attention, router, top-k, residuals
+STEP_CALLS = 12  # per forward pass: embedding, final norm, head, sampling, bookkeeping
+GPU_EFFICIENCY = 0.5  # share of the vendor's peak tensor FLOP/s that expert-sized GEMMs reach (estimate)
+
+
+@dataclass(slots=True)
+class Pricing:
+    hw: Hardware
+    shape: ModelShape
+    threads: int
+    # derived once (the simulator prices every expert of every step)
+    cpu_bw: float = 0.0  # bytes/s a GEMV streams at `threads` threads
+    cpu_flops: float = 0.0
+    call_s: float = 0.0
+    gpu_flops: float = 0.0
+    expert_bytes: int = 0
+    expert_flops: float = 0.0  # per token
+
+    def __post_init__(self) -> None:
+        self.cpu_bw = self.hw.cpu.gemv_bandwidth(self.threads)
+        self.cpu_flops = self.hw.cpu.gemm_flops(self.threads)
+        self.call_s = self.hw.cpu.call_us * 1e-6
+        self.gpu_flops = self.hw.gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY if self.hw.gpu else 0.0
+        self.expert_bytes = self.shape.expert_bytes
+        self.expert_flops = self.shape.expert_flops
+
+    def cpu_expert(self, tokens: int) -> float:
+        return EXPERT_CALLS * self.call_s + max(self.expert_bytes / self.cpu_bw,
+                                                tokens * self.expert_flops / self.cpu_flops)
+
+    def gpu_expert(self, tokens: int) -> float:
+        g = self.hw.gpu
+        return EXPERT_CALLS * g.launch_us * 1e-6 + max(self.expert_bytes / (g.mem_gbs * GB),
+                                                       tokens * self.expert_flops / self.gpu_flops)
+
+    def copy(self, nbytes: int) -> float:
+        """Host -> device copy (nothing to copy with unified memory)."""
+        g = self.hw.gpu
+        return 0.0 if g.unified else nbytes / (g.link_gbs * GB)
+
+    def read(self, nbytes: int, depth_one: bool = False) -> float:
+        """One expert-sized random read among several in flight (the profile's bandwidth), or alone (`depth_one`)."""
+        ssd = self.hw.ssd
+        return nbytes / ((ssd.qd1_read_gbs if depth_one else ssd.rand_read_gbs) * GB)
+
+    def dense_layer(self, tokens: int, context: int, on_gpu: bool) -> float:
+        """A layer's attention, router and shared experts for `tokens` new tokens attending to `context` each."""
+        s = self.shape
+        weights = s.layer_params * s.dtype_bytes
+        kv = tokens * context * s.kv_dim * s.dtype_bytes
+        flops = 2.0 * s.layer_params * tokens + 2.0 * tokens * context * s.kv_dim
+        if on_gpu:
+            g = self.hw.gpu
+            return LAYER_CALLS * g.launch_us * 1e-6 + max((weights + kv) / (g.mem_gbs * GB), flops / self.gpu_flops)
+        return LAYER_CALLS * self.call_s + max((weights + kv) / self.cpu_bw, flops / self.cpu_flops)
+
+    def head(self, rows: int, on_gpu: bool) -> float:
+        """Final norm, lm_head on the rows that need logits, sampling."""
+        s = self.shape
+        nbytes, flops = s.vocab * s.hidden * s.dtype_bytes, 2.0 * s.vocab * s.hidden * rows
+        if on_gpu:
+            g = self.hw.gpu
+            return STEP_CALLS * g.launch_us * 1e-6 + max(nbytes / (g.mem_gbs * GB), flops / self.gpu_flops)
+        return STEP_CALLS * self.call_s + max(nbytes / self.cpu_bw, flops / self.cpu_flops)
+
+    def device_costs(self) -> DeviceCosts:
+        """The engine's placement cost model (`tiermoe.offload.tiers.accelerator.place`) for this machine."""
+        g = self.hw.gpu
+        link = float("inf") if g.unified else g.link_gbs * GB
+        return DeviceCosts(self.cpu_flops, self.cpu_bw, link, self.gpu_flops)

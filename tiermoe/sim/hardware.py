@@ -1,0 +1,261 @@
+"""Hardware profiles: what a machine's GPU, CPU, RAM, link and disk can do, as data the simulator prices work with.
+
+A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each with the sources of its figures):
+
+    name, description, ram_gib, dram_gbs, sources
+    cpu   {name, cores, gemv_gbs {threads: GB/s}, gemm_gflops {threads: GFLOP/s}, call_us}
+    gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
+    ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional)}
+
+`gemv_gbs` is the rate the CPU streams weights through a matrix-vector product (batch-1 decode is bound by it),
+`gemm_gflops` its matrix-matrix rate (prefill, large batches), `call_us` the fixed cost of one operator call (what
+dominates small models in an eager engine). `rand_read_gbs` is for MiB-sized random reads a few in flight (one
+expert per read, as the stores issue them). `tiermoe profile` measures this machine into a profile
+(`measure_this_machine`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+GB = 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class CPUProfile:
+    name: str
+    cores: int
+    gemv_gbs: dict[int, float]  # threads -> GB/s of weights streamed through a GEMV
+    gemm_gflops: dict[int, float]  # threads -> GFLOP/s of a large matrix-matrix product
+    call_us: float = 2.0  # fixed cost of one operator call, microseconds
+
+    def __post_init__(self) -> None:
+        for table in ("gemv_gbs", "gemm_gflops"):
+            value = {int(k): float(v) for k, v in getattr(self, table).items()}
+            if not value:
+                raise ValueError(f"cpu.{table} needs at least one thread count")
+            object.__setattr__(self, table, dict(sorted(value.items())))
+
+    def gemv_bandwidth(self, threads: int) -> float:
+        """Bytes/s at `threads` threads (the nearest measured count at or below it)."""
+        return _at(self.gemv_gbs, threads) * GB
+
+    def gemm_flops(self, threads: int) -> float:
+        return _at(self.gemm_gflops, threads) * GB
+
+
+@dataclass(frozen=True, slots=True)
+class GPUProfile:
+    name: str
+    memory_gib: float
+    bf16_tflops: float  # dense tensor-core rate
+    mem_gbs: float  # device memory bandwidth
+    link_gbs: float  # pinned host -> device copies
+    link: str = ""
+    unified: bool = False  # shares RAM with the CPU: no copy needed, RAM bandwidth shared
+    launch_us: float = 5.0  # fixed cost of one kernel launch
+
+
+@dataclass(frozen=True, slots=True)
+class SSDProfile:
+    name: str
+    seq_read_gbs: float
+    rand_read_gbs: float  # MiB-sized random reads, a few in flight
+    read_iops: float  # 4 KiB random reads per second
+    rand_read_qd1_gbs: float | None = None  # the same reads one at a time (None: half of rand_read_gbs)
+
+    @property
+    def qd1_read_gbs(self) -> float:
+        return self.rand_read_qd1_gbs or self.rand_read_gbs / 2
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware:
+    """One machine."""
+
+    name: str
+    ram_gib: float
+    dram_gbs: float
+    cpu: CPUProfile
+    ssd: SSDProfile
+    gpu: GPUProfile | None = None
+    description: str = ""
+    sources: list[str] = field(default_factory=list)
+    measured: str | None = None  # when `tiermoe profile` measured it (None for a preset)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Hardware:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown hardware profile fields {unknown}; known: {sorted(known)}")
+        gpu = d.get("gpu")
+        return cls(**{**d, "cpu": CPUProfile(**d["cpu"]), "ssd": SSDProfile(**d["ssd"]),
+                      "gpu": GPUProfile(**gpu) if gpu else None})
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+def _at(table: dict[int, float], threads: int) -> float:
+    below = [t for t in table if t <= threads]
+    return table[max(below)] if below else table[min(table)]
+
+
+def presets() -> list[str]:
+    """Names of the shipped profiles."""
+    folder = resources.files("tiermoe.sim") / "hardware"
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_hardware(name_or_path: str | Path) -> Hardware:
+    """A preset by name (`rtx4090`) or a profile file (`tiermoe profile --out FILE` writes one)."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise ValueError(f"hardware profile {path} not found")
+        text = path.read_text()
+    else:
+        if str(name_or_path) not in presets():
+            raise ValueError(f"unknown hardware {name_or_path!r}: give a profile file or one of {', '.join(presets())}")
+        text = (resources.files("tiermoe.sim") / "hardware" / f"{name_or_path}.json").read_text()
+    try:
+        return Hardware.from_dict(json.loads(text))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"hardware profile {name_or_path} is malformed: {e}") from None
+
+
+# --- measuring this machine --------------------------------------------------------------------------------------
+
+
+def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20, name: str = "this-machine",
+                         file_mib: int = 256) -> Hardware:
+    """Measures this machine (tens of seconds): per thread count, CPU GEMV over more weights than the caches hold
+    and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.profile_costs`); per-call overhead, DRAM
+    copy rate, and direct reads of a file written in `disk_dir` (sequential, `read_bytes` random reads 4 in flight
+    as the stores issue them, 4 KiB IOPS)."""
+    import torch
+
+    from tiermoe.offload.placement.costs import IO_DEPTH, io_bandwidth
+    from tiermoe.offload.tiers.accelerator import profile_costs
+
+    threads0 = torch.get_num_threads()
+    counts = sorted({1, *(2**i for i in range(1, 8) if 2**i <= (os.cpu_count() or 1)), os.cpu_count() or 1})
+    gemv, gemm = {}, {}
+    try:
+        for t in counts:
+            torch.set_num_threads(t)
+            gemv[t], gemm[t] = _streamed_gemv() / GB, profile_costs(torch.device("cpu")).cpu_flops / GB
+        torch.set_num_threads(threads0)
+        call_us = _call_overhead_us()
+    finally:
+        torch.set_num_threads(threads0)
+    dram = _copy_rate() / GB
+    with tempfile.TemporaryDirectory(dir=disk_dir) as tmp:
+        probe = Path(tmp) / "probe.bin"
+        _write_random(probe, file_mib << 20)
+        seq = io_bandwidth(probe, 8 << 20, threads=1, total=file_mib << 20) / GB
+        rand = io_bandwidth(probe, read_bytes, threads=IO_DEPTH, total=file_mib << 20) / GB
+        qd1 = io_bandwidth(probe, read_bytes, threads=1, total=file_mib << 19) / GB
+        iops = io_bandwidth(probe, 4096, threads=IO_DEPTH, total=4 << 20) / 4096
+    return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
+                    cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2)),
+                    ssd=SSDProfile("disk holding " + str(disk_dir or tempfile.gettempdir()), round(seq, 3),
+                                   round(rand, 3), round(iops), round(qd1, 3)),
+                    gpu=_measure_gpu(), description="measured by `tiermoe profile`",
+                    sources=["measured on this machine by `tiermoe profile` (tiermoe.sim.hardware)"],
+                    measured=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _streamed_gemv(total: int = 256 << 20, each: int = 4 << 20) -> float:
+    """Bytes/s of GEMVs over `total` bytes of fp32 weights, more than any cache holds (the engine's probe uses one
+    matrix, which may stay in the last-level cache; experts streamed per token do not)."""
+    import torch
+
+    rows = each // 4 // 1024
+    ws = [torch.randn(rows, 1024) for _ in range(total // each)]
+    x = torch.randn(1, 1024)
+    return total / _best(lambda: [x @ w.T for w in ws], reps=3)
+
+
+def _copy_rate(nbytes: int = 256 << 20) -> float:
+    """Bytes/s moved by a large copy, which reads and writes every byte."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best(lambda: dst.copy_(src))
+
+
+def _call_overhead_us() -> float:
+    """Microseconds of one tiny matrix-vector call: the per-operator floor of an eager engine."""
+    import torch
+
+    w, x = torch.randn(64, 64), torch.randn(1, 64)
+    n = 2000
+    return _best(lambda: [x @ w.T for _ in range(n)]) / n * 1e6
+
+
+def _best(fn, reps: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _write_random(path: Path, nbytes: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(nbytes >> 20):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _measure_gpu() -> GPUProfile | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from tiermoe.offload.tiers.accelerator import profile_costs
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    c = profile_costs(dev)
+    x = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() / _best(lambda: (y.copy_(x), torch.cuda.synchronize())) / GB
+    return GPUProfile(props.name, round(props.total_memory / 2**30, 1), c.device_flops / 1e12, round(bw, 1),
+                      round(c.copy_bandwidth / GB, 2), "measured")
+
+
+def _ram_bytes() -> int:
+    try:
+        return int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"

@@ -1,0 +1,329 @@
+"""Event-level simulation of the engine on a hardware profile: a routing trace replayed layer by layer, step by step.
+
+Four resources work in parallel, each a queue (work starts when the resource is free and its inputs are ready):
+the CPU (one queue: torch's threads work on one operator at a time), the GPU, the host -> device link, and the
+disk (reads issued together share its bandwidth, first in first out). Per MoE layer of a forward pass:
+
+1. the dense part (attention, router, shared experts) runs on the main device (the GPU when the strategy uses one,
+   else the CPU), after the previous layer;
+2. the strategy (`tiermoe.sim.strategies`) says where each routed expert runs; the experts not on the GPU are asked
+   of the RAM tier (`RamTier`: the live store's bookkeeping), whose misses are read from disk all at once and whose
+   streamed experts go through the store's window (a read starts once the one before it was computed);
+3. as in `TieredStore._collect`, resident experts are computed first, then each read as it lands (on the CPU, or
+   copied over the link and run on the GPU); GPU-resident experts run on the GPU meanwhile;
+4. the prefetch of the next layer (`--prefetch oracle`: the trace's own next-layer top-1 experts, an upper bound
+   on a router-based predictor) and policy swaps are read after the layer's demand reads.
+The layer ends when its last expert is done; the head runs after the last layer. Decode steps of a batch run the
+B sequences' next rows together (distinct experts with token counts); a prefill is one pass over the prompt rows.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tiermoe.offload.policies import make_policy
+from tiermoe.offload.tiers.fetch_order import fetch_order
+from tiermoe.sim import strategies as S
+from tiermoe.sim.costs import Pricing
+from tiermoe.sim.hardware import Hardware
+from tiermoe.sim.model_shape import ModelShape
+from tiermoe.sim.ram_tier import RamTier, Served
+from tiermoe.sim.trace import Trace
+
+HOST_RESERVE = 2 << 30  # RAM left to the OS and the engine's own buffers when the expert budget is derived from --ram
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    strategy: str = "tiermoe"
+    gpu_memory: int | None = None  # bytes of GPU memory the engine may use (None: the profile's; 0: no GPU)
+    ram: int | None = None  # bytes of RAM the engine may use (None: the profile's)
+    expert_cache: int | None = None  # RAM bytes for experts (None: `ram` less the dense weights and a reserve)
+    cache_policy: str = "lru"  # the RAM tier's policy (the engine's cache_policy)
+    batch: int = 1
+    phase: str = "decode"  # "decode" or "prefill"
+    prefetch: str = "off"  # "off" or "oracle"
+    threads: int | None = None  # CPU threads (None: all cores)
+    n_cpu_moe: int | None = None  # llamacpp: layers whose experts stay on the CPU (None: as few as fit)
+    tau: int = 8  # tide: refresh interval in steps
+    sequences: int | None = None  # replay only the first N sequences
+    max_tokens: int | None = None  # decode rows per sequence
+    prompt_tokens: int = 32  # a trace without prefill rows: the first N rows of a sequence stand for its prompt
+    calibration: float = 0.1  # fiddler: share of the sequences (the first) whose routing counts choose its set
+    warmup: int = 0  # replay the first N sequences untimed (caches warm, as a serving process's would be)
+    # Warm start: the tiers start full, the most used experts of the calibration share first (the RAM tier takes
+    # every expert when they all fit, as an all-resident engine whose experts were read before timing; the GPU
+    # tier of a dynamic strategy starts where fiddler's static set is, then adapts).
+    preload: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in S.STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(S.STRATEGIES)}")
+        if self.phase not in ("decode", "prefill"):
+            raise ValueError(f"phase must be 'decode' or 'prefill', got {self.phase!r}")
+        if self.prefetch not in ("off", "oracle"):
+            raise ValueError(f"prefetch must be 'off' or 'oracle', got {self.prefetch!r}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+
+
+@dataclass
+class SimResult:
+    """What one simulated run did and how long it took."""
+
+    strategy: str
+    hardware: str
+    model: str
+    phase: str
+    batch: int
+    tokens: int  # decode: generated tokens; prefill: prompt tokens
+    seconds: float
+    tokens_per_s: float
+    gpu_expert_budget: int
+    ram_expert_budget: int
+    hits: int  # RAM tier, as the live store counts them
+    misses: int
+    streamed: int
+    prefetched: int
+    bytes_read: int
+    placements: dict[str, int] = field(default_factory=dict)  # gpu / copy / cpu
+    busy_s: dict[str, float] = field(default_factory=dict)  # per resource
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class Clocks:
+    """When each resource is next free, and how long each was busy."""
+
+    cpu: float = 0.0
+    gpu: float = 0.0
+    link: float = 0.0
+    disk: float = 0.0
+    busy: Counter = field(default_factory=Counter)
+
+    def run(self, resource: str, ready: float, seconds: float) -> float:
+        """Queue `seconds` of work on `resource` once `ready`; returns when it ends."""
+        end = max(getattr(self, resource), ready) + seconds
+        setattr(self, resource, end)
+        self.busy[resource] += seconds
+        return end
+
+
+def budgets(hw: Hardware, shape: ModelShape, cfg: SimConfig) -> tuple[int, int, bool]:
+    """(GPU expert bytes, RAM expert bytes, whether a GPU is used). The GPU holds the dense weights first."""
+    gpu_total = 0 if hw.gpu is None else int(hw.gpu.memory_gib * 2**30) if cfg.gpu_memory is None else cfg.gpu_memory
+    use_gpu = gpu_total > 0
+    gpu_experts = max(0, gpu_total - shape.dense_bytes - (1 << 30)) if use_gpu else 0  # 1 GiB: KV, activations
+    if use_gpu and gpu_total < shape.dense_bytes:
+        raise ValueError(f"{gpu_total / 2**30:.1f} GiB of GPU memory does not hold the model's dense weights "
+                         f"({shape.dense_bytes / 2**30:.1f} GiB)")
+    ram_total = int(hw.ram_gib * 2**30) if cfg.ram is None else cfg.ram
+    on_host = 0 if use_gpu and not hw.gpu.unified else shape.dense_bytes
+    ram_experts = cfg.expert_cache if cfg.expert_cache is not None else ram_total - on_host - HOST_RESERVE
+    return gpu_experts, min(max(ram_experts, 0), shape.total_expert_bytes), use_gpu
+
+
+class MachineSim:
+    """One strategy on one machine over one trace (see the module docstring)."""
+
+    def __init__(self, trace: Trace, shape: ModelShape, hw: Hardware, cfg: SimConfig):
+        if (trace.num_layers, trace.num_experts) != (shape.num_layers, shape.num_experts):
+            raise ValueError(f"trace {trace.name} has {trace.num_layers} MoE layers x {trace.num_experts} experts, "
+                             f"model shape {shape.name} {shape.num_layers} x {shape.num_experts}")
+        self.trace, self.shape, self.hw, self.cfg = trace, shape, hw, cfg
+        self.price = Pricing(hw, shape, cfg.threads or hw.cpu.cores)
+        self.gpu_budget, self.ram_budget, self.use_gpu = budgets(hw, shape, cfg)
+        self.notes: list[str] = []
+        self.tier = self._strategy()
+        size = shape.expert_bytes
+        self.ram = RamTier(self.ram_budget, make_policy(cfg.cache_policy), lambda k: size, shape.num_layers,
+                           trace.top_k, size)
+        self.clock = Clocks()
+        self.inflight: dict[tuple[int, int], float] = {}  # prefetched key -> when its read lands
+        self.placements: Counter = Counter()
+        self.bytes_read = 0
+
+    def _strategy(self) -> S.Strategy:
+        cfg, price, budget = self.cfg, self.price, self.gpu_budget
+        if not self.use_gpu:
+            if cfg.strategy not in ("tiermoe", "on-demand"):
+                self.notes.append(f"no GPU: {cfg.strategy} runs every expert on the CPU, as tiermoe does")
+            return S.Strategy(price, 0)
+        if cfg.strategy == "fiddler":
+            return S.Fiddler.from_usage(price, budget, self._calibration_usage())
+        if cfg.strategy == "llamacpp":
+            tier = S.LlamaCpp.split(price, budget, cfg.n_cpu_moe)
+            self.notes.append(f"llamacpp: --n-cpu-moe {tier.n_cpu_moe}")
+            return tier
+        if cfg.strategy == "tide":
+            return S.TIDE(price, budget, cfg.tau)
+        cls = {"tiermoe": S.CachedTier, "on-demand": S.OnDemand, "dali": S.DALI, "optimal": S.Optimal}
+        return cls[cfg.strategy](price, budget)
+
+    def _calibration_usage(self) -> Counter:
+        n = max(1, int(self.trace.num_sequences * self.cfg.calibration))
+        ids = self.trace.experts[: self.trace.sequence_bounds()[n - 1][1]]  # [T, L, K]
+        usage = Counter()
+        for layer in range(ids.shape[1]):
+            e, c = np.unique(ids[:, layer][ids[:, layer] >= 0], return_counts=True)
+            usage.update({(layer, int(a)): int(b) for a, b in zip(e, c, strict=True)})
+        return usage
+
+    # --- replay ------------------------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        tokens, seconds = 0, 0.0
+        if self.cfg.preload:
+            usage = self._calibration_usage()
+            keys = [(lay, e) for lay in range(self.shape.num_layers) for e in range(self.shape.num_experts)]
+            keys.sort(key=lambda k: -usage.get(k, 0))  # stable: unused ones in layer order
+            self.ram.cache.admit(keys, 0)
+            self.tier.preload(keys, usage)
+        batches = self._batches()
+        for batch in batches[: self.cfg.warmup]:
+            self.replay(batch)
+        self.ram.counts = type(self.ram.counts)()
+        self.placements.clear()
+        self.bytes_read = 0
+        self.clock.busy.clear()
+        for batch in batches[self.cfg.warmup:]:
+            n, s = self.replay(batch)
+            tokens, seconds = tokens + n, seconds + s
+        c = self.ram.counts
+        return SimResult(self.cfg.strategy, self.hw.name, self.shape.name, self.cfg.phase, self.cfg.batch, tokens,
+                         seconds, tokens / seconds if seconds else 0.0, self.gpu_budget, self.ram_budget, c.hits,
+                         c.misses, c.streamed, c.prefetched, self.bytes_read, dict(self.placements),
+                         dict(self.clock.busy), self.notes)
+
+    def replay(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, float]:
+        """One batch of sequences: their prompts in one pass, then their decode steps; returns the tokens and
+        seconds of the configured phase."""
+        tokens = 0
+        prompts = [rows[0] for rows in batch]
+        start = self.clock_now()
+        if any(len(p) for p in prompts):
+            self.forward(np.concatenate(prompts), context=max(len(p) for p in prompts) // 2,
+                         rows_needing_logits=len(batch))
+        if self.cfg.phase == "prefill":
+            return sum(len(p) for p in prompts), self.clock_now() - start
+        start = self.clock_now()
+        decode = [rows[1] for rows in batch]
+        for j in range(max(len(d) for d in decode)):
+            step = np.array([d[j] for d in decode if j < len(d)])
+            self.forward(step, context=len(prompts[0]) + j, rows_needing_logits=len(step))
+            tokens += len(step)
+        return tokens, self.clock_now() - start
+
+    def clock_now(self) -> float:
+        c = self.clock
+        return max(c.cpu, c.gpu)
+
+    def _batches(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per batch of sequences, each sequence's (prompt rows, decode rows)."""
+        bounds = self.trace.sequence_bounds()[: self.cfg.sequences]
+        has_prefill = bool(self.trace.is_prefill.any())
+        seqs = []
+        for a, b in bounds:
+            rows = np.arange(a, b)
+            if has_prefill:
+                prompt, decode = rows[self.trace.is_prefill[a:b]], rows[~self.trace.is_prefill[a:b]]
+            else:  # a decode-only trace: its first rows stand for the prompt
+                cut = min(self.cfg.prompt_tokens, len(rows) - 1) if self.cfg.phase == "prefill" else 0
+                prompt, decode = rows[:cut], rows[cut:]
+            seqs.append((prompt, decode[: self.cfg.max_tokens]))
+        b = self.cfg.batch
+        return [seqs[i: i + b] for i in range(0, len(seqs), b)]
+
+    def forward(self, rows: np.ndarray, context: int, rows_needing_logits: int) -> None:
+        """One forward pass over trace `rows` (a prompt, or a decode step's rows of the batch)."""
+        ids = self.trace.experts[rows]  # [T, L, K]
+        main = "gpu" if self.use_gpu else "cpu"
+        t = self.clock_now()
+        for layer in range(self.shape.num_layers):
+            t_router = self.clock.run(main, t, self.price.dense_layer(len(rows), context, self.use_gpu))
+            experts, counts = self.order(ids[:, layer])
+            backlog = max(0.0, self.clock.gpu - t_router)
+            where = self.tier.assign(layer, experts, counts, backlog)
+            self.placements.update(where.values())
+            t = self.layer(layer, experts, counts, where, t_router, ids)
+        self.clock.run(main, t, self.price.head(rows_needing_logits, self.use_gpu))
+
+    @staticmethod
+    def order(ids: np.ndarray) -> tuple[list[int], list[int]]:
+        """The order the engine asks the store for a layer's experts: ascending ids for one token, else
+        `fetch_order` (models/moe.py)."""
+        if ids.shape[0] == 1:
+            experts = sorted({int(e) for e in ids[0] if e >= 0})
+            return experts, [1] * len(experts)
+        return fetch_order(ids)
+
+    def layer(self, layer: int, experts: list[int], counts: list[int], where: dict[int, str], t_router: float,
+              ids: np.ndarray) -> float:
+        """Time the layer's experts; returns when the last is done."""
+        tokens = dict(zip(experts, counts, strict=True))
+        ends = [t_router]
+        for e in experts:
+            if where[e] == S.GPU:
+                ends.append(self.clock.run("gpu", t_router, self.price.gpu_expert(tokens[e])))
+        host = [e for e in experts if where[e] != S.GPU]
+        if host:
+            prefetch = self._predicted(layer, ids) if self.cfg.prefetch == "oracle" else None
+            for served in self.ram.fetch(layer, host, prefetch):
+                ends.append(self.serve(served, tokens, where, t_router))
+        for _ in self.tier.swaps():  # background copies of what the GPU tier brought in
+            self.clock.run("link", t_router, self.price.copy(self.shape.expert_bytes))
+        return max(ends)
+
+    def _predicted(self, layer: int, ids: np.ndarray) -> tuple[int, list[int]] | None:
+        if layer + 1 >= self.shape.num_layers:
+            return None
+        nxt = ids[:, layer + 1, 0]
+        return layer + 1, sorted({int(e) for e in nxt if e >= 0})
+
+    def serve(self, served: Served, tokens: dict[int, int], where: dict[int, str], t0: float) -> float:
+        """One RAM-tier turn: resident experts first, reads as they land, streamed reads through the window."""
+        size, last, order = self.shape.expert_bytes, t0, itertools.count()  # order: ties go in request order
+        ready: list[tuple[float, int, tuple]] = []  # (ready time, order, key), a heap
+        for key in served.hits:
+            ready.append((max(t0, self.inflight.pop(key, t0)), next(order), key))
+        for key in served.misses:
+            self.inflight.pop(key, None)
+            ready.append((self._read(t0, size, depth_one=False), next(order), key))
+        heapq.heapify(ready)
+        queue, window = deque(served.streamed), max(self.ram.window, 1)
+        for _ in range(min(window, len(queue))):
+            heapq.heappush(ready, (self._read(t0, size, depth_one=window == 1), next(order), queue.popleft()))
+        for key in served.prefetch:  # issued after the demand reads
+            self.inflight[key] = self._read(t0, size, depth_one=False)
+        streamed = set(served.streamed)
+        while ready:
+            at, _, key = heapq.heappop(ready)
+            done = self._compute(key, tokens[key[1]], where[key[1]], at)
+            last = max(last, done)
+            if key in streamed and queue:  # its room serves the next streamed read
+                heapq.heappush(ready, (self._read(done, size, depth_one=window == 1), next(order), queue.popleft()))
+        return last
+
+    def _read(self, at: float, nbytes: int, depth_one: bool) -> float:
+        self.bytes_read += nbytes
+        return self.clock.run("disk", at, self.price.read(nbytes, depth_one))
+
+    def _compute(self, key, tokens: int, where: str, ready: float) -> float:
+        p = self.price
+        if where == S.CPU:
+            return self.clock.run("cpu", ready, p.cpu_expert(tokens))
+        copied = self.clock.run("link", ready, p.copy(self.shape.expert_bytes))
+        return self.clock.run("gpu", copied, p.gpu_expert(tokens))
+
+
+def simulate(trace: Trace, shape: ModelShape, hw: Hardware, cfg: SimConfig) -> SimResult:
+    """Runs one configuration; see `MachineSim`."""
+    return MachineSim(trace, shape, hw, cfg).run()
