@@ -188,3 +188,16 @@ def test_batch_invariant_mode_gives_each_row_its_bits_alone(monkeypatch):
     for i in range(37):
         assert torch.equal(many[i], kernels.linear(x[i:i + 1], w)[0])
         assert torch.equal(fused[i], kernels.swiglu(x[i:i + 1], gate_up, down, scale[i:i + 1])[0])
+
+
+@compiled_only
+def test_a_build_killed_earlier_does_not_block_the_next_load():
+    """torch leaves its `lock` file behind when a build is interrupted (Ctrl-C); the next run must not wait on it."""
+    from tiermoe.kernels.build import staged_source
+
+    folder, _ = staged_source()
+    (folder / "lock").write_text("")
+    done = subprocess.run([sys.executable, "-c", "from tiermoe import kernels; print(kernels.backend())"], cwd=REPO,
+                          env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split()[-1] == kernels.backend(), done.stderr
+    assert not (folder / "lock").exists()

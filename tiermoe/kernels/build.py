@@ -66,6 +66,18 @@ def quiet_torch_build():
         torch_log.setLevel(level)
 
 
+@contextmanager
+def build_lock(folder: Path):
+    """Serialise builds with a lock the kernel drops when its holder dies, and clear torch's own `lock` file while
+    holding it: torch leaves that file behind when a build is killed (Ctrl-C), and then waits for it forever."""
+    import fcntl
+
+    with open(folder / "tiermoe.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)  # no live build holds it: we hold the only way in
+        yield
+
+
 def with_venv_tools_on_path() -> None:
     """The `ninja` wheel puts its binary next to this interpreter, which is not on PATH unless the venv is active."""
     bin_dir = str(Path(sys.executable).parent)
@@ -91,7 +103,7 @@ def compile_kernels() -> ModuleType | None:
                   flush=True)
         # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded.
         # -ffp-contract=off: a*b + c stays two roundings, as in torch's elementwise ops.
-        with quiet_torch_build():
+        with quiet_torch_build(), build_lock(folder):
             module = load(name="tiermoe_gemv", sources=[str(source)],
                           extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                           build_directory=str(folder), verbose=False)
