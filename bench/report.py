@@ -43,7 +43,8 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def write(out_dir: Path, name: str, result: dict, table: str) -> None:
     """Write NAME.json and NAME.md into out_dir and echo the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    # paths under the user's home are written as ~/...: a result file names no machine's folders
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2).replace(str(Path.home()), "~"))
     m = result["machine"]
     header = f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, torch {m['torch']}, " \
              f"{m['torch_threads']} threads, GPU: {m['gpu']}.\n\n"
