@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from tiermoe import LLM, SamplingParams, __version__
-from tiermoe.cli import EXAMPLES, build_parser
+from tiermoe.cli import build_parser
+from tiermoe.cli_help import EXAMPLES
 from tiermoe.models.registry import DEFAULT_MODEL
 from tiermoe.sim.trace import Trace
 
