@@ -210,8 +210,13 @@ def plot_quality(result: dict, path: Path) -> None:
         a.plot([top_k(r) for r in step], [r["argmax_agreement"] for r in step], marker="x", linestyle="--",
                color=line.get_color(), label=f"prefix {P}, one step")
         b.plot([top_k(r) for r in step], [r["loss_delta"] for r in step], marker="o", label=f"prefix {P}")
-    a.set(xscale="log", xlabel="top_k", ylabel="tokens equal to dense's", title="agreement, shipped model")
-    b.set(xscale="log", xlabel="top_k", ylabel="masked-token loss - dense (nats)", title="loss, held-out text")
+    a.set(xlabel="top_k", ylabel="tokens equal to dense's", title="agreement, shipped model")
+    b.set(xlabel="top_k", ylabel="masked-token loss - dense (nats)", title="loss, held-out text")
+    ticks = sorted({top_k(r) for r in result["agreement"]})
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
     a.legend(fontsize=7)
     b.legend()
     fig.tight_layout()
