@@ -50,7 +50,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 io_threads=args.io_threads, direct_io=args.direct_io, prefetch=args.prefetch,
                 memory_limit=args.memory_limit, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
-                prefetch_top_p=args.prefetch_top_p, device=args.device, gpu_expert_cache=args.gpu_expert_cache)
+                prefetch_top_p=args.prefetch_top_p, device=args.device, gpu_expert_cache=args.gpu_expert_cache,
+                sparse_attention=args.sparse_attention)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

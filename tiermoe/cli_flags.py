@@ -14,6 +14,15 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
+def _sparse_attention(text: str):
+    from tiermoe.errors import ConfigError
+    from tiermoe.models.sparse_spec import SparseAttention
+
+    try:
+        return SparseAttention.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags every command that loads a model shares."""
@@ -51,6 +60,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="experts predicted per token for prefetch, at most the model's top_k")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--gpu-expert-cache", default=None, help="accelerator budget for experts, e.g. 4GiB or 10%%")
+    p.add_argument("--sparse-attention", type=_sparse_attention, default=None, metavar="top_k=N",
+                   help="block-diffusion models (llada2_moe): a block's light denoising steps attend, per KV head, "
+                        "only to the N prefix positions its first step attended to most (dLLM-Serve; approximate, "
+                        "faster at long prompts) (default: dense attention)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

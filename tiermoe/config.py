@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from tiermoe.errors import ConfigError
+from tiermoe.models.sparse_spec import SparseAttention
 from tiermoe.offload.placement.refresh import check_tau
 from tiermoe.offload.tiers.budget import parse_budget
 
@@ -55,6 +56,10 @@ class EngineConfig:
     # Every row of a step computed as it would be alone (batch-invariant products and attention), so batching,
     # chunked prefill and preemption never change a request's tokens. False: torch's GEMM for large products.
     batch_invariant: bool = True
+    # Block-diffusion models (llada2_moe): head-centric sparse attention (dLLM-Serve), "top_k=N": a block's light
+    # denoising steps attend, per KV head, to the N prefix positions its first step attended to most. Approximate.
+    # None: dense attention.
+    sparse_attention: str | SparseAttention | None = None
 
     def __post_init__(self):
         self.model = Path(self.model)
@@ -92,6 +97,8 @@ class EngineConfig:
         if self.learned_weights is not None:
             self._check_learned_weights()
         self._check_offload_options()
+        if self.sparse_attention is not None:
+            self.sparse_attention = SparseAttention.parse(self.sparse_attention)
 
     @property
     def has_budget(self) -> bool:

@@ -50,6 +50,8 @@ from tiermoe.decode.remasking import (
 from tiermoe.engine.request import Request
 from tiermoe.models.diffusion import DiffusionModel
 from tiermoe.models.layers import ForwardBatch, SeqSlice
+from tiermoe.models.sparse_attention import SparseKV
+from tiermoe.models.sparse_spec import SparseAttention
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.placement.refresh import RefreshSchedule, Tau
 from tiermoe.offload.tiers.store import ExpertStore
@@ -62,6 +64,7 @@ class DiffusionOptions:
     kv_cache: bool = True  # LLaDA2: reuse finished blocks' K/V; False recomputes all every step (the reference)
     logit_rows: int | None = None  # rows per lm_head call; None: as many as LOGIT_BUDGET bytes of logits allow
     tau: Tau | None = None  # TIDE refresh interval (steps, or "auto"); None: no refresh/reuse hook
+    sparse: SparseAttention | None = None  # LLaDA2: light steps attend to each KV head's top-k prefix positions
 
 
 @dataclass(slots=True)
@@ -249,6 +252,7 @@ class Denoising:
                                  DiffusionStats(), _schedule(options.tau, store))
         self.steps = (decode_blocks(self.denoiser, options) if diffusion.schedule == "blocks"
                       else decode_full(self.denoiser))
+        self.sparse = SparseKV(options.sparse.top_k) if options.sparse is not None else None
         self.pending: Forward | None = None
         self.done = False
         self.started: float | None = None
@@ -285,7 +289,7 @@ def forward(model: CausalLM, jobs: list[Denoising]) -> list[torch.Tensor]:
     works = [job.pending for job in jobs]
     slices, row = [], 0
     for job, w in zip(jobs, works, strict=True):
-        slices.append(SeqSlice(job.denoiser.cache, row, w.ids.shape[0], w.start))
+        slices.append(SeqSlice(job.denoiser.cache, row, w.ids.shape[0], w.start, job.sparse))
         row += w.ids.shape[0]
     positions = torch.cat([torch.arange(w.start, w.start + w.ids.shape[0]) for w in works])
     with torch.inference_mode():

@@ -33,6 +33,7 @@ from tiermoe.engine.setup import eos_token_ids, refuse_offloading
 from tiermoe.errors import ConfigError, ExpertIOError, RequestError, RequestFailed
 from tiermoe.models.diffusion import diffusion_of
 from tiermoe.models.loader import DiskEmbedding, checkpoint_bytes, load_model
+from tiermoe.models.sparse_spec import check_model
 from tiermoe.offload.prefetch import make_prefetcher
 from tiermoe.offload.stores import cap_read_buffers, make_store
 from tiermoe.offload.tiers.budget import format_bytes, parse_budget
@@ -83,6 +84,8 @@ class LLMEngine:
             self.eos_ids = self.diffusion.eos_ids
         if cfg.tau is not None and self.diffusion is None:
             raise ConfigError("tau (TIDE's refresh interval) applies to diffusion models only")
+        if cfg.sparse_attention is not None:
+            check_model(self.hf_config["model_type"], self.diffusion and self.diffusion.schedule)
         # None: no cap (a step computes every scheduled token), or the memory plan's activation reservation
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or (self.memory and self.memory.batched_tokens)
         self.kv = self._kv_cache()
@@ -242,7 +245,7 @@ class LLMEngine:
         return self.tokenizer
 
     def _diffusion_options(self) -> diffusion.DiffusionOptions:
-        return diffusion.DiffusionOptions(tau=self.config.tau)
+        return diffusion.DiffusionOptions(tau=self.config.tau, sparse=self.config.sparse_attention)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request (all its completions) and free what it holds; unknown or finished ids are ignored."""

@@ -73,5 +73,8 @@ def attend_batch(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     for s in batch.seqs:
         rows = slice(s.start, s.start + s.length)
         keys, values = s.cache.update(layer, s.past, k[rows], v[rows])
-        out[rows] = attend(q[rows], keys, values, s.past, scale, batch.attn_block, window)
+        if s.sparse is not None:  # opt-in head-centric sparse attention (block diffusion)
+            out[rows] = s.sparse.attend(layer, q[rows], keys, values, s.past, scale, batch.attn_block)
+        else:
+            out[rows] = attend(q[rows], keys, values, s.past, scale, batch.attn_block, window)
     return out

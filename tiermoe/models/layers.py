@@ -128,6 +128,7 @@ class SeqSlice:
     start: int  # first row in the [T, ...] tensors
     length: int  # rows of this sequence in this pass
     past: int  # tokens already in the cache before this pass
+    sparse: object | None = None  # SparseKV (tiermoe.models.sparse_attention): this sequence's kept prefix K/V
 
 
 @dataclass(slots=True)
