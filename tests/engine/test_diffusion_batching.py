@@ -11,12 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tiermoe import LLM
 from tiermoe.config import EngineConfig
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import DiffusionOptions
 from tiermoe.engine import LLMEngine
 from tiermoe.engine.kv_cache_manager import KVCacheManager
 from tiermoe.engine.scheduler import DIFFUSION_POLICIES, DiffusionScheduler
+from tiermoe.errors import ConfigError
 from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
 from tiermoe.sampling_params import SamplingParams
 
@@ -134,3 +136,20 @@ def test_steps_of_concurrent_requests_share_forwards(engines, monkeypatch):
         got.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
     assert [got[f"r{i}"] for i in range(4)] == expected
     assert max(sizes) == 4 and engine.stats()["generation_tokens"] >= 4 * 16
+
+
+def test_the_scheduler_is_chosen_by_name_and_unknown_names_are_refused():
+    prompts = ["ROMEO:", "JULIET: O", "KING"]
+    p = params(8, 4, 16)
+    outputs = {}
+    for name in DIFFUSION_POLICIES:
+        llm = LLM(DEFAULT_DIFFUSION_MODEL, scheduler=name, max_num_batched_tokens=32)
+        assert llm.engine.diffusion_scheduler.policy is DIFFUSION_POLICIES[name]
+        outputs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    assert outputs["fcfs"] == outputs["phase"] == outputs["fcfs-request"]
+    default = LLM(DEFAULT_DIFFUSION_MODEL).engine.diffusion_scheduler
+    assert default.policy is DIFFUSION_POLICIES["phase"] and default.max_num_seqs == 256
+    with_tau = LLM(DEFAULT_DIFFUSION_MODEL, expert_cache="50%", tau=2).engine.diffusion_scheduler
+    assert with_tau.policy is DIFFUSION_POLICIES["fcfs-request"] and with_tau.max_num_seqs == 1
+    with pytest.raises(ConfigError, match="scheduler must be one of fcfs-request, fcfs, phase; got 'PHASE'"):
+        LLM(DEFAULT_DIFFUSION_MODEL, scheduler="PHASE")
