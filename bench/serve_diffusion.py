@@ -4,8 +4,8 @@ request at once, then Poisson arrivals at --load times what fcfs-request sustain
 serve`; and in the same run the autoregressive model's continuous batching against one request at a time
 (bench/serve_batching).
 
-    python -m bench.serve_diffusion [--out bench/results] [--runs 3] [--num-prompts 16] [--output-len 32]
-                                    [--max-num-batched-tokens 256] [--workdir runs/bench_serve]
+    python -m bench.serve_diffusion [--out bench/results] [--runs 3] [--num-prompts 16] [--input-len 160]
+                                    [--output-len 32] [--max-num-batched-tokens 256] [--workdir runs/bench_serve]
 
 Servers run one torch thread each, experts resident, the engine's default sampling for diffusion (block 32, 32
 steps, threshold 0.95, greedy); runs alternate between them and each figure is the median over --runs. Target
@@ -33,6 +33,9 @@ from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
 # tokenizer's vocabulary, so that the server takes text prompts.
 SCALE = Scale(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, moe_intermediate=64, intermediate=640,
               vocab=4096)
+# Prompts of ~5 blocks: a request's first step (prompt and first block) is heavy against its light steps (one block),
+# as dLLM-Serve's prompts are; with 32-token prompts the two phases cost about the same.
+INPUT_LEN = 160
 TARGET = {"throughput": 1.8, "e2e_p99": 4.0}  # phase against fcfs-request under the burst
 
 
@@ -57,7 +60,7 @@ def measure_model(folder: Path, args: argparse.Namespace, logs: Path) -> dict:
     settings = {name: ["--scheduler", name, "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
                 for name in DIFFUSION_POLICIES}
     servers = serve_batching.start_servers(folder, settings, logs)
-    bench = {"num_prompts": args.num_prompts, "output_len": args.output_len}
+    bench = {"num_prompts": args.num_prompts, "output_len": args.output_len, "input_len": args.input_len}
     try:
         figures = serve_batching.compare(servers, {"burst": math.inf}, args.runs, **bench)
         rate = round(args.load * figures["burst"]["fcfs-request"]["request_throughput"], 2)
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench_serve"))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=INPUT_LEN,
+                        help="mean prompt tokens, spread +-50%% (results of another length get the suffix "
+                             "_promptN)")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=256,
                         help="the engines' token budget per step (the contention the policies share)")
@@ -124,15 +130,17 @@ def main(argv: list[str] | None = None) -> int:
                            [[model, *row] for model, by in figures.items() for row in serve_batching.rows(by)])
     table += "\n\n" + "\n".join(verdict(model, by) for model, by in figures.items())
     result = {"machine": machine(), "models": {"random LLaDA2.0-mini-shaped": str(SCALE)}, "runs": args.runs,
-              "num_prompts": args.num_prompts, "output_len": args.output_len, "load": args.load,
-              "max_num_batched_tokens": args.max_num_batched_tokens, "target": TARGET, "figures": figures}
+              "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+              "load": args.load, "max_num_batched_tokens": args.max_num_batched_tokens, "target": TARGET,
+              "figures": figures}
     if not args.skip_ar:
         ar = serve_batching.measure(args.runs, 32, 32, args.ar_rate)
         result["autoregressive"] = ar
         table += "\n\nAutoregressive (shakespeare-moe, 32 prompts of 32 tokens; bench/serve_batching):\n\n"
         table += markdown_table(serve_batching.HEADERS, serve_batching.rows(ar))
-    write(args.out, "serve_diffusion", result, table)
-    plot(figures, args.out / "serve_diffusion.png")
+    name = "serve_diffusion" + ("" if args.input_len == INPUT_LEN else f"_prompt{args.input_len}")
+    write(args.out, name, result, table)
+    plot(figures, args.out / f"{name}.png")
     return 0
 
 
