@@ -155,7 +155,7 @@ class DiffusionScheduler:
     `max_num_batched_tokens`."""
 
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int | None,
-                 policy: str = "fcfs"):
+                 policy: str = DEFAULT_DIFFUSION_POLICY):
         self.policy = DIFFUSION_POLICIES[policy]
         self.kv, self.max_num_batched_tokens = kv, max_num_batched_tokens
         self.max_num_seqs = 1 if self.policy.one_at_a_time else max_num_seqs
