@@ -134,3 +134,18 @@ def test_max_tokens_capped_by_the_context_is_said(ignored):
     assert len(out["token_ids"]) == room and out["finish_reason"] == "length"
     assert (f"tiermoe: warning: --max-tokens 1000000000 does not fit the context: at most {room} tokens will be "
             "generated") in run.stderr
+
+
+def test_unknown_scheduler_is_refused_naming_the_valid_ones():
+    assert_one_line_error(tiermoe("serve", "--diffusion", "--scheduler", "sjf", "--port", "1"),
+                          "scheduler must be one of fcfs-request, fcfs, phase; got 'sjf'")
+
+
+def test_scheduler_on_an_autoregressive_model_is_refused():
+    assert_one_line_error(tiermoe("generate", "--scheduler", "phase", "x"),
+                          "scheduler 'phase' applies to diffusion models only: qwen3_moe is autoregressive")
+
+
+def test_a_batching_scheduler_with_tau_is_refused():
+    assert_one_line_error(tiermoe("generate", "--diffusion", "--expert-cache", "50%", "--tau", "2", "--scheduler",
+                                  "fcfs", "x"), "scheduler 'fcfs' cannot run with tau")

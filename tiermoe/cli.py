@@ -49,7 +49,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 expert_cache=args.expert_cache, cache_policy=args.cache_policy, learned_weights=args.learned_weights,
                 io_threads=args.io_threads, direct_io=args.direct_io, prefetch=args.prefetch,
                 memory_limit=args.memory_limit, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+                max_num_seqs=args.max_num_seqs, scheduler=args.scheduler, kv_cache_memory=args.kv_cache_memory,
                 prefetch_top_p=args.prefetch_top_p, device=args.device, gpu_expert_cache=args.gpu_expert_cache,
                 sparse_attention=args.sparse_attention)
 

@@ -46,6 +46,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tokens one engine step may compute over all requests; longer prompts are prefilled in "
                         "chunks (default: no cap, or 512 under a memory limit)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once (default: 256)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help="diffusion models: how requests share engine steps: fcfs-request (one request denoised to "
+                        "the end at a time), fcfs (batched, phase-blind) or phase (dLLM-Serve's phase-multiplexed: "
+                        "heavy and light denoising steps of different requests mixed under "
+                        "--max-num-batched-tokens) (default: phase, fcfs-request with --tau)")
     p.add_argument("--kv-cache-memory", default=None,
                    help="bytes of the paged KV cache shared by running requests, e.g. 1GiB (default: what a memory "
                         "limit reserves, else 1 GiB)")

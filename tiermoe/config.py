@@ -49,6 +49,10 @@ class EngineConfig:
     # or min(512, max_model_len) under a memory limit, which reserves their activations.
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256  # requests running at once; more wait their turn
+    # Diffusion models: how requests share engine steps (tiermoe.engine.scheduler.DIFFUSION_POLICIES):
+    # "fcfs-request" (one at a time), "fcfs" (batched, phase-blind) or "phase" (dLLM-Serve's phase-multiplexed).
+    # None: "phase", or "fcfs-request" with tau. Autoregressive models batch continuously and refuse it.
+    scheduler: str | None = None
     # Bytes of the paged KV cache shared by the running requests ("1GiB", bytes); a request that needs a block
     # when none is free preempts the latest one. None: what a memory limit reserves, else 1 GiB (at least one
     # max_model_len context).
@@ -93,6 +97,7 @@ class EngineConfig:
         if self.io_threads is not None and self.io_threads < 1:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
         self._check_tau()
+        self._check_scheduler()
         self._check_static()
         if self.learned_weights is not None:
             self._check_learned_weights()
@@ -140,6 +145,15 @@ class EngineConfig:
         if self.tau is not None and not self.has_budget:
             raise ConfigError("tau (TIDE's refresh interval) needs an expert budget: expert_cache, memory_limit or "
                               "gpu_expert_cache")
+
+    def _check_scheduler(self) -> None:
+        from tiermoe.engine.scheduler import DIFFUSION_POLICIES
+
+        if self.scheduler is not None and self.scheduler not in DIFFUSION_POLICIES:
+            raise ConfigError(f"scheduler must be one of {', '.join(DIFFUSION_POLICIES)}; got {self.scheduler!r}")
+        if self.tau is not None and self.scheduler not in (None, "fcfs-request"):
+            raise ConfigError(f"scheduler {self.scheduler!r} cannot run with tau: TIDE's refresh rhythm follows one "
+                              "request's steps, so diffusion requests run one at a time (scheduler 'fcfs-request')")
 
     def _check_offload_options(self) -> None:
         """Placement options that would do nothing in the chosen setting are refused rather than ignored."""

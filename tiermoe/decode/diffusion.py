@@ -119,6 +119,18 @@ class Forward:
     start: int  # position of ids[0]; the cache holds [0, start) already
     attn_block: int | None  # ForwardBatch.attn_block: the block length (LLaDA2) or None (LLaDA, bidirectional)
 
+    @property
+    def cost(self) -> int:
+        """Token rows the forward computes: what the step takes of an engine step's max_num_batched_tokens."""
+        return self.ids.shape[0]
+
+    @property
+    def heavy(self) -> bool:
+        """dLLM-Serve's phases: a heavy step (a block's first step, which computes K/V before the block -- the
+        prompt, the previous block --, or LLaDA's full recomputation: cost ~ sequence length) or a light one (reuses
+        the cached K/V and computes the block only: cost ~ block length)."""
+        return self.attn_block is None or self.cost > self.attn_block
+
 
 @dataclass(slots=True)
 class Denoiser:

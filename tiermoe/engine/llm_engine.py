@@ -7,9 +7,9 @@
             ...
 
 Autoregressive models run through the Scheduler (continuous batching, chunked prefill, preemption) and the
-ModelRunner over a paged KV cache (KVCacheManager). Diffusion models advance every running request by one block per
-step (tiermoe.decode.diffusion). A request that fails alone (an I/O error on its expert reads) ends with an error;
-the others go on.
+ModelRunner over a paged KV cache (KVCacheManager). Diffusion models run, per step, the denoising steps the
+DiffusionScheduler's policy picks (at most one per request) in one forward (tiermoe.decode.diffusion). A request
+that fails alone (an I/O error on its expert reads) ends with an error; the others go on.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tiermoe.decode.kv_cache import KVCache
 from tiermoe.engine.kv_cache_manager import BLOCK_SIZE, KVCacheManager
 from tiermoe.engine.model_runner import ModelRunner
 from tiermoe.engine.request import Request, RequestStatus, request_outputs
-from tiermoe.engine.scheduler import DiffusionScheduler, Scheduler
+from tiermoe.engine.scheduler import DEFAULT_DIFFUSION_POLICY, DiffusionScheduler, Scheduler
 from tiermoe.engine.setup import eos_token_ids, refuse_offloading
 from tiermoe.errors import ConfigError, ExpertIOError, RequestError, RequestFailed
 from tiermoe.models.diffusion import diffusion_of
@@ -86,13 +86,17 @@ class LLMEngine:
             raise ConfigError("tau (TIDE's refresh interval) applies to diffusion models only")
         if cfg.sparse_attention is not None:
             check_model(self.hf_config["model_type"], self.diffusion and self.diffusion.schedule)
+        if cfg.scheduler is not None and self.diffusion is None:
+            raise ConfigError(f"scheduler {cfg.scheduler!r} applies to diffusion models only: "
+                              f"{self.hf_config['model_type']} is autoregressive, its requests are batched "
+                              "continuously (max_num_seqs, max_num_batched_tokens)")
         # None: no cap (a step computes every scheduled token), or the memory plan's activation reservation
         self.max_num_batched_tokens = cfg.max_num_batched_tokens or (self.memory and self.memory.batched_tokens)
         self.kv = self._kv_cache()
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens)
         # TIDE's refresh rhythm follows one request's steps: with tau, diffusion requests run one at a time
-        seats = 1 if cfg.tau is not None else cfg.max_num_seqs
-        self.diffusion_scheduler = DiffusionScheduler(self.kv, seats, self.max_num_batched_tokens)
+        policy = cfg.scheduler or ("fcfs-request" if cfg.tau is not None else DEFAULT_DIFFUSION_POLICY)
+        self.diffusion_scheduler = DiffusionScheduler(self.kv, cfg.max_num_seqs, self.max_num_batched_tokens, policy)
         self.runner = ModelRunner(self.model, self.tokenizer)
         self.requests: dict[str, list[Request]] = {}  # request id -> its completions (n of them)
         self.jobs: dict[str, diffusion.Denoising] = {}  # diffusion: each request's decoder

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tiermoe.engine.kv_cache_manager import KVCacheManager
@@ -101,13 +102,63 @@ class Scheduler:
         bisect.insort(queue, req, key=lambda r: self._order[r.request_id])
 
 
+def in_order(jobs: list, budget: float) -> list:
+    """fcfs: the running requests' steps in admission order while their rows fit the budget (at least one); a step
+    that does not fit stops the others behind it, whatever its phase."""
+    chosen = []
+    for job in jobs:
+        if chosen and _cost(job) > budget:
+            break
+        chosen.append(job)
+        budget -= _cost(job)
+    return chosen
+
+
+def by_phase(jobs: list, budget: float) -> list:
+    """phase (dLLM-Serve, arXiv 2512.17077): the oldest heavy step, then every light step, then the other heavy
+    steps, each taken when its rows fit what is left of the budget (at least one step): heavy steps run beside the
+    light ones instead of holding them back, and one that does not fit waits without stopping the others."""
+    heavy = [job for job in jobs if job.pending is not None and job.pending.heavy]
+    light = [job for job in jobs if job.pending is None or not job.pending.heavy]
+    chosen = []
+    for job in heavy[:1] + light + heavy[1:]:
+        if not chosen or _cost(job) <= budget:
+            chosen.append(job)
+            budget -= _cost(job)
+    return chosen
+
+
+def _cost(job) -> int:
+    return job.pending.cost if job.pending is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class DiffusionPolicy:
+    """How the diffusion scheduler shares engine steps between requests."""
+
+    pick: Callable[[list, float], list]  # (running jobs by admission, token budget) -> the jobs whose step runs
+    one_at_a_time: bool = False  # a single seat: each request is denoised to the end before the next starts
+
+
+DIFFUSION_POLICIES = {
+    "fcfs-request": DiffusionPolicy(in_order, one_at_a_time=True),  # what the public dLLM decoders do
+    "fcfs": DiffusionPolicy(in_order),  # batched, phase-blind
+    "phase": DiffusionPolicy(by_phase),  # batched, phase-multiplexed
+}
+DEFAULT_DIFFUSION_POLICY = "phase"  # EngineConfig.scheduler's default (bench/serve_diffusion.py)
+
+
 class DiffusionScheduler:
     """Diffusion requests (tiermoe.decode.diffusion.Denoising): admitted in arrival order while there is a seat and
-    KV blocks for the whole canvas (a request never grows past it, so none is preempted); each step takes the
-    running requests' next denoising steps in order while their rows fit `max_num_batched_tokens` (at least one)."""
+    KV blocks for the whole canvas (a request never grows past it, so none is preempted); each step runs the
+    pending denoising steps the policy (DIFFUSION_POLICIES) picks among the running requests, their rows within
+    `max_num_batched_tokens`."""
 
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int | None):
-        self.kv, self.max_num_seqs, self.max_num_batched_tokens = kv, max_num_seqs, max_num_batched_tokens
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int | None,
+                 policy: str = DEFAULT_DIFFUSION_POLICY):
+        self.policy = DIFFUSION_POLICIES[policy]
+        self.kv, self.max_num_batched_tokens = kv, max_num_batched_tokens
+        self.max_num_seqs = 1 if self.policy.one_at_a_time else max_num_seqs
         self.waiting: list = []  # Denoising jobs
         self.running: list = []
 
@@ -126,14 +177,7 @@ class DiffusionScheduler:
             job.denoiser.cache = self.kv.view(job.req.request_id)
             self.running.append(job)
             job.start()
-        budget, chosen = self.max_num_batched_tokens or float("inf"), []
-        for job in self.running:
-            rows = job.pending.ids.shape[0] if job.pending is not None else 0
-            if chosen and rows > budget:
-                break
-            chosen.append(job)
-            budget -= rows
-        return chosen
+        return self.policy.pick(self.running, self.max_num_batched_tokens or float("inf"))
 
     def finish(self, job, status: RequestStatus) -> None:
         for queue in (self.running, self.waiting):

@@ -17,9 +17,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="without --model: serve the built-in diffusion model (llada2_moe) instead")
     p.add_argument("--tau", type=lambda t: t if t == "auto" else int(t), default=None,
                    help="diffusion models with an expert budget: TIDE's refresh interval, or 'auto'")
-    p.add_argument("--scheduler", default=None, choices=["fcfs-request", "fcfs", "phase"],
-                   help="diffusion models: fcfs-request (one request at a time), fcfs (batched, phase-blind) or "
-                        "phase (dLLM-Serve's phase-multiplexed); refused until the engine implements them")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests admitted beyond --max-num-seqs to wait for a slot; more are refused with 503 "
                         "(default: %(default)s)")

@@ -18,21 +18,14 @@ import uvicorn
 from tiermoe.cli import engine_kwargs, model_path
 from tiermoe.config import EngineConfig
 from tiermoe.engine.async_engine import AsyncLLMEngine
-from tiermoe.errors import ConfigError
 from tiermoe.server.app import build_app
 from tiermoe.server.protocol import MAX_HEADER_BYTES
 from tiermoe.server.state import ServerState
 
-ENGINE_FLAGS = ("scheduler",)  # flags of `serve` that are EngineConfig fields once the engine has them
-
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM / Ctrl-C; the exit code."""
-    extra = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
-    unknown = [f"--{n.replace('_', '-')}" for n in extra if n not in EngineConfig.__dataclass_fields__]
-    if unknown:
-        raise ConfigError(f"{', '.join(unknown)}: not supported by this engine build")
-    config = EngineConfig(model=model_path(args), **engine_kwargs(args), tau=args.tau, **extra)  # checked now
+    config = EngineConfig(model=model_path(args), **engine_kwargs(args), tau=args.tau)  # checked now
     name = args.served_model_name or args.model or config.model.name
     state = ServerState(name, max_queued=config.max_num_seqs + args.max_waiting)
     exit_code = 0
