@@ -78,6 +78,10 @@ def test_a_full_waiting_queue_answers_503(small_server):
     busy = next(r for r in responses if r.status_code == 503)
     assert "busy" in busy.json()["error"]["message"] and busy.headers["retry-after"] == "1"
     assert all(r.json()["usage"]["completion_tokens"] == 400 for r in responses if r.status_code == 200)
+    # admission counts sequences (prompts x n): a request for more than the server ever admits is refused outright
+    too_many = small_server.post("/v1/completions", json=LONG | {"n": 2, "prompt": ["ROMEO:", "JULIET:"],
+                                                                 "temperature": 1})
+    assert too_many.status_code == 400 and "4 sequences" in too_many.json()["error"]["message"], too_many.text
 
 
 def generated(server) -> float:

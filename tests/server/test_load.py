@@ -28,7 +28,7 @@ SLACK = 64 * 2**20  # allocator and interpreter slack in the RSS ceiling
 
 @dataclass(frozen=True)
 class Spec:
-    """One request a client may send, and what LLM.generate gives it alone."""
+    """One request a client may send (greedy)."""
 
     chat: bool
     prompt: str  # a completion's prompt, or the user message of a chat

@@ -42,13 +42,15 @@ BAD_COMPLETIONS = {
     "lone surrogate in the model name": b'{"prompt": "ROMEO:", "model": "\\udc00"}',
     "lone surrogate in a stop string": b'{"prompt": "ROMEO:", "stop": ["\\ud83d"]}',
     "repetition_penalty near 0": {"prompt": "ROMEO:", "repetition_penalty": 1e-300},
+    "more sequences than the server admits": {"prompt": ["ROMEO:"] * 64, "n": 16, "temperature": 1},
 }
 NAMED = {"unsupported field": "logit_bias", "diffusion field on an autoregressive model": "steps",
          "huge n": "n", "max_tokens beyond the context": "max_tokens", "prompt longer than the context": "context",
          "lone surrogate in the prompt": "prompt holds a lone UTF-16 surrogate",
          "lone surrogate in the model name": "model holds a lone UTF-16 surrogate",
          "lone surrogate in a stop string": "stop.0 holds a lone UTF-16 surrogate",
-         "repetition_penalty near 0": "repetition_penalty"}
+         "repetition_penalty near 0": "repetition_penalty",
+         "more sequences than the server admits": "1024 sequences"}
 
 
 @pytest.mark.parametrize("case", BAD_COMPLETIONS)

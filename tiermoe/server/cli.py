@@ -21,7 +21,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="diffusion models: fcfs-request (one request at a time), fcfs (batched, phase-blind) or "
                         "phase (dLLM-Serve's phase-multiplexed); refused until the engine implements them")
     p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests admitted beyond --max-num-seqs to wait for a slot; more are refused with 503 "
+                   help="sequences (prompts x n of each request) admitted beyond --max-num-seqs to wait for a slot; "
+                        "more are refused with 503 "
                         "(default: %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=60,
                    help="seconds running requests get to finish after SIGTERM before they are ended (default: "
