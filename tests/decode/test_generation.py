@@ -31,6 +31,8 @@ def test_top_k_1_and_tiny_top_p_are_greedy(llm):
     greedy = ids(llm, SamplingParams(temperature=0, max_tokens=16))
     assert ids(llm, SamplingParams(temperature=2.0, top_k=1, seed=1, max_tokens=16)) == greedy
     assert ids(llm, SamplingParams(temperature=2.0, top_p=1e-6, seed=1, max_tokens=16)) == greedy
+    # a top_p that rounds to 0 in fp32 (cumulative masses are fp32) still keeps the most likely token
+    assert ids(llm, SamplingParams(temperature=2.0, top_p=1e-300, seed=1, max_tokens=16)) == greedy
 
 
 def test_stop_token_ids_end_the_request_and_are_kept(llm):

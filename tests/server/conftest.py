@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +74,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(folder: Path, log: Path, *flags: str) -> Server:
-    """Run `tiermoe serve` on `folder` and wait until /health answers 200."""
+def start_server(folder: Path, log: Path, *flags: str,
+                 on_loading: Callable[[Server], None] | None = None) -> Server:
+    """Run `tiermoe serve` on `folder` and wait until /health answers 200; `on_loading` is called after each
+    answer before that."""
     port = free_port()
     cmd = [sys.executable, "-m", "tiermoe.cli", "serve", "--model", str(folder), "--port", str(port),
            "--served-model-name", folder.name, "--api-key", API_KEY, "--threads", "1", *flags]
@@ -89,6 +92,8 @@ def start_server(folder: Path, log: Path, *flags: str) -> Server:
             if health.status_code == 200:
                 return server
             server.loading.append((health.status_code, health.json()))
+            if on_loading is not None:
+                on_loading(server)
         except httpx.TransportError:
             pass
         time.sleep(0.05)

@@ -9,31 +9,52 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import httpx2 as httpx
 import pytest
 
 from tests.server.conftest import API_KEY, free_port, start_server
+from tiermoe.kernels import compiled
+from tiermoe.kernels.build import build_lock, staged_source
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LONG = {"prompt": "ROMEO:", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
 
+LOADING_POLLS = 3  # /health answers seen while the server cannot finish loading
+
+
 @pytest.fixture(scope="module")
 def small_server(model_copy, tmp_path_factory):
     """Two requests decoded at a time and none waiting; a context long enough for a stream to outlast SIGTERM's
-    grace period of 3 s."""
-    srv = start_server(model_copy, tmp_path_factory.mktemp("logs") / "small.log", "--max-num-seqs", "2",
-                       "--max-waiting", "0", "--max-model-len", "4096", "--shutdown-timeout", "3")
+    grace period of 3 s. It starts while this process holds the decode kernels' build lock, as another tiermoe
+    process building them would: the server cannot finish loading until /health has answered LOADING_POLLS times."""
+    if compiled() is None:
+        pytest.skip("no compiled kernels here (TIERMOE_KERNELS=off or no compiler): loading takes no build lock")
+    with ExitStack() as held:
+        held.enter_context(build_lock(staged_source()[0]))
+
+        def release_after_polls(server) -> None:
+            if len(server.loading) == 1:  # the API refuses requests meanwhile, saying when to retry
+                refused = server.post("/v1/completions", json={"prompt": "ROMEO:"})
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            if len(server.loading) >= LOADING_POLLS:
+                held.close()
+
+        srv = start_server(model_copy, tmp_path_factory.mktemp("logs") / "small.log", "--max-num-seqs", "2",
+                           "--max-waiting", "0", "--max-model-len", "4096", "--shutdown-timeout", "3",
+                           on_loading=release_after_polls)
     yield srv
     srv.stop()
 
 
 def test_health_answers_503_while_the_model_loads(small_server):
-    """The socket opens before the model is loaded: /health says so, then 200."""
-    if not small_server.loading:  # a loaded machine may poll only once the model is in
-        pytest.skip("the model loaded before /health was first polled")
+    """The socket opens before the model is ready: /health answers 503 naming the reason until it is (the API
+    meanwhile answers 503 with Retry-After, checked as the fixture starts the server); then 200."""
+    assert len(small_server.loading) >= LOADING_POLLS
     assert all(code == 503 and "loading" in body["error"]["message"] for code, body in small_server.loading)
+    assert small_server.get("/health").status_code == 200
     models = small_server.get("/v1/models", headers=AUTH)
     assert models.status_code == 200
 
@@ -57,6 +78,10 @@ def test_a_full_waiting_queue_answers_503(small_server):
     busy = next(r for r in responses if r.status_code == 503)
     assert "busy" in busy.json()["error"]["message"] and busy.headers["retry-after"] == "1"
     assert all(r.json()["usage"]["completion_tokens"] == 400 for r in responses if r.status_code == 200)
+    # admission counts sequences (prompts x n): a request for more than the server ever admits is refused outright
+    too_many = small_server.post("/v1/completions", json=LONG | {"n": 2, "prompt": ["ROMEO:", "JULIET:"],
+                                                                 "temperature": 1})
+    assert too_many.status_code == 400 and "4 sequences" in too_many.json()["error"]["message"], too_many.text
 
 
 def generated(server) -> float:

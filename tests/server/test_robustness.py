@@ -37,9 +37,20 @@ BAD_COMPLETIONS = {
     "greedy with n > 1": {"prompt": "ROMEO:", "n": 2, "temperature": 0},
     "temperature out of range": {"prompt": "ROMEO:", "temperature": 3},
     "stop of wrong type": {"prompt": "ROMEO:", "stop": [1, 2]},
+    "lone surrogate in the prompt": b'{"prompt": "\\ud800 ROMEO:"}',
+    "lone surrogate in a streamed prompt": b'{"prompt": "ROMEO:\\udfff", "stream": true}',
+    "lone surrogate in the model name": b'{"prompt": "ROMEO:", "model": "\\udc00"}',
+    "lone surrogate in a stop string": b'{"prompt": "ROMEO:", "stop": ["\\ud83d"]}',
+    "repetition_penalty near 0": {"prompt": "ROMEO:", "repetition_penalty": 1e-300},
+    "more sequences than the server admits": {"prompt": ["ROMEO:"] * 64, "n": 16, "temperature": 1},
 }
 NAMED = {"unsupported field": "logit_bias", "diffusion field on an autoregressive model": "steps",
-         "huge n": "n", "max_tokens beyond the context": "max_tokens", "prompt longer than the context": "context"}
+         "huge n": "n", "max_tokens beyond the context": "max_tokens", "prompt longer than the context": "context",
+         "lone surrogate in the prompt": "prompt holds a lone UTF-16 surrogate",
+         "lone surrogate in the model name": "model holds a lone UTF-16 surrogate",
+         "lone surrogate in a stop string": "stop.0 holds a lone UTF-16 surrogate",
+         "repetition_penalty near 0": "repetition_penalty",
+         "more sequences than the server admits": "1024 sequences"}
 
 
 @pytest.mark.parametrize("case", BAD_COMPLETIONS)
@@ -62,6 +73,18 @@ def test_bad_chat_requests_get_400(server, body):
     response = server.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     "messages.0.content.0.text"),
+    ("/tokenize", b'{"prompt": "\\udbff"}', "prompt")])
+def test_text_that_is_not_unicode_gets_400_naming_the_field(server, path, body, field):
+    """JSON can escape a lone surrogate, which no tokenizer takes and no UTF-8 response can carry."""
+    response = server.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert f"{field} holds a lone UTF-16 surrogate" in response.json()["error"]["message"]
 
 
 def test_oversize_body_is_413_and_oversize_headers_are_refused(server):

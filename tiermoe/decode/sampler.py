@@ -95,5 +95,6 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one): [..., V]."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already reaches top_p
+    outside[..., 0] = False  # a top_p that rounds to 0 in fp32 keeps the most likely token too
     sorted_probs[outside] = 0.0
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)

@@ -18,7 +18,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=lambda t: t if t == "auto" else int(t), default=None,
                    help="diffusion models with an expert budget: TIDE's refresh interval, or 'auto'")
     p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests admitted beyond --max-num-seqs to wait for a slot; more are refused with 503 "
+                   help="sequences (prompts x n of each request) admitted beyond --max-num-seqs to wait for a slot; "
+                        "more are refused with 503 "
                         "(default: %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=60,
                    help="seconds running requests get to finish after SIGTERM before they are ended (default: "

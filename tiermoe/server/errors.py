@@ -50,7 +50,8 @@ def install_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return error_response(400, f"{where or 'body'}: {first['msg']}" + _more(e.errors()), where or None)
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        return error_response(400, f"{where or 'body'}: {message}" + _more(e.errors()), where or None)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:

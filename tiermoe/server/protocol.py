@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from tiermoe.errors import RequestError
 from tiermoe.sampling_params import SamplingParams
@@ -27,6 +27,33 @@ DIFFUSION_FIELDS = ("steps", "block_length", "threshold", "remasking")
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def unicode_text(cls, data: Any) -> Any:
+        """Refuse strings that are not Unicode text: JSON's escapes can spell a lone surrogate ("\\ud800"), which
+        no tokenizer takes and no UTF-8 response can carry."""
+        where = lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where or 'a string'} holds a lone UTF-16 surrogate escape: not valid Unicode text")
+        return data
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string in `value` (JSON: dicts, lists, strings) that UTF-8 cannot encode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = lone_surrogate(key, path) if isinstance(key, str) else None
+        where = where if where is not None else lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if where is not None:
+            return where
+    return None
 
 
 class StreamOptions(Request):
@@ -51,7 +78,7 @@ class SamplingFields(Request):
     # vLLM's extras
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=100)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None  # near 0: logits / it overflow
     min_tokens: Annotated[StrictInt, Field(ge=0, lt=2**31)] = 0
     stop_token_ids: Annotated[list[TOKEN_ID], Field(max_length=MAX_STOP)] | None = None
     ignore_eos: StrictBool = False

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 
+from tiermoe import kernels
 from tiermoe.cli import engine_kwargs, model_path
 from tiermoe.config import EngineConfig
 from tiermoe.engine.async_engine import AsyncLLMEngine
@@ -35,7 +36,7 @@ def serve(args: argparse.Namespace) -> int:
         async def load():
             nonlocal exit_code
             try:
-                engine = await asyncio.to_thread(AsyncLLMEngine, config)
+                engine = await asyncio.to_thread(load_engine, config)
                 await engine.start()
             except Exception as e:  # a model that cannot load ends the server, saying why
                 state.load_error = f"the model failed to load: {e}"
@@ -59,6 +60,13 @@ def serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=5))
     server.run()
     return exit_code
+
+
+def load_engine(config: EngineConfig) -> AsyncLLMEngine:
+    """The engine, its decode kernels built (or found built) first: /health turns 200 only when the first request
+    will not wait for a kernel build, nor for another process's build of them (build_lock)."""
+    kernels.compiled()
+    return AsyncLLMEngine(config)
 
 
 class DrainingServer(uvicorn.Server):

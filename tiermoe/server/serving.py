@@ -103,7 +103,7 @@ async def create_chat_completion(req: ChatCompletionRequest, state: ServerState,
 
 async def respond(req: SamplingFields, state: ServerState, http: Request, reply: Reply, prompts: list, params):
     """Admit the request, start its engine requests, and answer with a JSON body or an SSE stream."""
-    slot = state.admit()
+    slot = state.admit(len(prompts) * params.n)
     gen = Generation(state.engine, prompts, params, reply.id)
     slot.hold(gen)
     try:

@@ -13,9 +13,10 @@ from tiermoe.server.metrics import Metrics
 
 @dataclass
 class Slot:
-    """A request's place among those admitted; released once when it ends."""
+    """A request's places among those admitted (one per sequence it decodes); released once when it ends."""
 
     state: ServerState
+    sequences: int
     generation: object | None = None  # its Generation, once started
     held: bool = True
 
@@ -26,18 +27,18 @@ class Slot:
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.state.in_flight -= 1
+            self.state.in_flight -= self.sequences
             self.state.live.discard(self.generation)
 
 
 @dataclass
 class ServerState:
     model_name: str
-    max_queued: int  # requests admitted at once (running + waiting); more get 503
+    max_queued: int  # sequences admitted at once (running + waiting); more get 503
     engine: object | None = None  # AsyncLLMEngine, None while loading
     load_error: str | None = None  # why loading failed
     draining: bool = False  # SIGTERM: no new requests
-    in_flight: int = 0
+    in_flight: int = 0  # sequences of the admitted requests (prompts x n each)
     live: set = field(default_factory=set)  # the Generations of admitted requests
     metrics: Metrics = field(init=False)
 
@@ -61,16 +62,20 @@ class ServerState:
                            "model")
         return self.engine
 
-    def admit(self) -> Slot:
-        """A slot for a new request, or 503 when the waiting queue is full or the server is stopping."""
+    def admit(self, sequences: int) -> Slot:
+        """A slot for a new request decoding `sequences` sequences (its prompts times n): 400 if more than the
+        server ever admits at once, 503 when the waiting queue cannot take them now or the server is stopping."""
         if self.draining:
             raise APIError(503, "the server is shutting down")
-        if self.in_flight >= self.max_queued:
+        if sequences > self.max_queued:
+            raise RequestError(f"the request asks for {sequences} sequences (prompts x n); this server admits at "
+                               f"most {self.max_queued} at once (--max-num-seqs + --max-waiting)")
+        if self.in_flight + sequences > self.max_queued:
             self.metrics.failed("queue_full")
-            raise APIError(503, f"the server is busy: {self.in_flight} requests are running or waiting (at most "
+            raise APIError(503, f"the server is busy: {self.in_flight} sequences are running or waiting (at most "
                                 f"{self.max_queued}); retry later", headers={"Retry-After": "1"})
-        self.in_flight += 1
-        return Slot(self)
+        self.in_flight += sequences
+        return Slot(self, sequences)
 
     def interrupt_all(self, reason: str) -> None:
         """End every request still running with a 503 (in a stream: an error event, then [DONE])."""
