@@ -121,13 +121,17 @@ class SlowReader(DirectReader):
 
 
 def test_misses_beyond_the_cache_are_streamed_at_the_io_threads_depth(disk_models):
-    """A batch's union of experts larger than the cache: the misses that are streamed (not kept) are still read
-    io_threads at a time, not one by one, and the cache gives up only that window's room."""
+    """A batch's union of experts larger than the cache: the misses that are streamed (not kept) are read a window
+    at a time (by default io_threads, within 1/16 of the budget), not one by one, and the cache gives up only that
+    window's room."""
     folder = disk_models("qwen3_moe", "converted")
     llm = LLM(folder)
     index, layers, k = llm.index, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
     slot = slot_nbytes(index.expert(0, 0), torch.float32)
-    store = TieredStore(index, torch.float32, 6 * slot, make_policy("lru"), layers, k, io_threads=3)
+    small = TieredStore(index, torch.float32, 6 * slot, make_policy("lru"), layers, k, io_threads=3)
+    small.close()
+    assert small.window == 1  # 3 reads in flight would take more than 1/16 of a 6-expert budget
+    store = TieredStore(index, torch.float32, 6 * slot, make_policy("lru"), layers, k, io_threads=3, stream_window=3)
     store.reader = SlowReader()
     try:
         deque(store.fetch(layers[0], list(range(6))), maxlen=0)  # fills the cache

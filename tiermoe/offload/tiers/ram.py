@@ -85,9 +85,10 @@ class TieredStore(ExpertStore):
         self.cache = ExpertCache(budget, policy, size_of=lambda k: slot_nbytes(index.expert(*k), dtype),
                                  horizon=horizon)
         self.largest = max((self.cache.size(key) for key in index.experts()), default=0)
-        # A batch's union outgrows the cache far more often than one token's experts: streamed misses are read at
-        # the I/O threads' full depth by default (a few experts of the budget), not one at a time.
-        self.window, self.reserve = stream_reserve(budget, self.largest, stream_window or io_threads, cached=1)
+        # A batch's union outgrows the cache far more often than one token's experts: by default streamed misses are
+        # read at the I/O threads' depth, not one at a time, as far as the window takes at most 1/16 of the budget.
+        depth = stream_window or max(1, min(io_threads, budget // max(self.largest, 1) // 16))
+        self.window, self.reserve = stream_reserve(budget, self.largest, depth, cached=1)
         self.weights: dict[Key, ExpertWeights] = {}
         self.reader = DirectReader(max_workers=1, direct=direct_io)
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
