@@ -13,6 +13,9 @@ cache and a fresh engine: total tokens/s and bytes read per generated token, all
 cost; "x batch 1" there is against resident batch 1). Also, when the shipped diffusion model is there: 8
 diffusion requests submitted together vs one at a time; and the resident engine at batch 32 against transformers'
 `generate` on the same prompts (equal lengths, so no padding changes the result), tokens compared.
+
+Prefetch is off under a budget: the replayed routing is not the random routers', so a next-layer predictor can only
+guess wrong here (bench/offload_speed.py's NOTE); a batch then reads each layer's misses once its router has run.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ def replay_run(folder: Path, trace_path: Path, batch: int, budget: str | None, d
                invariant: bool = True) -> dict:
     """B replayed sequences decoded together; the prefill step and the decode steps are timed apart."""
     drop_caches(folder)
-    engine = LLMEngine(EngineConfig(model=folder, expert_cache=budget, threads=2, batch_invariant=invariant))
+    # prefetch off: the replayed routing is not the random routers', so no predictor can foresee it (offload_speed)
+    offload = {} if budget is None else {"prefetch": "off"}
+    engine = LLMEngine(EngineConfig(model=folder, expert_cache=budget, threads=2, batch_invariant=invariant, **offload))
     replay = RoutingReplay(engine.model, Trace.load(trace_path))
     engine.runner.observer = replay
     specs = replay.prompts(engine.model.shape.vocab_size)
@@ -173,7 +178,7 @@ def main(argv=None) -> None:
               "identical tokens: {requests_with_identical_tokens}.").format(**vs)
     table += (f"\n\nModel: OLMoE shape {trace.num_layers}x{trace.num_experts} top-{trace.top_k}, hidden "
               f"{args.hidden}, expert dim {args.expert_dim}; trace {args.trace.name}; {args.decode_tokens} decode "
-              f"steps after the prefill step, cold page cache, 2 threads, medians of {args.reps}.")
+              f"steps after the prefill step, cold page cache, 2 threads, prefetch off, medians of {args.reps}.")
     write(args.out, "batch_offload", {"machine": machine(), "replay": rows, "diffusion": diff,
                                       "versus_transformers": vs}, table)
 

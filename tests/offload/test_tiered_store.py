@@ -5,6 +5,8 @@ Lossless generation at every budget, policy and prefetcher, on every family: tes
 
 import os
 import shutil
+import threading
+import time
 from collections import deque
 
 import pytest
@@ -17,7 +19,7 @@ from tiermoe.convert import convert
 from tiermoe.errors import CheckpointError, ConfigError, ExpertIOError
 from tiermoe.offload.policies import make_policy
 from tiermoe.offload.tiers.direct_io import DirectReader, ShortReadError
-from tiermoe.offload.tiers.expert_reads import in_place, read_ranges
+from tiermoe.offload.tiers.expert_reads import in_place, read_ranges, slot_nbytes
 from tiermoe.offload.tiers.ram import TieredStore, min_budget
 from tiermoe.offload.tiers.store import ResidentStore, loaded_nbytes
 
@@ -73,23 +75,70 @@ def test_resident_bytes_never_exceed_the_budget(data, disk_models):
     least = min_budget(index, layers, k, torch.float32)
     total = sum(loaded_nbytes(s, torch.float32) for s in index.experts().values())
     budget = data.draw(st.integers(least, total), label="budget")
+    io_threads = data.draw(st.sampled_from([1, 2, 4]), label="io_threads")  # the stream window's depth
     store = TieredStore(index, torch.float32, budget, make_policy(data.draw(st.sampled_from(["lru", "lfu"]))),
-                        layers, k, io_threads=2)
+                        layers, k, io_threads=io_threads)
     reference = ResidentStore(index, torch.float32)
     requests = data.draw(st.lists(st.tuples(st.sampled_from(layers), st.sets(st.integers(0, 7), min_size=1)),
                                   min_size=1, max_size=12), label="requests")
     try:
         for layer, experts in requests:
             ids = sorted(experts)
-            got = {}
+            got, peak, before = {}, 0, store.stats.streamed
             for e, w in store.fetch(layer, ids):
                 # the expert being computed is resident, or streamed beside the cache within the budget
                 streamed = 0 if (layer, e) in store.weights else store.cache.size((layer, e))
                 assert store.cache.used + streamed <= budget and store.resident_bytes <= store.cache.used
+                peak = max(peak, store.cache.used)
                 got[e] = w
+            # streamed experts alive at once (reads in flight beside the one computed) fit beside the cache too
+            assert peak + min(store.window + 1, store.stats.streamed - before) * store.largest <= budget
             assert sorted(got) == ids
             for e, w in reference.fetch(layer, ids):
                 assert torch.equal(got[e].gate_up, w.gate_up) and torch.equal(got[e].down, w.down)
+    finally:
+        store.close()
+
+
+class SlowReader(DirectReader):
+    """Reads that take a while, counting how many are in flight at once."""
+
+    def __init__(self):
+        super().__init__(max_workers=1)
+        self.in_flight = self.most = 0
+        self.lock = threading.Lock()
+
+    def read(self, path, offset, nbytes):
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        time.sleep(0.02)
+        try:
+            return super().read(path, offset, nbytes)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_misses_beyond_the_cache_are_streamed_at_the_io_threads_depth(disk_models):
+    """A batch's union of experts larger than the cache: the misses that are streamed (not kept) are read a window
+    at a time (by default io_threads, within 1/16 of the budget), not one by one, and the cache gives up only that
+    window's room."""
+    folder = disk_models("qwen3_moe", "converted")
+    llm = LLM(folder)
+    index, layers, k = llm.index, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
+    slot = slot_nbytes(index.expert(0, 0), torch.float32)
+    small = TieredStore(index, torch.float32, 6 * slot, make_policy("lru"), layers, k, io_threads=3)
+    small.close()
+    assert small.window == 1  # 3 reads in flight would take more than 1/16 of a 6-expert budget
+    store = TieredStore(index, torch.float32, 6 * slot, make_policy("lru"), layers, k, io_threads=3, stream_window=3)
+    store.reader = SlowReader()
+    try:
+        deque(store.fetch(layers[0], list(range(6))), maxlen=0)  # fills the cache
+        deque(store.fetch(layers[1], list(range(6))), maxlen=0)  # nothing is old enough to evict: all streamed
+        assert store.stats.streamed == 6
+        assert store.reader.most == 3
+        assert store.cache.capacity == 6 * slot - (3 + 1) * slot  # three reads in flight, one being computed
     finally:
         store.close()
 

@@ -109,18 +109,24 @@ class SparseMoE(nn.Module):
         """
         if x.shape[0] == 1:
             return self._routed_one(x, weights, ids, ahead)
-        experts, counts = fetch_order(ids.cpu().numpy())  # the prompt's last tokens' experts last
-        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        experts, counts = fetch_order(ids.cpu().numpy())
+        # Entries (token, slot) grouped by expert, ascending ids, tokens ascending within an expert: every expert's
+        # tokens are one slice, gathered once for the whole layer.
+        flat = ids.flatten()  # [T*A]
+        order = torch.argsort(flat, stable=True)  # [N]
+        skip = int((flat < 0).sum())  # entries of tokens the layer does not compute sort first
+        rows = order[skip:] // ids.shape[1]  # [N] token of each entry
+        xs, scales = x[rows], weights.flatten()[order[skip:], None]  # [N, H], [N, 1]
+        span, n = {}, 0  # expert -> its entries' slice
+        for e, c in sorted(zip(experts, counts, strict=True)):
+            span[e], n = slice(n, n + c), n + c
+        ys: dict[int, torch.Tensor] = {}
         for e, w in self.store.fetch(self.layer, experts, counts, ahead):
-            rows, slot = torch.where(ids == e)
-            h = x[rows].to(w.down.device)  # an expert may run where its weights are (CPU or accelerator)
-            y = self.expert(h, w, weights[rows, slot, None].to(h.device))
-            outputs[e] = (rows, y.to(x.device))
+            ys[e] = self._on_device(xs[span[e]], w, scales[span[e]])
             del w  # release it before asking for the next: a store under a budget may have evicted it already
         out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)
-        for e in sorted(outputs):
-            out.index_add_(0, *outputs[e])
-        return out
+        # one index_add_ adds entries in index order: each token's outputs in ascending expert id, as at batch 1
+        return out.index_add_(0, rows, torch.cat([ys[e] for e in sorted(ys)]))
 
     def expert(self, h: torch.Tensor, w: ExpertWeights, scale: torch.Tensor) -> torch.Tensor:
         """down(act(gate(h)) * up(h)) * scale: h [n, H], scale [n, 1] -> [n, H] in fp32."""
@@ -128,6 +134,12 @@ class SparseMoE(nn.Module):
             return kernels.swiglu(h, w.gate_up, w.down, scale, out_dtype=RESIDUAL_DTYPE)
         gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
         return (F.linear(self.act(gate) * up, w.down) * scale).to(RESIDUAL_DTYPE)
+
+    def _on_device(self, h: torch.Tensor, w: ExpertWeights, scale: torch.Tensor) -> torch.Tensor:
+        """expert(h) where the weights are (CPU or accelerator), returned on h's device."""
+        if w.down.device == h.device:
+            return self.expert(h, w, scale)
+        return self.expert(h.to(w.down.device), w, scale.to(w.down.device)).to(h.device)
 
     def _routed_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     ahead: tuple[int, list[int]] | None) -> torch.Tensor:
@@ -137,11 +149,7 @@ class SparseMoE(nn.Module):
         scale = weights[0, :, None]  # [A, 1]: a [1] slice per expert promotes dtypes as the batched path does
         outputs = {}
         for e, w in self.store.fetch(self.layer, experts, [1] * len(experts), ahead):
-            if w.down.device != x.device:  # the expert runs where its weights are
-                h = x.to(w.down.device)
-                outputs[e] = self.expert(h, w, scale[slot_of[e]].to(h.device)).to(x.device)
-            else:
-                outputs[e] = self.expert(x, w, scale[slot_of[e]])  # [1, H]
+            outputs[e] = self._on_device(x, w, scale[slot_of[e]])  # [1, H]
             del w
         out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)
         for e in experts:

@@ -74,7 +74,7 @@ class TieredStore(ExpertStore):
 
     def __init__(self, index: CheckpointIndex, dtype: torch.dtype, budget: int, policy: CachePolicy,
                  moe_layers: list[int], top_k: int, io_threads: int = 4, direct_io: bool = True,
-                 stream_window: int = 1, scan_resistant: bool = True):
+                 stream_window: int | None = None, scan_resistant: bool = True):
         least = min_budget(index, moe_layers, top_k, dtype)
         if budget < least:
             raise ConfigError(f"expert cache budget {format_bytes(budget)} ({budget} bytes) is smaller than the "
@@ -85,7 +85,10 @@ class TieredStore(ExpertStore):
         self.cache = ExpertCache(budget, policy, size_of=lambda k: slot_nbytes(index.expert(*k), dtype),
                                  horizon=horizon)
         self.largest = max((self.cache.size(key) for key in index.experts()), default=0)
-        self.window, self.reserve = stream_reserve(budget, self.largest, stream_window, cached=1)
+        # A batch's union outgrows the cache far more often than one token's experts: by default streamed misses are
+        # read at the I/O threads' depth, not one at a time, as far as the window takes at most 1/16 of the budget.
+        depth = stream_window or max(1, min(io_threads, budget // max(self.largest, 1) // 16))
+        self.window, self.reserve = stream_reserve(budget, self.largest, depth, cached=1)
         self.weights: dict[Key, ExpertWeights] = {}
         self.reader = DirectReader(max_workers=1, direct=direct_io)
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
