@@ -94,8 +94,8 @@ class LLM:
     def _run(self, batch: list[tuple[str, list[Request]]], use_tqdm: bool | None, observer) -> list[RequestOutput]:
         """Queue the requests, step the engine until they are done, and return their outputs in order."""
         engine = self.engine
-        if observer is not None and engine.is_diffusion:
-            raise RequestError("routing traces are recorded and replayed for autoregressive models only")
+        if observer is not None and engine.is_diffusion and not hasattr(observer, "begin_denoise"):
+            raise RequestError("routing traces are replayed for autoregressive models only")
         for _, children in batch:
             engine.check_fits(children)
         engine.store.stats = StoreStats()

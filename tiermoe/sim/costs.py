@@ -3,7 +3,8 @@ layer's dense part, the head. All from a `Hardware` profile and a `ModelShape`; 
 
 A matrix product is priced as the slower of streaming its weights and doing its FLOPs, plus a fixed cost per
 operator call (the eager engine's dispatch, a GPU kernel launch): small models on a CPU are call-bound, batch-1
-decode bandwidth-bound, prefill compute-bound.
+decode bandwidth-bound, prefill compute-bound. On the CPU the fixed costs per layer, expert and forward are the
+engine's own where the profile measured them (`tiermoe profile`, tiermoe.sim.engine_probe), else operator calls.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class Pricing:
     cpu_bw: float = 0.0  # bytes/s a GEMV streams at `threads` threads
     cpu_flops: float = 0.0
     call_s: float = 0.0
+    layer_s: float = 0.0  # CPU fixed costs: per MoE layer, per routed expert, per forward
+    expert_s: float = 0.0
+    step_s: float = 0.0
     gpu_flops: float = 0.0
     expert_bytes: int = 0
     expert_flops: float = 0.0  # per token
@@ -36,13 +40,17 @@ class Pricing:
     def __post_init__(self) -> None:
         self.cpu_bw = self.hw.cpu.gemv_bandwidth(self.threads)
         self.cpu_flops = self.hw.cpu.gemm_flops(self.threads)
-        self.call_s = self.hw.cpu.call_us * 1e-6
+        cpu = self.hw.cpu
+        self.call_s = cpu.call_us * 1e-6
+        self.layer_s = LAYER_CALLS * self.call_s if cpu.layer_us is None else cpu.layer_us * 1e-6
+        self.expert_s = EXPERT_CALLS * self.call_s if cpu.expert_us is None else cpu.expert_us * 1e-6
+        self.step_s = STEP_CALLS * self.call_s if cpu.step_us is None else cpu.step_us * 1e-6
         self.gpu_flops = self.hw.gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY if self.hw.gpu else 0.0
         self.expert_bytes = self.shape.expert_bytes
         self.expert_flops = self.shape.expert_flops
 
     def cpu_expert(self, tokens: int) -> float:
-        return EXPERT_CALLS * self.call_s + max(self.expert_bytes / self.cpu_bw,
+        return self.expert_s + max(self.expert_bytes / self.cpu_bw,
                                                 tokens * self.expert_flops / self.cpu_flops)
 
     def gpu_expert(self, tokens: int) -> float:
@@ -69,7 +77,7 @@ class Pricing:
         if on_gpu:
             g = self.hw.gpu
             return LAYER_CALLS * g.launch_us * 1e-6 + max((weights + kv) / (g.mem_gbs * GB), flops / self.gpu_flops)
-        return LAYER_CALLS * self.call_s + max((weights + kv) / self.cpu_bw, flops / self.cpu_flops)
+        return self.layer_s + max((weights + kv) / self.cpu_bw, flops / self.cpu_flops)
 
     def head(self, rows: int, on_gpu: bool) -> float:
         """Final norm, lm_head on the rows that need logits, sampling."""
@@ -78,7 +86,7 @@ class Pricing:
         if on_gpu:
             g = self.hw.gpu
             return STEP_CALLS * g.launch_us * 1e-6 + max(nbytes / (g.mem_gbs * GB), flops / self.gpu_flops)
-        return STEP_CALLS * self.call_s + max(nbytes / self.cpu_bw, flops / self.cpu_flops)
+        return self.step_s + max(nbytes / self.cpu_bw, flops / self.cpu_flops)
 
     def device_costs(self) -> DeviceCosts:
         """The engine's placement cost model (`tiermoe.offload.tiers.accelerator.place`) for this machine."""
