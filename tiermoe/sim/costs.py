@@ -64,9 +64,10 @@ class Pricing:
         return 0.0 if g.unified else nbytes / (g.link_gbs * GB)
 
     def read(self, nbytes: int, depth_one: bool = False) -> float:
-        """One expert-sized random read among several in flight (the profile's bandwidth), or alone (`depth_one`)."""
+        """One expert-sized random read among several in flight (the profile's bandwidth), or alone (`depth_one`),
+        plus the disk's cost per request (one 4 KiB read's share of its IOPS): what small experts are bound by."""
         ssd = self.hw.ssd
-        return nbytes / ((ssd.qd1_read_gbs if depth_one else ssd.rand_read_gbs) * GB)
+        return 1.0 / ssd.read_iops + nbytes / ((ssd.qd1_read_gbs if depth_one else ssd.rand_read_gbs) * GB)
 
     def dense_layer(self, tokens: int, context: int, on_gpu: bool) -> float:
         """A layer's attention, router and shared experts for `tokens` new tokens attending to `context` each."""
@@ -78,6 +79,16 @@ class Pricing:
             g = self.hw.gpu
             return LAYER_CALLS * g.launch_us * 1e-6 + max((weights + kv) / (g.mem_gbs * GB), flops / self.gpu_flops)
         return self.layer_s + max((weights + kv) / self.cpu_bw, flops / self.cpu_flops)
+
+    def dense_mlp_layers(self, tokens: int, on_gpu: bool) -> float:
+        """The layers with a dense MLP instead of experts (DeepSeek's and LLaDA2's first): their weights' time."""
+        s = self.shape
+        nbytes, flops = s.extra_layer_params * s.dtype_bytes, 2.0 * s.extra_layer_params * tokens
+        if not nbytes:
+            return 0.0
+        if on_gpu:
+            return max(nbytes / (self.hw.gpu.mem_gbs * GB), flops / self.gpu_flops)
+        return max(nbytes / self.cpu_bw, flops / self.cpu_flops)
 
     def head(self, rows: int, on_gpu: bool) -> float:
         """Final norm, lm_head on the rows that need logits, sampling."""

@@ -277,7 +277,7 @@ class MachineSim:
         """One forward pass over trace `rows` (a prompt, or a decode step's rows of the batch)."""
         ids = self.trace.experts[rows]  # [T, L, K]
         main = "gpu" if self.use_gpu else "cpu"
-        t = self.clock_now()
+        t = self.clock.run(main, self.clock_now(), self.price.dense_mlp_layers(len(rows), self.use_gpu))
         for layer in range(self.shape.num_layers):
             t_router = self.clock.run(main, t, self.price.dense_layer(len(rows), context, self.use_gpu))
             experts, counts = self.order(ids[:, layer])
