@@ -53,8 +53,6 @@ def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
     hw = measure_this_machine(tmp_path, read_bytes=1 << 20, file_mib=8)
     assert hw.gpu is None or hw.gpu.memory_gib > 0
     assert hw.cpu.gemv_bandwidth(1) > 0 and hw.cpu.call_us > 0 and hw.dram_gbs > 0
-    # the engine's own fixed costs, measured by running it: a layer's small operators cost more than one call
-    assert hw.cpu.layer_us > hw.cpu.call_us and hw.cpu.expert_us >= 0 and hw.cpu.step_us >= 0
     assert hw.ssd.rand_read_gbs > 0 and hw.ssd.read_iops > 0 and hw.measured
     hw.save(tmp_path / "here.json")
     assert load_hardware(tmp_path / "here.json") == hw

@@ -167,10 +167,8 @@ def plot_machine_runs(results, path: Path) -> None:
 
 def _add_profile_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("profile", help="measure this machine into a hardware profile for `tiermoe sim run`",
-                              description="Measure CPU GEMV (the engine's kernel) and GEMM rates per thread count, "
-                                          "the engine's own fixed costs per layer, expert and forward (by running "
-                                          "the built-in model), DRAM, the disk (direct reads) and the GPU if any, "
-                                          "and write a hardware profile (JSON).")
+                              description="Measure CPU GEMV/GEMM rates per thread count, DRAM, the disk (direct "
+                                          "reads) and the GPU if any, and write a hardware profile (JSON).")
     p.add_argument("--out", type=Path, default=None, help="profile file to write (default: print it)")
     p.add_argument("--disk-dir", type=Path, default=None, help="a folder on the disk to measure (default: the "
                                                                "temporary folder; use the one holding your models)")

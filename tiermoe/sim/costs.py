@@ -3,8 +3,7 @@ layer's dense part, the head. All from a `Hardware` profile and a `ModelShape`; 
 
 A matrix product is priced as the slower of streaming its weights and doing its FLOPs, plus a fixed cost per
 operator call (the eager engine's dispatch, a GPU kernel launch): small models on a CPU are call-bound, batch-1
-decode bandwidth-bound, prefill compute-bound. On the CPU the fixed costs per layer, expert and forward are the
-engine's own where the profile measured them (`tiermoe profile`, tiermoe.sim.engine_probe), else operator calls.
+decode bandwidth-bound, prefill compute-bound.
 """
 
 from __future__ import annotations
@@ -30,9 +29,6 @@ class Pricing:
     cpu_bw: float = 0.0  # bytes/s a GEMV streams at `threads` threads
     cpu_flops: float = 0.0
     call_s: float = 0.0
-    layer_s: float = 0.0  # CPU fixed costs: per MoE layer, per routed expert, per forward
-    expert_s: float = 0.0
-    step_s: float = 0.0
     gpu_flops: float = 0.0
     expert_bytes: int = 0
     expert_flops: float = 0.0  # per token
@@ -40,17 +36,13 @@ class Pricing:
     def __post_init__(self) -> None:
         self.cpu_bw = self.hw.cpu.gemv_bandwidth(self.threads)
         self.cpu_flops = self.hw.cpu.gemm_flops(self.threads)
-        cpu = self.hw.cpu
-        self.call_s = cpu.call_us * 1e-6
-        self.layer_s = LAYER_CALLS * self.call_s if cpu.layer_us is None else cpu.layer_us * 1e-6
-        self.expert_s = EXPERT_CALLS * self.call_s if cpu.expert_us is None else cpu.expert_us * 1e-6
-        self.step_s = STEP_CALLS * self.call_s if cpu.step_us is None else cpu.step_us * 1e-6
+        self.call_s = self.hw.cpu.call_us * 1e-6
         self.gpu_flops = self.hw.gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY if self.hw.gpu else 0.0
         self.expert_bytes = self.shape.expert_bytes
         self.expert_flops = self.shape.expert_flops
 
     def cpu_expert(self, tokens: int) -> float:
-        return self.expert_s + max(self.expert_bytes / self.cpu_bw,
+        return EXPERT_CALLS * self.call_s + max(self.expert_bytes / self.cpu_bw,
                                                 tokens * self.expert_flops / self.cpu_flops)
 
     def gpu_expert(self, tokens: int) -> float:
@@ -64,10 +56,9 @@ class Pricing:
         return 0.0 if g.unified else nbytes / (g.link_gbs * GB)
 
     def read(self, nbytes: int, depth_one: bool = False) -> float:
-        """One expert-sized random read among several in flight (the profile's bandwidth), or alone (`depth_one`),
-        plus the disk's cost per request (one 4 KiB read's share of its IOPS): what small experts are bound by."""
+        """One expert-sized random read among several in flight (the profile's bandwidth), or alone (`depth_one`)."""
         ssd = self.hw.ssd
-        return 1.0 / ssd.read_iops + nbytes / ((ssd.qd1_read_gbs if depth_one else ssd.rand_read_gbs) * GB)
+        return nbytes / ((ssd.qd1_read_gbs if depth_one else ssd.rand_read_gbs) * GB)
 
     def dense_layer(self, tokens: int, context: int, on_gpu: bool) -> float:
         """A layer's attention, router and shared experts for `tokens` new tokens attending to `context` each."""
@@ -78,7 +69,7 @@ class Pricing:
         if on_gpu:
             g = self.hw.gpu
             return LAYER_CALLS * g.launch_us * 1e-6 + max((weights + kv) / (g.mem_gbs * GB), flops / self.gpu_flops)
-        return self.layer_s + max((weights + kv) / self.cpu_bw, flops / self.cpu_flops)
+        return LAYER_CALLS * self.call_s + max((weights + kv) / self.cpu_bw, flops / self.cpu_flops)
 
     def dense_mlp_layers(self, tokens: int, on_gpu: bool) -> float:
         """The layers with a dense MLP instead of experts (DeepSeek's and LLaDA2's first): their weights' time."""
@@ -97,7 +88,7 @@ class Pricing:
         if on_gpu:
             g = self.hw.gpu
             return STEP_CALLS * g.launch_us * 1e-6 + max(nbytes / (g.mem_gbs * GB), flops / self.gpu_flops)
-        return self.step_s + max(nbytes / self.cpu_bw, flops / self.cpu_flops)
+        return STEP_CALLS * self.call_s + max(nbytes / self.cpu_bw, flops / self.cpu_flops)
 
     def device_costs(self) -> DeviceCosts:
         """The engine's placement cost model (`tiermoe.offload.tiers.accelerator.place`) for this machine."""

@@ -3,18 +3,15 @@
 A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each with the sources of its figures):
 
     name, description, ram_gib, dram_gbs, sources
-    cpu   {name, cores, gemv_gbs {threads: GB/s}, gemm_gflops {threads: GFLOP/s}, call_us,
-           layer_us, expert_us, step_us (optional)}
+    cpu   {name, cores, gemv_gbs {threads: GB/s}, gemm_gflops {threads: GFLOP/s}, call_us}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
     ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional)}
 
 `gemv_gbs` is the rate the CPU streams weights through a matrix-vector product (batch-1 decode is bound by it),
 `gemm_gflops` its matrix-matrix rate (prefill, large batches), `call_us` the fixed cost of one operator call (what
-dominates small models in an eager engine). `layer_us`, `expert_us` and `step_us` are the engine's own fixed costs
-per MoE layer, routed expert and forward pass beyond streaming weights, measured by running it
-(`tiermoe.sim.engine_probe`); a profile without them (the presets) counts them as operator calls. `rand_read_gbs`
-is for MiB-sized random reads a few in flight (one expert per read, as the stores issue them). `tiermoe profile`
-measures this machine into a profile (`measure_this_machine`).
+dominates small models in an eager engine). `rand_read_gbs` is for MiB-sized random reads a few in flight (one
+expert per read, as the stores issue them). `tiermoe profile` measures this machine into a profile
+(`measure_this_machine`).
 """
 
 from __future__ import annotations
@@ -37,9 +34,6 @@ class CPUProfile:
     gemv_gbs: dict[int, float]  # threads -> GB/s of weights streamed through a GEMV
     gemm_gflops: dict[int, float]  # threads -> GFLOP/s of a large matrix-matrix product
     call_us: float = 2.0  # fixed cost of one operator call, microseconds
-    layer_us: float | None = None  # the engine's fixed cost per MoE layer (None: counted as operator calls)
-    expert_us: float | None = None  # ... per routed expert
-    step_us: float | None = None  # ... per forward pass
 
     def __post_init__(self) -> None:
         for table in ("gemv_gbs", "gemm_gflops"):
@@ -146,16 +140,14 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 
 def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20, name: str = "this-machine",
                          file_mib: int = 256) -> Hardware:
-    """Measures this machine (tens of seconds): per thread count, CPU GEMV with the engine's decode kernel over more
-    weights than the caches hold and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.
-    profile_costs`); per-call overhead, the engine's own fixed costs (`tiermoe.sim.engine_probe`), DRAM copy rate,
-    and direct reads of a file written in `disk_dir` (sequential, `read_bytes` random reads 4 in flight
+    """Measures this machine (tens of seconds): per thread count, CPU GEMV over more weights than the caches hold
+    and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.profile_costs`); per-call overhead, DRAM
+    copy rate, and direct reads of a file written in `disk_dir` (sequential, `read_bytes` random reads 4 in flight
     as the stores issue them, 4 KiB IOPS)."""
     import torch
 
     from tiermoe.offload.placement.costs import IO_DEPTH, io_bandwidth
     from tiermoe.offload.tiers.accelerator import profile_costs
-    from tiermoe.sim.engine_probe import measure_overheads
 
     threads0 = torch.get_num_threads()
     counts = sorted({1, *(2**i for i in range(1, 8) if 2**i <= (os.cpu_count() or 1)), os.cpu_count() or 1})
@@ -166,8 +158,6 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
             gemv[t], gemm[t] = _streamed_gemv() / GB, profile_costs(torch.device("cpu")).cpu_flops / GB
         torch.set_num_threads(threads0)
         call_us = _call_overhead_us()
-        torch.set_num_threads(1)  # the engine's overheads: what one thread spends besides streaming weights
-        fixed = measure_overheads(gemv[1] * GB)
     finally:
         torch.set_num_threads(threads0)
     dram = _copy_rate() / GB
@@ -179,8 +169,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         qd1 = io_bandwidth(probe, read_bytes, threads=1, total=file_mib << 19) / GB
         iops = io_bandwidth(probe, 4096, threads=IO_DEPTH, total=4 << 20) / 4096
     return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
-                    cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2),
-                                   fixed.layer_us, fixed.expert_us, fixed.step_us),
+                    cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2)),
                     ssd=SSDProfile("disk holding " + str(disk_dir or tempfile.gettempdir()), round(seq, 3),
                                    round(rand, 3), round(iops), round(qd1, 3)),
                     gpu=_measure_gpu(), description="measured by `tiermoe profile`",
@@ -190,17 +179,13 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
 
 def _streamed_gemv(total: int = 256 << 20, each: int = 4 << 20) -> float:
     """Bytes/s of GEMVs over `total` bytes of fp32 weights, more than any cache holds (the engine's probe uses one
-    matrix, which may stay in the last-level cache; experts streamed per token do not), computed as the engine
-    computes decode: with its own kernel (`tiermoe.kernels.linear`; torch's when none is compiled), which streams
-    faster than torch's GEMV."""
+    matrix, which may stay in the last-level cache; experts streamed per token do not)."""
     import torch
-
-    from tiermoe import kernels
 
     rows = each // 4 // 1024
     ws = [torch.randn(rows, 1024) for _ in range(total // each)]
     x = torch.randn(1, 1024)
-    return total / _best(lambda: [kernels.linear(x, w) for w in ws], reps=3)
+    return total / _best(lambda: [x @ w.T for w in ws], reps=3)
 
 
 def _copy_rate(nbytes: int = 256 << 20) -> float:
