@@ -1,7 +1,9 @@
-"""The hardware simulator against the engine on this machine: simulated vs measured decode tokens/s.
+"""The hardware simulator against the engine on this machine: simulated vs measured decode tokens/s, for
+autoregressive offloading and for TIDE's block diffusion.
 
     python -m bench.sim_validation [--budgets 25%,50%,100%] [--policies lru,dali] [--sequences 1] [--max-tokens 96]
-        [--reps 3] [--threads 1] [--out bench/results]
+        [--tide-budgets 50%,25%] [--tide-taus 8] [--diffusion-model DIR] [--reps 3] [--threads 1]
+        [--out bench/results]
 
 The live side is bench/offload_speed.py's (the same OLMoE-shaped model with its router replaying the OLMoE trace,
 batch 1, cold page cache, prefetch off, medians of `--reps` interleaved runs; 100% is its all-resident baseline, every
@@ -12,19 +14,28 @@ policy, no GPU and the same thread count. Nothing is fitted to the measured spee
 measured here. Reported: both tokens/s, their ratio, and both RAM hit rates (the live run's prompt is routed by the
 random router, the simulator's has none, so the hit counts differ slightly; test_machine_sim.py checks them equal
 when both see the same routing).
+
+TIDE (diffusion): bench/tide_speed.py's configuration (the shipped diffusion model unless `--diffusion-model`, 2
+prompts of 32 tokens, 96 new tokens, block 32, 32 steps, threshold 0.95, a fresh engine per run, the whole
+`generate` timed) at each budget and fixed tau, and all experts resident. An untimed run of each configuration
+records the engine's own routing (`generate(record_trace=...)`: every denoising forward's rows) and its store's
+counts; the simulator replays that trace with strategy `tide` (TIDE on the RAM tier, the engine's RefreshStore) at
+the same budget and tau, or all resident. Its hits, misses and streamed experts must equal the recorded run's.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+from bench.llada2_model import default_trained, prompts
 from bench.offload_speed import DEFAULT_TRACE, Config, build_model, decode_stats, summarise
 from bench.report import machine, markdown_table, write
-from tiermoe import LLM
+from tiermoe import LLM, SamplingParams
 from tiermoe.offload.tiers.budget import parse_budget
 from tiermoe.offload.tiers.ram import min_budget
 from tiermoe.sim.hardware import measure_this_machine
@@ -43,6 +54,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sequences", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tide-budgets", default="50%,25%", help="TIDE: expert budgets ('' skips the TIDE part)")
+    ap.add_argument("--tide-taus", default="8", help="TIDE: refresh intervals")
+    ap.add_argument("--diffusion-model", type=Path, default=None, help="default: the shipped diffusion model")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_sim_validation"))
@@ -91,7 +105,99 @@ def main(argv=None) -> None:
               f"{args.reps} interleaved runs. Simulated with the profile measured in the same run: CPU GEMV "
               f"{hw.cpu.gemv_gbs} GB/s, call {hw.cpu.call_us} us, disk {hw.ssd.rand_read_gbs} GB/s "
               f"(expert reads, 4 in flight), {hw.ssd.qd1_read_gbs} GB/s one at a time.")
-    write(args.out, "sim_validation", {"machine": machine(), "profile": hw.to_dict(), "runs": runs}, table)
+    tide = tide_validation(args, hw) if _csv(args.tide_budgets) else []
+    if tide:
+        table += "\n\n" + tide_table(tide, args)
+    write(args.out, "sim_validation", {"machine": machine(), "profile": hw.to_dict(), "runs": runs, "tide": tide},
+          table)
+
+
+def tide_configs(args) -> list[tuple[str, dict]]:
+    """(name, engine options) of the TIDE part: all resident, then every budget at every tau."""
+    return [("all-resident", {})] + [(f"{b} tide tau={t}", {"expert_cache": b, "tau": int(t)})
+                                     for b in _csv(args.tide_budgets) for t in _csv(args.tide_taus)]
+
+
+def tide_run(folder: Path, ids: list[list[int]], params: SamplingParams, options: dict,
+             record: Path | None = None) -> dict:
+    """One generate on a fresh engine (all-resident: every expert read first): seconds, tokens, the store's counts;
+    with `record`, the routing trace written there (then untimed: recording costs time)."""
+    llm = LLM(folder, **options)
+    if not options:
+        for layer, e in llm.index.experts():
+            list(llm.store.fetch(layer, [e]))
+    start = time.perf_counter()
+    outs = llm.generate(ids, params, use_tqdm=False, record_trace=record)
+    seconds = time.perf_counter() - start
+    stats = llm.store.stats
+    out = {"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outs), "hits": stats.total.hits,
+           "misses": stats.total.misses, "streamed": stats.streamed, "budget_bytes": getattr(llm.store, "budget", 0),
+           "token_ids": [o.outputs[0].token_ids for o in outs], "dtype": str(llm.config.torch_dtype)}
+    llm.store.close()
+    return out
+
+
+def tide_validation(args, hw) -> list[dict]:
+    """Measured (medians of `--reps` interleaved runs) against simulated, per TIDE configuration."""
+    folder = args.diffusion_model or default_trained()
+    if folder is None:
+        raise SystemExit("no diffusion model ships with this install: pass --diffusion-model DIR")
+    params = SamplingParams(temperature=0, max_tokens=96, block_length=32, steps=32, threshold=0.95,
+                            ignore_eos=True)
+    probe = LLM(folder)
+    ids = prompts(probe, 2, 32)
+    del probe
+    todo = tide_configs(args)
+    recorded = {}
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for name, options in todo:  # untimed: the routing and the store's counts of each configuration
+            path = Path(tmp) / name.replace(" ", "_").replace("%", "pct").replace("=", "")
+            recorded[name] = (tide_run(folder, ids, params, options, path), Trace.load(path))
+    timed: dict[str, list[dict]] = {name: [] for name, _ in todo}
+    for _ in range(args.reps):
+        for name, options in todo:
+            timed[name].append(tide_run(folder, ids, params, options))
+    expected = recorded["all-resident"][0]["token_ids"]
+    out = []
+    for name, options in todo:
+        live, trace = recorded[name]
+        mid = sorted(timed[name], key=lambda r: r["seconds"])[len(timed[name]) // 2]
+        shape = load_shape(folder).with_dtype(live["dtype"].removeprefix("torch."))
+        tau = options.get("tau", 8)
+        cfg = (SimConfig("tide", gpu_memory=0, expert_cache=live["budget_bytes"], tau=tau, threads=args.threads)
+               if options else SimConfig("tiermoe", gpu_memory=0, expert_cache=shape.total_expert_bytes,
+                                         threads=args.threads, preload=True))
+        sim = simulate(trace, shape, hw, cfg)
+        measured = mid["tokens"] / mid["seconds"]
+        out.append({"config": name, "budget": options.get("expert_cache", "100%"), "tau": options.get("tau"),
+                    "measured_tok_s": measured, "simulated_tok_s": sim.tokens_per_s,
+                    "sim_over_measured": sim.tokens_per_s / measured, "measured_times_s": [r["seconds"] for r in
+                                                                                           timed[name]],
+                    "live": {k: live[k] for k in ("hits", "misses", "streamed")},
+                    "simulated_counts": {"hits": sim.hits, "misses": sim.misses, "streamed": sim.streamed},
+                    "counts_equal": (sim.hits, sim.misses, sim.streamed) == (live["hits"], live["misses"],
+                                                                               live["streamed"]),
+                    "same_tokens": all(r["token_ids"] == expected for r in [live, *timed[name]]),
+                    "model": str(Path(folder).name), "forwards": int(trace.meta.get("forwards", 0)),
+                    "simulated": sim.to_dict()})
+    return out
+
+
+def tide_table(rows: list[dict], args) -> str:
+    table = markdown_table(
+        ["TIDE configuration", "measured tok/s", "simulated tok/s", "sim / measured", "live hits / misses / streamed",
+         "simulated hits / misses / streamed", "counts equal", "same tokens", "within 15%"],
+        [[r["config"], r["measured_tok_s"], r["simulated_tok_s"], r["sim_over_measured"],
+          "{hits} / {misses} / {streamed}".format(**r["live"]),
+          "{hits} / {misses} / {streamed}".format(**r["simulated_counts"]), "yes" if r["counts_equal"] else "**no**",
+          "yes" if r["same_tokens"] else "**no**", "yes" if abs(r["sim_over_measured"] - 1) <= 0.15 else "**no**"]
+         for r in rows])
+    return table + (f"\n\nTIDE: model {rows[0]['model']}, bench/tide_speed.py's setting (2 prompts of 32 tokens, 96 "
+                    f"new tokens, block 32, 32 steps, threshold 0.95; {rows[0]['forwards']} batched forwards), a fresh "
+                    f"engine per run, the whole generate timed; medians of {args.reps} interleaved runs. Simulated: "
+                    "the engine's own routing recorded in an untimed run of the same configuration, replayed with "
+                    "strategy tide (the RAM tier placed by TIDE's refresh) at the same budget and tau, with the "
+                    "profile above.")
 
 
 def configs(args) -> list[Config]:

@@ -43,8 +43,9 @@ class LLM:
         """Generate for every prompt (text, token ids, or {"prompt_token_ids": [...]}); outputs in prompt order.
 
         The progress bar is on by default for more than one prompt. `record_trace` writes every token's routing to
-        FILE.npz + FILE.json in the ../shared/traces format. Each output's `stats` holds this call's expert-store
-        statistics. A request that fails (e.g. an unreadable expert) raises its error once the others are done.
+        FILE.npz + FILE.json in the ../shared/traces format (a diffusion model: every denoising forward's rows). Each
+        output's `stats` holds this call's expert-store statistics. A request that fails (e.g. an unreadable expert)
+        raises its error once the others are done.
         """
         batch = self._requests(prompts, sampling_params)
         recorder = RoutingRecorder(self.model) if record_trace else None
@@ -94,8 +95,8 @@ class LLM:
     def _run(self, batch: list[tuple[str, list[Request]]], use_tqdm: bool | None, observer) -> list[RequestOutput]:
         """Queue the requests, step the engine until they are done, and return their outputs in order."""
         engine = self.engine
-        if observer is not None and engine.is_diffusion:
-            raise RequestError("routing traces are recorded and replayed for autoregressive models only")
+        if observer is not None and engine.is_diffusion and not hasattr(observer, "begin_denoise"):
+            raise RequestError("routing traces are replayed for autoregressive models only")
         for _, children in batch:
             engine.check_fits(children)
         engine.store.stats = StoreStats()

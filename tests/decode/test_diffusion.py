@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from tiermoe import LLM, SamplingParams
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import Canvas, DiffusionOptions
 from tiermoe.decode.remasking import commit_confident, predict, transfer_schedule
-from tiermoe.errors import RequestError
+from tiermoe.errors import ConfigError, RequestError
 
 SHORT = [3, 17, 42, 9, 77]  # shorter than a block
 LONG = [12, 99, 31, 7, 54, 23, 70, 2, 45, 16, 61, 88, 1, 64, 20, 5, 90, 33, 40]  # spans blocks, not aligned
@@ -181,9 +182,25 @@ def test_bad_diffusion_params_are_refused(bad):
         SamplingParams(**bad)
 
 
-def test_routing_traces_are_refused_for_diffusion_models(llada2, tmp_path):
-    with pytest.raises(RequestError, match="autoregressive"):
-        llada2.generate([SHORT], SamplingParams(max_tokens=4), record_trace=tmp_path / "t")
+def test_a_diffusion_routing_trace_holds_every_forwards_rows_and_is_not_replayed(llada2, llada, tmp_path):
+    from tiermoe.sim.trace import Trace
+
+    llm = llada2
+    params = SamplingParams(temperature=0, max_tokens=12, block_length=4, steps=4, ignore_eos=True)
+    outs = llm.generate([LONG, SHORT], params, record_trace=tmp_path / "t")
+    trace = Trace.load(tmp_path / "t")
+    work = [o.stats["diffusion"] for o in outs]
+    forward, block, step = (trace.extras[k] for k in ("forward", "denoise_block", "denoise_step"))
+    assert trace.num_tokens == sum(w["forward_rows"] for w in work)  # every row of every forward
+    assert [len(np.unique(forward[a:b])) for a, b in trace.sequence_bounds()] == [w["nfe"] for w in work]
+    assert trace.extras["seq_output_tokens"].tolist() == [12, 12]
+    first = trace.seq_starts[1] - 1  # the last row of the first request: its last block's last step
+    assert block[first] == work[0]["blocks"] - 1 and step[first] >= 0
+    assert (trace.token_ids == trace.meta["mask_token_id"]).any()  # rows still masked when routed
+    with pytest.raises(ConfigError, match="cannot be replayed"):
+        llm.replay(tmp_path / "t")
+    with pytest.raises(RequestError, match="no MoE layers"):  # LLaDA is dense
+        llada.generate([SHORT], params, record_trace=tmp_path / "dense")
 
 
 @pytest.mark.parametrize("family", ["llada2_moe", "llada"])

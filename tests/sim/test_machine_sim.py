@@ -126,3 +126,42 @@ def test_sim_run_command_prints_json_per_strategy_and_refuses_unknown_hardware(r
     assert (tmp_path / "p.png").stat().st_size > 0
     assert main(args[:-3] + ["--hardware", "rtx9090"]) == 2
     assert "unknown hardware 'rtx9090'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def diffusion_recorded(folders, tmp_path_factory):
+    """The tiny LLaDA2 model under TIDE on the RAM tier: per (budget, tau), a recorded trace of two batched requests
+    and the live store's counts."""
+    root = tmp_path_factory.mktemp("machine-sim-diffusion")
+    params = SamplingParams(temperature=0, max_tokens=12, block_length=4, steps=4, ignore_eos=True)
+    runs = {}
+    for budget, tau in [("40%", 2), ("60%", 3)]:
+        llm = LLM(folders["llada2_moe"], expert_cache=budget, tau=tau)
+        llm.generate([PROMPT, PROMPT[:3]], params, record_trace=root / f"{budget}-{tau}")
+        stats = llm.store.stats
+        size = llm.store.cache.size((llm.model.moe_blocks[0].layer, 0))
+        runs[budget, tau] = (Trace.load(root / f"{budget}-{tau}"), llm.store.budget, size, stats.total, stats.streamed)
+        llm.store.close()
+    return runs
+
+
+@pytest.mark.parametrize("budget,tau", [("40%", 2), ("60%", 3)])
+def test_tide_hits_and_misses_equal_the_live_store_on_a_recorded_diffusion_trace(folders, diffusion_recorded,
+                                                                                  budget, tau):
+    trace, nbytes, size, live, streamed = diffusion_recorded[budget, tau]
+    shape = load_shape(folders["llada2_moe"]).with_dtype("float32")
+    assert shape.expert_bytes == size
+    sim = simulate(trace, shape, load_hardware("laptop-16gb"), SimConfig("tide", gpu_memory=0, expert_cache=nbytes,
+                                                                         tau=tau))
+    assert live.hits > 0 and streamed > 0
+    assert (sim.hits, sim.misses, sim.streamed) == (live.hits, live.misses, streamed)
+    assert sim.tokens == 24  # both requests' output tokens
+
+
+def test_tide_replay_of_a_diffusion_trace_depends_on_its_refresh_interval(folders, diffusion_recorded):
+    """The equality above is TIDE's refresh rhythm replayed, not the trace's routing alone."""
+    trace, nbytes, _, live, _ = diffusion_recorded["40%", 2]
+    shape = load_shape(folders["llada2_moe"]).with_dtype("float32")
+    sim = simulate(trace, shape, load_hardware("laptop-16gb"), SimConfig("tide", gpu_memory=0, expert_cache=nbytes,
+                                                                         tau=4))
+    assert (sim.hits, sim.misses) != (live.hits, live.misses)

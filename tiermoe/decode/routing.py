@@ -1,7 +1,8 @@
 """Observers of the router: record every token's routing as a trace, or replay a trace's routing (benchmarks only).
 
 Both see a forward pass as `begin(scheduled)` -> one `on_route(layer, ...)` per MoE layer -> `end()`; the rows of
-the pass are the scheduled requests' next uncached tokens ((request, count) pairs), flattened in order.
+the pass are the scheduled requests' next uncached tokens ((request, count) pairs), flattened in order. A diffusion
+forward (the recorder only) begins with `begin_denoise(jobs)` instead: its rows are the jobs' pending steps' tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from tiermoe.engine.request import Request
-from tiermoe.errors import ConfigError
+from tiermoe.errors import ConfigError, RequestError
 from tiermoe.models.transformer import CausalLM
 from tiermoe.sim.trace import Trace, TraceRecorder
 
@@ -22,6 +23,7 @@ class _Row:
     seq: Request
     position: int
     token: int
+    extras: dict[str, int] | None = None  # diffusion: forward, denoise_block, denoise_step
 
 
 def _rows(scheduled: list[tuple[Request, int]]) -> list[_Row]:
@@ -33,11 +35,14 @@ class RoutingRecorder:
     """Records the experts each token was routed to, and writes them in the ../shared/traces format.
 
     Rows are written per request (its prompt, then its generated tokens), requests in arrival order, whatever
-    the batching interleaved.
+    the batching interleaved. A diffusion request's rows are its forwards' rows, in order, with the forward, block
+    and step of each (the trace layout's diffusion extension, tiermoe.sim.trace).
     """
 
     def __init__(self, model: CausalLM):
         self.layers = [b.layer for b in model.moe_blocks]
+        if not self.layers:
+            raise RequestError("the model has no MoE layers: there is no routing to record")
         self.top_k = model.shape.top_k
         self.num_experts = model.shape.num_experts
         for block in model.moe_blocks:
@@ -45,9 +50,30 @@ class RoutingRecorder:
         self._rows: list[_Row] = []
         self._pass: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._by_seq: dict[str, list[tuple]] = {}
+        self._forwards = 0  # diffusion forwards recorded
+        self._steps: dict[str, tuple[int, int]] = {}  # diffusion: request id -> (block, step) of its last forward
+        self._requests: dict[str, Request] = {}
+        self._mask_id: int | None = None
 
     def begin(self, scheduled: list[tuple[Request, int]]) -> None:
         self._rows, self._pass = _rows(scheduled), {}
+
+    def begin_denoise(self, jobs: list) -> None:
+        """A diffusion forward over the pending steps of `jobs` (tiermoe.decode.diffusion.Denoising), in row order.
+
+        A job's step within its block is counted here: the decoder runs one forward per step, numbered from 0 in
+        each block, so this is the (block, step) its `begin_step` gave the expert store."""
+        self._rows, self._pass = [], {}
+        for job in jobs:
+            req, work = job.req, job.pending
+            block, step = self._steps.get(req.request_id, (-1, -1))
+            step = step + 1 if block == job.blocks else 0
+            self._steps[req.request_id] = (job.blocks, step)
+            self._requests[req.request_id] = req
+            self._mask_id = job.denoiser.mask_id
+            extras = {"forward": self._forwards, "denoise_block": job.blocks, "denoise_step": step}
+            self._rows += [_Row(req, work.start + i, t, extras) for i, t in enumerate(work.ids.tolist())]
+        self._forwards += 1
 
     def on_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._pass[layer] = (ids, weights)
@@ -59,7 +85,7 @@ class RoutingRecorder:
         for i, row in enumerate(self._rows):
             prefill = row.position < len(row.seq.prompt_ids)
             self._by_seq.setdefault(row.seq.request_id, []).append(
-                (ids[i].numpy(), weights[i].numpy(), prefill, row.position, row.token))
+                (ids[i].numpy(), weights[i].numpy(), prefill, row.position, row.token, row.extras))
 
     def save(self, path, meta: dict | None = None) -> Trace:
         recorder = TraceRecorder()
@@ -69,7 +95,12 @@ class RoutingRecorder:
                 recorder.record(*row)
         base = {"layers": len(self.layers), "num_experts": self.num_experts, "top_k": self.top_k,
                 "weights_meaning": "router weight of each selected expert, as applied to its output"}
-        return recorder.save(path, {**base, **(meta or {})})
+        extras = None
+        if self._requests:  # diffusion
+            base |= {"mask_token_id": self._mask_id, "forwards": self._forwards}
+            extras = {"seq_output_tokens": np.array([len(self._requests[r].output_ids) for r in self._by_seq],
+                                                    np.int32)}
+        return recorder.save(path, {**base, **(meta or {})}, extras)
 
 
 class RoutingReplay:
@@ -87,6 +118,9 @@ class RoutingReplay:
                               f"{len(layers)} x top-{model.shape.top_k}")
         if trace.num_experts > model.shape.num_experts:
             raise ConfigError(f"trace routes to {trace.num_experts} experts; the model has {model.shape.num_experts}")
+        if "forward" in trace.extras:
+            raise ConfigError("a diffusion model's trace (rows per denoising forward) cannot be replayed; replay "
+                              "takes autoregressive traces")
         self.trace, self.layer_index = trace, {lay: i for i, lay in enumerate(layers)}
         self.bounds = trace.sequence_bounds()
         self.sequence_of: dict[str, int] = {}  # request id -> trace sequence

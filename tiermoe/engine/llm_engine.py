@@ -323,6 +323,16 @@ class LLMEngine:
                 self._fail(req, e)
         return results
 
+    def _denoise(self, jobs: list) -> list[torch.Tensor]:
+        """One batched diffusion forward, seen by the runner's observer (a routing recorder) when there is one."""
+        observer = self.runner.observer
+        if observer is not None:
+            observer.begin_denoise(jobs)
+        hidden = diffusion.forward(self.model, jobs)
+        if observer is not None:
+            observer.end()
+        return hidden
+
     def _step_diffusion(self) -> list[Request]:
         """Run the chosen requests' next denoising steps, batched per attention-block length; the requests that
         committed a block (or ended) are returned."""
@@ -335,7 +345,7 @@ class LLMEngine:
         for jobs in groups.values():
             def run(reqs, jobs=jobs):
                 ran = [j for j in jobs if j.req in reqs]
-                return list(zip(ran, diffusion.forward(self.model, ran), strict=True))
+                return list(zip(ran, self._denoise(ran), strict=True))
 
             for job, hidden in self._isolating([j.req for j in jobs], run):
                 job.resume(hidden)

@@ -71,6 +71,16 @@ class Pricing:
             return LAYER_CALLS * g.launch_us * 1e-6 + max((weights + kv) / (g.mem_gbs * GB), flops / self.gpu_flops)
         return LAYER_CALLS * self.call_s + max((weights + kv) / self.cpu_bw, flops / self.cpu_flops)
 
+    def dense_mlp_layers(self, tokens: int, on_gpu: bool) -> float:
+        """The layers with a dense MLP instead of experts (DeepSeek's and LLaDA2's first): their weights' time."""
+        s = self.shape
+        nbytes, flops = s.extra_layer_params * s.dtype_bytes, 2.0 * s.extra_layer_params * tokens
+        if not nbytes:
+            return 0.0
+        if on_gpu:
+            return max(nbytes / (self.hw.gpu.mem_gbs * GB), flops / self.gpu_flops)
+        return max(nbytes / self.cpu_bw, flops / self.cpu_flops)
+
     def head(self, rows: int, on_gpu: bool) -> float:
         """Final norm, lm_head on the rows that need logits, sampling."""
         s = self.shape

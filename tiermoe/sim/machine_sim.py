@@ -15,6 +15,11 @@ disk (reads issued together share its bandwidth, first in first out). Per MoE la
    on a router-based predictor) and policy swaps are read after the layer's demand reads.
 The layer ends when its last expert is done; the head runs after the last layer. Decode steps of a batch run the
 B sequences' next rows together (distinct experts with token counts); a prefill is one pass over the prompt rows.
+
+A diffusion trace (rows grouped by forward, tiermoe.sim.trace) is replayed forward by forward as recorded, every
+sequence of it, batched as the engine batched them; before each forward the tiers are told whether it is a TIDE
+refresh step (as the engine's store is told by the last request that began a step: the forward's last one). With
+strategy `tide` and no GPU, TIDE places the RAM tier (`RefreshRamTier`, the engine's `RefreshStore`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from tiermoe.sim import strategies as S
 from tiermoe.sim.costs import Pricing
 from tiermoe.sim.hardware import Hardware
 from tiermoe.sim.model_shape import ModelShape
-from tiermoe.sim.ram_tier import RamTier, Served
+from tiermoe.sim.ram_tier import RamTier, RefreshRamTier, Served
 from tiermoe.sim.trace import Trace
 
 HOST_RESERVE = 2 << 30  # RAM left to the OS and the engine's own buffers when the expert budget is derived from --ram
@@ -51,6 +56,7 @@ class SimConfig:
     threads: int | None = None  # CPU threads (None: all cores)
     n_cpu_moe: int | None = None  # llamacpp: layers whose experts stay on the CPU (None: as few as fit)
     tau: int = 8  # tide: refresh interval in steps
+    io_threads: int = 4  # the engine's io_threads: reads a TIDE RAM tier streams at once
     sequences: int | None = None  # replay only the first N sequences
     max_tokens: int | None = None  # decode rows per sequence
     prompt_tokens: int = 32  # a trace without prefill rows: the first N rows of a sequence stand for its prompt
@@ -144,8 +150,12 @@ class MachineSim:
         self.notes: list[str] = []
         self.tier = self._strategy()
         size = shape.expert_bytes
-        self.ram = RamTier(self.ram_budget, make_policy(cfg.cache_policy), lambda k: size, shape.num_layers,
-                           trace.top_k, size)
+        if cfg.strategy == "tide" and not self.use_gpu:
+            self.ram = RefreshRamTier(self.ram_budget, lambda k: size, shape.num_layers, trace.top_k, size,
+                                      cfg.io_threads)
+        else:
+            self.ram = RamTier(self.ram_budget, make_policy(cfg.cache_policy), lambda k: size, shape.num_layers,
+                               trace.top_k, size)
         self.clock = Clocks()
         self.inflight: dict[tuple[int, int], float] = {}  # prefetched key -> when its read lands
         self.placements: Counter = Counter()
@@ -154,7 +164,9 @@ class MachineSim:
     def _strategy(self) -> S.Strategy:
         cfg, price, budget = self.cfg, self.price, self.gpu_budget
         if not self.use_gpu:
-            if cfg.strategy not in ("tiermoe", "on-demand"):
+            if cfg.strategy == "tide":
+                self.notes.append("no GPU: TIDE places the RAM tier (the engine's RefreshStore)")
+            elif cfg.strategy not in ("tiermoe", "on-demand"):
                 self.notes.append(f"no GPU: {cfg.strategy} runs every expert on the CPU, as tiermoe does")
             return S.Strategy(price, 0)
         if cfg.strategy == "fiddler":
@@ -187,13 +199,16 @@ class MachineSim:
             keys.sort(key=lambda k: -usage.get(k, 0))  # stable: unused ones in layer order
             self.ram.cache.admit(keys, 0)
             self.tier.preload(keys, usage)
-        batches = self._batches()
+        diffusion = "forward" in self.trace.extras
+        batches = [] if diffusion else self._batches()
         for batch in batches[: self.cfg.warmup]:
             self.replay(batch)
         self.ram.counts = type(self.ram.counts)()
         self.placements.clear()
         self.bytes_read = 0
         self.clock.busy.clear()
+        if diffusion:
+            tokens, seconds = self.replay_forwards()
         for batch in batches[self.cfg.warmup:]:
             n, s = self.replay(batch)
             tokens, seconds = tokens + n, seconds + s
@@ -222,6 +237,22 @@ class MachineSim:
             tokens += len(step)
         return tokens, self.clock_now() - start
 
+    def replay_forwards(self) -> tuple[int, float]:
+        """A diffusion trace: its forwards in order, each over its recorded rows; returns the requests' output tokens
+        and the seconds of the whole run."""
+        t, x = self.trace, self.trace.extras
+        order = np.argsort(x["forward"], kind="stable")  # [T]: rows by forward, a forward's sequences in order
+        mask = t.meta.get("mask_token_id")
+        start = self.clock_now()
+        for rows in np.split(order, np.flatnonzero(np.diff(x["forward"][order])) + 1):
+            last = rows[-1]
+            refresh = bool(x["denoise_block"][last] == 0 or x["denoise_step"][last] % self.cfg.tau == 0)
+            self.ram.begin_step(refresh)
+            self.tier.begin_step(refresh)
+            masked = len(rows) if mask is None or t.token_ids is None else int((t.token_ids[rows] == mask).sum())
+            self.forward(rows, context=int(t.positions[rows].max()) + 1, rows_needing_logits=masked)
+        return int(x["seq_output_tokens"].sum()), self.clock_now() - start
+
     def clock_now(self) -> float:
         c = self.clock
         return max(c.cpu, c.gpu)
@@ -246,7 +277,7 @@ class MachineSim:
         """One forward pass over trace `rows` (a prompt, or a decode step's rows of the batch)."""
         ids = self.trace.experts[rows]  # [T, L, K]
         main = "gpu" if self.use_gpu else "cpu"
-        t = self.clock_now()
+        t = self.clock.run(main, self.clock_now(), self.price.dense_mlp_layers(len(rows), self.use_gpu))
         for layer in range(self.shape.num_layers):
             t_router = self.clock.run(main, t, self.price.dense_layer(len(rows), context, self.use_gpu))
             experts, counts = self.order(ids[:, layer])
@@ -276,7 +307,7 @@ class MachineSim:
         host = [e for e in experts if where[e] != S.GPU]
         if host:
             prefetch = self._predicted(layer, ids) if self.cfg.prefetch == "oracle" else None
-            for served in self.ram.fetch(layer, host, prefetch):
+            for served in self.ram.fetch(layer, host, prefetch, [tokens[e] for e in host]):
                 ends.append(self.serve(served, tokens, where, t_router))
         for _ in self.tier.swaps():  # background copies of what the GPU tier brought in
             self.clock.run("link", t_router, self.price.copy(self.shape.expert_bytes))

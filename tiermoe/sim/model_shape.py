@@ -78,8 +78,8 @@ class ModelShape:
         kv_heads = c.get("num_key_value_heads") or heads
         head_dim = c.get("head_dim") or hidden // heads
         attn = _attn(hidden, heads, kv_heads, head_dim)
-        shared = 3 * hidden * ((c.get("n_shared_experts") or 0) * inter + (c.get("shared_expert_intermediate_size")
-                                                                            or 0))
+        shared = 3 * hidden * ((_first(c, "n_shared_experts", "num_shared_experts") or 0) * inter
+                               + (c.get("shared_expert_intermediate_size") or 0))
         dense = c.get("first_k_dense_replace") or 0
         return cls(name or Path(path).parent.name, layers - dense, experts, c["num_experts_per_tok"], hidden, inter,
                    c["vocab_size"], attn, 2 * kv_heads * head_dim, shared,

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tiermoe.errors import ConfigError
-from tiermoe.offload.policies import CachePolicy
+from tiermoe.offload.placement.refresh import RefreshPlacement
+from tiermoe.offload.policies import CachePolicy, LRUPolicy
 from tiermoe.offload.tiers.budget import format_bytes
 from tiermoe.offload.tiers.cache import ExpertCache
 from tiermoe.offload.tiers.ram import stream_reserve, turns
@@ -57,7 +58,11 @@ class RamTier:
         self.step = 0
         self._in_use: list[Key] = []
 
-    def fetch(self, layer: int, experts: list[int], prefetch: tuple[int, list[int]] | None = None) -> list[Served]:
+    def begin_step(self, refresh: bool) -> None:
+        """A diffusion step begins (`ExpertStore.begin_step`): only the refresh tier acts on it."""
+
+    def fetch(self, layer: int, experts: list[int], prefetch: tuple[int, list[int]] | None = None,
+              counts: list[int] | None = None) -> list[Served]:
         """The store's `fetch`: one `Served` per turn (one turn unless the request exceeds the budget)."""
         keys = [(layer, e) for e in experts]
         if sum(self.cache.size(k) for k in keys) <= self.budget:
@@ -96,3 +101,44 @@ class RamTier:
         capacity = max(self.budget - self.reserve, sum(self.cache.size(k) for k in pinned))
         if self.cache.capacity > capacity:
             self.counts.evictions += len(self.cache.shrink(capacity, self.step, pinned))
+
+
+class RefreshRamTier(RamTier):
+    """TIDE on the RAM tier, as `RefreshStore` (offload/placement/refresh_store.py) keeps it: the fast set is what the
+    refresh placement decided; at a refresh step each layer's set moves toward that step's busiest experts (the
+    promoted ones read and kept, the demoted freed), at a reuse step a routed expert outside it is streamed."""
+
+    def __init__(self, budget: int, size_of: Callable[[Key], int], num_layers: int, top_k: int, largest: int,
+                 io_threads: int = 4):
+        super().__init__(budget, LRUPolicy(), size_of, num_layers, top_k, largest, io_threads, scan_resistant=False)
+        self.cache.capacity = budget - self.reserve
+        self.placement = RefreshPlacement(self.cache.capacity // max(num_layers, 1), lambda lay, e: size_of((lay, e)))
+        self.refreshing = True  # without step boundaries (an autoregressive trace) every request refreshes
+
+    def begin_step(self, refresh: bool) -> None:
+        self.refreshing = refresh
+
+    def fetch(self, layer, experts, prefetch=None, counts=None) -> list[Served]:
+        """`RefreshStore.fetch`: the prefetch is ignored (the refresh decides what is resident)."""
+        self.step += 1
+        if self.refreshing:
+            move = self.placement.refresh(layer, dict(zip(experts, counts or [1] * len(experts), strict=True)))
+            for e in move.demote:
+                self.cache.discard((layer, e))
+            self.counts.evictions += len(move.demote)
+        hits = [(layer, e) for e in experts if (layer, e) in self.cache]
+        fast = [(layer, e) for e in experts if self.placement.is_fast(layer, e) and (layer, e) not in self.cache]
+        self.cache.admit(fast, self.step)
+        for key in fast:
+            if key not in self.cache:  # did not fit: leaves the placement, as the store's `_admitted`
+                self.placement.drop(*key)
+        misses = [key for key in fast if key in self.cache]
+        served = set(hits) | set(misses)
+        streamed = [(layer, e) for e in experts if (layer, e) not in served]
+        for key in hits:
+            self.cache.policy.on_access(key, self.step)
+        c = self.counts
+        c.hits += len(hits)
+        c.misses += len(misses) + len(streamed)
+        c.streamed += len(streamed)
+        return [Served(hits, misses, streamed)]

@@ -51,6 +51,9 @@ class Strategy:
         """Experts the tier brought in outside a request since the last call (copied in the background)."""
         return []
 
+    def begin_step(self, refresh: bool) -> None:
+        """A diffusion step begins: whether it is a TIDE refresh step (only TIDE acts on it)."""
+
     def preload(self, keys: list[Key], usage: Counter) -> None:
         """Fill the GPU tier before the run: `keys` most used first (static strategies are placed already)."""
 
@@ -191,6 +194,10 @@ class TIDE(Strategy):
         self.tau = tau
         self.placement = RefreshPlacement(budget // max(price.shape.num_layers, 1), lambda lay, e: self.nbytes)
         self.requests: Counter = Counter()
+        self.refreshing: bool | None = None  # a diffusion trace's step says; else every tau-th request of a layer
+
+    def begin_step(self, refresh: bool) -> None:
+        self.refreshing = refresh
 
     def preload(self, keys: list[Key], usage: Counter) -> None:
         """A first refresh of every layer from the calibration counts."""
@@ -201,7 +208,7 @@ class TIDE(Strategy):
     def assign(self, layer, experts, counts, base_gpu):
         n = self.requests[layer]
         self.requests[layer] += 1
-        if n % self.tau == 0:
+        if self.refreshing if self.refreshing is not None else n % self.tau == 0:
             move = self.placement.refresh(layer, dict(zip(experts, counts, strict=True)))
             promoted = set(move.promote)
             return {e: COPY if e in promoted else GPU if self.placement.is_fast(layer, e) else CPU for e in experts}

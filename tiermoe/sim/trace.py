@@ -11,6 +11,18 @@ A trace is one `.npz` (no pickles) plus a `.json` sidecar of the same stem:
 
 Any other array is kept as an extra: `seq_*` arrays of length S are per sequence (e.g. `seq_domain`), arrays of
 length T per row. T = tokens, L = MoE layers, K = top-k, S = sequences.
+
+Diffusion traces (`tiermoe generate --record-trace` on a diffusion model) extend the layout: a denoising step's
+forward recomputes a whole block, so a position appears once per step, and rows are grouped by forward pass:
+
+    forward            int32 [T]  index of the forward pass the row went through (rows of one forward run together;
+                                  a batched forward holds several sequences' rows)
+    denoise_block      int32 [T]  the request's generated block at that forward (0 = its first)
+    denoise_step       int32 [T]  the denoising step within that block (0 = its first)
+    seq_output_tokens  int32 [S]  tokens each request output (what tokens/s counts)
+
+`token_ids` then holds the canvas token at the time (the mask id, `mask_token_id` in the sidecar, where still
+masked) and `is_prefill` marks prompt positions.
 """
 
 from __future__ import annotations
@@ -225,6 +237,7 @@ class TraceRecorder:
         self._positions: list[int] = []
         self._token_ids: list[int] = []
         self._seq_starts: list[int] = []
+        self._extras: dict[str, list[int]] = {}  # per-row integer extras (e.g. a diffusion row's forward)
 
     def __len__(self) -> int:
         return len(self._experts)
@@ -234,14 +247,19 @@ class TraceRecorder:
         if not self._seq_starts or self._seq_starts[-1] != len(self):
             self._seq_starts.append(len(self))
 
-    def record(self, experts: Any, weights: Any, is_prefill: bool, position: int, token_id: int | None = None) -> None:
-        """Called once per token: `experts` and `weights` are [L, K] (router rank order), numpy or torch."""
+    def record(self, experts: Any, weights: Any, is_prefill: bool, position: int, token_id: int | None = None,
+               extras: dict[str, int] | None = None) -> None:
+        """Called once per token: `experts` and `weights` are [L, K] (router rank order), numpy or torch; `extras`
+        are per-row integers saved as int32 arrays of that name (every row must give the same names)."""
         e = _as_numpy(experts, np.int16)
         w = _as_numpy(weights, np.float16)
         if e.ndim != 2 or w.shape != e.shape:
             raise ValueError(f"record expects experts and weights of the same [L, K] shape, got {e.shape}, {w.shape}")
         if self._experts and e.shape != self._experts[0].shape:
             raise ValueError(f"token row shape {e.shape} differs from the first row's {self._experts[0].shape}")
+        extras = extras or {}
+        if self._experts and self._extras.keys() != extras.keys():
+            raise ValueError(f"row extras {sorted(extras)} differ from the first row's {sorted(self._extras)}")
         if not self._seq_starts:
             self.begin_sequence()
         self._experts.append(e)
@@ -249,18 +267,24 @@ class TraceRecorder:
         self._is_prefill.append(bool(is_prefill))
         self._positions.append(int(position))
         self._token_ids.append(-1 if token_id is None else int(token_id))
+        for name, value in extras.items():
+            self._extras.setdefault(name, []).append(int(value))
 
-    def to_trace(self, meta: dict[str, Any] | None = None) -> Trace:
-        """The recorded tokens as a `Trace` (token_ids omitted when no token id was given)."""
+    def to_trace(self, meta: dict[str, Any] | None = None, extras: dict[str, Any] | None = None) -> Trace:
+        """The recorded tokens as a `Trace` (token_ids omitted when no token id was given); `extras` adds arrays
+        beside the per-row ones (e.g. per sequence, `seq_*`)."""
         if not self._experts:
             raise ValueError("no token was recorded")
         token_ids = np.array(self._token_ids, np.int32) if any(t >= 0 for t in self._token_ids) else None
+        arrays = {k: np.array(v, np.int32) for k, v in self._extras.items()}
+        arrays.update({k: np.asarray(v) for k, v in (extras or {}).items()})
         return Trace(np.stack(self._experts), np.stack(self._weights), np.array(self._seq_starts, np.int64),
                      np.array(self._is_prefill, np.bool_), np.array(self._positions, np.int32), token_ids,
-                     dict(meta or {}))
+                     dict(meta or {}), arrays)
 
-    def save(self, path: str | Path, meta: dict[str, Any] | None = None) -> Trace:
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None,
+             extras: dict[str, Any] | None = None) -> Trace:
         """Writes the recorded tokens to `<stem>.npz` + `<stem>.json` (meta: model, num_experts, ...); returns them."""
-        trace = self.to_trace(meta)
+        trace = self.to_trace(meta, extras)
         trace.save(path)
         return trace
