@@ -51,6 +51,34 @@ def check_rows_independent_of_batch(dtype: torch.dtype, seed: int = 0) -> None:
             assert torch.equal(kernels.linear(others, w)[0], batch[i])
 
 
+def check_any_batch_gives_each_row_its_bits_alone(seed: int = 0) -> None:
+    """In batch-invariant mode, for 1..40 rows and odd sizes (K not a multiple of any vector width, N not of the
+    register block): each row of a product is bitwise the row computed alone, whatever rows share the product."""
+    g = torch.Generator().manual_seed(seed)
+    before = kernels.batch_invariant()
+    kernels.set_batch_invariant(True)
+    try:
+        for x_dtype, w_dtype in DTYPES:
+            for n, k in ((37, 257), (13, 33), (70, 1024), (5, 7)):
+                w = torch.randn(n, k, generator=g).to(w_dtype)
+                x = torch.randn(40, k, generator=g).to(x_dtype)
+                alone = torch.cat([kernels.linear(x[i:i + 1], w) for i in range(40)])
+                for m in range(1, 41):
+                    assert torch.equal(kernels.linear(x[:m], w), alone[:m]), (x_dtype, w_dtype, n, k, m)
+                order = torch.randperm(40, generator=g)  # another composition: the same rows, shuffled
+                assert torch.equal(kernels.linear(x[order], w), alone[order]), (x_dtype, w_dtype, n, k)
+            hidden, inner = 33, 23
+            x = torch.randn(40, hidden, generator=g).to(x_dtype)
+            gate_up = (torch.randn(2 * inner, hidden, generator=g) / 6).to(w_dtype)
+            down = (torch.randn(hidden, inner, generator=g) / 5).to(w_dtype)
+            scale = torch.rand(40, 1, generator=g)
+            alone = torch.cat([kernels.swiglu(x[i:i + 1], gate_up, down, scale[i:i + 1]) for i in range(40)])
+            for m in (2, 9, 31, 40):
+                assert torch.equal(kernels.swiglu(x[:m], gate_up, down, scale[:m]), alone[:m]), (x_dtype, m)
+    finally:
+        kernels.set_batch_invariant(before)
+
+
 def check_swiglu_close_to_float64(dtype: torch.dtype, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for m, hidden, inner in ((1, 64, 48), (3, 33, 17), (8, 100, 70)):
@@ -70,6 +98,7 @@ def check_swiglu_close_to_float64(dtype: torch.dtype, seed: int = 0) -> None:
 def run_all() -> None:
     for x_dtype, w_dtype in DTYPES:
         check_linear_close_to_float64(x_dtype, w_dtype)
+    check_any_batch_gives_each_row_its_bits_alone()
     for dtype in (torch.float32, torch.bfloat16):
         check_rows_independent_of_batch(dtype)
         check_swiglu_close_to_float64(dtype)

@@ -191,6 +191,26 @@ def test_batch_invariant_mode_gives_each_row_its_bits_alone(monkeypatch):
 
 
 @compiled_only
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batch_invariant_products_of_1_to_40_rows_give_each_row_its_bits_alone(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        checks.check_any_batch_gives_each_row_its_bits_alone()
+    finally:
+        torch.set_num_threads(before)
+
+
+@compiled_only
+def test_batch_invariant_products_run_in_one_kernel_call(monkeypatch):
+    monkeypatch.setattr(kernels, "_invariant", True)
+    x, w = torch.randn(33, 64), torch.randn(48, 64)
+    calls = kernels.calls()
+    kernels.linear(x, w)
+    assert kernels.calls() == calls + 1  # not one call per tile: the weight is streamed once
+
+
+@compiled_only
 def test_a_build_killed_earlier_does_not_block_the_next_load():
     """torch leaves its `lock` file behind when a build is interrupted (Ctrl-C); the next run must not wait on it."""
     from tiermoe.kernels.build import staged_source

@@ -7,14 +7,16 @@ rows in the batch, bit for bit. Larger batches, other devices and other dtypes u
 everything when the kernels cannot be built (one warning line) or TIERMOE_KERNELS=off. `rmsnorm`, `rotary_` and
 `decode_attention` fuse the small ops of one decode step around them.
 
-Batch-invariant mode (`set_batch_invariant`, on in the engine): products with more than MAX_ROWS rows run the same
-kernels MAX_ROWS rows at a time (row by row through torch where the kernels do not serve), so that a row's result
-never depends on how many rows share the product; torch's GEMM picks different blockings for different row counts.
+Batch-invariant mode (`set_batch_invariant`, on in the engine): products with any number of rows run the kernels
+(row by row through torch where the kernels do not serve), so that a row's result never depends on how many rows
+share the product; torch's GEMM picks different blockings for different row counts. With many rows the kernels are
+a register-blocked GEMM whose per-output summation order is the one-row order.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +60,16 @@ def batch_invariant() -> bool:
 
 
 def _tiles(x: torch.Tensor, ops) -> list[torch.Tensor] | None:
-    """x's rows in the tiles a batch-invariant product computes separately; None: one product is invariant."""
-    if not _invariant or x.dim() != 2:
+    """x's rows one by one where a batch-invariant product is not computed by the kernels (no build, another
+    device); None: one product is invariant (the kernels' are, for any number of rows)."""
+    if not _invariant or x.dim() != 2 or (ops is not None and x.device.type == "cpu") or x.shape[0] <= 1:
         return None
-    rows = MAX_ROWS if ops is not None and x.device.type == "cpu" else 1
-    return None if x.shape[0] <= rows else list(x.split(rows))
+    return list(x.split(1))
+
+
+def _max_rows() -> int:
+    """Rows up to which the kernels serve a product: all of them in batch-invariant mode."""
+    return sys.maxsize if _invariant else MAX_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -78,7 +85,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
         y = F.linear(x, weight, bias)
         return y if out_dtype is None else y.to(out_dtype)
-    return ops.linear(x, weight, bias, MAX_ROWS, out_dtype == torch.float32)
+    return ops.linear(x, weight, bias, _max_rows(), out_dtype == torch.float32)
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor | None = None,
@@ -98,7 +105,7 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, scale: to
         gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down)
         return (y if scale is None else y * scale).to(out_dtype or x.dtype)
-    return ops.swiglu(x, gate_up, down, scale, MAX_ROWS, out_dtype == torch.float32)
+    return ops.swiglu(x, gate_up, down, scale, _max_rows(), out_dtype == torch.float32)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
-// Small-batch matrix-vector products for decode: y[M, N] = x[M, K] @ W[N, K]^T with M <= a few rows.
+// Matrix products for decode and batch-invariant prefill: y[M, N] = x[M, K] @ W[N, K]^T for any M.
 //
 // Batch-1 decode streams every weight byte once per token, so the speed limit is memory bandwidth; torch's GEMM
 // libraries are tuned for large M and reach a fraction of it on one row. Here each thread streams a contiguous
-// band of W's rows and dots every row with all M inputs while the row is in cache.
+// band of W's rows, a few rows at a time, and dots them with blocks of x rows while they are in cache; with many
+// rows (batched decode, prefill) the same register blocks make it a GEMM whose W is read once per L2-sized panel.
 //
 // NOTE: every output element y[m, n] is one vector accumulator over k in ascending chunks, reduced in a fixed
 // order, whatever M is, whatever other rows are in the batch, however rows are tiled or split across threads.
@@ -12,7 +13,7 @@
 //   avx512bf16: bf16 x and W, _mm512_dpbf16_ps (pairs of bf16 products summed into fp32 lanes)
 //   avx512:     fp32 x, fp32 or bf16 W (bf16 widened exactly to fp32), FMA
 //   avx2:       as avx512 on 8 lanes
-// Anything else (other dtypes, other ISAs, too many rows) is at::linear.
+// Anything else (other dtypes, other ISAs, more rows than the caller's limit) is at::linear.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -61,7 +62,11 @@ const char* isa_name(Isa isa) {
 }
 
 // ---- vector operations: one struct per (ISA, weight dtype); x is fp32 except for Dpbf16 ----
-// Each provides: step (elements per chunk), Acc, W, X, zero(), load_w, load_x, fma(acc, x, w), reduce(acc).
+// Each provides: step (elements per chunk), mr x nr (the register block: x rows by W rows), Acc, W, X, zero(),
+// load_w, load_w_tail(p, n) (the first n < step elements, zeros after, nothing read past them), load_x,
+// fma(acc, x, w), reduce(acc).
+
+inline uint32_t tail_mask(int64_t n) { return (uint32_t{1} << n) - 1; }  // n < 32
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
@@ -73,12 +78,12 @@ struct Avx512F32 {
   using Acc = __m512;
   using W = __m512;
   using X = __m512;
-  static constexpr int step = 16;
+  static constexpr int step = 16, mr = 4, nr = 6;
   AVX512 static inline Acc zero() { return _mm512_setzero_ps(); }
   AVX512 static inline W load_w(const welem* p) { return _mm512_loadu_ps(p); }
+  AVX512 static inline W load_w_tail(const welem* p, int64_t n) { return _mm512_maskz_loadu_ps(tail_mask(n), p); }
   AVX512 static inline X load_x(const xelem* p) { return _mm512_loadu_ps(p); }
   AVX512 static inline Acc fma(Acc a, X x, W w) { return _mm512_fmadd_ps(x, w, a); }
-  AVX512 static inline Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
   AVX512 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
 };
 
@@ -88,15 +93,19 @@ struct Avx512Bf16W {  // bf16 weights widened to fp32 (exact), fp32 x
   using Acc = __m512;
   using W = __m512;
   using X = __m512;
-  static constexpr int step = 16;
+  static constexpr int step = 16, mr = 4, nr = 6;
   AVX512 static inline Acc zero() { return _mm512_setzero_ps(); }
-  AVX512 static inline W load_w(const welem* p) {
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  AVX512 static inline W widen(__m256i h) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  AVX512 static inline W load_w(const welem* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  AVX512 static inline W load_w_tail(const welem* p, int64_t n) {
+    return widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(tail_mask(n)), p));
   }
   AVX512 static inline X load_x(const xelem* p) { return _mm512_loadu_ps(p); }
   AVX512 static inline Acc fma(Acc a, X x, W w) { return _mm512_fmadd_ps(x, w, a); }
-  AVX512 static inline Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
   AVX512 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
 };
 
@@ -106,14 +115,16 @@ struct Dpbf16 {  // bf16 x and W: each lane adds two exact bf16 products in fp32
   using Acc = __m512;
   using W = __m512i;
   using X = __m512i;
-  static constexpr int step = 32;
+  static constexpr int step = 32, mr = 4, nr = 6;
   AVX512BF16 static inline Acc zero() { return _mm512_setzero_ps(); }
   AVX512BF16 static inline W load_w(const welem* p) { return _mm512_loadu_si512(p); }
+  AVX512BF16 static inline W load_w_tail(const welem* p, int64_t n) {
+    return _mm512_maskz_loadu_epi16(static_cast<__mmask32>(tail_mask(n)), p);
+  }
   AVX512BF16 static inline X load_x(const xelem* p) { return _mm512_loadu_si512(p); }
   AVX512BF16 static inline Acc fma(Acc a, X x, W w) {
     return _mm512_dpbf16_ps(a, reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(w));
   }
-  AVX512BF16 static inline Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
   AVX512BF16 static inline float reduce(Acc a) { return _mm512_reduce_add_ps(a); }
 };
 
@@ -130,12 +141,16 @@ struct Avx2F32 {
   using Acc = __m256;
   using W = __m256;
   using X = __m256;
-  static constexpr int step = 8;
+  static constexpr int step = 8, mr = 2, nr = 4;  // 16 registers: 8 accumulators, 2 x, 1 W
   AVX2 static inline Acc zero() { return _mm256_setzero_ps(); }
   AVX2 static inline W load_w(const welem* p) { return _mm256_loadu_ps(p); }
+  AVX2 static inline W load_w_tail(const welem* p, int64_t n) {
+    alignas(32) welem pad[step] = {};
+    std::memcpy(pad, p, n * sizeof(welem));
+    return load_w(pad);
+  }
   AVX2 static inline X load_x(const xelem* p) { return _mm256_loadu_ps(p); }
   AVX2 static inline Acc fma(Acc a, X x, W w) { return _mm256_fmadd_ps(x, w, a); }
-  AVX2 static inline Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
   AVX2 static inline float reduce(Acc a) { return reduce256(a); }
 };
 
@@ -145,67 +160,66 @@ struct Avx2Bf16W {
   using Acc = __m256;
   using W = __m256;
   using X = __m256;
-  static constexpr int step = 8;
+  static constexpr int step = 8, mr = 2, nr = 4;
   AVX2 static inline Acc zero() { return _mm256_setzero_ps(); }
   AVX2 static inline W load_w(const welem* p) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  AVX2 static inline W load_w_tail(const welem* p, int64_t n) {
+    alignas(16) welem pad[step] = {};
+    std::memcpy(pad, p, n * sizeof(welem));
+    return load_w(pad);
+  }
   AVX2 static inline X load_x(const xelem* p) { return _mm256_loadu_ps(p); }
   AVX2 static inline Acc fma(Acc a, X x, W w) { return _mm256_fmadd_ps(x, w, a); }
-  AVX2 static inline Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
   AVX2 static inline float reduce(Acc a) { return reduce256(a); }
 };
 
-// ---- the tiled loop, one instantiation per vector-op struct ----
+// ---- the blocked loop, one instantiation per vector-op struct ----
+//
+// Each output y[m, n] is ONE vector accumulator: chunk c of K (Op::step elements, ascending) is multiplied into it,
+// then its lanes are reduced in a fixed order. The blocking below only decides which outputs are computed together
+// (MR rows of x by NR rows of W share their loads), never the order of one output's sums: that is what makes a
+// row's result independent of the other rows, their number, the blocking and the thread split, bit for bit.
 
-constexpr int kMaxTileRows = 4;  // x rows sharing one pass over a W row (4 x 4 accumulators fit the registers)
-// Accumulators per (x row, W row): chunk c of K (Op::step elements) goes to accumulator c % kUnroll, and they are
-// added in index order at the end. That is each output's fixed summation order. Independent accumulators let one
-// W row be read as one linear stream without waiting on a dependency chain; streaming one row at a time measured
-// faster than interleaving several rows (more streams), most for short bf16 rows (bench/gemv_speed.py).
-constexpr int kUnroll = 4;
+// Bytes of x rows in one panel (the rows sharing a pass over W), sized to stay in L2.
+constexpr int64_t kPanelBytes = 256 * 1024;
 
-// Dots MT rows of x (padded with zeros to Kp, a multiple of Op::step) with one row of W; res[m] in fp32.
-// The last partial chunk of W is copied into a zero-padded buffer, so it adds exactly 0 beyond K.
-template <class Op, int MT>
-__attribute__((always_inline)) inline void tile(const typename Op::xelem* x, int64_t Kp,
-                                                const typename Op::welem* w, int64_t K, float* res) {
+// res[m * NR + j] = dot(x row m, W row j) for an MR x NR block; x rows are zero-padded to Kp (a multiple of
+// Op::step), W rows hold K elements: the last partial chunk is loaded masked (zeros past K, nothing read there).
+template <class Op, int MR, int NR>
+__attribute__((always_inline)) inline void block(const typename Op::xelem* x, int64_t Kp,
+                                                 const typename Op::welem* w, int64_t ldw, int64_t K, float* res) {
   using Acc = typename Op::Acc;
-  constexpr int64_t step = Op::step, group = step * kUnroll;
-  Acc acc[MT][kUnroll];
+  constexpr int64_t step = Op::step;
+  Acc acc[MR][NR];
 #pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m)
+  for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
-    for (int u = 0; u < kUnroll; ++u) acc[m][u] = Op::zero();
-  const int64_t kgroups = K - K % group;
-  for (int64_t k = 0; k < kgroups; k += group) {
+    for (int j = 0; j < NR; ++j) acc[m][j] = Op::zero();
+  const int64_t kfull = K - K % step;
+  for (int64_t k = 0; k < kfull; k += step) {
+    typename Op::X xv[MR];
 #pragma GCC unroll 8
-    for (int u = 0; u < kUnroll; ++u) {
-      typename Op::W wv = Op::load_w(w + k + u * step);
+    for (int m = 0; m < MR; ++m) xv[m] = Op::load_x(x + m * Kp + k);
 #pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) acc[m][u] = Op::fma(acc[m][u], Op::load_x(x + m * Kp + k + u * step), wv);
+    for (int j = 0; j < NR; ++j) {
+      typename Op::W wv = Op::load_w(w + j * ldw + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) acc[m][j] = Op::fma(acc[m][j], xv[m], wv);
     }
   }
-  // The chunks after the last full group (the final one zero-padded) continue the c % kUnroll assignment.
-  for (int64_t k = kgroups, u = 0; k < K; k += step, ++u) {
-    alignas(64) typename Op::welem pad[step];
-    const typename Op::welem* src = w + k;
-    if (k + step > K) {
-      std::memset(pad, 0, sizeof(pad));
-      std::memcpy(pad, w + k, (K - k) * sizeof(typename Op::welem));
-      src = pad;
+  if (kfull < K) {
+    for (int j = 0; j < NR; ++j) {
+      typename Op::W wv = Op::load_w_tail(w + j * ldw + kfull, K - kfull);
+      for (int m = 0; m < MR; ++m) acc[m][j] = Op::fma(acc[m][j], Op::load_x(x + m * Kp + kfull), wv);
     }
-    typename Op::W wv = Op::load_w(src);
-    for (int m = 0; m < MT; ++m) acc[m][u] = Op::fma(acc[m][u], Op::load_x(x + m * Kp + k), wv);
   }
 #pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) {
-    Acc sum = acc[m][0];
+  for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
-    for (int u = 1; u < kUnroll; ++u) sum = Op::add(sum, acc[m][u]);
-    res[m] = Op::reduce(sum);
-  }
+    for (int j = 0; j < NR; ++j) res[m * NR + j] = Op::reduce(acc[m][j]);
 }
 
 // What happens to a dot product before it is stored: + bias[n], * row_scale[m], then rounded to the output dtype.
@@ -227,25 +241,40 @@ struct Epilogue {
   }
 };
 
-// Rows [n0, n1) of W, one at a time, each against every row of x (in tiles of kMaxTileRows, W row from cache).
+// An MR x NR block at (m0, n), MR = mr <= 4 chosen at run time.
+template <class Op, int NR>
+__attribute__((always_inline)) inline void block_at(const typename Op::xelem* x, int64_t m0, int64_t mr, int64_t Kp,
+                                                    const typename Op::welem* w, int64_t ldw, int64_t K, int64_t n,
+                                                    const Epilogue& ep) {
+  float res[4 * NR];
+  const typename Op::xelem* xm = x + m0 * Kp;
+  const typename Op::welem* wn = w + n * ldw;
+  switch (mr) {
+    case 4: block<Op, 4, NR>(xm, Kp, wn, ldw, K, res); break;
+    case 3: block<Op, 3, NR>(xm, Kp, wn, ldw, K, res); break;
+    case 2: block<Op, 2, NR>(xm, Kp, wn, ldw, K, res); break;
+    default: block<Op, 1, NR>(xm, Kp, wn, ldw, K, res); break;
+  }
+  for (int64_t m = 0; m < mr; ++m)
+    for (int j = 0; j < NR; ++j) ep.store(m0 + m, n + j, res[m * NR + j]);
+}
+
+// Rows [n0, n1) of W against every row of x: x in panels that stay in L2, each panel against the band of W in
+// blocks of Op::nr W rows by Op::mr x rows (a W block is read from memory once per panel and reused from cache).
 template <class Op>
 __attribute__((always_inline)) inline void rows(const typename Op::xelem* x, int64_t M, int64_t Kp,
                                                 const typename Op::welem* w, int64_t ldw, int64_t K, int64_t n0,
                                                 int64_t n1, const Epilogue& ep) {
-  float res[kMaxTileRows];
-  for (int64_t n = n0; n < n1; ++n) {
-    const typename Op::welem* wn = w + n * ldw;
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxTileRows) {
-      const typename Op::xelem* xm = x + m0 * Kp;
-      const int64_t mt = std::min<int64_t>(kMaxTileRows, M - m0);
-      switch (mt) {
-        case 4: tile<Op, 4>(xm, Kp, wn, K, res); break;
-        case 3: tile<Op, 3>(xm, Kp, wn, K, res); break;
-        case 2: tile<Op, 2>(xm, Kp, wn, K, res); break;
-        default: tile<Op, 1>(xm, Kp, wn, K, res); break;
-      }
-      for (int64_t m = 0; m < mt; ++m) ep.store(m0 + m, n, res[m]);
-    }
+  constexpr int MR = Op::mr, NR = Op::nr;
+  const int64_t per_row = Kp * static_cast<int64_t>(sizeof(typename Op::xelem));
+  const int64_t panel = std::max<int64_t>(MR, kPanelBytes / per_row / MR * MR);
+  for (int64_t p0 = 0; p0 < M; p0 += panel) {
+    const int64_t p1 = std::min(M, p0 + panel);
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR)
+      for (int64_t m = p0; m < p1; m += MR) block_at<Op, NR>(x, m, std::min<int64_t>(MR, p1 - m), Kp, w, ldw, K, n, ep);
+    for (; n < n1; ++n)
+      for (int64_t m = p0; m < p1; m += MR) block_at<Op, 1>(x, m, std::min<int64_t>(MR, p1 - m), Kp, w, ldw, K, n, ep);
   }
 }
 
@@ -281,7 +310,8 @@ Path choose(at::ScalarType xt, at::ScalarType wt) {
   return Path::none;
 }
 
-// Weight bytes below which one thread does the whole product (a fork/join costs more than it saves).
+// Work (weight bytes times blocks of x rows) below which one thread does the whole product (a fork/join costs more
+// than it saves).
 constexpr int64_t kSerialBytes = 64 * 1024;
 
 // y = epilogue(x @ W^T) for rows of W; x [M, K] any strides, W [N, K] with unit stride along K.
@@ -292,7 +322,8 @@ void product(Path path, const torch::Tensor& x, const torch::Tensor& w, const Ep
   auto xp = padded_x(x, step, path == Path::dpbf16 ? at::kBFloat16 : at::kFloat);
   const int64_t Kp = xp.size(1);
   const int64_t row_bytes = K * w.element_size();
-  const int64_t grain = std::max<int64_t>(1, kSerialBytes / std::max<int64_t>(1, row_bytes));
+  const int64_t work = row_bytes * ((M + 3) / 4);  // per W row: its bytes, once per block of x rows
+  const int64_t grain = std::max<int64_t>(1, kSerialBytes / std::max<int64_t>(1, work));
   const void* wp = w.data_ptr();
   const void* xv = xp.data_ptr();
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
