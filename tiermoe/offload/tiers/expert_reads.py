@@ -10,12 +10,13 @@ expert is converted (dtype, gate | up concatenated) into new tensors and its rea
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tiermoe.checkpoint import ExpertSpec, TensorInfo
-from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, Segment, align_down, align_up
+from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, align_down, align_up
 from tiermoe.offload.tiers.store import ExpertWeights, build_expert, loaded_nbytes
 
 # Parts of one expert closer together than this are fetched with one read (save_pretrained writes an expert's
@@ -56,31 +57,52 @@ def _pages(spec: ExpertSpec) -> int:
     return sum(align_up(off + n) - align_down(off) for _, off, n in read_ranges(spec, gap=PAGE))
 
 
-def read_expert(reader: DirectReader, spec: ExpertSpec, dtype: torch.dtype) -> tuple[ExpertWeights, int]:
-    """Read one expert (one aligned read per range); returns its weights and the bytes read (whole pages)."""
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """How one expert is read and viewed, worked out once per expert: a reader thread then runs little Python around
+    its reads (it holds the interpreter lock for that time, which the model's thread waits on)."""
+
+    spec: ExpertSpec
+    kept: bool  # the read buffers become the weights (`in_place`)
+    ranges: tuple[Range, ...]  # one aligned read each
+    views: tuple[tuple[int, int, int, torch.dtype, tuple[int, ...]], ...]  # (range, byte offset in it, bytes,
+    # dtype, shape) of gate | up and down when kept, else of gate, up and down
+    files: tuple[Path, ...]  # distinct files read
+    nbytes: int  # what the disk transfers: whole pages
+
+
+def plan_read(spec: ExpertSpec, dtype: torch.dtype) -> ReadPlan:
     kept = in_place(spec, dtype)
-    ranges = read_ranges(spec, gap=PAGE if kept else COALESCE_GAP)  # kept buffers hold no other expert's bytes
-    segments = [reader.read(*r) for r in ranges]
+    ranges = tuple(read_ranges(spec, gap=PAGE if kept else COALESCE_GAP))  # kept buffers hold no other's bytes
+    parts = spec.parts
+    if kept:
+        g, u, d = parts
+        parts = (TensorInfo(g.file, g.offset, g.nbytes + u.nbytes, dtype, (g.shape[0] + u.shape[0], *g.shape[1:])), d)
+    return ReadPlan(spec, kept, ranges, tuple(_place(ranges, p) for p in parts), tuple(dict.fromkeys(
+        f for f, _, _ in ranges)), sum(align_up(off + n) - align_down(off) for _, off, n in ranges))
+
+
+def read_expert(reader: DirectReader, plan: ReadPlan, dtype: torch.dtype) -> tuple[ExpertWeights, int]:
+    """Read one expert (one aligned read per range); returns its weights and the bytes read (whole pages)."""
+    segments = [reader.read(*r) for r in plan.ranges]
     try:
-        if kept:
-            g, u, d = spec.parts
-            gate_up = TensorInfo(g.file, g.offset, g.nbytes + u.nbytes, dtype, (g.shape[0] + u.shape[0],
-                                                                                 *g.shape[1:]))
-            weights = ExpertWeights(_view(segments, gate_up), _view(segments, d))
+        flat = [seg.as_tensor() for seg in segments]  # [bytes] each; views of it share its storage: no copy
+        tensors = [flat[i][start:start + n].view(dt).view(shape) for i, start, n, dt, shape in plan.views]
+        if plan.kept:
+            weights = ExpertWeights(*tensors)
             for seg in segments:
                 seg.hand_over()
         else:
-            weights = build_expert(spec, *(_view(segments, p) for p in spec.parts), dtype)  # copies
+            weights = build_expert(plan.spec, *tensors, dtype)  # copies
     finally:
         for seg in segments:
             seg.release()  # nothing left to release for a handed-over segment
-    return weights, sum(align_up(off + n) - align_down(off) for _, off, n in ranges)  # what the disk transferred
+    return weights, plan.nbytes
 
 
-def _view(segments: list[Segment], part: TensorInfo) -> torch.Tensor:
-    """`part` as a tensor over the segment that holds its bytes (no copy)."""
-    for seg in segments:
-        if seg.path == os.fspath(part.file) and seg.offset <= part.offset <= seg.offset + seg.nbytes - part.nbytes:
-            start = part.offset - seg.offset
-            return seg.as_tensor()[start:start + part.nbytes].view(part.dtype).view(part.shape)
+def _place(ranges: tuple[Range, ...], part: TensorInfo) -> tuple[int, int, int, torch.dtype, tuple[int, ...]]:
+    """Which range holds `part`'s bytes, and where in it."""
+    for i, (f, off, n) in enumerate(ranges):
+        if f == part.file and off <= part.offset <= off + n - part.nbytes:
+            return i, part.offset - off, part.nbytes, part.dtype, part.shape
     raise AssertionError(f"no read covers {part}")  # read_ranges covers every part

@@ -28,7 +28,7 @@ from tiermoe.offload.policies import CachePolicy
 from tiermoe.offload.tiers.budget import format_bytes
 from tiermoe.offload.tiers.cache import ExpertCache
 from tiermoe.offload.tiers.direct_io import DirectReader
-from tiermoe.offload.tiers.expert_reads import read_expert, slot_nbytes
+from tiermoe.offload.tiers.expert_reads import ReadPlan, plan_read, read_expert, slot_nbytes
 from tiermoe.offload.tiers.stats import StoreStats
 from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
@@ -97,6 +97,7 @@ class TieredStore(ExpertStore):
         self.inflight: dict[Key, Future] = {}  # prefetched experts whose read has not been collected yet
         self._in_use: list[Key] = []  # keys of the request being served: never evicted by a prefetch
         self._file_state = {f: _state(f) for f in {p.file for s in index.experts().values() for p in s.parts}}
+        self._plans: dict[Key, ReadPlan] = {}  # how each expert read so far is read (its reads repeat)
 
     @property
     def resident_bytes(self) -> int:
@@ -163,6 +164,8 @@ class TieredStore(ExpertStore):
             reads[self.pool.submit(self._load, key) if _failed(fut) else fut] = (key, True)
         queue = deque(streamed)
         self._top_up(reads, queue)  # demand reads first, then the reads ahead
+        if reads:
+            time.sleep(0)  # hand the interpreter lock to the readers until they are in their reads
         self._read_ahead(self.cache.propose(self.step, keys))  # swaps a policy asks for (DALI), else nothing
         if prefetch is not None:
             self.prefetch(*prefetch)
@@ -240,18 +243,22 @@ class TieredStore(ExpertStore):
 
     def _load(self, key: Key) -> tuple[ExpertWeights, int, float]:
         """Runs on an I/O thread: read one expert's bytes as compute-ready weights."""
-        layer, e = key
-        spec = self.index.expert(layer, e)
         start = time.perf_counter()
-        for part in spec.parts:
-            if _state(part.file) != self._file_state[part.file]:
-                raise ExpertIOError(f"{part.file} changed after the engine opened it (expert {e} of layer {layer}); "
+        plan = self._plans.get(key) or self._plan(key)
+        for file in plan.files:
+            if _state(file) != self._file_state[file]:
+                raise ExpertIOError(f"{file} changed after the engine opened it (expert {key[1]} of layer {key[0]}); "
                                     "restart on the new checkpoint")
         try:
-            weights, nbytes = read_expert(self.reader, spec, self.dtype)
+            weights, nbytes = read_expert(self.reader, plan, self.dtype)
         except OSError as err:
-            raise ExpertIOError(f"reading expert {e} of layer {layer} from {spec.gate.file} failed: {err}") from err
+            raise ExpertIOError(f"reading expert {key[1]} of layer {key[0]} from {plan.spec.gate.file} failed: "
+                                f"{err}") from err
         return weights, nbytes, time.perf_counter() - start
+
+    def _plan(self, key: Key) -> ReadPlan:
+        plan = self._plans[key] = plan_read(self.index.expert(*key), self.dtype)
+        return plan
 
     def close(self) -> None:
         self.pool.shutdown()
