@@ -56,7 +56,7 @@ class SimConfig:
     threads: int | None = None  # CPU threads (None: all cores)
     n_cpu_moe: int | None = None  # llamacpp: layers whose experts stay on the CPU (None: as few as fit)
     tau: int = 8  # tide: refresh interval in steps
-    io_threads: int = 4  # the engine's io_threads: reads a TIDE RAM tier streams at once
+    io_threads: int = 4  # the engine's io_threads: reads the RAM tier streams at once
     sequences: int | None = None  # replay only the first N sequences
     max_tokens: int | None = None  # decode rows per sequence
     prompt_tokens: int = 32  # a trace without prefill rows: the first N rows of a sequence stand for its prompt
@@ -155,7 +155,7 @@ class MachineSim:
                                       cfg.io_threads)
         else:
             self.ram = RamTier(self.ram_budget, make_policy(cfg.cache_policy), lambda k: size, shape.num_layers,
-                               trace.top_k, size)
+                               trace.top_k, size, io_threads=cfg.io_threads)
         self.clock = Clocks()
         self.inflight: dict[tuple[int, int], float] = {}  # prefetched key -> when its read lands
         self.placements: Counter = Counter()

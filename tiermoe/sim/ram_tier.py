@@ -17,7 +17,7 @@ from tiermoe.offload.placement.refresh import RefreshPlacement
 from tiermoe.offload.policies import CachePolicy, LRUPolicy
 from tiermoe.offload.tiers.budget import format_bytes
 from tiermoe.offload.tiers.cache import ExpertCache
-from tiermoe.offload.tiers.ram import stream_reserve, turns
+from tiermoe.offload.tiers.ram import stream_depth, stream_reserve, turns
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -45,7 +45,8 @@ class RamTier:
     """Experts resident in RAM up to `budget` bytes (one budget across layers), as `TieredStore` keeps them."""
 
     def __init__(self, budget: int, policy: CachePolicy, size_of: Callable[[Key], int], num_layers: int,
-                 top_k: int, largest: int, stream_window: int = 1, scan_resistant: bool = True):
+                 top_k: int, largest: int, stream_window: int | None = None, scan_resistant: bool = True,
+                 io_threads: int = 4):
         least = top_k * largest
         if budget < least:
             raise ConfigError(f"expert cache budget {format_bytes(budget)} ({budget} bytes) is smaller than the "
@@ -53,7 +54,8 @@ class RamTier:
         self.budget = budget
         self.cache = ExpertCache(budget, policy, size_of=size_of,
                                  horizon=max(num_layers, 1) if scan_resistant else None)
-        self.window, self.reserve = stream_reserve(budget, largest, stream_window, cached=1)
+        depth = stream_window or stream_depth(budget, largest, io_threads)  # the live store's default
+        self.window, self.reserve = stream_reserve(budget, largest, depth, cached=1)
         self.counts = TierCounts()
         self.step = 0
         self._in_use: list[Key] = []

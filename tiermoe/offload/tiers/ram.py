@@ -46,6 +46,13 @@ def min_budget(index: CheckpointIndex, moe_layers: list[int], top_k: int, dtype:
     return worst
 
 
+def stream_depth(budget: int, largest: int, io_threads: int) -> int:
+    """Default reads in flight for streamed misses. A batch's union outgrows the cache far more often than one
+    token's experts: read at the I/O threads' depth, not one at a time, as far as the window takes at most 1/16 of the
+    budget."""
+    return max(1, min(io_threads, budget // max(largest, 1) // 16))
+
+
 def stream_reserve(budget: int, largest: int, window: int, cached: int = 0) -> tuple[int, int]:
     """(reads in flight, bytes) of a stream window: `window` reads beside the expert being computed, as far as the
     budget holds them beside `cached` experts left to the cache (0 reads: each starts once the caller has released
@@ -85,9 +92,7 @@ class TieredStore(ExpertStore):
         self.cache = ExpertCache(budget, policy, size_of=lambda k: slot_nbytes(index.expert(*k), dtype),
                                  horizon=horizon)
         self.largest = max((self.cache.size(key) for key in index.experts()), default=0)
-        # A batch's union outgrows the cache far more often than one token's experts: by default streamed misses are
-        # read at the I/O threads' depth, not one at a time, as far as the window takes at most 1/16 of the budget.
-        depth = stream_window or max(1, min(io_threads, budget // max(self.largest, 1) // 16))
+        depth = stream_window or stream_depth(budget, self.largest, io_threads)
         self.window, self.reserve = stream_reserve(budget, self.largest, depth, cached=1)
         self.weights: dict[Key, ExpertWeights] = {}
         self.reader = DirectReader(max_workers=1, direct=direct_io)
