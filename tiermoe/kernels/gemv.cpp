@@ -271,8 +271,11 @@ __attribute__((always_inline)) inline void rows(const typename Op::xelem* x, int
   for (int64_t p0 = 0; p0 < M; p0 += panel) {
     const int64_t p1 = std::min(M, p0 + panel);
     int64_t n = n0;
-    for (; n + NR <= n1; n += NR)
-      for (int64_t m = p0; m < p1; m += MR) block_at<Op, NR>(x, m, std::min<int64_t>(MR, p1 - m), Kp, w, ldw, K, n, ep);
+    // One x row (decode): one W row per block streams W faster (fewer concurrent streams); a block's shape never
+    // changes an output's bits, each output has its own accumulator summed in the same order.
+    if (p1 - p0 > 1)
+      for (; n + NR <= n1; n += NR)
+        for (int64_t m = p0; m < p1; m += MR) block_at<Op, NR>(x, m, std::min<int64_t>(MR, p1 - m), Kp, w, ldw, K, n, ep);
     for (; n < n1; ++n)
       for (int64_t m = p0; m < p1; m += MR) block_at<Op, 1>(x, m, std::min<int64_t>(MR, p1 - m), Kp, w, ldw, K, n, ep);
   }
