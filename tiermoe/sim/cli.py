@@ -112,8 +112,9 @@ def run_machine(args: argparse.Namespace) -> int:
         for strategy in args.strategy:
             cfg = SimConfig(strategy, _bytes(args.gpu_memory, 0), _bytes(args.ram, 0),
                             _bytes(args.expert_cache, shape.total_expert_bytes), args.cache_policy, args.batch,
-                            args.phase, args.prefetch, args.threads, args.n_cpu_moe, args.tau, args.sequences,
-                            args.max_tokens, warmup=args.warmup, preload=args.preload)
+                            args.phase, args.prefetch, args.threads, args.n_cpu_moe, args.tau,
+                            sequences=args.sequences, max_tokens=args.max_tokens, warmup=args.warmup,
+                            preload=args.preload)
             results.append(simulate(trace, shape, hw, cfg))
     except (ValueError, OSError) as e:  # ConfigError is a ValueError
         print(f"tiermoe sim run: error: {e}", file=sys.stderr)
