@@ -41,8 +41,11 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM
 from tiermoe.convert import convert
 from tiermoe.decode.routing import RoutingReplay
+from tiermoe.offload.prefetch import AFFINITY_FILE
 from tiermoe.offload.tiers.direct_io import DirectReader, drop_page_cache
 from tiermoe.offload.tiers.ram import min_budget
+from tiermoe.offload.tools.learned_train import split_sequences
+from tiermoe.offload.tools.prefetch_cli import fit_affinity
 from tiermoe.sim.trace import Trace
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
@@ -56,6 +59,7 @@ class Config:
     budget: str | None  # None: all-resident; "min": the smallest budget the engine takes
     policy: str | None = None
     perfect_prefetch: bool = False
+    prefetch: str = "off"  # the engine's prefetcher ("affinity": its table fitted on the trace's training prompts)
 
 
 def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int, keep_source: bool = False) -> Path:
@@ -105,7 +109,7 @@ class PerfectPrefetch:
     def __init__(self, replay: RoutingReplay, layers: list[int]):
         self.replay, self.next = replay, dict(zip(layers, layers[1:], strict=False))
 
-    def predict(self, layer: int, x: torch.Tensor) -> tuple[int, list[int]] | None:
+    def predict(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> tuple[int, list[int]] | None:
         nxt = self.next.get(layer)
         if nxt is None or len(self.replay._sel) == 0:
             return None
@@ -120,8 +124,8 @@ def decode_stats(folder: Path, trace_path: Path, sequences: list[int], config: C
     """
     drop_caches(folder)
     budget = least if config.budget == "min" else config.budget
-    # prefetch off: the replayed routing is not the random routers' (see the NOTE above)
-    offload = {} if budget is None else {"prefetch": "off", "cache_policy": config.policy}
+    # residual/plain prefetch off: the replayed routing is not the random routers' (see the NOTE above)
+    offload = {} if budget is None else {"prefetch": config.prefetch, "cache_policy": config.policy}
     llm = LLM(folder, expert_cache=budget, io_threads=io_threads, **offload)
     if budget is None:
         for layer, e in llm.index.experts():
@@ -180,12 +184,22 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", default="25%,50%", help="expert budgets (default: %(default)s)")
     ap.add_argument("--perfect-prefetch", default="", help="policies to run again with the trace's next-layer "
                                                            "routing as prefetch (an upper bound; default: none)")
+    ap.add_argument("--affinity", default="", help="policies to run again with the affinity prefetcher, its table "
+                                                   "fitted on the training prompts of --split (default: none)")
+    ap.add_argument("--split", type=float, default=None,
+                    help="replay held-out prompts: the sequences outside a seeded (--seed) share SPLIT of the trace's, "
+                         "the same choice as `tiermoe policy train --split` (the shipped learned weights: 0.5, seed 0)"
+                         "; default: the trace's first sequences")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --split (default: %(default)s)")
     ap.add_argument("--max-tokens", type=int, default=None, help="decode tokens per sequence (default: as traced)")
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a shared machine)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_offload"))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--name", default="offload_speed", help="results file name (default: %(default)s)")
     args = ap.parse_args(argv)
+    if args.affinity and args.split is None:
+        ap.error("--affinity needs --split: the table is fitted on training prompts and held-out ones are replayed")
     if args.threads:
         torch.set_num_threads(args.threads)
     trace = Trace.load(args.trace)
@@ -204,7 +218,15 @@ def main(argv=None) -> None:
               f"one expert at random offsets, {args.io_threads} in flight (median of {args.reps}; GB/s by reads in "
               f"flight: {depths}). Medians of {args.reps} repetitions, every configuration once per repetition "
               f"in turn.")
-    write(args.out, "offload_speed", {"machine": machine(), **results}, table)
+    if results["affinity"]:
+        a = results["affinity"]
+        h = a["heldout"]
+        table += (f" Affinity prefetch: table fitted on the training prompts of a {args.split} split (seed "
+                  f"{args.seed}), top-{a['settings']['top_p']} scoring at least {a['settings']['min_prob']}, smoothing "
+                  f"{a['settings']['smoothing']}, "
+                  f"{a['settings']['combine']} (chosen on validation prompts); on the held-out prompts it predicts "
+                  f"the next layer's experts with precision {h['precision']:.3f}, recall {h['recall']:.3f}.")
+    write(args.out, args.name, {"machine": machine(), **results}, table)
 
 
 def configs(args) -> list[Config]:
@@ -212,6 +234,8 @@ def configs(args) -> list[Config]:
     out += [Config(policy, budget, policy) for budget in _csv(args.budgets) for policy in _csv(args.policies)]
     out += [Config(f"{policy} + perfect prefetch", budget, policy, True) for budget in _csv(args.budgets)
             for policy in _csv(args.perfect_prefetch)]
+    out += [Config(f"{policy} + affinity prefetch", budget, policy, prefetch="affinity")
+            for budget in _csv(args.budgets) for policy in _csv(args.affinity)]
     return out
 
 
@@ -224,8 +248,11 @@ def measure_all(folder: Path, args, trace: Trace) -> dict:
     experts_file = folder / "experts.bin"
     by_depth = {d: statistics.median(disk_bandwidth(experts_file, expert_bytes, d, seed=i) for i in range(3)) / 1e9
                 for d in DEPTHS}
-    sequences = list(range(args.sequences))
+    sequences, affinity = replayed(trace, args), None
     todo = configs(args)
+    if any(c.prefetch == "affinity" for c in todo):
+        table, affinity = fit_affinity([trace], args.split, seed=args.seed)
+        table.save(folder / AFFINITY_FILE)  # where `prefetch="affinity"` finds it
     reps: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
     bandwidths = []
     for rep in range(args.reps):  # interleaved: each configuration once per repetition
@@ -247,7 +274,15 @@ def measure_all(folder: Path, args, trace: Trace) -> dict:
                      f"expert dim {args.expert_dim}, fp32, {expert_bytes / 2**20:.2f} MiB per expert",
             "sequences": sequences, "decode_tokens": runs[0]["tokens"], "disk_gb_s": bandwidth / 1e9,
             "disk_gb_s_each_rep": [b / 1e9 for b in bandwidths], "disk_gb_s_by_depth": by_depth,
-            "io_threads": args.io_threads, "runs": runs}
+            "io_threads": args.io_threads, "split": args.split, "affinity": affinity, "runs": runs}
+
+
+def replayed(trace: Trace, args) -> list[int]:
+    """The trace sequences to replay: the first ones, or the first held-out ones of a --split."""
+    if args.split is None:
+        return list(range(args.sequences))
+    _, _, train = split_sequences(trace, args.split, args.seed)
+    return [s for s in range(trace.num_sequences) if s not in set(train)][:args.sequences]
 
 
 def summarise(config: Config, reps: list[dict], expected: list[list[int]]) -> dict:
@@ -255,7 +290,7 @@ def summarise(config: Config, reps: list[dict], expected: list[list[int]]) -> di
     mid = sorted(reps, key=lambda r: r["decode_time_s"])[len(reps) // 2]
     requested = mid["hits"] + mid["misses"]
     return {"config": config.name, "policy": config.policy, "budget": config.budget or "all",
-            "perfect_prefetch": config.perfect_prefetch,
+            "perfect_prefetch": config.perfect_prefetch, "prefetch": config.prefetch,
             "tok_s": mid["tokens"] / mid["decode_time_s"], "tokens": mid["tokens"],
             "decode_time_s": mid["decode_time_s"], "all_decode_times_s": [r["decode_time_s"] for r in reps],
             "hit_rate": mid["hits"] / requested if requested else 1.0, "bytes_read": mid["bytes_read"],
