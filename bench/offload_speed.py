@@ -2,7 +2,8 @@
 
     python -m bench.offload_speed [--trace ../shared/traces/olmoe-1b-7b-0924_decode_wikitext-mbpp.npz]
         [--hidden 512 --expert-dim 256] [--sequences 3] [--reps 3] [--policies lru,lfu,dali,learned]
-        [--budgets 25%,50%] [--max-tokens N] [--perfect-prefetch lru] [--out bench/results]
+        [--budgets 25%,50%] [--max-tokens N] [--perfect-prefetch lru] [--affinity dali --split 0.5]
+        [--out bench/results] [--name offload_speed]
     smoke check (under a minute): --hidden 64 --expert-dim 32 --sequences 1 --reps 1 --max-tokens 16 --threads 1
 
 The model is OLMoE-1B-7B's shape (16 MoE layers, 64 experts, top-8) with the width scaled down and random weights,
@@ -17,11 +18,19 @@ achieved/bound = bound time / measured time. The bandwidth is that of cold direc
 experts of the checkpoint, `--io-threads` at a time (what decode does), measured in every repetition (the median is
 used); the table of it at 1-16 reads in flight is in the JSON.
 
-NOTE: the replayed routers are random, so no next-layer predictor (`prefetch`) can foresee the traced routing here,
-and a batch-1 decode must read a layer's misses after its router: no read can overlap the attention before it or
-the lm_head. `--perfect-prefetch POLICY` adds rows where the store is told each next layer's traced experts as the
-current layer starts (what a perfect predictor would say): an upper bound on what prefetching can add, not a setting
-a user can run.
+NOTE: the replayed routers are random, so no prefetcher that applies the next router (`residual`, `plain`) can
+foresee the traced routing here, and without one a batch-1 decode must read a layer's misses after its router: no
+read can overlap the attention before it or the lm_head. The `affinity` prefetcher predicts from the experts this
+layer picked (the traced ones), so it works on a replay: `--affinity POLICY --split 0.5` adds rows with it, its table
+fitted on the trace's training prompts (`tiermoe prefetch train`; pass its file with --affinity-table to skip the
+fit) while every configuration replays held-out prompts. `--perfect-prefetch POLICY` adds rows where the store is
+told each next layer's traced experts as the current layer starts (what a perfect predictor would say): an upper
+bound on what prefetching within a token can add, not a setting a user can run.
+
+    affinity rows (bench/results/offload_speed_prefetch.md):
+    tiermoe prefetch train --trace TRACE --split 0.5 --seed 0 --out runs/affinity.safetensors
+    python -m bench.offload_speed --sequences 2 --threads 1 --policies dali,learned --affinity dali,learned \
+        --perfect-prefetch learned --split 0.5 --affinity-table runs/affinity.safetensors --name offload_speed_prefetch
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM
 from tiermoe.convert import convert
 from tiermoe.decode.routing import RoutingReplay
-from tiermoe.offload.prefetch import AFFINITY_FILE
+from tiermoe.offload.prefetch import AFFINITY_FILE, AffinityTable
 from tiermoe.offload.tiers.direct_io import DirectReader, drop_page_cache
 from tiermoe.offload.tiers.ram import min_budget
 from tiermoe.offload.tools.learned_train import split_sequences
@@ -191,6 +200,9 @@ def main(argv=None) -> None:
                          "the same choice as `tiermoe policy train --split` (the shipped learned weights: 0.5, seed 0)"
                          "; default: the trace's first sequences")
     ap.add_argument("--seed", type=int, default=0, help="seed of --split (default: %(default)s)")
+    ap.add_argument("--affinity-table", type=Path, default=None,
+                    help="the table `tiermoe prefetch train --trace TRACE --split SPLIT --seed SEED --out FILE` wrote "
+                         "(default: fitted here, the same way)")
     ap.add_argument("--max-tokens", type=int, default=None, help="decode tokens per sequence (default: as traced)")
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a shared machine)")
@@ -251,7 +263,7 @@ def measure_all(folder: Path, args, trace: Trace) -> dict:
     sequences, affinity = replayed(trace, args), None
     todo = configs(args)
     if any(c.prefetch == "affinity" for c in todo):
-        table, affinity = fit_affinity([trace], args.split, seed=args.seed)
+        table, affinity = affinity_table(trace, args)
         table.save(folder / AFFINITY_FILE)  # where `prefetch="affinity"` finds it
     reps: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
     bandwidths = []
@@ -275,6 +287,19 @@ def measure_all(folder: Path, args, trace: Trace) -> dict:
             "sequences": sequences, "decode_tokens": runs[0]["tokens"], "disk_gb_s": bandwidth / 1e9,
             "disk_gb_s_each_rep": [b / 1e9 for b in bandwidths], "disk_gb_s_by_depth": by_depth,
             "io_threads": args.io_threads, "split": args.split, "affinity": affinity, "runs": runs}
+
+
+def affinity_table(trace: Trace, args) -> tuple[AffinityTable, dict]:
+    """The affinity table fitted on the --split's training prompts (read from --affinity-table when given: fitting
+    takes minutes), and its report."""
+    if args.affinity_table is None:
+        return fit_affinity([trace], args.split, seed=args.seed)
+    table = AffinityTable.load(args.affinity_table)
+    split = table.info.get("split", {})
+    if (table.info.get("traces"), split.get("fraction"), split.get("seed")) != ([trace.name], args.split, args.seed):
+        raise SystemExit(f"{args.affinity_table} was not fitted on {trace.name} with split {args.split}, seed "
+                         f"{args.seed}: its held-out prompts are not the ones replayed")
+    return table, table.info
 
 
 def replayed(trace: Trace, args) -> list[int]:

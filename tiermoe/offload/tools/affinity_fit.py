@@ -206,6 +206,8 @@ def choose(fit: PairCounts, validation: Sequence[Trace], top_p: int | None = Non
     s, c = best["smoothing"], best["combine"]
     grid = list(itertools.product([top_p] if top_p is not None else sorted({2, 4, top_k}),
                                   [min_prob] if min_prob is not None else MIN_PROB))
+    if len(grid) == 1:  # both given: nothing to weigh
+        return {"top_p": grid[0][0], "smoothing": s, "combine": c, "min_prob": grid[0][1]}, tried
     table = AffinityTable(fit.probs(s), top_k, c)
     replayed = _first_tokens(validation, REPLAY_TOKENS)
     cases = [(b, policy) for b in budgets for policy in policies]

@@ -17,11 +17,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tiermoe.offload.prefetch import AFFINITY_FILE, COMBINE, AffinityTable, calibration_path
-from tiermoe.offload.tools.affinity_fit import choose, count, quality
-from tiermoe.offload.tools.learned_train import split_sequences
-from tiermoe.sim.trace import Trace
+if TYPE_CHECKING:  # torch loads only when the command runs (`tiermoe --version` stays fast)
+    from tiermoe.offload.prefetch import AffinityTable
+    from tiermoe.sim.trace import Trace
 
 
 def fit_affinity(traces: Sequence[Trace], split: float = 0.5, validation: float = 0.25, seed: int = 0,
@@ -30,6 +30,10 @@ def fit_affinity(traces: Sequence[Trace], split: float = 0.5, validation: float 
     """The affinity table of `traces` (one shape) and its report: the settings chosen on validation, every candidate
     tried, and the held-out precision and recall. Training sequences per trace: a seeded `split` share (the same
     choice as `tiermoe policy train` makes with that split and seed); validation: a `validation` share of those."""
+    from tiermoe.offload.prefetch import AffinityTable
+    from tiermoe.offload.tools.affinity_fit import choose, count, quality
+    from tiermoe.offload.tools.learned_train import split_sequences
+
     shapes = {(t.num_layers, t.num_experts, t.top_k) for t in traces}
     if len(shapes) != 1:
         raise ValueError(f"the traces have different shapes (layers, experts, top-k): {sorted(shapes)}")
@@ -63,8 +67,8 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
                                         "and recall of the next-layer prediction on held-out ones.")
     p.add_argument("--trace", action="append", required=True, type=Path, help="trace .npz (repeatable, one shape)")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", type=Path, help=f"model folder: write {AFFINITY_FILE} where `--prefetch affinity` "
-                                                  "looks (beside the model, else the user's cache)")
+    where.add_argument("--model", type=Path, help="model folder: write the table where `--prefetch affinity` looks "
+                                                  "(beside the model, else the user's cache)")
     where.add_argument("--out", type=Path, help="table file to write (.safetensors; a .json report beside it)")
     p.add_argument("--split", type=float, default=0.5,
                    help="share of each trace's sequences (a seeded random choice) to fit on; the rest is held out "
@@ -75,8 +79,8 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=int, default=None, help="experts predicted per token at most (default: chosen)")
     p.add_argument("--smoothing", type=float, default=None, help="pseudo-counts towards an expert's frequency "
                                                                  "(default: chosen)")
-    p.add_argument("--combine", choices=COMBINE, default=None, help="how a token's experts' rows combine "
-                                                                    "(default: chosen)")
+    p.add_argument("--combine", choices=["mean", "max"], default=None,  # prefetch.COMBINE (which imports torch)
+                   help="how a token's experts' rows combine (default: chosen)")
     p.add_argument("--min-prob", type=float, default=None, help="least score of an expert read ahead "
                                                                 "(default: chosen)")
     p.set_defaults(func=run_train)
@@ -91,6 +95,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run_train(args: argparse.Namespace) -> int:
     """Runs `prefetch train` for parsed arguments; returns the exit code."""
+    from tiermoe.offload.prefetch import AFFINITY_FILE, calibration_path
+    from tiermoe.sim.trace import Trace
+
     try:
         if not 0 < args.validation < 1:
             raise ValueError(f"--validation must be in (0, 1), got {args.validation}")
