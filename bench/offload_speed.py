@@ -9,7 +9,8 @@
 The model is OLMoE-1B-7B's shape (16 MoE layers, 64 experts, top-8) with the width scaled down and random weights,
 written with transformers and converted to the aligned layout; its router's choices come from the trace
 (`LLM.replay`), so it does exactly the expert I/O the real model did on those prompts. Every run starts from a cold
-page cache; the configurations run in turn within each repetition, so they share the machine's moments alike:
+page cache; the configurations run in turn within each repetition (each repetition starting at another one), so they
+share the machine's moments alike:
 all-resident (the compute baseline), on-demand (the minimum budget: one token's top-k of one layer, so nearly every
 expert is read on every use), then each policy at each budget. Reported per configuration: median decode tokens/s
 (batch 1), hit rate, MiB read, I/O stall, whether every run produced the all-resident run's tokens, and the bound:
@@ -229,7 +230,7 @@ def main(argv=None) -> None:
               f"{results['decode_tokens']} decode tokens. Disk: {results['disk_gb_s']:.2f} GB/s cold direct reads of "
               f"one expert at random offsets, {args.io_threads} in flight (median of {args.reps}; GB/s by reads in "
               f"flight: {depths}). Medians of {args.reps} repetitions, every configuration once per repetition "
-              f"in turn.")
+              f"in turn, each repetition starting at another configuration.")
     if results["affinity"]:
         a = results["affinity"]
         h = a["heldout"]
@@ -269,7 +270,11 @@ def measure_all(folder: Path, args, trace: Trace) -> dict:
     bandwidths = []
     for rep in range(args.reps):  # interleaved: each configuration once per repetition
         bandwidths.append(disk_bandwidth(experts_file, expert_bytes, args.io_threads, seed=100 + rep))
-        for i, config in enumerate(todo):
+        # each repetition starts at another configuration: a disk whose speed drifts within a repetition (this
+        # machine's does) favours none of them
+        shift = rep * len(todo) // args.reps
+        for i in [*range(shift, len(todo)), *range(shift)]:
+            config = todo[i]
             reps[i].append(decode_stats(folder, args.trace, sequences, config, args.io_threads, args.max_tokens,
                                         least))
     bandwidth = statistics.median(bandwidths)
