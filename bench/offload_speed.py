@@ -2,13 +2,15 @@
 
     python -m bench.offload_speed [--trace ../shared/traces/olmoe-1b-7b-0924_decode_wikitext-mbpp.npz]
         [--hidden 512 --expert-dim 256] [--sequences 3] [--reps 3] [--policies lru,lfu,dali,learned]
-        [--budgets 25%,50%] [--max-tokens N] [--perfect-prefetch lru] [--out bench/results]
+        [--budgets 25%,50%] [--max-tokens N] [--perfect-prefetch lru] [--affinity dali --split 0.5]
+        [--out bench/results] [--name offload_speed]
     smoke check (under a minute): --hidden 64 --expert-dim 32 --sequences 1 --reps 1 --max-tokens 16 --threads 1
 
 The model is OLMoE-1B-7B's shape (16 MoE layers, 64 experts, top-8) with the width scaled down and random weights,
 written with transformers and converted to the aligned layout; its router's choices come from the trace
 (`LLM.replay`), so it does exactly the expert I/O the real model did on those prompts. Every run starts from a cold
-page cache; the configurations run in turn within each repetition, so they share the machine's moments alike:
+page cache; the configurations run in turn within each repetition (each repetition starting at another one), so they
+share the machine's moments alike:
 all-resident (the compute baseline), on-demand (the minimum budget: one token's top-k of one layer, so nearly every
 expert is read on every use), then each policy at each budget. Reported per configuration: median decode tokens/s
 (batch 1), hit rate, MiB read, I/O stall, whether every run produced the all-resident run's tokens, and the bound:
@@ -17,11 +19,19 @@ achieved/bound = bound time / measured time. The bandwidth is that of cold direc
 experts of the checkpoint, `--io-threads` at a time (what decode does), measured in every repetition (the median is
 used); the table of it at 1-16 reads in flight is in the JSON.
 
-NOTE: the replayed routers are random, so no next-layer predictor (`prefetch`) can foresee the traced routing here,
-and a batch-1 decode must read a layer's misses after its router: no read can overlap the attention before it or
-the lm_head. `--perfect-prefetch POLICY` adds rows where the store is told each next layer's traced experts as the
-current layer starts (what a perfect predictor would say): an upper bound on what prefetching can add, not a setting
-a user can run.
+NOTE: the replayed routers are random, so no prefetcher that applies the next router (`residual`, `plain`) can
+foresee the traced routing here, and without one a batch-1 decode must read a layer's misses after its router: no
+read can overlap the attention before it or the lm_head. The `affinity` prefetcher predicts from the experts this
+layer picked (the traced ones), so it works on a replay: `--affinity POLICY --split 0.5` adds rows with it, its table
+fitted on the trace's training prompts (`tiermoe prefetch train`; pass its file with --affinity-table to skip the
+fit) while every configuration replays held-out prompts. `--perfect-prefetch POLICY` adds rows where the store is
+told each next layer's traced experts as the current layer starts (what a perfect predictor would say): an upper
+bound on what prefetching within a token can add, not a setting a user can run.
+
+    affinity rows (bench/results/offload_speed_prefetch.md):
+    tiermoe prefetch train --trace TRACE --split 0.5 --seed 0 --out runs/affinity.safetensors
+    python -m bench.offload_speed --sequences 2 --threads 1 --policies dali,learned --affinity dali,learned \
+        --perfect-prefetch learned --split 0.5 --affinity-table runs/affinity.safetensors --name offload_speed_prefetch
 """
 
 from __future__ import annotations
@@ -41,8 +51,11 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM
 from tiermoe.convert import convert
 from tiermoe.decode.routing import RoutingReplay
+from tiermoe.offload.prefetch import AFFINITY_FILE, AffinityTable
 from tiermoe.offload.tiers.direct_io import DirectReader, drop_page_cache
 from tiermoe.offload.tiers.ram import min_budget
+from tiermoe.offload.tools.learned_train import split_sequences
+from tiermoe.offload.tools.prefetch_cli import fit_affinity
 from tiermoe.sim.trace import Trace
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
@@ -56,6 +69,7 @@ class Config:
     budget: str | None  # None: all-resident; "min": the smallest budget the engine takes
     policy: str | None = None
     perfect_prefetch: bool = False
+    prefetch: str = "off"  # the engine's prefetcher ("affinity": its table fitted on the trace's training prompts)
 
 
 def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int, keep_source: bool = False) -> Path:
@@ -105,7 +119,7 @@ class PerfectPrefetch:
     def __init__(self, replay: RoutingReplay, layers: list[int]):
         self.replay, self.next = replay, dict(zip(layers, layers[1:], strict=False))
 
-    def predict(self, layer: int, x: torch.Tensor) -> tuple[int, list[int]] | None:
+    def predict(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> tuple[int, list[int]] | None:
         nxt = self.next.get(layer)
         if nxt is None or len(self.replay._sel) == 0:
             return None
@@ -120,8 +134,8 @@ def decode_stats(folder: Path, trace_path: Path, sequences: list[int], config: C
     """
     drop_caches(folder)
     budget = least if config.budget == "min" else config.budget
-    # prefetch off: the replayed routing is not the random routers' (see the NOTE above)
-    offload = {} if budget is None else {"prefetch": "off", "cache_policy": config.policy}
+    # residual/plain prefetch off: the replayed routing is not the random routers' (see the NOTE above)
+    offload = {} if budget is None else {"prefetch": config.prefetch, "cache_policy": config.policy}
     llm = LLM(folder, expert_cache=budget, io_threads=io_threads, **offload)
     if budget is None:
         for layer, e in llm.index.experts():
@@ -180,12 +194,25 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", default="25%,50%", help="expert budgets (default: %(default)s)")
     ap.add_argument("--perfect-prefetch", default="", help="policies to run again with the trace's next-layer "
                                                            "routing as prefetch (an upper bound; default: none)")
+    ap.add_argument("--affinity", default="", help="policies to run again with the affinity prefetcher, its table "
+                                                   "fitted on the training prompts of --split (default: none)")
+    ap.add_argument("--split", type=float, default=None,
+                    help="replay held-out prompts: the sequences outside a seeded (--seed) share SPLIT of the trace's, "
+                         "the same choice as `tiermoe policy train --split` (the shipped learned weights: 0.5, seed 0)"
+                         "; default: the trace's first sequences")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --split (default: %(default)s)")
+    ap.add_argument("--affinity-table", type=Path, default=None,
+                    help="the table `tiermoe prefetch train --trace TRACE --split SPLIT --seed SEED --out FILE` wrote "
+                         "(default: fitted here, the same way)")
     ap.add_argument("--max-tokens", type=int, default=None, help="decode tokens per sequence (default: as traced)")
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a shared machine)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench_offload"))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--name", default="offload_speed", help="results file name (default: %(default)s)")
     args = ap.parse_args(argv)
+    if args.affinity and args.split is None:
+        ap.error("--affinity needs --split: the table is fitted on training prompts and held-out ones are replayed")
     if args.threads:
         torch.set_num_threads(args.threads)
     trace = Trace.load(args.trace)
@@ -203,8 +230,16 @@ def main(argv=None) -> None:
               f"{results['decode_tokens']} decode tokens. Disk: {results['disk_gb_s']:.2f} GB/s cold direct reads of "
               f"one expert at random offsets, {args.io_threads} in flight (median of {args.reps}; GB/s by reads in "
               f"flight: {depths}). Medians of {args.reps} repetitions, every configuration once per repetition "
-              f"in turn.")
-    write(args.out, "offload_speed", {"machine": machine(), **results}, table)
+              f"in turn, each repetition starting at another configuration.")
+    if results["affinity"]:
+        a = results["affinity"]
+        h = a["heldout"]
+        table += (f" Affinity prefetch: table fitted on the training prompts of a {args.split} split (seed "
+                  f"{args.seed}), top-{a['settings']['top_p']} scoring at least {a['settings']['min_prob']}, smoothing "
+                  f"{a['settings']['smoothing']}, "
+                  f"{a['settings']['combine']} (chosen on validation prompts); on the held-out prompts it predicts "
+                  f"the next layer's experts with precision {h['precision']:.3f}, recall {h['recall']:.3f}.")
+    write(args.out, args.name, {"machine": machine(), **results}, table)
 
 
 def configs(args) -> list[Config]:
@@ -212,6 +247,8 @@ def configs(args) -> list[Config]:
     out += [Config(policy, budget, policy) for budget in _csv(args.budgets) for policy in _csv(args.policies)]
     out += [Config(f"{policy} + perfect prefetch", budget, policy, True) for budget in _csv(args.budgets)
             for policy in _csv(args.perfect_prefetch)]
+    out += [Config(f"{policy} + affinity prefetch", budget, policy, prefetch="affinity")
+            for budget in _csv(args.budgets) for policy in _csv(args.affinity)]
     return out
 
 
@@ -224,13 +261,20 @@ def measure_all(folder: Path, args, trace: Trace) -> dict:
     experts_file = folder / "experts.bin"
     by_depth = {d: statistics.median(disk_bandwidth(experts_file, expert_bytes, d, seed=i) for i in range(3)) / 1e9
                 for d in DEPTHS}
-    sequences = list(range(args.sequences))
+    sequences, affinity = replayed(trace, args), None
     todo = configs(args)
+    if any(c.prefetch == "affinity" for c in todo):
+        table, affinity = affinity_table(trace, args)
+        table.save(folder / AFFINITY_FILE)  # where `prefetch="affinity"` finds it
     reps: dict[int, list[dict]] = {i: [] for i in range(len(todo))}
     bandwidths = []
     for rep in range(args.reps):  # interleaved: each configuration once per repetition
         bandwidths.append(disk_bandwidth(experts_file, expert_bytes, args.io_threads, seed=100 + rep))
-        for i, config in enumerate(todo):
+        # each repetition starts at another configuration: a disk whose speed drifts within a repetition (this
+        # machine's does) favours none of them
+        shift = rep * len(todo) // args.reps
+        for i in [*range(shift, len(todo)), *range(shift)]:
+            config = todo[i]
             reps[i].append(decode_stats(folder, args.trace, sequences, config, args.io_threads, args.max_tokens,
                                         least))
     bandwidth = statistics.median(bandwidths)
@@ -247,7 +291,28 @@ def measure_all(folder: Path, args, trace: Trace) -> dict:
                      f"expert dim {args.expert_dim}, fp32, {expert_bytes / 2**20:.2f} MiB per expert",
             "sequences": sequences, "decode_tokens": runs[0]["tokens"], "disk_gb_s": bandwidth / 1e9,
             "disk_gb_s_each_rep": [b / 1e9 for b in bandwidths], "disk_gb_s_by_depth": by_depth,
-            "io_threads": args.io_threads, "runs": runs}
+            "io_threads": args.io_threads, "split": args.split, "affinity": affinity, "runs": runs}
+
+
+def affinity_table(trace: Trace, args) -> tuple[AffinityTable, dict]:
+    """The affinity table fitted on the --split's training prompts (read from --affinity-table when given: fitting
+    takes minutes), and its report."""
+    if args.affinity_table is None:
+        return fit_affinity([trace], args.split, seed=args.seed)
+    table = AffinityTable.load(args.affinity_table)
+    split = table.info.get("split", {})
+    if (table.info.get("traces"), split.get("fraction"), split.get("seed")) != ([trace.name], args.split, args.seed):
+        raise SystemExit(f"{args.affinity_table} was not fitted on {trace.name} with split {args.split}, seed "
+                         f"{args.seed}: its held-out prompts are not the ones replayed")
+    return table, table.info
+
+
+def replayed(trace: Trace, args) -> list[int]:
+    """The trace sequences to replay: the first ones, or the first held-out ones of a --split."""
+    if args.split is None:
+        return list(range(args.sequences))
+    _, _, train = split_sequences(trace, args.split, args.seed)
+    return [s for s in range(trace.num_sequences) if s not in set(train)][:args.sequences]
 
 
 def summarise(config: Config, reps: list[dict], expected: list[list[int]]) -> dict:
@@ -255,7 +320,7 @@ def summarise(config: Config, reps: list[dict], expected: list[list[int]]) -> di
     mid = sorted(reps, key=lambda r: r["decode_time_s"])[len(reps) // 2]
     requested = mid["hits"] + mid["misses"]
     return {"config": config.name, "policy": config.policy, "budget": config.budget or "all",
-            "perfect_prefetch": config.perfect_prefetch,
+            "perfect_prefetch": config.perfect_prefetch, "prefetch": config.prefetch,
             "tok_s": mid["tokens"] / mid["decode_time_s"], "tokens": mid["tokens"],
             "decode_time_s": mid["decode_time_s"], "all_decode_times_s": [r["decode_time_s"] for r in reps],
             "hit_rate": mid["hits"] / requested if requested else 1.0, "bytes_read": mid["bytes_read"],

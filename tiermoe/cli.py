@@ -315,6 +315,7 @@ def _add_optional_commands(sub) -> None:
         return
     sim_cli.add_parser(sub)
     __import__("tiermoe.offload.tools.policy_cli", fromlist=["add_parser"]).add_parser(sub)  # `policy train`
+    __import__("tiermoe.offload.tools.prefetch_cli", fromlist=["add_parser"]).add_parser(sub)  # `prefetch train`
 
 
 def _tau(text: str) -> int | str:

@@ -58,11 +58,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="threads reading experts from disk (default: 4, or top_k under a memory limit)")
     p.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                    help="read experts through the page cache instead of O_DIRECT")
-    p.add_argument("--prefetch", choices=["residual", "plain", "off"], default=None,
+    p.add_argument("--prefetch", choices=["residual", "plain", "affinity", "off"], default=None,
                    help="read the next layer's predicted experts ahead (residual: DALI, needs `tiermoe calibrate`; "
-                        "default: plain where a cache policy runs on the RAM tier)")
-    p.add_argument("--prefetch-top-p", type=int, default=1,
-                   help="experts predicted per token for prefetch, at most the model's top_k")
+                        "affinity: inter-layer expert affinity, needs `tiermoe prefetch train`; default: plain "
+                        "where a cache policy runs on the RAM tier)")
+    p.add_argument("--prefetch-top-p", type=int, default=None,
+                   help="experts predicted per token for prefetch, at most the model's top_k (default: 1 for "
+                        "residual and plain, the validated count for affinity)")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--gpu-expert-cache", default=None, help="accelerator budget for experts, e.g. 4GiB or 10%%")
     p.add_argument("--sparse-attention", type=_sparse_attention, default=None, metavar="top_k=N",

@@ -17,6 +17,8 @@ EXAMPLES = {
     "profile": "tiermoe profile --out my-machine.json",
     "policy": "tiermoe policy train --trace trace.npz --out learned.safetensors",
     "policy train": "tiermoe policy train --trace trace.npz --out learned.safetensors",
+    "prefetch": "tiermoe prefetch train --trace trace.npz --model path/to/hf-model",
+    "prefetch train": "tiermoe prefetch train --trace trace.npz --model path/to/hf-model",
     "serve": "tiermoe serve --model path/to/hf-model --expert-cache 25% --port 8000",
     "bench": "tiermoe bench serve --url http://127.0.0.1:8000 --num-prompts 64 --request-rate 4",
     "bench serve": "tiermoe bench serve --url http://127.0.0.1:8000 --num-prompts 64 --request-rate 4",

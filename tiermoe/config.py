@@ -29,10 +29,13 @@ class EngineConfig:
     learned_weights: str | Path | None = None
     io_threads: int | None = None  # threads reading experts; None: 4, or top_k under a memory limit
     direct_io: bool = True  # O_DIRECT reads (the page cache would be RAM outside the budget)
-    # Read the next MoE layer's predicted experts ahead: "residual" (DALI; needs `tiermoe calibrate`), "plain" or
-    # "off". None: plain wherever a cache policy places experts in RAM (it helps there: bench/prefetch.py), else off.
+    # Read the next MoE layer's predicted experts ahead: "residual" (DALI; needs `tiermoe calibrate`), "plain",
+    # "affinity" (needs `tiermoe prefetch train`) or "off". None: plain wherever a cache policy places experts in RAM
+    # (it helps there: bench/prefetch.py), else off.
     prefetch: str | None = None
-    prefetch_top_p: int = 1  # experts predicted per token (DALI found 1 best)
+    # Experts predicted per token. None: the prefetcher's own (1 for residual and plain, as DALI found best; the
+    # count chosen on validation routing for affinity).
+    prefetch_top_p: int | None = None
     # Accelerator: "cpu", "cuda" (or "cuda:N"), or "auto" (cuda when torch sees one). On an accelerator the dense
     # weights live there and `gpu_expert_cache` bytes of experts too; other experts run on the CPU or are promoted.
     device: str = "cpu"
@@ -77,7 +80,7 @@ class EngineConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.gpu_expert_cache is not None and self.torch_device.type != "cuda":
             raise ConfigError("gpu_expert_cache needs device='cuda' (or 'auto' on a machine with a GPU)")
-        if self.prefetch_top_p < 1:
+        if self.prefetch_top_p is not None and self.prefetch_top_p < 1:
             raise ConfigError(f"prefetch_top_p must be >= 1, got {self.prefetch_top_p}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")

@@ -30,12 +30,14 @@ from tiermoe.convert import convert
 from tiermoe.errors import ConfigError
 from tiermoe.offload.placement.refresh_store import RefreshStore
 from tiermoe.offload.policies import POLICIES
+from tiermoe.offload.prefetch import AFFINITY_FILE, AffinityTable
 from tiermoe.offload.tiers.direct_io import DirectReader
 from tiermoe.offload.tiers.ram import min_budget
 from tiermoe.offload.tiers.store import loaded_nbytes
+from tiermoe.offload.tools.affinity_fit import count
 from tiermoe.offload.tools.calibrate import calibrate
 from tiermoe.outputs import RequestOutput
-from tiermoe.sim.trace import TraceRecorder
+from tiermoe.sim.trace import Trace, TraceRecorder
 
 AUTOREGRESSIVE = sorted(FAMILIES)
 LIVE_POLICIES = sorted(name for name, cls in POLICIES.items() if not cls.needs_future)
@@ -87,10 +89,15 @@ def token_ids_of(outputs: list[RequestOutput]) -> list[list[int]]:
 
 
 def reference(folder: Path, runs: dict) -> Reference:
-    """Calibrate the residual prefetcher on the model's own random tokens, and run the resident engine."""
+    """Calibrate the residual prefetcher on the model's own random tokens, fit the affinity prefetcher's table on
+    the routing of a few random prompts (its top-k read ahead, however unsure), and run the resident engine."""
     resident = LLM(folder)
     g = torch.Generator().manual_seed(0)
     calibrate(resident, torch.randint(resident.model.shape.vocab_size, (320,), generator=g).tolist(), chunk_tokens=64)
+    prompts = torch.randint(resident.model.shape.vocab_size, (4, 8), generator=g).tolist()
+    resident.generate(prompts, GREEDY, use_tqdm=False, record_trace=folder / "routing")
+    AffinityTable(count(Trace.load(folder / "routing")).probs(1.0), resident.model.shape.top_k, "mean").save(
+        folder / AFFINITY_FILE)
     layers, k = [b.layer for b in resident.model.moe_blocks], resident.model.shape.top_k
     total = sum(loaded_nbytes(s, torch.float32) for s in resident.index.experts().values())
     budgets = {"100%": total, "50%": total // 2, "25%": total // 4,
@@ -242,6 +249,17 @@ def test_every_policy_and_prefetcher_at_every_budget(autoregressive, family, bud
     ref = autoregressive(family)
     for policy, prefetch in every_setting():
         check_lossless(ref, ref.budgets[budget], cache_policy=policy, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("family", AUTOREGRESSIVE)
+def test_affinity_prefetch_at_every_budget(autoregressive, family):
+    """The affinity prefetcher reads a whole next layer's top-k ahead (and the next token's first layer from the
+    last): tokens unchanged, and expert RAM within the budget at every expert handed out (`Watch`)."""
+    ref = autoregressive(family)
+    shift = AUTOREGRESSIVE.index(family)
+    for i, budget in enumerate(BUDGETS):
+        check_lossless(ref, ref.budgets[budget], cache_policy=LIVE_POLICIES[(i + shift) % len(LIVE_POLICIES)],
+                       prefetch="affinity")
 
 
 @pytest.mark.parametrize("layout", ["fused", "converted"])

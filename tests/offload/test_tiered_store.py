@@ -79,16 +79,21 @@ def test_resident_bytes_never_exceed_the_budget(data, disk_models):
     store = TieredStore(index, torch.float32, budget, make_policy(data.draw(st.sampled_from(["lru", "lfu"]))),
                         layers, k, io_threads=io_threads)
     reference = ResidentStore(index, torch.float32)
-    requests = data.draw(st.lists(st.tuples(st.sampled_from(layers), st.sets(st.integers(0, 7), min_size=1)),
+    # with or without a read ahead of a (mis)predicted set of a layer's experts
+    ahead = st.none() | st.tuples(st.sampled_from(layers), st.lists(st.integers(0, 7), max_size=8))
+    requests = data.draw(st.lists(st.tuples(st.sampled_from(layers), st.sets(st.integers(0, 7), min_size=1), ahead),
                                   min_size=1, max_size=12), label="requests")
     try:
-        for layer, experts in requests:
+        for layer, experts, prefetch in requests:
             ids = sorted(experts)
             got, peak, before = {}, 0, store.stats.streamed
-            for e, w in store.fetch(layer, ids):
-                # the expert being computed is resident, or streamed beside the cache within the budget
+            for e, w in store.fetch(layer, ids, prefetch=prefetch):
+                # the expert being computed is resident, or streamed beside the cache within the budget; experts
+                # read ahead (in flight or landed) hold room in the cache from the moment their read starts
                 streamed = 0 if (layer, e) in store.weights else store.cache.size((layer, e))
-                assert store.cache.used + streamed <= budget and store.resident_bytes <= store.cache.used
+                ahead_bytes = sum(store.cache.size(k) for k in store.inflight)
+                assert store.cache.used + streamed <= budget
+                assert store.resident_bytes + ahead_bytes <= store.cache.used
                 peak = max(peak, store.cache.used)
                 got[e] = w
             # streamed experts alive at once (reads in flight beside the one computed) fit beside the cache too

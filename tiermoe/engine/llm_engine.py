@@ -63,7 +63,7 @@ class LLMEngine:
         self.model.to(cfg.torch_device)
         if not self.model.moe_blocks:
             refuse_offloading(cfg, self.hf_config["model_type"])
-        elif cfg.prefetch_top_p > self.model.shape.top_k:
+        elif (cfg.prefetch_top_p or 0) > self.model.shape.top_k:
             raise ConfigError(f"prefetch_top_p {cfg.prefetch_top_p} is more than the {self.model.shape.top_k} experts "
                               "a token routes to (top_k)")
         self.tokenizer = load_tokenizer(cfg.model, self.hf_config["model_type"])

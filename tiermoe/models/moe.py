@@ -83,7 +83,7 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = Linear(hidden, 1, bias=False, fp32_out=True) if shared_gate else None
         self.act = act
         self.store: ExpertStore | None = None  # set by the engine
-        self.prefetcher = None  # optional: predicts the next MoE layer's experts from this layer's router input
+        self.prefetcher = None  # optional: predicts the next MoE layer's experts from this layer's input and choice
         # Router observer (trace recording, routing replay): sees (layer, ids, weights), returns the pair to use.
         self.on_route: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -91,7 +91,7 @@ class SparseMoE(nn.Module):
         weights, ids = self.gate(x)  # [T, A], [T, A]
         if self.on_route is not None:
             ids, weights = self.on_route(self.layer, ids, weights)
-        ahead = self.prefetcher.predict(self.layer, x) if self.prefetcher is not None else None
+        ahead = self.prefetcher.predict(self.layer, x, ids) if self.prefetcher is not None else None
         out = self.routed(x, weights, ids, ahead)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -138,11 +138,14 @@ class TieredStore(ExpertStore):
         self.stats.prefetched += len(admitted)
 
     def _drop(self, key: Key) -> None:
-        """Forget an evicted expert's weights, or its prefetch still in flight."""
+        """Forget an evicted expert's weights, or its prefetch still in flight (a read that happened is counted)."""
         self.weights.pop(key, None)
         fut = self.inflight.pop(key, None)
         if fut is not None and not fut.cancel():
             wait([fut])  # already being read: let its bytes go before their room is reused
+            if not _failed(fut):
+                _, nbytes, seconds = fut.result()
+                self._count_read(key, nbytes, seconds)
 
     def _chunks(self, keys: list[Key]) -> list[list[Key]]:
         return turns(keys, self.cache)
