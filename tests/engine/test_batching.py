@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tiermoe.config import EngineConfig
 from tiermoe.engine import LLMEngine
-from tiermoe.engine.kv_cache_manager import KVCacheManager
+from tiermoe.engine.kv_cache_manager import KVCacheManager, PagedBatch
 from tiermoe.engine.scheduler import Scheduler
 from tiermoe.errors import RequestFailed
 from tiermoe.models.layers import ForwardBatch, SeqSlice
@@ -24,6 +24,7 @@ from tiermoe.sampling_params import SamplingParams
 
 # (family or "builtin", engine options): resident, MLA, and offloaded under tight expert budgets
 ENGINES = {
+    "olmoe": ("olmoe", {}),
     "qwen2_moe": ("qwen2_moe", {}),
     "deepseek_v2": ("deepseek_v2", {}),
     "mixtral-offloaded": ("mixtral", {"expert_cache": "30%"}),
@@ -130,9 +131,12 @@ def test_preemption_recomputes_and_gives_the_same_tokens(engines):
     assert preempted
 
 
-def test_rows_are_batch_invariant(engines):
-    """A decode row and prefill chunks computed beside other requests' rows give the bits they give alone."""
-    engine = engines("mixtral-offloaded")
+@pytest.mark.parametrize("name", ["mixtral-offloaded", "olmoe"])
+def test_rows_are_batch_invariant(engines, name):
+    """A decode row and prefill chunks computed beside other requests' rows give the bits they give alone, with the
+    batch's attention in one call over the paged caches (as the engine runs it) and one request at a time; resident
+    experts run grouped, one call per layer, offloaded ones one by one."""
+    engine = engines(name)
     configure(engine, 4096, 16, 8, None)
     rng = random.Random(2)
     reqs = [engine.new_request([rng.randrange(128) for _ in range(n)], greedy(4)) for n in (9, 30, 5, 17)]
@@ -140,7 +144,7 @@ def test_rows_are_batch_invariant(engines):
         engine.kv.allocate(r.request_id, 64)
         r.cache = engine.kv.view(r.request_id)
 
-    def hidden(parts: list[tuple[int, int, list[int]]]) -> list[torch.Tensor]:
+    def hidden(parts: list[tuple[int, int, list[int]]], paged: bool = True) -> list[torch.Tensor]:
         """Rows of (request, first position, tokens) parts in one forward -> each part's hidden states."""
         ids = [t for _, _, toks in parts for t in toks]
         positions = [p for _, start, toks in parts for p in range(start, start + len(toks))]
@@ -148,8 +152,9 @@ def test_rows_are_batch_invariant(engines):
         for i, start, toks in parts:
             slices.append(SeqSlice(reqs[i].cache, row, len(toks), start))
             row += len(toks)
+        batch = ForwardBatch(torch.tensor(positions), slices, paged=PagedBatch.of(slices) if paged else None)
         with torch.inference_mode():
-            out = engine.model(torch.tensor(ids), ForwardBatch(torch.tensor(positions), slices))
+            out = engine.model(torch.tensor(ids), batch)
         return list(out.split([len(toks) for _, _, toks in parts]))
 
     p = [r.prompt_ids for r in reqs]
@@ -158,6 +163,7 @@ def test_rows_are_batch_invariant(engines):
     batched = hidden(parts)
     for part, rows in zip(parts, batched, strict=True):
         assert torch.equal(rows, hidden([part])[0])
+        assert torch.equal(rows, hidden([part], paged=False)[0])
     # the rest of request 1's prompt, as a second chunk beside a decode, equals the same rows of its prompt in one go
     second = hidden([(1, 20, p[1][20:]), (0, 9, [3])])[0]
     assert torch.equal(second, hidden([(1, 0, p[1])])[0][20:])

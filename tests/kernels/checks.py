@@ -95,10 +95,62 @@ def check_swiglu_close_to_float64(dtype: torch.dtype, seed: int = 0) -> None:
         assert y32.dtype == torch.float32 and torch.equal(y32.to(dtype), y), (dtype, m)
 
 
+def check_grouped_swiglu_gives_each_expert_its_swiglu_bits(seed: int = 0) -> None:
+    """A layer's experts in one grouped call: each row bit for bit swiglu of its expert's rows (alone too), for odd
+    widths, 1..many rows per expert, and enough rows that the activation is split across threads."""
+    g = torch.Generator().manual_seed(seed)
+    before = kernels.batch_invariant()
+    kernels.set_batch_invariant(True)
+    try:
+        for (x_dtype, w_dtype), (hidden, inner), experts in itertools.product(
+                DTYPES, ((33, 23), (64, 100), (7, 5), (40, 300)), (1, 3, 9)):
+            counts = torch.randint(1, 120 if inner == 300 else 12, (experts,), generator=g).tolist()
+            x = torch.randn(sum(counts), hidden, generator=g).to(x_dtype)
+            gate_ups = [(torch.randn(2 * inner, hidden, generator=g) / 6).to(w_dtype) for _ in counts]
+            downs = [(torch.randn(hidden, inner, generator=g) / 5).to(w_dtype) for _ in counts]
+            scale = torch.rand(sum(counts), 1, generator=g)
+            for out_dtype in (None, torch.float32):
+                with torch.inference_mode():  # as the engine calls it: torch ops on the pool's threads too
+                    grouped = kernels.grouped_swiglu(x, gate_ups, downs, counts, scale, out_dtype)
+                parts = torch.tensor([0, *counts]).cumsum(0).tolist()
+                per_expert = torch.cat([kernels.swiglu(x[a:b], gu, dn, scale[a:b], out_dtype)
+                                        for a, b, gu, dn in zip(parts[:-1], parts[1:], gate_ups, downs, strict=True)])
+                assert torch.equal(grouped, per_expert), (x_dtype, w_dtype, hidden, inner, counts, out_dtype)
+            e, row = experts - 1, parts[-1] - 1  # the last row alone, through its expert
+            alone = kernels.swiglu(x[row:], gate_ups[e], downs[e], scale[row:], torch.float32)
+            assert torch.equal(alone[0], grouped[row])
+    finally:
+        kernels.set_batch_invariant(before)
+
+
+def check_paged_attention_gives_each_row_decode_attention_bits(seed: int = 0) -> None:
+    """Rows of several sequences over paged caches (shuffled blocks, odd block sizes, grouped heads, windows) in one
+    call: each row bit for bit decode_attention over its sequence's keys gathered in position order."""
+    g = torch.Generator().manual_seed(seed)
+    for dtype, (h, kv_heads, d, dv), block, window in itertools.product(
+            (torch.float32, torch.bfloat16), ((8, 2, 24, 16), (4, 4, 33, 33), (6, 1, 7, 5)), (16, 3), (None, 5)):
+        pool_k = torch.randn(40, block, kv_heads, d, generator=g).to(dtype)
+        pool_v = torch.randn(40, block, kv_heads, dv, generator=g).to(dtype)
+        lengths = (1, 7, 20, 33)
+        tables = [torch.randperm(40, generator=g)[:-(-n // block)].tolist() for n in lengths]
+        width = max(map(len, tables))
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        rows = [(i, end) for i, n in enumerate(lengths) for end in range(max(1, n - 3), n + 1)]  # (sequence, keys)
+        q = torch.randn(len(rows), h, d, generator=g).to(dtype)
+        out = kernels.paged_attention(q, pool_k, pool_v, padded, torch.tensor([i for i, _ in rows]),
+                                      torch.tensor([end for _, end in rows]), window, None)
+        for r, (i, end) in enumerate(rows):
+            keys = pool_k[tables[i]].flatten(0, 1)[:end][-window if window else 0:]
+            values = pool_v[tables[i]].flatten(0, 1)[:end][-window if window else 0:]
+            assert torch.equal(out[r], kernels.decode_attention(q[r], keys, values, None)), (dtype, h, block, r)
+
+
 def run_all() -> None:
     for x_dtype, w_dtype in DTYPES:
         check_linear_close_to_float64(x_dtype, w_dtype)
     check_any_batch_gives_each_row_its_bits_alone()
+    check_grouped_swiglu_gives_each_expert_its_swiglu_bits()
+    check_paged_attention_gives_each_row_decode_attention_bits()
     for dtype in (torch.float32, torch.bfloat16):
         check_rows_independent_of_batch(dtype)
         check_swiglu_close_to_float64(dtype)

@@ -202,6 +202,36 @@ def test_batch_invariant_products_of_1_to_40_rows_give_each_row_its_bits_alone(t
 
 
 @compiled_only
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_experts_give_each_row_the_bits_of_its_expert_alone(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        checks.check_grouped_swiglu_gives_each_expert_its_swiglu_bits()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_grouped_experts_are_refused_outside_batch_invariant_mode(monkeypatch):
+    """Outside it swiglu uses torch's GEMM past MAX_ROWS rows: the grouped call can't promise its bits, so it is
+    not made (None: the caller runs the experts one by one)."""
+    monkeypatch.setattr(kernels, "_invariant", False)
+    x, gate_up, down = torch.randn(4, 16), torch.randn(32, 16), torch.randn(16, 16)
+    assert kernels.grouped_swiglu(x, [gate_up], [down], [4]) is None
+
+
+@compiled_only
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paged_attention_gives_each_row_decode_attention_bits(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        checks.check_paged_attention_gives_each_row_decode_attention_bits()
+    finally:
+        torch.set_num_threads(before)
+
+
+@compiled_only
 def test_batch_invariant_products_run_in_one_kernel_call(monkeypatch):
     monkeypatch.setattr(kernels, "_invariant", True)
     x, w = torch.randn(33, 64), torch.randn(48, 64)

@@ -14,6 +14,8 @@ import heapq
 
 import torch
 
+from tiermoe import kernels
+
 BLOCK_SIZE = 16  # tokens per block (vLLM's default)
 
 
@@ -111,3 +113,49 @@ class PagedKV:
         for pool, t in zip(pools, new, strict=True):
             pool[blocks, rows] = t
         return tuple(pool[table].flatten(0, 1)[:end] for pool in pools)  # [S, ...], gathered in position order
+
+
+class PagedBatch:
+    """The rows of one forward pass over several requests' paged caches, attended in one kernel call per layer.
+
+    Built once per pass (the slot of each new row and the block tables are the same in every layer); a layer writes
+    its new K/V with one indexed copy per pool and `tiermoe.kernels.paged_attention` reads the pools in place, each
+    row as `decode_attention` would over that request's gathered cache (bit for bit).
+    """
+
+    def __init__(self, manager: KVCacheManager, seqs: list):
+        bs = manager.block_size
+        tables = [manager.tables[s.cache.request_id] for s in seqs]
+        width = max(len(t) for t in tables)
+        self.manager = manager
+        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # [n, b] block ids
+        slots, seq, end = [], [], []
+        for i, (s, table) in enumerate(zip(seqs, tables, strict=True)):
+            positions = range(s.past, s.past + s.length)
+            slots += [table[p // bs] * bs + p % bs for p in positions]
+            seq += [i] * s.length
+            end += [p + 1 for p in positions]  # a row sees the keys up to its own position
+        self.slots, self.seq, self.end = torch.tensor(slots), torch.tensor(seq), torch.tensor(end)  # [T] each
+
+    @classmethod
+    def of(cls, seqs: list) -> PagedBatch | None:
+        """The batch of `seqs` (SeqSlice), or None where the per-request path serves: a single row (batch-1
+        decode), other caches, or chunks of several rows outside batch-invariant mode (attended by torch's SDPA)."""
+        caches = [s.cache for s in seqs]
+        if (sum(s.length for s in seqs) < 2 or not all(type(c) is PagedKV for c in caches)
+                or any(s.sparse is not None for s in seqs)
+                or len({id(c.manager) for c in caches}) != 1
+                or (not kernels.batch_invariant() and any(s.length > 1 for s in seqs))):
+            return None
+        return cls(caches[0].manager, seqs)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+               window: int | None) -> torch.Tensor | None:
+        """Write k [T, g, d] and v [T, g, dv] at the rows' slots and attend q [T, h, d] -> [T, h, dv]; None when
+        the kernels do not serve it (the per-request path then writes the same values again and attends)."""
+        if q.device.type != "cpu":
+            return None
+        pools = self.manager.pool(layer, (k, v))
+        for pool, t in zip(pools, (k, v), strict=True):
+            pool.flatten(0, 1).index_copy_(0, self.slots, t)  # a view: the pools are contiguous
+        return kernels.paged_attention(q, *pools, self.tables, self.seq, self.end, window, scale)

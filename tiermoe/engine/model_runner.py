@@ -11,6 +11,7 @@ import torch
 from tiermoe.decode.logprobs import logprob_entries
 from tiermoe.decode.remasking import logit_rows
 from tiermoe.decode.sampler import sample
+from tiermoe.engine.kv_cache_manager import PagedBatch
 from tiermoe.engine.request import Request
 from tiermoe.models.layers import ForwardBatch, SeqSlice
 from tiermoe.models.transformer import CausalLM
@@ -34,7 +35,8 @@ def forward(model: CausalLM, scheduled: Scheduled, observer=None, tokenizer=None
         slices.append(SeqSlice(req.cache, start, n, req.cached))
         start += n
     device = model.lm_head.weight.device
-    hidden = model(torch.tensor(ids, device=device), ForwardBatch(torch.tensor(positions, device=device), slices))
+    batch = ForwardBatch(torch.tensor(positions, device=device), slices, paged=PagedBatch.of(slices))
+    hidden = model(torch.tensor(ids, device=device), batch)
     if observer is not None:
         observer.end()
     last_rows = []

@@ -132,3 +132,31 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if ops is None or q.device.type != "cpu":
         return None
     return ops.decode_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+def grouped_swiglu(x: torch.Tensor, gate_ups: list[torch.Tensor], downs: list[torch.Tensor], counts: list[int],
+                   scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Several experts' swiglu in one call: x [N, H] holds expert e's counts[e] rows after those of experts < e,
+    scale [N, 1] or None -> [N, H], each row bit for bit what `swiglu` gives it with its expert's weights.
+
+    Batch-invariant mode only (where `swiglu` runs the kernels for any number of rows), on the CPU; None when not
+    served (no kernels, another mode, device or layout): then call `swiglu` per expert.
+    """
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is None or not _invariant or x.device.type != "cpu":
+        return None
+    return ops.grouped_swiglu(x, gate_ups, downs, counts, scale, out_dtype == torch.float32)
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                    seq: torch.Tensor, end: torch.Tensor, window: int | None,
+                    scale: float | None) -> torch.Tensor | None:
+    """`decode_attention` of many query rows over paged caches in one call: q [T, h, d]; k_pool [P, B, g, d] and
+    v_pool [P, B, g, dv] hold the sequences' rows in blocks of B, tables [n, b] (long) each sequence's block ids;
+    row t is of sequence seq[t] and sees its cached rows [0, end[t]), the last `window` of them with a window.
+    Returns [T, h, dv], each row bitwise `decode_attention` over the same keys; None when not served."""
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is None or q.device.type != "cpu":
+        return None
+    return ops.paged_attention(q, k_pool, v_pool, tables, seq, end, window or 0,
+                               1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)

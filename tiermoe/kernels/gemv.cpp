@@ -17,6 +17,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
@@ -313,37 +314,45 @@ Path choose(at::ScalarType xt, at::ScalarType wt) {
   return Path::none;
 }
 
+// x's chunk width and dtype for a path (x is padded to a multiple of the width, in that dtype).
+int64_t x_step(Path path) { return path == Path::dpbf16 ? Dpbf16::step : kIsa != Isa::avx2 ? 16 : 8; }
+at::ScalarType x_dtype(Path path) { return path == Path::dpbf16 ? at::kBFloat16 : at::kFloat; }
+
+// Rows [n0, n1) of W against the M rows of x (padded: x_step, x_dtype), on the calling thread.
+void rows_for(Path path, const void* xv, int64_t M, int64_t Kp, const void* wp, int64_t ldw, int64_t K, int64_t n0,
+              int64_t n1, const Epilogue& ep) {
+  const bool wide = kIsa != Isa::avx2;
+  switch (path) {
+    case Path::dpbf16:
+      rows_dpbf16(static_cast<const bf16*>(xv), M, Kp, static_cast<const bf16*>(wp), ldw, K, n0, n1, ep);
+      break;
+    case Path::f32:
+      (wide ? rows_avx512_f32 : rows_avx2_f32)(static_cast<const float*>(xv), M, Kp, static_cast<const float*>(wp),
+                                               ldw, K, n0, n1, ep);
+      break;
+    default:
+      (wide ? rows_avx512_bf16w : rows_avx2_bf16w)(static_cast<const float*>(xv), M, Kp,
+                                                   static_cast<const bf16*>(wp), ldw, K, n0, n1, ep);
+      break;
+  }
+}
+
 // Work (weight bytes times blocks of x rows) below which one thread does the whole product (a fork/join costs more
 // than it saves).
 constexpr int64_t kSerialBytes = 64 * 1024;
 
+// Bytes a product of M rows streams per W row of K elements: the row once per block of 4 x rows.
+int64_t row_work(int64_t M, int64_t K, int64_t elem) { return K * elem * ((M + 3) / 4); }
+
 // y = epilogue(x @ W^T) for rows of W; x [M, K] any strides, W [N, K] with unit stride along K.
 void product(Path path, const torch::Tensor& x, const torch::Tensor& w, const Epilogue& ep) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldw = w.stride(0);
-  const bool wide = kIsa != Isa::avx2;
-  const int64_t step = path == Path::dpbf16 ? Dpbf16::step : wide ? 16 : 8;
-  auto xp = padded_x(x, step, path == Path::dpbf16 ? at::kBFloat16 : at::kFloat);
+  auto xp = padded_x(x, x_step(path), x_dtype(path));
   const int64_t Kp = xp.size(1);
-  const int64_t row_bytes = K * w.element_size();
-  const int64_t work = row_bytes * ((M + 3) / 4);  // per W row: its bytes, once per block of x rows
-  const int64_t grain = std::max<int64_t>(1, kSerialBytes / std::max<int64_t>(1, work));
+  const int64_t grain = std::max<int64_t>(1, kSerialBytes / std::max<int64_t>(1, row_work(M, K, w.element_size())));
   const void* wp = w.data_ptr();
   const void* xv = xp.data_ptr();
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    switch (path) {
-      case Path::dpbf16:
-        rows_dpbf16(static_cast<const bf16*>(xv), M, Kp, static_cast<const bf16*>(wp), ldw, K, n0, n1, ep);
-        break;
-      case Path::f32:
-        (wide ? rows_avx512_f32 : rows_avx2_f32)(static_cast<const float*>(xv), M, Kp,
-                                                 static_cast<const float*>(wp), ldw, K, n0, n1, ep);
-        break;
-      default:
-        (wide ? rows_avx512_bf16w : rows_avx2_bf16w)(static_cast<const float*>(xv), M, Kp,
-                                                     static_cast<const bf16*>(wp), ldw, K, n0, n1, ep);
-        break;
-    }
-  });
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows_for(path, xv, M, Kp, wp, ldw, K, n0, n1, ep); });
   kCalls.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -351,6 +360,21 @@ bool servable(const torch::Tensor& x, const torch::Tensor& w, int64_t max_rows) 
   return x.device().is_cpu() && w.device().is_cpu() && x.dim() == 2 && w.dim() == 2 && x.size(0) >= 1 &&
          x.size(0) <= max_rows && x.size(1) == w.size(1) && w.stride(1) == 1 && w.size(1) > 0 &&
          !(at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad()));  // no autograd here
+}
+
+// silu(h[:, :I]) * h[:, I:] for h [M, 2I] fp32, rounded to dtype. torch's silu computes a row's elements in
+// vectors and the last few one by one, which can differ in the last bit; handing it whole rows (in parallel over
+// rows, never splitting one) gives every row the split it gets alone, whatever the number of rows.
+torch::Tensor activate(const torch::Tensor& h, int64_t I, at::ScalarType dtype) {
+  const int64_t M = h.size(0);
+  auto act = torch::empty({M, I}, h.options().dtype(dtype));
+  const at::ThreadLocalState caller;  // inference mode and the like, for the torch ops on the pool's threads
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, I)), [&](int64_t r0, int64_t r1) {
+    at::ThreadLocalStateGuard as_caller(caller);
+    auto hr = h.narrow(0, r0, r1 - r0);
+    act.narrow(0, r0, r1 - r0).copy_(at::silu(hr.narrow(1, 0, I)).mul_(hr.narrow(1, I, I)));
+  });
+  return act;
 }
 
 std::optional<torch::Tensor> fp32_vector(const std::optional<torch::Tensor>& t) {
@@ -396,11 +420,94 @@ torch::Tensor swiglu(const torch::Tensor& x, const torch::Tensor& gate_up, const
   const int64_t M = x.size(0);
   auto h = torch::empty({M, 2 * I}, x.options().dtype(at::kFloat));
   product(p1, x, gate_up, Epilogue{nullptr, nullptr, h.data_ptr(), 2 * I, false});
-  auto act = at::silu(h.narrow(1, 0, I)).mul_(h.narrow(1, I, I)).to(x.scalar_type());  // [M, I]
+  auto act = activate(h, I, x.scalar_type());  // [M, I]
   auto s = fp32_vector(scale);
   auto out = torch::empty({M, down.size(0)}, x.options().dtype(out_dtype));
   product(p2, act, down, Epilogue{nullptr, s ? s->data_ptr<float>() : nullptr, out.data_ptr(), out.size(1),
                                   out.scalar_type() == at::kBFloat16});
+  return out;
+}
+
+namespace {
+
+// A piece of a grouped product: rows [n0, n1) of expert e's weight against that expert's rows of x.
+struct Piece {
+  int64_t e, n0, n1;
+};
+
+// Every expert's W rows cut into pieces of about kSerialBytes of work (a multiple of 12 rows: whole register blocks
+// on every ISA), so the threads share a layer's experts however unevenly the tokens route.
+std::vector<Piece> pieces(const std::vector<int64_t>& counts, int64_t n, int64_t K, int64_t elem) {
+  std::vector<Piece> out;
+  for (int64_t e = 0; e < static_cast<int64_t>(counts.size()); ++e) {
+    const int64_t band = std::max<int64_t>(12, kSerialBytes / row_work(counts[e], K, elem) / 12 * 12);
+    for (int64_t n0 = 0; n0 < n; n0 += band) out.push_back({e, n0, std::min(n, n0 + band)});
+  }
+  return out;
+}
+
+}  // namespace
+
+// The routed experts of one MoE layer in one call: x [N, H] holds the experts' rows one expert after the other
+// (counts[e] rows for gate_ups[e] [2I, H] and downs[e] [H, I]), scale [N] or None. Returns [N, H] (fp32 when
+// out_fp32) where each row is bit for bit what swiglu gives it with its expert's weights: the same products, each
+// output one accumulator in the same order, and the same activation. None (nothing computed) when the kernels do not
+// serve one of the experts; the caller then runs swiglu per expert.
+std::optional<torch::Tensor> grouped_swiglu(const torch::Tensor& x, const std::vector<torch::Tensor>& gate_ups,
+                                            const std::vector<torch::Tensor>& downs,
+                                            const std::vector<int64_t>& counts,
+                                            const std::optional<torch::Tensor>& scale, bool out_fp32) {
+  const int64_t E = static_cast<int64_t>(counts.size());
+  if (E == 0 || static_cast<int64_t>(gate_ups.size()) != E || static_cast<int64_t>(downs.size()) != E ||
+      x.dim() != 2)
+    return std::nullopt;
+  const int64_t N = x.size(0), H = x.size(1), I = downs[0].size(1);
+  const Path p1 = choose(x.scalar_type(), gate_ups[0].scalar_type()), p2 = choose(x.scalar_type(), downs[0].scalar_type());
+  std::vector<int64_t> off(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    const auto &gu = gate_ups[e], &dn = downs[e];
+    if (counts[e] < 1 || !servable(x, gu, N) || !dn.device().is_cpu() || dn.dim() != 2 || dn.stride(1) != 1 ||
+        gu.size(0) != 2 * I || dn.size(0) != H || dn.size(1) != I || choose(x.scalar_type(), gu.scalar_type()) != p1 ||
+        choose(x.scalar_type(), dn.scalar_type()) != p2)
+      return std::nullopt;
+    off[e + 1] = off[e] + counts[e];
+  }
+  auto s = fp32_vector(scale);
+  if (p1 == Path::none || p2 == Path::none || off[E] != N || (s && s->numel() != N)) return std::nullopt;
+  const auto out_dtype = out_fp32 ? at::kFloat : x.scalar_type();
+  // gate/up products of every expert's rows: [N, 2I] fp32
+  auto xp = padded_x(x, x_step(p1), x_dtype(p1));
+  const int64_t Kp1 = xp.size(1), xe1 = xp.element_size();
+  auto h = torch::empty({N, 2 * I}, x.options().dtype(at::kFloat));
+  float* hp = h.data_ptr<float>();
+  const auto first = pieces(counts, 2 * I, H, gate_ups[0].element_size());
+  at::parallel_for(0, static_cast<int64_t>(first.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Piece& pc = first[i];
+      const auto& w = gate_ups[pc.e];
+      rows_for(p1, static_cast<const char*>(xp.data_ptr()) + off[pc.e] * Kp1 * xe1, counts[pc.e], Kp1, w.data_ptr(),
+               w.stride(0), H, pc.n0, pc.n1, Epilogue{nullptr, nullptr, hp + off[pc.e] * 2 * I, 2 * I, false});
+    }
+  });
+  // silu(gate) * up, as swiglu computes it
+  auto act = activate(h, I, x.scalar_type());
+  // down products, scaled per row
+  auto ap = padded_x(act, x_step(p2), x_dtype(p2));
+  const int64_t Kp2 = ap.size(1), xe2 = ap.element_size();
+  auto out = torch::empty({N, H}, x.options().dtype(out_dtype));
+  const int64_t oe = out.element_size();
+  const auto second = pieces(counts, H, I, downs[0].element_size());
+  at::parallel_for(0, static_cast<int64_t>(second.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Piece& pc = second[i];
+      const auto& w = downs[pc.e];
+      Epilogue ep{nullptr, s ? s->data_ptr<float>() + off[pc.e] : nullptr,
+                  static_cast<char*>(out.data_ptr()) + off[pc.e] * H * oe, H, out_dtype == at::kBFloat16};
+      rows_for(p2, static_cast<const char*>(ap.data_ptr()) + off[pc.e] * Kp2 * xe2, counts[pc.e], Kp2, w.data_ptr(),
+               w.stride(0), I, pc.n0, pc.n1, ep);
+    }
+  });
+  kCalls.fetch_add(2 * E, std::memory_order_relaxed);
   return out;
 }
 
@@ -457,18 +564,28 @@ void rotary_rows(T* x, int64_t tokens, int64_t heads, int64_t st, int64_t sh, co
   }
 }
 
-// out[m, :] = sum_j p[m, j] * v[j, :] in fp32, j ascending; v rows at stride ldv.
+// out[m, :] += sum_{j < n} p[m * ldp + j] * v[j, :] in fp32, j ascending; v rows at stride ldv. Called on
+// consecutive runs of the cached rows, it sums each output over all of them in ascending order, as one call would.
 template <class T>
-CLONES void weighted_rows(const float* p, int64_t M, int64_t S, const T* v, int64_t ldv, int64_t dv, float* out) {
+CLONES void weighted_rows(const float* p, int64_t M, int64_t ldp, int64_t n, const T* v, int64_t ldv, int64_t dv,
+                          float* out) {
   for (int64_t m = 0; m < M; ++m) {
     float* o = out + m * dv;
-    for (int64_t c = 0; c < dv; ++c) o[c] = 0.0f;
-    for (int64_t j = 0; j < S; ++j) {
-      const float pj = p[m * S + j];
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = p[m * ldp + j];
       const T* vj = v + j * ldv;
       for (int64_t c = 0; c < dv; ++c) o[c] += pj * f32(vj[c]);
     }
   }
+}
+
+// row[0..S) = softmax(row * scale) in fp32 (the maximum subtracted first).
+inline void softmax_scaled(float* row, int64_t S, float scale) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) mx = std::max(mx, row[j] *= scale);
+  float sum = 0.0f;
+  for (int64_t j = 0; j < S; ++j) sum += (row[j] = std::exp(row[j] - mx));
+  for (int64_t j = 0; j < S; ++j) row[j] /= sum;
 }
 
 torch::Tensor rmsnorm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
@@ -514,45 +631,147 @@ bool rotary_(torch::Tensor q, torch::Tensor k, const torch::Tensor& cos, const t
   return true;
 }
 
+namespace {
+
+// Where a sequence's cached rows are: row j of one KV head's keys at k + slot(j) * ldk, its values at
+// v + slot(j) * ldv (elements of T), with slot(j) = table[j / block] * block + j % block in a paged cache (table
+// set), else j.
+template <class T>
+struct KvRows {
+  const T* k;
+  const T* v;
+  int64_t ldk, ldv;
+  const int64_t* table;
+  int64_t block;
+
+  int64_t slot(int64_t j) const { return table == nullptr ? j : table[j / block] * block + j % block; }
+  // end of the run of consecutive slots starting at row j (at most `end`)
+  int64_t run_end(int64_t j, int64_t end) const {
+    return table == nullptr ? end : std::min(end, (j / block + 1) * block);
+  }
+};
+
+// Attention of `per` query heads (rows of qx, padded for `path`) sharing one KV head over its cached rows
+// [start, end): scores by the product kernel, softmax in fp32, then the fp32 weighted sum of values into o [per, dv].
+// A score is one accumulator whichever run of rows it is computed in, so paged and contiguous caches agree bitwise.
+template <class T>
+void attend_head(Path path, const void* qx, int64_t per, int64_t Kp, int64_t d, const KvRows<T>& kv, int64_t start,
+                 int64_t end, int64_t dv, float scale, std::vector<float>& p, float* o) {
+  const int64_t S = end - start;
+  p.resize(per * S);
+  for (int64_t j = start, j1; j < end; j = j1) {
+    j1 = kv.run_end(j, end);
+    rows_for(path, qx, per, Kp, kv.k + kv.slot(j) * kv.ldk, kv.ldk, d, 0, j1 - j,
+             Epilogue{nullptr, nullptr, p.data() + (j - start), S, false});
+  }
+  for (int64_t m = 0; m < per; ++m) softmax_scaled(p.data() + m * S, S, scale);
+  std::fill(o, o + per * dv, 0.0f);
+  for (int64_t j = start, j1; j < end; j = j1) {
+    j1 = kv.run_end(j, end);
+    weighted_rows(p.data() + (j - start), per, S, j1 - j, kv.v + kv.slot(j) * kv.ldv, kv.ldv, dv, o);
+  }
+}
+
+// Query rows of one forward pass over their sequences' caches: row r (heads [h, d] of q) sees the cached rows
+// [start(r), end[r]) of sequence seq[r], start(r) = max(0, end[r] - window) with a window (> 0), else 0.
+struct AttentionRows {
+  const torch::Tensor& q;  // [rows, h, d]
+  const torch::Tensor& k;  // [slots, g, d] (any row stride)
+  const torch::Tensor& v;  // [slots, g, dv]
+  const int64_t* tables;  // [seqs, width] block ids (null: one contiguous cache, seq ignored)
+  int64_t width, block;
+  const int64_t* seq;  // [rows] or null
+  const int64_t* end;  // [rows]
+  int64_t window;
+  double scale;
+};
+
+// The attention of every (row, KV head) pair, in parallel over the pairs; [rows, h, dv] in q's dtype. Each pair is
+// computed alone, so a row's result does not depend on the other rows or on the thread split.
+template <class T>
+torch::Tensor attend_rows(Path path, const AttentionRows& a) {
+  const int64_t rows = a.q.size(0), h = a.q.size(1), d = a.q.size(2), g = a.k.size(1), dv = a.v.size(2);
+  const int64_t per = h / g;
+  auto qx = padded_x(a.q.reshape({rows * h, d}), x_step(path), x_dtype(path));  // [rows * h, Kp]
+  const int64_t Kp = qx.size(1), xe = qx.element_size();
+  auto out = torch::empty({rows, h, dv}, a.q.options());
+  const Epilogue store{nullptr, nullptr, out.data_ptr(), dv, a.q.scalar_type() == at::kBFloat16};
+  int64_t keys = 0;
+  for (int64_t r = 0; r < rows; ++r) keys += a.end[r];
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) * rows / std::max<int64_t>(1, keys * (d + dv) * per));
+  at::parallel_for(0, rows * g, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p, o(per * dv);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / g, kv = t % g, end = a.end[r];
+      const int64_t start = a.window > 0 ? std::max<int64_t>(0, end - a.window) : 0;
+      const KvRows<T> cache{a.k.data_ptr<T>() + kv * a.k.stride(1), a.v.data_ptr<T>() + kv * a.v.stride(1),
+                            a.k.stride(0), a.v.stride(0), a.tables ? a.tables + a.seq[r] * a.width : nullptr,
+                            a.block};
+      const int64_t q0 = r * h + kv * per;  // first query head of this KV head's group
+      attend_head(path, static_cast<const char*>(qx.data_ptr()) + q0 * Kp * xe, per, Kp, d, cache, start, end, dv,
+                  static_cast<float>(a.scale), p, o.data());
+      for (int64_t m = 0; m < per; ++m)
+        for (int64_t c = 0; c < dv; ++c) store.store(q0 + m, c, o[m * dv + c]);
+    }
+  });
+  return out;
+}
+
+// Whether the kernels serve attention of q [.., h, d] over k [.., g, d], v [.., g, dv] (the layout checks common
+// to both entry points).
+Path attention_path(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  Path path = choose(q.scalar_type(), k.scalar_type());
+  const int64_t h = q.size(-2), g = k.size(-2);
+  if (path == Path::none || !q.device().is_cpu() || !k.device().is_cpu() || !v.device().is_cpu() || h % g != 0 ||
+      v.size(-2) != g || k.stride(-1) != 1 || v.stride(-1) != 1 || v.scalar_type() != k.scalar_type() ||
+      q.size(-1) != k.size(-1))
+    return Path::none;
+  return path;
+}
+
+torch::Tensor attend_any(Path path, const AttentionRows& a) {
+  return a.k.scalar_type() == at::kFloat ? attend_rows<float>(path, a) : attend_rows<bf16>(path, a);
+}
+
+}  // namespace
+
 // One query row per head over S cached keys: q [h, d], k [S, g, d], v [S, g, dv] (rows may be strided);
 // returns [h, dv] in q's dtype. Per KV head: scores by the GEMV kernel (the group's query heads as its rows),
 // softmax in fp32, then the fp32 weighted sum of values.
 std::optional<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                               double scale) {
-  const int64_t h = q.size(0), S = k.size(0), g = k.size(1), dv = v.size(2);
-  Path path = choose(q.scalar_type(), k.scalar_type());
-  if (path == Path::none || q.dim() != 2 || k.dim() != 3 || v.dim() != 3 || h % g != 0 || S == 0 ||
-      k.stride(2) != 1 || v.stride(2) != 1 || v.scalar_type() != k.scalar_type() || q.size(1) != k.size(2))
-    return std::nullopt;
-  const int64_t per = h / g;
-  auto out = torch::empty({h, dv}, q.options());
-  auto qc = q.contiguous();
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, S * (k.size(2) + dv) * per));
-  at::parallel_for(0, g, grain, [&](int64_t g0, int64_t g1) {
-    std::vector<float> p(per * S), o(per * dv);
-    for (int64_t kv = g0; kv < g1; ++kv) {
-      auto kg = k.select(1, kv);  // [S, d] at row stride g * d
-      Epilogue ep{nullptr, nullptr, p.data(), S, false};
-      product(path, qc.narrow(0, kv * per, per), kg, ep);  // serial inside this region (ATen runs it inline)
-      for (int64_t m = 0; m < per; ++m) {
-        float* row = p.data() + m * S;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < S; ++j) mx = std::max(mx, row[j] *= static_cast<float>(scale));
-        float sum = 0.0f;
-        for (int64_t j = 0; j < S; ++j) sum += (row[j] = std::exp(row[j] - mx));
-        for (int64_t j = 0; j < S; ++j) row[j] /= sum;
-      }
-      if (v.scalar_type() == at::kFloat) {
-        weighted_rows(p.data(), per, S, v.data_ptr<float>() + kv * v.stride(1), v.stride(0), dv, o.data());
-      } else {
-        weighted_rows(p.data(), per, S, v.data_ptr<bf16>() + kv * v.stride(1), v.stride(0), dv, o.data());
-      }
-      Epilogue store{nullptr, nullptr, out.data_ptr(), dv, q.scalar_type() == at::kBFloat16};
-      for (int64_t m = 0; m < per; ++m)
-        for (int64_t c = 0; c < dv; ++c) store.store(kv * per + m, c, o[m * dv + c]);
-    }
-  });
-  return out;
+  if (q.dim() != 2 || k.dim() != 3 || v.dim() != 3 || k.size(0) == 0 || v.size(0) != k.size(0)) return std::nullopt;
+  const Path path = attention_path(q, k, v);
+  if (path == Path::none) return std::nullopt;
+  const int64_t end = k.size(0);
+  return attend_any(path, AttentionRows{q.unsqueeze(0), k, v, nullptr, 0, 1, nullptr, &end, 0, scale}).squeeze(0);
+}
+
+// Attention of the rows of one forward pass over paged caches, in one call: q [T, h, d]; k_pool [P, B, g, d] and
+// v_pool [P, B, g, dv] hold every sequence's rows in blocks of B; tables [n, width] each sequence's block ids; row t
+// of q belongs to sequence seq[t] and sees its cached rows [0, end[t]) (the last `window` of them when window > 0).
+// Each row's result is bitwise decode_attention's over the same keys. None when not served.
+std::optional<torch::Tensor> paged_attention(const torch::Tensor& q, const torch::Tensor& k_pool,
+                                             const torch::Tensor& v_pool, const torch::Tensor& tables,
+                                             const torch::Tensor& seq, const torch::Tensor& end, int64_t window,
+                                             double scale) {
+  const int64_t T = q.size(0);
+  const bool ok = q.dim() == 3 && k_pool.dim() == 4 && v_pool.dim() == 4 && k_pool.is_contiguous() &&
+                  v_pool.is_contiguous() && k_pool.size(0) == v_pool.size(0) && k_pool.size(1) == v_pool.size(1) &&
+                  tables.dim() == 2 && tables.scalar_type() == at::kLong && tables.is_contiguous() &&
+                  seq.scalar_type() == at::kLong && end.scalar_type() == at::kLong && seq.is_contiguous() &&
+                  end.is_contiguous() && seq.numel() == T && end.numel() == T && T > 0;
+  if (!ok) return std::nullopt;
+  const auto k = k_pool.flatten(0, 1), v = v_pool.flatten(0, 1);  // [slots, g, d]: views
+  const Path path = attention_path(q, k, v);
+  const int64_t* ends = end.data_ptr<int64_t>();
+  const int64_t* seqs = seq.data_ptr<int64_t>();
+  const int64_t width = tables.size(1), block = k_pool.size(1);
+  for (int64_t t = 0; t < T; ++t)  // every row sees at least one key, within its table
+    if (ends[t] < 1 || ends[t] > width * block || seqs[t] < 0 || seqs[t] >= tables.size(0)) return std::nullopt;
+  if (path == Path::none) return std::nullopt;
+  return attend_any(path, AttentionRows{q, k, v, tables.data_ptr<int64_t>(), width, block, seqs, ends, window,
+                                        scale});
 }
 
 std::string isa() { return isa_name(kIsa); }
@@ -565,6 +784,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsnorm", &rmsnorm, "RMSNorm in fp32, rounded once to the weight's dtype");
   m.def("rotary_", &rotary_, "rotate-half rotary in place on q and k; False if the layout is not served");
   m.def("decode_attention", &decode_attention, "one query row per head over the cache; None if not served");
+  m.def("paged_attention", &paged_attention, "query rows over paged caches in one call; None if not served");
+  m.def("grouped_swiglu", &grouped_swiglu, "every routed expert of a layer in one call; None if not served");
   m.def("isa", &isa, "the code path chosen for this CPU");
   m.def("calls", &calls, "products computed by the kernels so far");
 }

@@ -69,6 +69,10 @@ class Attention(nn.Module):
 def attend_batch(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                  scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Append each sequence's new k, v to its cache and attend; q [T, h, d] -> [T, h, dv]."""
+    if batch.paged is not None and batch.attn_block == 1:
+        out = batch.paged.attend(layer, q, k, v, scale, window)
+        if out is not None:
+            return out
     out = q.new_empty(*q.shape[:2], v.shape[-1])
     for s in batch.seqs:
         rows = slice(s.start, s.start + s.length)

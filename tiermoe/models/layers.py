@@ -140,6 +140,8 @@ class ForwardBatch:
     # Which keys a query sees: those whose block (position // attn_block) is not after the query's own block.
     # 1 = causal (autoregressive), B = block-causal (LLaDA2's block diffusion), None = bidirectional (LLaDA).
     attn_block: int | None = 1
+    # Every sequence's rows attended in one call per layer (tiermoe.engine.kv_cache_manager.PagedBatch), or None.
+    paged: object | None = None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float | None,

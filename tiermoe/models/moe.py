@@ -120,11 +120,19 @@ class SparseMoE(nn.Module):
         span, n = {}, 0  # expert -> its entries' slice
         for e, c in sorted(zip(experts, counts, strict=True)):
             span[e], n = slice(n, n + c), n + c
+        fetched = self.store.fetch(self.layer, experts, counts, ahead)
+        out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)
+        if self.store.keeps_fetched and self.act is F.silu:  # every expert at hand: one kernel call for the layer
+            fetched = sorted(fetched, key=lambda item: item[0])  # ascending ids, as xs holds their entries
+            y = kernels.grouped_swiglu(xs, [w.gate_up for _, w in fetched], [w.down for _, w in fetched],
+                                       [span[e].stop - span[e].start for e, _ in fetched], scales,
+                                       out_dtype=RESIDUAL_DTYPE)  # [N, H], or None: not served, per expert below
+            if y is not None:
+                return out.index_add_(0, rows, y)
         ys: dict[int, torch.Tensor] = {}
-        for e, w in self.store.fetch(self.layer, experts, counts, ahead):
+        for e, w in fetched:
             ys[e] = self._on_device(xs[span[e]], w, scales[span[e]])
             del w  # release it before asking for the next: a store under a budget may have evicted it already
-        out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)
         # one index_add_ adds entries in index order: each token's outputs in ascending expert id, as at batch 1
         return out.index_add_(0, rows, torch.cat([ys[e] for e in sorted(ys)]))
 

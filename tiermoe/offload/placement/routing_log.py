@@ -59,6 +59,10 @@ class RecordingStore(ExpertStore):
     def stats(self, value):
         self.inner.stats = value
 
+    @property
+    def keeps_fetched(self) -> bool:
+        return self.inner.keeps_fetched
+
     def expert_nbytes(self, layer: int, expert: int) -> int:
         return self.inner.expert_nbytes(layer, expert)
 

@@ -49,6 +49,7 @@ class ExpertStore(ABC):
     """Source of routed expert weights for the model. `stats` counts hits, misses and reads since the last reset."""
 
     stats: StoreStats
+    keeps_fetched = False  # True: every yielded expert stays valid after the next (the model may hold them all)
 
     @abstractmethod
     def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
@@ -80,6 +81,8 @@ class ExpertStore(ABC):
 
 class ResidentStore(ExpertStore):
     """Reads each expert on first use and keeps it for the life of the engine."""
+
+    keeps_fetched = True
 
     def __init__(self, index: CheckpointIndex, dtype: torch.dtype):
         self.index = index
