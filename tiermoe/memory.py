@@ -230,7 +230,7 @@ def kv_bytes_per_token(model) -> int:
     from tiermoe.models.layers import ForwardBatch, SeqSlice
 
     cache = KVCache(1)
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     batch = ForwardBatch(torch.zeros(1, dtype=torch.long), [SeqSlice(cache, 0, 1, 0)])
     x = torch.zeros(1, model.shape.hidden_size, dtype=dtype)
     cos, sin = model.rotary.cos_sin(batch, dtype)

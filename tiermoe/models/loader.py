@@ -17,6 +17,8 @@ from torch import nn
 
 from tiermoe.checkpoint import CheckpointIndex, TensorInfo
 from tiermoe.errors import CheckpointError
+from tiermoe.kernels import weight_dtype
+from tiermoe.models.layers import Linear
 from tiermoe.models.registry import family, read_config
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.tiers.direct_io import BufferPool, DirectReader
@@ -30,6 +32,9 @@ _INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_"
 def load_model(folder: str | Path, dtype: torch.dtype,
                embedding_on_disk: bool = False) -> tuple[CausalLM, CheckpointIndex, dict]:
     """Returns the model with non-expert weights loaded, the checkpoint index for the experts, and config.json.
+
+    The model computes in `dtype`; the weights of its products are kept as kernels.weight_dtype says (bf16 weights
+    stay bf16 under fp32), everything else (embeddings, norms, biases) is converted to `dtype`.
 
     Tensors the model does not use (e.g. DeepSeek-V3's multi-token-prediction layer) are ignored, as transformers
     does; a tensor it needs that is absent raises CheckpointError naming it. `embedding_on_disk` (ignored for tied
@@ -48,7 +53,9 @@ def load_model(folder: str | Path, dtype: torch.dtype,
         if (name == "lm_head.weight" and tied) or (name == EMBEDDING and on_disk):
             continue
         infos[name] = _checked(index, folder, name, meta)
-    state = read_weights(infos, dtype)
+    products = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Linear)}
+    state = read_weights(infos, {name: weight_dtype(info.dtype, dtype) if name in products else dtype
+                                 for name, info in infos.items()})
     if tied:
         state["lm_head.weight"] = state[EMBEDDING]
     if on_disk:
@@ -78,12 +85,13 @@ def _checked(index: CheckpointIndex, folder, name: str, meta: torch.Tensor) -> T
     return info
 
 
-def read_weights(infos: dict[str, TensorInfo], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_weights(infos: dict[str, TensorInfo], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """Each tensor read with O_DIRECT into its own page-aligned buffer, which the returned tensor keeps (a tensor
-    in another dtype is converted and its buffer freed at once)."""
+    stored in another dtype than `dtypes[name]` is converted and its buffer freed at once)."""
     out = {}
     with DirectReader(max_workers=1, pool=BufferPool(0)) as reader:
         for name, info in infos.items():
+            dtype = dtypes[name]
             seg = reader.read(info.file, info.offset, info.nbytes)
             tensor = seg.as_tensor(info.dtype, info.shape)
             out[name] = tensor if info.dtype == dtype else tensor.to(dtype)

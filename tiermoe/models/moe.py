@@ -132,8 +132,8 @@ class SparseMoE(nn.Module):
         """down(act(gate(h)) * up(h)) * scale: h [n, H], scale [n, 1] -> [n, H] in fp32."""
         if self.act is F.silu:
             return kernels.swiglu(h, w.gate_up, w.down, scale, out_dtype=RESIDUAL_DTYPE)
-        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-        return (F.linear(self.act(gate) * up, w.down) * scale).to(RESIDUAL_DTYPE)
+        gate, up = F.linear(h, kernels.widened(w.gate_up, h.dtype)).chunk(2, dim=-1)
+        return (F.linear(self.act(gate) * up, kernels.widened(w.down, h.dtype)) * scale).to(RESIDUAL_DTYPE)
 
     def _on_device(self, h: torch.Tensor, w: ExpertWeights, scale: torch.Tensor) -> torch.Tensor:
         """expert(h) where the weights are (CPU or accelerator), returned on h's device."""
