@@ -1,10 +1,11 @@
 """One expert from disk to weights: which byte ranges to read, and whether the read buffers become the weights.
 
-An expert whose checkpoint dtype is the dtype kept for the compute dtype (kernels.weight_dtype) and whose gate and up rows lie back to back (the converted
-layout, save_pretrained's per-expert tensors, fused `gate_up_proj` rows) is used in place: its `ExpertWeights` are
-views into the aligned read buffers, which go back to the reader's pool only once the last tensor over them is gone
-(an eviction frees the cache's reference; a caller still computing with the expert keeps the bytes alive). Any other
-expert is converted (dtype, gate | up concatenated) into new tensors and its read buffers are reused at once.
+An expert whose checkpoint dtype is the one its weights are kept in (kernels.weight_dtype) and whose gate and up
+rows lie back to back (the converted layout, save_pretrained's per-expert tensors, fused `gate_up_proj` rows) is used
+in place: its `ExpertWeights` are views into the aligned read buffers, which go back to the reader's pool only once
+the last tensor over them is gone (an eviction frees the cache's reference; a caller still computing with the expert
+keeps the bytes alive). Any other expert is converted (dtype, gate | up concatenated) into new tensors and its read
+buffers are reused at once.
 """
 
 from __future__ import annotations
