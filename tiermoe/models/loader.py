@@ -18,7 +18,6 @@ from torch import nn
 from tiermoe.checkpoint import CheckpointIndex, TensorInfo
 from tiermoe.errors import CheckpointError
 from tiermoe.kernels import weight_dtype
-from tiermoe.models.layers import Linear
 from tiermoe.models.registry import family, read_config
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.tiers.direct_io import BufferPool, DirectReader
@@ -33,8 +32,7 @@ def load_model(folder: str | Path, dtype: torch.dtype,
                embedding_on_disk: bool = False) -> tuple[CausalLM, CheckpointIndex, dict]:
     """Returns the model with non-expert weights loaded, the checkpoint index for the experts, and config.json.
 
-    The model computes in `dtype`; the weights of its products are kept as kernels.weight_dtype says (bf16 weights
-    stay bf16 under fp32), everything else (embeddings, norms, biases) is converted to `dtype`.
+    The model computes in `dtype`; its weights are kept as `kept_dtype` says.
 
     Tensors the model does not use (e.g. DeepSeek-V3's multi-token-prediction layer) are ignored, as transformers
     does; a tensor it needs that is absent raises CheckpointError naming it. `embedding_on_disk` (ignored for tied
@@ -53,9 +51,7 @@ def load_model(folder: str | Path, dtype: torch.dtype,
         if (name == "lm_head.weight" and tied) or (name == EMBEDDING and on_disk):
             continue
         infos[name] = _checked(index, folder, name, meta)
-    products = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Linear)}
-    state = read_weights(infos, {name: weight_dtype(info.dtype, dtype) if name in products else dtype
-                                 for name, info in infos.items()})
+    state = read_weights(infos, {name: kept_dtype(name, info, dtype) for name, info in infos.items()})
     if tied:
         state["lm_head.weight"] = state[EMBEDDING]
     if on_disk:
@@ -69,10 +65,16 @@ def load_model(folder: str | Path, dtype: torch.dtype,
 
 
 def checkpoint_bytes(folder: str | Path, dtype: torch.dtype) -> int:
-    """Bytes of every tensor of the checkpoint once loaded in `dtype` (read from the headers only)."""
+    """Bytes of every tensor of the checkpoint once loaded for compute dtype `dtype` (read from the headers only)."""
     index = CheckpointIndex(folder, family(read_config(folder)["model_type"]).sanitize)
-    item = torch.empty((), dtype=dtype).element_size()
-    return sum(t.nbytes // t.dtype.itemsize * item for t in index.tensors.values())
+    return sum(t.nbytes // t.dtype.itemsize * kept_dtype(name, t, dtype).itemsize for name, t in index.tensors.items())
+
+
+def kept_dtype(name: str, info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is loaded in for compute dtype `dtype`: the matrices of products (every tensor of 2 or more
+    dims but the token embedding: projections, experts, routers, the head) as kernels.weight_dtype says (bf16 stays
+    bf16 under fp32), the rest (embedding, norms, biases) in `dtype`."""
+    return weight_dtype(info.dtype, dtype) if len(info.shape) >= 2 and name != EMBEDDING else dtype
 
 
 def _checked(index: CheckpointIndex, folder, name: str, meta: torch.Tensor) -> TensorInfo:
