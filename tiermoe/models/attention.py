@@ -69,6 +69,10 @@ class Attention(nn.Module):
 def attend_batch(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                  scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Append each sequence's new k, v to its cache and attend; q [T, h, d] -> [T, h, dv]."""
+    if len(batch.seqs) == 1 and batch.seqs[0].sparse is None:  # one sequence (batch-1 decode): no copy into `out`
+        s = batch.seqs[0]
+        keys, values = s.cache.update(layer, s.past, k, v)
+        return attend(q, keys, values, s.past, scale, batch.attn_block, window)
     out = q.new_empty(*q.shape[:2], v.shape[-1])
     for s in batch.seqs:
         rows = slice(s.start, s.start + s.length)
