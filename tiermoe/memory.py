@@ -230,7 +230,7 @@ def kv_bytes_per_token(model) -> int:
     from tiermoe.models.layers import ForwardBatch, SeqSlice
 
     cache = KVCache(1)
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     batch = ForwardBatch(torch.zeros(1, dtype=torch.long), [SeqSlice(cache, 0, 1, 0)])
     x = torch.zeros(1, model.shape.hidden_size, dtype=dtype)
     cos, sin = model.rotary.cos_sin(batch, dtype)
@@ -270,12 +270,13 @@ def plan(usage: Usage, runtime_and_weights: int, weights: int, kv_per_token: int
 def read_buffer_bytes(index, dtype: torch.dtype) -> int:
     """What one expert read in flight holds beyond the expert's budgeted weights: its page-rounded read buffer (kept
     by the reader's pool for the next read), and the concatenated gate/up rows when the checkpoint's dtype is not
-    the compute dtype (converted afterwards)."""
+    the dtype its weights are kept in (converted afterwards)."""
+    from tiermoe.kernels import weight_dtype
     from tiermoe.offload.tiers.direct_io import PAGE
 
     worst = 0
     for spec in index.experts().values():
-        converted = spec.nbytes if spec.gate.dtype != dtype else 0
+        converted = spec.nbytes if spec.gate.dtype != weight_dtype(spec.gate.dtype, dtype) else 0
         worst = max(worst, spec.nbytes + 2 * PAGE * len(spec.parts) + converted)
     return worst
 

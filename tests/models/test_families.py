@@ -50,6 +50,45 @@ def test_fused_and_per_expert_layouts_give_identical_output(family, tiny_models)
     assert ours(fused, PROMPTS) == ours(per_expert, PROMPTS)
 
 
+@pytest.fixture(scope="module")
+def bf16_checkpoints(tmp_path_factory):
+    """Per family: a bf16 checkpoint and its twin holding the same weights widened to fp32 (lazily built)."""
+    root, built = tmp_path_factory.mktemp("bf16"), {}
+
+    def get(family: str) -> tuple:
+        if family not in built:
+            model = make_reference(family).to(torch.bfloat16)
+            model.save_pretrained(root / f"{family}-bf16")
+            model.float().save_pretrained(root / f"{family}-fp32")
+            built[family] = root / f"{family}-bf16", root / f"{family}-fp32"
+        return built[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_keeps_a_bf16_checkpoint_s_weights_and_computes_as_on_them_widened(family, bf16_checkpoints):
+    narrow_folder, wide_folder = bf16_checkpoints(family)
+    narrow, wide = LLM(narrow_folder), LLM(wide_folder)  # dtype float32
+    params = dict(narrow.model.named_parameters())
+    assert params["lm_head.weight"].dtype == torch.bfloat16 and params["model.norm.weight"].dtype == torch.float32
+    moe = narrow.model.moe_blocks[0]
+    (_, w), = moe.store.fetch(moe.layer, [0])
+    assert w.gate_up.dtype == w.down.dtype == torch.bfloat16
+    nbytes = [sum(p.nbytes for p in llm.model.parameters()) for llm in (narrow, wide)]
+    assert nbytes[0] < 0.6 * nbytes[1], nbytes
+    for prompt in PROMPTS:
+        assert torch.equal(last_logits(narrow, prompt), last_logits(wide, prompt))
+    tokens = ours(narrow, PROMPTS)
+    assert tokens == ours(wide, PROMPTS)
+    # PROMPTS[1]: with the rounded weights PROMPTS[0] meets a near-tie in qwen3_moe that transformers' summation
+    # order decides the other way (for the fp32 twin as well)
+    reference = make_reference(family).to(torch.bfloat16).float()
+    expected = reference.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert tokens[1] == expected[0, len(PROMPTS[1]):].tolist()
+    assert ours(LLM(narrow_folder, expert_cache="30%"), PROMPTS) == tokens
+
+
 def last_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     seq = llm._make_sequence(prompt, GREEDY_32)
     with torch.inference_mode():

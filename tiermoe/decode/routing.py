@@ -28,7 +28,7 @@ class _Row:
 
 def _rows(scheduled: list[tuple[Request, int]]) -> list[_Row]:
     """One entry per token of the coming forward pass (n tokens of each request), in row order."""
-    return [_Row(s, s.cached + i, t) for s, n in scheduled for i, t in enumerate(s.all_ids[s.cached:s.cached + n])]
+    return [_Row(s, s.cached + i, t) for s, n in scheduled for i, t in enumerate(s.ids(s.cached, s.cached + n))]
 
 
 class RoutingRecorder:

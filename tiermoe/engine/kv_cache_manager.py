@@ -107,7 +107,15 @@ class PagedKV:
         m = self.manager
         pools = m.pool(layer, new)
         end = past + new[0].shape[0]
-        table = torch.tensor(m.tables[self.request_id][:m.blocks_for(end)])  # [b]
+        blocks = m.tables[self.request_id][:m.blocks_for(end)]
+        first = blocks[0]
+        if blocks == list(range(first, first + len(blocks))):  # consecutive blocks (the usual case): no gather
+            base = first * m.block_size
+            flat = [pool.flatten(0, 1) for pool in pools]  # [blocks * block_size, ...] views
+            for f, t in zip(flat, new, strict=True):
+                f[base + past:base + end] = t
+            return tuple(f[base:base + end] for f in flat)
+        table = torch.tensor(blocks)  # [b]
         positions = torch.arange(past, end)
         blocks, rows = table[positions // m.block_size], positions % m.block_size  # [t], [t]
         for pool, t in zip(pools, new, strict=True):

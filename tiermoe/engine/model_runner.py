@@ -30,7 +30,7 @@ def forward(model: CausalLM, scheduled: Scheduled, observer=None, tokenizer=None
         observer.begin(scheduled)
     ids, positions, slices, start = [], [], [], 0
     for req, n in scheduled:
-        ids.extend(req.all_ids[req.cached:req.cached + n])
+        ids.extend(req.ids(req.cached, req.cached + n))
         positions.extend(range(req.cached, req.cached + n))
         slices.append(SeqSlice(req.cache, start, n, req.cached))
         start += n

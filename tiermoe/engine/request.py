@@ -80,9 +80,16 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def ids(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building all_ids (a decode step reads one id of a long context)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - p)]
+
     def new_tokens(self) -> list[int]:
         """Tokens not yet in the cache: the whole prompt at prefill, the last sampled token after."""
-        return self.all_ids[self.cached:]
+        return self.ids(self.cached, self.num_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -106,7 +113,7 @@ class Request:
             self._finish("stop", token)
         elif self._hit_stop_string():
             pass
-        elif len(self.output_ids) >= self.params.max_tokens or len(self.all_ids) >= self.max_len:
+        elif len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_len:
             self._finish("length", None)
         if self.finished:
             self.metrics.finish_time = now

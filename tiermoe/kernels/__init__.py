@@ -29,6 +29,18 @@ _ops = _UNSET
 _invariant = False
 
 
+def weight_dtype(stored: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype a product's weight is kept in when the model computes in `compute`: a bf16 weight stays bf16 under
+    fp32 compute (bf16 widens to fp32 exactly and the kernels widen as they read, so the products are those of the
+    widened weight, bit for bit, at half the bytes); anything else is converted to the compute dtype."""
+    return stored if stored == torch.bfloat16 and compute == torch.float32 else compute
+
+
+def widened(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight in x's dtype for torch's own products (which take one dtype): a bf16 weight under fp32 compute."""
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
 def compiled():
     """The compiled module, built on the first call; None when torch ops serve everything."""
     global _ops
@@ -81,9 +93,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if tiles is not None:
         return torch.cat([linear(t, weight, bias, out_dtype) for t in tiles])
     if ops is None or x.dim() != 2 or x.device.type != "cpu":
-        if weight.dtype != x.dtype:  # e.g. an fp32 router product over bf16 weights
-            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
-        y = F.linear(x, weight, bias)
+        y = F.linear(x, widened(weight, x.dtype), None if bias is None else widened(bias, x.dtype))
         return y if out_dtype is None else y.to(out_dtype)
     return ops.linear(x, weight, bias, _max_rows(), out_dtype == torch.float32)
 
@@ -102,8 +112,8 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, scale: to
         scales = [None] * len(tiles) if scale is None else scale.split(tiles[0].shape[0])
         return torch.cat([swiglu(t, gate_up, down, s, out_dtype) for t, s in zip(tiles, scales, strict=True)])
     if ops is None or x.device.type != "cpu":
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down)
+        gate, up = F.linear(x, widened(gate_up, x.dtype)).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, widened(down, x.dtype))
         return (y if scale is None else y * scale).to(out_dtype or x.dtype)
     return ops.swiglu(x, gate_up, down, scale, _max_rows(), out_dtype == torch.float32)
 

@@ -73,6 +73,10 @@ def attend_batch(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         out = batch.paged.attend(layer, q, k, v, scale, window)
         if out is not None:
             return out
+    if len(batch.seqs) == 1 and batch.seqs[0].sparse is None:  # one sequence (batch-1 decode): no copy into `out`
+        s = batch.seqs[0]
+        keys, values = s.cache.update(layer, s.past, k, v)
+        return attend(q, keys, values, s.past, scale, batch.attn_block, window)
     out = q.new_empty(*q.shape[:2], v.shape[-1])
     for s in batch.seqs:
         rows = slice(s.start, s.start + s.length)

@@ -17,6 +17,7 @@ from torch import nn
 
 from tiermoe.checkpoint import CheckpointIndex, TensorInfo
 from tiermoe.errors import CheckpointError
+from tiermoe.kernels import weight_dtype
 from tiermoe.models.registry import family, read_config
 from tiermoe.models.transformer import CausalLM
 from tiermoe.offload.tiers.direct_io import BufferPool, DirectReader
@@ -30,6 +31,8 @@ _INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_"
 def load_model(folder: str | Path, dtype: torch.dtype,
                embedding_on_disk: bool = False) -> tuple[CausalLM, CheckpointIndex, dict]:
     """Returns the model with non-expert weights loaded, the checkpoint index for the experts, and config.json.
+
+    The model computes in `dtype`; its weights are kept as `kept_dtype` says.
 
     Tensors the model does not use (e.g. DeepSeek-V3's multi-token-prediction layer) are ignored, as transformers
     does; a tensor it needs that is absent raises CheckpointError naming it. `embedding_on_disk` (ignored for tied
@@ -48,7 +51,7 @@ def load_model(folder: str | Path, dtype: torch.dtype,
         if (name == "lm_head.weight" and tied) or (name == EMBEDDING and on_disk):
             continue
         infos[name] = _checked(index, folder, name, meta)
-    state = read_weights(infos, dtype)
+    state = read_weights(infos, {name: kept_dtype(name, info, dtype) for name, info in infos.items()})
     if tied:
         state["lm_head.weight"] = state[EMBEDDING]
     if on_disk:
@@ -62,10 +65,16 @@ def load_model(folder: str | Path, dtype: torch.dtype,
 
 
 def checkpoint_bytes(folder: str | Path, dtype: torch.dtype) -> int:
-    """Bytes of every tensor of the checkpoint once loaded in `dtype` (read from the headers only)."""
+    """Bytes of every tensor of the checkpoint once loaded for compute dtype `dtype` (read from the headers only)."""
     index = CheckpointIndex(folder, family(read_config(folder)["model_type"]).sanitize)
-    item = torch.empty((), dtype=dtype).element_size()
-    return sum(t.nbytes // t.dtype.itemsize * item for t in index.tensors.values())
+    return sum(t.nbytes // t.dtype.itemsize * kept_dtype(name, t, dtype).itemsize for name, t in index.tensors.items())
+
+
+def kept_dtype(name: str, info: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is loaded in for compute dtype `dtype`: the matrices of products (every tensor of 2 or more
+    dims but the token embedding: projections, experts, routers, the head) as kernels.weight_dtype says (bf16 stays
+    bf16 under fp32), the rest (embedding, norms, biases) in `dtype`."""
+    return weight_dtype(info.dtype, dtype) if len(info.shape) >= 2 and name != EMBEDDING else dtype
 
 
 def _checked(index: CheckpointIndex, folder, name: str, meta: torch.Tensor) -> TensorInfo:
@@ -78,12 +87,13 @@ def _checked(index: CheckpointIndex, folder, name: str, meta: torch.Tensor) -> T
     return info
 
 
-def read_weights(infos: dict[str, TensorInfo], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_weights(infos: dict[str, TensorInfo], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """Each tensor read with O_DIRECT into its own page-aligned buffer, which the returned tensor keeps (a tensor
-    in another dtype is converted and its buffer freed at once)."""
+    stored in another dtype than `dtypes[name]` is converted and its buffer freed at once)."""
     out = {}
     with DirectReader(max_workers=1, pool=BufferPool(0)) as reader:
         for name, info in infos.items():
+            dtype = dtypes[name]
             seg = reader.read(info.file, info.offset, info.nbytes)
             tensor = seg.as_tensor(info.dtype, info.shape)
             out[name] = tensor if info.dtype == dtype else tensor.to(dtype)

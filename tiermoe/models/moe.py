@@ -49,12 +49,13 @@ class Router(nn.Module):
         choice = scores + self.e_score_correction_bias if a.correction_bias else scores
         if a.n_group > 1:
             choice = _mask_groups(choice, a)
-        _, ids = torch.topk(choice, a.top_k, dim=-1)  # [T, A]
-        weights = scores.gather(1, ids)
+        top, ids = torch.topk(choice, a.top_k, dim=-1)  # [T, A]
+        weights = top if choice is scores else scores.gather(1, ids)
         if a.norm_topk_prob and a.top_k > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if a.scoring == "sigmoid" else 0.0))
-        weights = weights * a.scaling_factor
-        return weights, ids
+            total = weights.sum(-1, keepdim=True)  # [T, 1]
+            weights = weights / (total + 1e-20 if a.scoring == "sigmoid" else total)
+        # ops skipped where they change no bit: x + 0.0 and x * 1.0 (a decode step runs a few hundred small ops)
+        return weights * a.scaling_factor if a.scaling_factor != 1.0 else weights, ids
 
 
 def _mask_groups(choice: torch.Tensor, a: RouterArgs) -> torch.Tensor:
@@ -140,8 +141,8 @@ class SparseMoE(nn.Module):
         """down(act(gate(h)) * up(h)) * scale: h [n, H], scale [n, 1] -> [n, H] in fp32."""
         if self.act is F.silu:
             return kernels.swiglu(h, w.gate_up, w.down, scale, out_dtype=RESIDUAL_DTYPE)
-        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-        return (F.linear(self.act(gate) * up, w.down) * scale).to(RESIDUAL_DTYPE)
+        gate, up = F.linear(h, kernels.widened(w.gate_up, h.dtype)).chunk(2, dim=-1)
+        return (F.linear(self.act(gate) * up, kernels.widened(w.down, h.dtype)) * scale).to(RESIDUAL_DTYPE)
 
     def _on_device(self, h: torch.Tensor, w: ExpertWeights, scale: torch.Tensor) -> torch.Tensor:
         """expert(h) where the weights are (CPU or accelerator), returned on h's device."""

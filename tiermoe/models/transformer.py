@@ -56,6 +56,12 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the final norm's weight's, to which every product's input is rounded (product weights
+        may be kept narrower, kernels.weight_dtype)."""
+        return self.model.norm.weight.dtype
+
+    @property
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
 

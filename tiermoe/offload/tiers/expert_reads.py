@@ -1,10 +1,11 @@
 """One expert from disk to weights: which byte ranges to read, and whether the read buffers become the weights.
 
-An expert whose checkpoint dtype is the compute dtype and whose gate and up rows lie back to back (the converted
-layout, save_pretrained's per-expert tensors, fused `gate_up_proj` rows) is used in place: its `ExpertWeights` are
-views into the aligned read buffers, which go back to the reader's pool only once the last tensor over them is gone
-(an eviction frees the cache's reference; a caller still computing with the expert keeps the bytes alive). Any other
-expert is converted (dtype, gate | up concatenated) into new tensors and its read buffers are reused at once.
+An expert whose checkpoint dtype is the one its weights are kept in (kernels.weight_dtype) and whose gate and up
+rows lie back to back (the converted layout, save_pretrained's per-expert tensors, fused `gate_up_proj` rows) is used
+in place: its `ExpertWeights` are views into the aligned read buffers, which go back to the reader's pool only once
+the last tensor over them is gone (an eviction frees the cache's reference; a caller still computing with the expert
+keeps the bytes alive). Any other expert is converted (dtype, gate | up concatenated) into new tensors and its read
+buffers are reused at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tiermoe.checkpoint import ExpertSpec, TensorInfo
+from tiermoe.kernels import weight_dtype
 from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, align_down, align_up
 from tiermoe.offload.tiers.store import ExpertWeights, build_expert, loaded_nbytes
 
@@ -42,7 +44,7 @@ def in_place(spec: ExpertSpec, dtype: torch.dtype) -> bool:
     """Whether the read buffers can be the weights: no dtype conversion, gate then up contiguous (one [2I, H]), and
     whole pages around the bytes costing at most 1/16 more RAM than the weights (no small expert padded out)."""
     g, u, _ = spec.parts
-    return (all(p.dtype == dtype and p.offset % dtype.itemsize == 0 for p in spec.parts)
+    return (all(p.dtype == weight_dtype(p.dtype, dtype) and p.offset % p.dtype.itemsize == 0 for p in spec.parts)
             and g.file == u.file and u.offset == g.offset + g.nbytes and g.shape[1:] == u.shape[1:]
             and _pages(spec) - spec.nbytes <= spec.nbytes // 16)
 
@@ -77,7 +79,8 @@ def plan_read(spec: ExpertSpec, dtype: torch.dtype) -> ReadPlan:
     parts = spec.parts
     if kept:
         g, u, d = parts
-        parts = (TensorInfo(g.file, g.offset, g.nbytes + u.nbytes, dtype, (g.shape[0] + u.shape[0], *g.shape[1:])), d)
+        parts = (TensorInfo(g.file, g.offset, g.nbytes + u.nbytes, g.dtype, (g.shape[0] + u.shape[0], *g.shape[1:])),
+                 d)
     return ReadPlan(spec, kept, ranges, tuple(_place(ranges, p) for p in parts), tuple(dict.fromkeys(
         f for f, _, _ in ranges)), sum(align_up(off + n) - align_down(off) for _, off, n in ranges))
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiermoe.checkpoint import CheckpointIndex, ExpertSpec
+from tiermoe.kernels import weight_dtype
 from tiermoe.offload.tiers.stats import StoreStats
 
 if TYPE_CHECKING:
@@ -34,15 +35,16 @@ class ExpertWeights:
 
 
 def loaded_nbytes(spec: ExpertSpec, dtype: torch.dtype) -> int:
-    """Bytes an expert occupies in RAM once converted to the compute dtype."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(p.nbytes // p.dtype.itemsize for p in spec.parts) * itemsize
+    """Bytes an expert occupies in RAM once loaded for the compute dtype (kernels.weight_dtype)."""
+    return sum(p.nbytes // p.dtype.itemsize * weight_dtype(p.dtype, dtype).itemsize for p in spec.parts)
 
 
 def build_expert(spec: ExpertSpec, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  dtype: torch.dtype) -> ExpertWeights:
-    """Assemble an expert from its three raw tensors, converted to the compute dtype; never aliases the inputs."""
-    return ExpertWeights(torch.cat([gate, up]).to(dtype), down.to(dtype, copy=True).contiguous())
+    """Assemble an expert from its three raw tensors, in the dtype kept for the compute dtype (kernels.weight_dtype);
+    never aliases the inputs."""
+    return ExpertWeights(torch.cat([gate, up]).to(weight_dtype(gate.dtype, dtype)),
+                         down.to(weight_dtype(down.dtype, dtype), copy=True).contiguous())
 
 
 class ExpertStore(ABC):
