@@ -58,7 +58,7 @@ def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 <
                     for s in sizes}
             for r in rows:
                 x = torch.randn(r, k).to(dtype)
-                per = [_best(lambda ws=mats[s]: [kernels.linear(x, w) for w in ws], reps=2) / len(mats[s])
+                per = [_best(lambda ws=mats[s], x=x: [kernels.linear(x, w) for w in ws], reps=2) / len(mats[s])
                        for s in sizes]
                 rate = (sizes[1] - sizes[0]) / max(per[1] - per[0], 1e-12)
                 gbs[name][k][r] = round(rate / 1e9, 3)
@@ -80,8 +80,8 @@ def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int =
     out = {}
     for r in rows:
         x, scale = torch.randn(r, hidden).to(dtype), torch.rand(r, 1)
-        t = _best(lambda: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
-                           for g, d in zip(gate_up, down, strict=True)]) / n
+        t = _best(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
+                                            for g, d in zip(gate_up, down, strict=True)]) / n
         k0 = min(rates)  # the shortest rows measured stand for these
         streamed = 3 * hidden * inter * dtype.itemsize / (rates[k0][r] * 1e9)
         out[r] = round(max(t - streamed, 0.0) * 1e6, 2)
@@ -110,7 +110,8 @@ def attention_costs(shapes=ATTN_SHAPES) -> dict[str, float]:
                     q = torch.randn(t, h, d)
                     k, v = torch.randn(past + t, g, d), torch.randn(past + t, g, d)
                     n = 100
-                    y.append(_best(lambda: [attend(q, k, v, past, None, block) for _ in range(n)]) / n)
+                    y.append(_best(lambda q=q, k=k, v=v, past=past, block=block, n=n:
+                                   [attend(q, k, v, past, None, block) for _ in range(n)]) / n)
                     x.append([1.0, h, 4.0 * t * (past + t) * h * d, 2.0 * (past + t) * g * d * 4])
         x, y = np.array(x), np.array(y)
         w = 1 / y  # relative error
@@ -233,7 +234,7 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
                                 ignore_eos=True)
         per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params, list(range(4, 16)))
     rest = {}  # mean rows per forward -> layer rest seconds
-    for seconds, t, stats, vocab, layers in per_block.values():
+    for _, t, stats, _, layers in per_block.values():
         rest[stats["forward_rows"] / t.calls["model"]] = _layer_rest(t, layers)
     (r0, s0), (r1, s1) = sorted(rest.items())
     seconds, t, stats, vocab, layers = per_block[16]

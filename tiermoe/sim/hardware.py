@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -177,13 +178,13 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 
 
 def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20, name: str = "this-machine",
-                         file_mib: int = 256) -> Hardware:
+                         file_mib: int = 256, kernel_mib: int = 128) -> Hardware:
     """Measures this machine (about a minute): per thread count, CPU GEMV over more weights than the caches hold
     and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.profile_costs`); per-call overhead, DRAM
     copy rate, and direct reads of a file written in `disk_dir` (sequential, `read_bytes` random reads 4 in flight
     as the stores issue them and one at a time, each as a fixed time per read plus bytes at a rate from two read
-    sizes, 4 KiB IOPS); at one thread, the engine's own kernels, attention and fixed costs
-    (tiermoe.sim.engine_probe)."""
+    sizes, 4 KiB IOPS); at one thread, the engine's own kernels (over `kernel_mib` MiB of weights), attention and
+    fixed costs (tiermoe.sim.engine_probe)."""
     import torch
 
     from tiermoe.offload.placement.costs import IO_DEPTH, io_bandwidth
@@ -200,7 +201,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         torch.set_num_threads(threads0)
         call_us = _call_overhead_us()
         torch.set_num_threads(1)  # the engine's own costs, at one thread (other counts scale as the GEMV does)
-        kernel_gbs, linear_us, swiglu_us = kernel_rates()
+        kernel_gbs, linear_us, swiglu_us = kernel_rates(total=kernel_mib << 20)
         attn, fixed = attention_costs(), engine_overheads()
     finally:
         torch.set_num_threads(threads0)
@@ -230,8 +231,8 @@ def _reads(path: Path, read_bytes: int, depth: int, total: int, small: int = 64 
 
     if read_bytes <= small:
         return io_bandwidth(path, read_bytes, threads=depth, total=total) / GB, 0.0
-    per = [n / io_bandwidth(path, n, threads=depth, total=total * n // read_bytes if n < read_bytes else total)
-           for n in (small, read_bytes)]
+    per = [statistics.median(n / io_bandwidth(path, n, threads=depth, total=total * n // read_bytes)
+                             for _ in range(3)) for n in (small, read_bytes)]  # the disk is shared: medians
     slope = (per[1] - per[0]) / (read_bytes - small)
     fixed = per[0] - small * slope
     if slope <= 0 or fixed < 0:
