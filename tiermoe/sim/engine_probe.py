@@ -216,7 +216,7 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     per decoder layer of a block-diffusion forward (`block_layer_us`) and per row of it (`layer_row_us`, the slope
     between two block lengths), per autoregressive forward outside the model (`step_us`), per diffusion request and
     forward outside the model (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
-    the read itself (`read_us`, see `read_overhead_us`). Decodes the shipped models
+    the disk (`read_us`, see `read_cost_us`). Decodes the shipped models
     all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 48
     tokens in blocks of 8 and of 16 from a 12-token prompt."""
     from tiermoe import SamplingParams
@@ -246,37 +246,33 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
             "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / forwards * 1e6, 2),
             "logit_ns": round(logit_s * 1e9, 3),
             "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2),
-            "read_us": read_overhead_us(diffusion_model)}
+            "read_us": read_cost_us(diffusion_model)}
 
 
-def read_overhead_us(model_dir: Path | None = None, rounds: int = 3) -> float:
-    """The engine's CPU time per expert read besides the read itself (its store's Python around a read: the plan,
-    the file check, the tensors, the futures, the hand-back), in microseconds: the store streams every expert of the
-    shipped diffusion model under a small budget with nothing else running, and the process's CPU time per read
-    less that of the bare direct reads of the same size at the same depth (`io_bandwidth`, which is mostly the
-    system calls) is the overhead. That Python holds the interpreter lock the model's thread needs too."""
-    from tiermoe import LLM
+def read_cost_us(model_dir: Path | None = None, budget: str = "25%", tau: int = 4, reps: int = 3) -> float:
+    """What one expert read costs the engine's decode besides the disk, in microseconds: the shipped diffusion model
+    decodes one request (48 tokens in blocks of 16 from a 12-token prompt) with its experts under TIDE on the RAM
+    tier at `budget` and all resident; the extra seconds per expert read (the best of `reps` runs each). Its reads
+    are small and the disk keeps up with them, so the extra is the engine's own work around a read (the store's
+    Python on the reader and model threads, which share the interpreter lock, the system calls), which the model's
+    thread waits for."""
+    from tiermoe import LLM, SamplingParams
     from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
-    from tiermoe.offload.placement.costs import io_bandwidth
 
-    llm = LLM(model_dir or DEFAULT_DIFFUSION_MODEL, expert_cache="25%")
-    store, layers, k = llm.store, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
-    experts = sorted({e for lay, e in llm.index.experts() if lay == layers[0]})
-    spec = llm.index.expert(layers[0], experts[0])
-    best = float("inf")
-    for _ in range(rounds + 1):  # the first warms up
-        reads, cpu = store.stats.total.misses, time.process_time()
-        for layer in layers:
-            for i in range(0, len(experts), k):
-                for _e, w in store.fetch(layer, experts[i:i + k]):
-                    del w
-        n = store.stats.total.misses - reads
-        best = min(best, (time.process_time() - cpu) / max(n, 1))
-    depth = max(store.window, 1)
-    store.close()
-    bare = time.process_time()
-    nbytes = spec.nbytes
-    total = 256 * nbytes
-    io_bandwidth(spec.gate.file, nbytes, threads=depth, total=total)
-    bare = (time.process_time() - bare) / (total // nbytes)
-    return round(max(best - bare, 0.0) * 1e6, 1)
+    params = SamplingParams(temperature=0, max_tokens=48, block_length=16, steps=16, threshold=0.95, ignore_eos=True)
+    prompt = list(range(4, 16))
+    out = {}
+    for name, options in (("resident", {}), ("offloaded", {"expert_cache": budget, "tau": tau})):
+        llm = LLM(model_dir or DEFAULT_DIFFUSION_MODEL, **options)
+        if not options:
+            for layer, e in llm.index.experts():
+                list(llm.store.fetch(layer, [e]))
+        runs = []
+        for _ in range(reps + 1):  # the first warms up
+            start = time.perf_counter()
+            llm.generate([prompt], params, use_tqdm=False)
+            runs.append((time.perf_counter() - start, llm.store.stats.total.misses))
+        llm.store.close()
+        out[name] = min(runs[1:])
+    (off, reads), (res, _) = out["offloaded"], out["resident"]
+    return round(max(off - res, 0.0) / max(reads, 1) * 1e6, 1)
