@@ -25,19 +25,11 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+from tiermoe.sim.hardware import _best
+
 ROW_LENS = (64, 256, 1024, 4096)  # K of the products measured (an expert's hidden and intermediate sizes)
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # x rows per product: decode at batch 1 up to a diffusion block's rows per expert
 DTYPES = ("float32", "bfloat16")
-
-
-def _best(fn, reps: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 << 20):
@@ -81,7 +73,7 @@ def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int =
     for r in rows:
         x, scale = torch.randn(r, hidden).to(dtype), torch.rand(r, 1)
         t = _best(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
-                                            for g, d in zip(gate_up, down, strict=True)]) / n
+                                            for g, d in zip(gate_up, down, strict=True)], reps=3) / n
         k0 = min(rates)  # the shortest rows measured stand for these
         streamed = 3 * hidden * inter * dtype.itemsize / (rates[k0][r] * 1e9)
         out[r] = round(max(t - streamed, 0.0) * 1e6, 2)
@@ -111,7 +103,7 @@ def attention_costs(shapes=ATTN_SHAPES) -> dict[str, float]:
                     k, v = torch.randn(past + t, g, d), torch.randn(past + t, g, d)
                     n = 100
                     y.append(_best(lambda q=q, k=k, v=v, past=past, block=block, n=n:
-                                   [attend(q, k, v, past, None, block) for _ in range(n)]) / n)
+                                   [attend(q, k, v, past, None, block) for _ in range(n)], reps=3) / n)
                     x.append([1.0, h, 4.0 * t * (past + t) * h * d, 2.0 * (past + t) * g * d * 4])
         x, y = np.array(x), np.array(y)
         w = 1 / y  # relative error
