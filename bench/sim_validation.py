@@ -8,7 +8,8 @@ autoregressive offloading and for TIDE's block diffusion.
 The live side is bench/offload_speed.py's (the same OLMoE-shaped model with its router replaying the OLMoE trace,
 batch 1, cold page cache, prefetch off, medians of `--reps` interleaved runs; 100% is its all-resident baseline, every
 expert read before timing). The simulated side measures this machine into a hardware profile first
-(`tiermoe profile`'s `measure_this_machine`, the disk measured with reads of one expert where the checkpoint lives),
+(`tiermoe profile`'s `measure_this_machine`, the disk measured with reads of one expert where the checkpoint lives,
+the engine's own kernels and fixed costs on micro-benchmarks of its shipped models: tiermoe.sim.engine_probe),
 then runs `tiermoe sim run`'s simulation of the same trace rows with the model's config.json, the same budget and
 policy, no GPU and the same thread count. Nothing is fitted to the measured speeds: the profile is the only input
 measured here. Reported: both tokens/s, their ratio, and both RAM hit rates (the live run's prompt is routed by the

@@ -50,9 +50,15 @@ def test_unknown_preset_lists_the_known_ones():
 def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
     from tiermoe.sim.hardware import measure_this_machine
 
-    hw = measure_this_machine(tmp_path, read_bytes=1 << 20, file_mib=8)
+    hw = measure_this_machine(tmp_path, read_bytes=1 << 20, file_mib=8, kernel_mib=8)
     assert hw.gpu is None or hw.gpu.memory_gib > 0
     assert hw.cpu.gemv_bandwidth(1) > 0 and hw.cpu.call_us > 0 and hw.dram_gbs > 0
+    # the engine's own costs: kernel rates for both dtypes at every row length and row count, fixed costs >= 0
+    cpu = hw.cpu
+    assert cpu.engine_measured and set(cpu.kernel_gbs) == {"float32", "bfloat16"}
+    assert all(rate > 0 for by_k in cpu.kernel_gbs.values() for by_rows in by_k.values() for rate in by_rows.values())
+    assert cpu.engine["layer_us"] > 0 and cpu.engine["expert_us"] > 0 and cpu.engine["logit_ns"] >= 0
+    assert cpu.attention["decode_gflops"] > 0 and hw.ssd.read_latency_us >= 0
     assert hw.ssd.rand_read_gbs > 0 and hw.ssd.read_iops > 0 and hw.measured
     hw.save(tmp_path / "here.json")
     assert load_hardware(tmp_path / "here.json") == hw

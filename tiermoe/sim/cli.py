@@ -169,7 +169,9 @@ def plot_machine_runs(results, path: Path) -> None:
 def _add_profile_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("profile", help="measure this machine into a hardware profile for `tiermoe sim run`",
                               description="Measure CPU GEMV/GEMM rates per thread count, DRAM, the disk (direct "
-                                          "reads) and the GPU if any, and write a hardware profile (JSON).")
+                                          "reads), the GPU if any, and the engine's own costs (its kernels, "
+                                          "attention, fixed costs per expert, layer, forward and read), and write "
+                                          "a hardware profile (JSON). Takes about a minute.")
     p.add_argument("--out", type=Path, default=None, help="profile file to write (default: print it)")
     p.add_argument("--disk-dir", type=Path, default=None, help="a folder on the disk to measure (default: the "
                                                                "temporary folder; use the one holding your models)")

@@ -3,7 +3,9 @@ layer's dense part, the head. All from a `Hardware` profile and a `ModelShape`; 
 
 A matrix product is priced as the slower of streaming its weights and doing its FLOPs, plus a fixed cost per
 operator call (the eager engine's dispatch, a GPU kernel launch): small models on a CPU are call-bound, batch-1
-decode bandwidth-bound, prefill compute-bound.
+decode bandwidth-bound, prefill compute-bound. A profile that measured this engine's own costs (`tiermoe profile`)
+prices the CPU's work the engine's way instead (tiermoe.sim.engine_costs); reads are a fixed time plus bytes at the
+disk's rate.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tiermoe.offload.tiers.placement_rule import DeviceCosts
+from tiermoe.sim.engine_costs import EngineCosts
 from tiermoe.sim.hardware import GB, Hardware
 from tiermoe.sim.model_shape import ModelShape
 
@@ -32,6 +35,7 @@ class Pricing:
     gpu_flops: float = 0.0
     expert_bytes: int = 0
     expert_flops: float = 0.0  # per token
+    engine: EngineCosts | None = None  # the engine's own CPU costs, when the profile measured them
 
     def __post_init__(self) -> None:
         self.cpu_bw = self.hw.cpu.gemv_bandwidth(self.threads)
@@ -40,8 +44,14 @@ class Pricing:
         self.gpu_flops = self.hw.gpu.bf16_tflops * 1e12 * GPU_EFFICIENCY if self.hw.gpu else 0.0
         self.expert_bytes = self.shape.expert_bytes
         self.expert_flops = self.shape.expert_flops
+        if self.hw.cpu.engine_measured:
+            self.engine = EngineCosts(self.hw.cpu, self.shape, self.threads)
 
-    def cpu_expert(self, tokens: int) -> float:
+    def cpu_expert(self, tokens: int, batched: bool | None = None) -> float:
+        """A routed expert on the CPU for `tokens` tokens; `batched`: in a forward of several rows (default: when
+        the expert has several)."""
+        if self.engine is not None:
+            return self.engine.expert(tokens, tokens > 1 if batched is None else batched)
         return EXPERT_CALLS * self.call_s + max(self.expert_bytes / self.cpu_bw,
                                                 tokens * self.expert_flops / self.cpu_flops)
 
@@ -56,12 +66,24 @@ class Pricing:
         return 0.0 if g.unified else nbytes / (g.link_gbs * GB)
 
     def read(self, nbytes: int, depth_one: bool = False) -> float:
-        """One expert-sized random read among several in flight (the profile's bandwidth), or alone (`depth_one`)."""
+        """One expert-sized random read among several in flight, or alone (`depth_one`): the profile's fixed time
+        per read plus the bytes at its bandwidth."""
         ssd = self.hw.ssd
-        return nbytes / ((ssd.qd1_read_gbs if depth_one else ssd.rand_read_gbs) * GB)
+        if depth_one:
+            return ssd.read_latency_qd1_us * 1e-6 + nbytes / (ssd.qd1_read_gbs * GB)
+        return ssd.read_latency_us * 1e-6 + nbytes / (ssd.rand_read_gbs * GB)
 
-    def dense_layer(self, tokens: int, context: int, on_gpu: bool) -> float:
-        """A layer's attention, router and shared experts for `tokens` new tokens attending to `context` each."""
+    def read_cpu(self) -> float:
+        """The engine's own CPU time per expert read besides the read (its store's Python, under the interpreter
+        lock the model's thread needs too): measured profiles only."""
+        return self.hw.cpu.engine.get("read_us", 0.0) * 1e-6 if self.engine is not None else 0.0
+
+    def dense_layer(self, tokens: int, context: int, on_gpu: bool, seqs: list[tuple[int, int]] | None = None,
+                    block: bool = False) -> float:
+        """A layer's attention, router and shared experts for `tokens` new tokens attending to `context` each
+        (`seqs`: (rows, context) per sequence, when known; `block`: a block-diffusion forward)."""
+        if self.engine is not None and not on_gpu:
+            return self.engine.moe_layer(seqs or [(tokens, context)], block)
         s = self.shape
         weights = s.layer_params * s.dtype_bytes
         kv = tokens * context * s.kv_dim * s.dtype_bytes
@@ -71,8 +93,12 @@ class Pricing:
             return LAYER_CALLS * g.launch_us * 1e-6 + max((weights + kv) / (g.mem_gbs * GB), flops / self.gpu_flops)
         return LAYER_CALLS * self.call_s + max((weights + kv) / self.cpu_bw, flops / self.cpu_flops)
 
-    def dense_mlp_layers(self, tokens: int, on_gpu: bool) -> float:
-        """The layers with a dense MLP instead of experts (DeepSeek's and LLaDA2's first): their weights' time."""
+    def dense_mlp_layers(self, tokens: int, on_gpu: bool, seqs: list[tuple[int, int]] | None = None,
+                         block: bool = False) -> float:
+        """The layers with a dense MLP instead of experts (DeepSeek's and LLaDA2's first): their weights' time (and,
+        priced the engine's way, their fixed costs and attention)."""
+        if self.engine is not None and not on_gpu:
+            return self.engine.dense_layers(seqs or [(tokens, tokens)], block)
         s = self.shape
         nbytes, flops = s.extra_layer_params * s.dtype_bytes, 2.0 * s.extra_layer_params * tokens
         if not nbytes:
@@ -81,8 +107,11 @@ class Pricing:
             return max(nbytes / (self.hw.gpu.mem_gbs * GB), flops / self.gpu_flops)
         return max(nbytes / self.cpu_bw, flops / self.cpu_flops)
 
-    def head(self, rows: int, on_gpu: bool) -> float:
-        """Final norm, lm_head on the rows that need logits, sampling."""
+    def head(self, rows: int, on_gpu: bool, requests: int = 1, diffusion: bool = False) -> float:
+        """Final norm, lm_head on the rows that need logits, sampling (or a diffusion step's prediction for each of
+        the forward's `requests`)."""
+        if self.engine is not None and not on_gpu:
+            return self.engine.head(rows, requests, diffusion)
         s = self.shape
         nbytes, flops = s.vocab * s.hidden * s.dtype_bytes, 2.0 * s.vocab * s.hidden * rows
         if on_gpu:

@@ -3,21 +3,33 @@
 A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each with the sources of its figures):
 
     name, description, ram_gib, dram_gbs, sources
-    cpu   {name, cores, gemv_gbs {threads: GB/s}, gemm_gflops {threads: GFLOP/s}, call_us}
+    cpu   {name, cores, gemv_gbs {threads: GB/s}, gemm_gflops {threads: GFLOP/s}, call_us,
+           engine-measured (optional): kernel_gbs {dtype: {row length: {rows: GB/s}}}, linear_us / swiglu_us
+           {dtype: {rows: us}}, attention {decode_us, decode_gflops, block_us, block_gflops},
+           engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns}}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
-    ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional)}
+    ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional),
+           read_latency_us, read_latency_qd1_us (optional, 0)}
 
 `gemv_gbs` is the rate the CPU streams weights through a matrix-vector product (batch-1 decode is bound by it),
 `gemm_gflops` its matrix-matrix rate (prefill, large batches), `call_us` the fixed cost of one operator call (what
 dominates small models in an eager engine). `rand_read_gbs` is for MiB-sized random reads a few in flight (one
 expert per read, as the stores issue them). `tiermoe profile` measures this machine into a profile
 (`measure_this_machine`).
+
+A measured profile also holds the engine's own costs (tiermoe.sim.engine_probe, one thread): its kernels' rates by
+dtype, row length and rows of activations, their fixed cost per call, its attention core as fixed cost + FLOP rate,
+and its fixed costs per routed expert, layer, row, forward and logit; the disk's reads as a fixed time per read plus
+bytes at `rand_read_gbs` (`read_latency_us`). The simulator then prices a step as the engine spends it
+(tiermoe.sim.costs). The presets leave them out (their figures are vendors' and reviewers', not this engine's): they
+are priced with the GEMV rate and operator-call counts, reads at the bandwidth alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +46,12 @@ class CPUProfile:
     gemv_gbs: dict[int, float]  # threads -> GB/s of weights streamed through a GEMV
     gemm_gflops: dict[int, float]  # threads -> GFLOP/s of a large matrix-matrix product
     call_us: float = 2.0  # fixed cost of one operator call, microseconds
+    # the engine's own costs at one thread (None: not measured, priced from the figures above)
+    kernel_gbs: dict[str, dict[int, dict[int, float]]] | None = None  # dtype -> row length -> rows -> GB/s
+    linear_us: dict[str, dict[int, float]] | None = None  # dtype -> rows -> fixed us of one linear kernel call
+    swiglu_us: dict[str, dict[int, float]] | None = None  # ... of one fused expert kernel call
+    attention: dict[str, float] | None = None  # decode_us, decode_gflops, block_us, block_gflops
+    engine: dict[str, float] | None = None  # fixed costs, see tiermoe.sim.engine_probe.engine_overheads
 
     def __post_init__(self) -> None:
         for table in ("gemv_gbs", "gemm_gflops"):
@@ -41,6 +59,21 @@ class CPUProfile:
             if not value:
                 raise ValueError(f"cpu.{table} needs at least one thread count")
             object.__setattr__(self, table, dict(sorted(value.items())))
+        if self.kernel_gbs is not None:  # JSON keys are strings
+            object.__setattr__(self, "kernel_gbs", {d: {int(k): _ints(v) for k, v in by_k.items()}
+                                                    for d, by_k in self.kernel_gbs.items()})
+        for table in ("linear_us", "swiglu_us"):
+            if getattr(self, table) is not None:
+                object.__setattr__(self, table, {d: _ints(v) for d, v in getattr(self, table).items()})
+        engine_measured = (self.kernel_gbs, self.linear_us, self.swiglu_us, self.attention, self.engine)
+        if any(v is None for v in engine_measured) and any(v is not None for v in engine_measured):
+            raise ValueError("cpu: kernel_gbs, linear_us, swiglu_us, attention and engine go together "
+                             "(`tiermoe profile` measures them all)")
+
+    @property
+    def engine_measured(self) -> bool:
+        """Whether the profile holds the engine's own costs (a `tiermoe profile` of this engine)."""
+        return self.kernel_gbs is not None
 
     def gemv_bandwidth(self, threads: int) -> float:
         """Bytes/s at `threads` threads (the nearest measured count at or below it)."""
@@ -69,6 +102,8 @@ class SSDProfile:
     rand_read_gbs: float  # MiB-sized random reads, a few in flight
     read_iops: float  # 4 KiB random reads per second
     rand_read_qd1_gbs: float | None = None  # the same reads one at a time (None: half of rand_read_gbs)
+    read_latency_us: float = 0.0  # fixed time per read besides its bytes at rand_read_gbs (a few in flight)
+    read_latency_qd1_us: float = 0.0  # ... one at a time, besides its bytes at qd1_read_gbs
 
     @property
     def qd1_read_gbs(self) -> float:
@@ -107,6 +142,10 @@ class Hardware:
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
 
+def _ints(table: dict) -> dict[int, float]:
+    return dict(sorted((int(k), float(v)) for k, v in table.items()))
+
+
 def _at(table: dict[int, float], threads: int) -> float:
     below = [t for t in table if t <= threads]
     return table[max(below)] if below else table[min(table)]
@@ -139,15 +178,18 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 
 
 def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20, name: str = "this-machine",
-                         file_mib: int = 256) -> Hardware:
-    """Measures this machine (tens of seconds): per thread count, CPU GEMV over more weights than the caches hold
+                         file_mib: int = 256, kernel_mib: int = 128) -> Hardware:
+    """Measures this machine (about a minute): per thread count, CPU GEMV over more weights than the caches hold
     and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.profile_costs`); per-call overhead, DRAM
     copy rate, and direct reads of a file written in `disk_dir` (sequential, `read_bytes` random reads 4 in flight
-    as the stores issue them, 4 KiB IOPS)."""
+    as the stores issue them and one at a time, each as a fixed time per read plus bytes at a rate from two read
+    sizes, 4 KiB IOPS); at one thread, the engine's own kernels (over `kernel_mib` MiB of weights), attention and
+    fixed costs (tiermoe.sim.engine_probe)."""
     import torch
 
     from tiermoe.offload.placement.costs import IO_DEPTH, io_bandwidth
     from tiermoe.offload.tiers.accelerator import profile_costs
+    from tiermoe.sim.engine_probe import attention_costs, engine_overheads, kernel_rates
 
     threads0 = torch.get_num_threads()
     counts = sorted({1, *(2**i for i in range(1, 8) if 2**i <= (os.cpu_count() or 1)), os.cpu_count() or 1})
@@ -158,6 +200,9 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
             gemv[t], gemm[t] = _streamed_gemv() / GB, profile_costs(torch.device("cpu")).cpu_flops / GB
         torch.set_num_threads(threads0)
         call_us = _call_overhead_us()
+        torch.set_num_threads(1)  # the engine's own costs, at one thread (other counts scale as the GEMV does)
+        kernel_gbs, linear_us, swiglu_us = kernel_rates(total=kernel_mib << 20)
+        attn, fixed = attention_costs(), engine_overheads()
     finally:
         torch.set_num_threads(threads0)
     dram = _copy_rate() / GB
@@ -165,16 +210,34 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         probe = Path(tmp) / "probe.bin"
         _write_random(probe, file_mib << 20)
         seq = io_bandwidth(probe, 8 << 20, threads=1, total=file_mib << 20) / GB
-        rand = io_bandwidth(probe, read_bytes, threads=IO_DEPTH, total=file_mib << 20) / GB
-        qd1 = io_bandwidth(probe, read_bytes, threads=1, total=file_mib << 19) / GB
+        rand, lat = _reads(probe, read_bytes, IO_DEPTH, file_mib << 20)
+        qd1, lat1 = _reads(probe, read_bytes, 1, file_mib << 19)
         iops = io_bandwidth(probe, 4096, threads=IO_DEPTH, total=4 << 20) / 4096
     return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
-                    cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2)),
+                    cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2), kernel_gbs,
+                                   linear_us, swiglu_us, attn, fixed),
                     ssd=SSDProfile("disk holding " + str(disk_dir or tempfile.gettempdir()), round(seq, 3),
-                                   round(rand, 3), round(iops), round(qd1, 3)),
+                                   round(rand, 3), round(iops), round(qd1, 3), round(lat, 1), round(lat1, 1)),
                     gpu=_measure_gpu(), description="measured by `tiermoe profile`",
                     sources=["measured on this machine by `tiermoe profile` (tiermoe.sim.hardware)"],
                     measured=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _reads(path: Path, read_bytes: int, depth: int, total: int, small: int = 64 << 10) -> tuple[float, float]:
+    """(GB/s, fixed us per read) of direct reads `depth` in flight, from the time per read at `small` bytes and at
+    `read_bytes`: t(n) = fixed + n / rate (the engine reads experts from ~100 KB to MiBs, where the fixed part
+    matters); when the two do not separate, the large reads' bandwidth and no fixed time."""
+    from tiermoe.offload.placement.costs import io_bandwidth
+
+    if read_bytes <= small:
+        return io_bandwidth(path, read_bytes, threads=depth, total=total) / GB, 0.0
+    per = [statistics.median(n / io_bandwidth(path, n, threads=depth, total=total * n // read_bytes)
+                             for _ in range(3)) for n in (small, read_bytes)]  # the disk is shared: medians
+    slope = (per[1] - per[0]) / (read_bytes - small)
+    fixed = per[0] - small * slope
+    if slope <= 0 or fixed < 0:
+        return read_bytes / per[1] / GB, 0.0
+    return 1 / slope / GB, fixed * 1e6
 
 
 def _streamed_gemv(total: int = 256 << 20, each: int = 4 << 20) -> float:

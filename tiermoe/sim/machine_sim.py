@@ -160,6 +160,7 @@ class MachineSim:
         self.inflight: dict[tuple[int, int], float] = {}  # prefetched key -> when its read lands
         self.placements: Counter = Counter()
         self.bytes_read = 0
+        self.batched = False  # the current forward has several rows
 
     def _strategy(self) -> S.Strategy:
         cfg, price, budget = self.cfg, self.price, self.gpu_budget
@@ -224,8 +225,8 @@ class MachineSim:
         tokens = 0
         prompts = [rows[0] for rows in batch]
         start = self.clock_now()
-        if any(len(p) for p in prompts):
-            self.forward(np.concatenate(prompts), context=max(len(p) for p in prompts) // 2,
+        if any(len(p) for p in prompts):  # a prompt's rows attend to half of it on average
+            self.forward(np.concatenate(prompts), [(len(p), len(p) // 2 + 1) for p in prompts if len(p)],
                          rows_needing_logits=len(batch))
         if self.cfg.phase == "prefill":
             return sum(len(p) for p in prompts), self.clock_now() - start
@@ -233,7 +234,8 @@ class MachineSim:
         decode = [rows[1] for rows in batch]
         for j in range(max(len(d) for d in decode)):
             step = np.array([d[j] for d in decode if j < len(d)])
-            self.forward(step, context=len(prompts[0]) + j, rows_needing_logits=len(step))
+            keys = [int(self.trace.positions[r]) + 1 for r in step]  # the trace's positions: what each row attends
+            self.forward(step, [(1, k) for k in keys], rows_needing_logits=len(step))
             tokens += len(step)
         return tokens, self.clock_now() - start
 
@@ -250,7 +252,9 @@ class MachineSim:
             self.ram.begin_step(refresh)
             self.tier.begin_step(refresh)
             masked = len(rows) if mask is None or t.token_ids is None else int((t.token_ids[rows] == mask).sum())
-            self.forward(rows, context=int(t.positions[rows].max()) + 1, rows_needing_logits=masked)
+            seq = np.searchsorted(t.seq_starts, rows, side="right")  # [n] each row's request
+            seqs = [(int((seq == q).sum()), int(t.positions[rows[seq == q]].max()) + 1) for q in np.unique(seq)]
+            self.forward(rows, seqs, rows_needing_logits=masked, block=True)
         return int(x["seq_output_tokens"].sum()), self.clock_now() - start
 
     def clock_now(self) -> float:
@@ -273,19 +277,23 @@ class MachineSim:
         b = self.cfg.batch
         return [seqs[i: i + b] for i in range(0, len(seqs), b)]
 
-    def forward(self, rows: np.ndarray, context: int, rows_needing_logits: int) -> None:
-        """One forward pass over trace `rows` (a prompt, or a decode step's rows of the batch)."""
+    def forward(self, rows: np.ndarray, seqs: list[tuple[int, int]], rows_needing_logits: int,
+                block: bool = False) -> None:
+        """One forward pass over trace `rows` (a prompt, a decode step's rows of the batch, or a diffusion forward
+        with `block`); `seqs`: (rows, keys attended) of each sequence in it."""
         ids = self.trace.experts[rows]  # [T, L, K]
         main = "gpu" if self.use_gpu else "cpu"
-        t = self.clock.run(main, self.clock_now(), self.price.dense_mlp_layers(len(rows), self.use_gpu))
+        self.batched = len(rows) > 1  # the engine's batched expert path (one token takes a shorter one)
+        context = max(c for _, c in seqs)
+        t = self.clock.run(main, self.clock_now(), self.price.dense_mlp_layers(len(rows), self.use_gpu, seqs, block))
         for layer in range(self.shape.num_layers):
-            t_router = self.clock.run(main, t, self.price.dense_layer(len(rows), context, self.use_gpu))
+            t_router = self.clock.run(main, t, self.price.dense_layer(len(rows), context, self.use_gpu, seqs, block))
             experts, counts = self.order(ids[:, layer])
             backlog = max(0.0, self.clock.gpu - t_router)
             where = self.tier.assign(layer, experts, counts, backlog)
             self.placements.update(where.values())
             t = self.layer(layer, experts, counts, where, t_router, ids)
-        self.clock.run(main, t, self.price.head(rows_needing_logits, self.use_gpu))
+        self.clock.run(main, t, self.price.head(rows_needing_logits, self.use_gpu, len(seqs), block))
 
     @staticmethod
     def order(ids: np.ndarray) -> tuple[list[int], list[int]]:
@@ -344,13 +352,18 @@ class MachineSim:
         return last
 
     def _read(self, at: float, nbytes: int, depth_one: bool) -> float:
+        """Queue one expert read issued at `at`; returns when it lands. The engine's CPU time around a read (its
+        store's Python) delays the model's thread, which shares the interpreter lock with the readers."""
         self.bytes_read += nbytes
+        cpu = self.price.read_cpu()
+        if cpu:
+            self.clock.run("cpu", at, cpu)
         return self.clock.run("disk", at, self.price.read(nbytes, depth_one))
 
     def _compute(self, key, tokens: int, where: str, ready: float) -> float:
         p = self.price
         if where == S.CPU:
-            return self.clock.run("cpu", ready, p.cpu_expert(tokens))
+            return self.clock.run("cpu", ready, p.cpu_expert(tokens, self.batched))
         copied = self.clock.run("link", ready, p.copy(self.shape.expert_bytes))
         return self.clock.run("gpu", copied, p.gpu_expert(tokens))
 

@@ -31,6 +31,22 @@ class ModelShape:
     shared_params: int = 0  # per MoE layer: shared experts, always computed
     extra_layer_params: int = 0  # total: dense-MLP layers (DeepSeek's first layers)
     dtype_bytes: int = 2
+    dense_layers: int = 0  # how many layers `extra_layer_params` holds (their fixed costs are a layer's)
+    q_dim: int = 0  # query width, heads x head dim (attention's FLOPs per attended key); 0: hidden
+    heads: int = 0  # query heads; 0: one per 128 of the query width
+
+    @property
+    def query_width(self) -> int:
+        return self.q_dim or self.hidden
+
+    @property
+    def query_heads(self) -> int:
+        return self.heads or max(self.query_width // 128, 1)
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype the engine's kernels run for these weights (2-byte weights as bfloat16)."""
+        return "float32" if self.dtype_bytes == 4 else "bfloat16"
 
     @property
     def expert_params(self) -> int:
@@ -84,7 +100,7 @@ class ModelShape:
         return cls(name or Path(path).parent.name, layers - dense, experts, c["num_experts_per_tok"], hidden, inter,
                    c["vocab_size"], attn, 2 * kv_heads * head_dim, shared,
                    dense * (attn + 3 * hidden * c["intermediate_size"]),
-                   dtype_bytes(c.get("torch_dtype") or c.get("dtype") or "bfloat16"))
+                   dtype_bytes(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), dense, heads * head_dim, heads)
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -107,11 +123,14 @@ def _attn(hidden: int, heads: int, kv_heads: int, head_dim: int) -> int:
 # Published config.json figures (bf16): hidden, MoE layers, experts, top-k, expert intermediate, heads, KV heads,
 # head dim, vocab.
 SHAPES = {
-    "olmoe-1b-7b": ModelShape("olmoe-1b-7b", 16, 64, 8, 2048, 1024, 50304, _attn(2048, 16, 16, 128), 2 * 16 * 128),
+    "olmoe-1b-7b": ModelShape("olmoe-1b-7b", 16, 64, 8, 2048, 1024, 50304, _attn(2048, 16, 16, 128), 2 * 16 * 128,
+                              q_dim=16 * 128, heads=16),
     "qwen3-30b-a3b": ModelShape("qwen3-30b-a3b", 48, 128, 8, 2048, 768, 151936, _attn(2048, 32, 4, 128),
-                                2 * 4 * 128),
-    "mixtral-8x7b": ModelShape("mixtral-8x7b", 32, 8, 2, 4096, 14336, 32000, _attn(4096, 32, 8, 128), 2 * 8 * 128),
-    "gpt-oss-120b": ModelShape("gpt-oss-120b", 36, 128, 4, 2880, 2880, 201088, _attn(2880, 64, 8, 64), 2 * 8 * 64),
+                                2 * 4 * 128, q_dim=32 * 128, heads=32),
+    "mixtral-8x7b": ModelShape("mixtral-8x7b", 32, 8, 2, 4096, 14336, 32000, _attn(4096, 32, 8, 128), 2 * 8 * 128,
+                               q_dim=32 * 128, heads=32),
+    "gpt-oss-120b": ModelShape("gpt-oss-120b", 36, 128, 4, 2880, 2880, 201088, _attn(2880, 64, 8, 64), 2 * 8 * 64,
+                               q_dim=64 * 64, heads=64),
 }
 
 

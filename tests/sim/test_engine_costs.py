@@ -1,0 +1,119 @@
+"""Pricing from the engine's own measured costs (a `tiermoe profile`): the formulas, the profile fields' loading, and
+that presets without them keep the GEMV/operator-call pricing."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from tiermoe.sim.costs import Pricing
+from tiermoe.sim.engine_costs import EngineCosts, fixed_at, seconds_per_byte
+from tiermoe.sim.hardware import GB, CPUProfile, Hardware, SSDProfile, load_hardware
+from tiermoe.sim.machine_sim import SimConfig, simulate
+from tiermoe.sim.model_shape import ModelShape
+from tiermoe.sim.trace import Trace
+
+RATES = {64: {1: 10.0, 4: 5.0}, 1024: {1: 40.0, 4: 20.0}}  # GB/s by row length, rows
+ENGINE = {"expert_us": 6.0, "batch_expert_us": 10.0, "layer_us": 60.0, "block_layer_us": 150.0, "layer_row_us": 2.0,
+          "step_us": 50.0, "denoise_us": 100.0, "logit_ns": 4.0, "read_us": 120.0}
+ATTN = {"decode_us": 1.0, "decode_head_us": 2.0, "decode_gflops": 40.0, "decode_kv_gbs": 50.0, "block_us": 20.0,
+        "block_head_us": 3.0, "block_gflops": 50.0, "block_kv_gbs": 60.0}
+
+
+def measured_cpu(**over) -> CPUProfile:
+    fields = {"kernel_gbs": {"float32": RATES}, "linear_us": {"float32": {1: 3.0, 4: 5.0}},
+              "swiglu_us": {"float32": {1: 6.0, 4: 8.0}}, "attention": ATTN, "engine": ENGINE}
+    return CPUProfile("cpu", 2, {1: 20.0, 2: 30.0}, {1: 100.0}, 2.0, **{**fields, **over})
+
+
+def shape(**over) -> ModelShape:
+    base = dict(name="m", num_layers=2, num_experts=8, top_k=2, hidden=1024, expert_dim=64, vocab=1000,
+                attn_params=4 * 1024 * 1024, kv_dim=256, dtype_bytes=4, q_dim=1024, heads=8)
+    return ModelShape(**{**base, **over})
+
+
+def test_kernel_time_interpolates_rows_and_grows_with_them_past_the_last_measured():
+    by_rows = RATES[1024]
+    assert seconds_per_byte(by_rows, 1) == pytest.approx(1 / (40 * GB))
+    assert seconds_per_byte(by_rows, 2) == pytest.approx((2 / 3) / (40 * GB) + (1 / 3) / (20 * GB))
+    assert seconds_per_byte(by_rows, 8) == pytest.approx(2 / (20 * GB))  # compute-bound: twice the rows, twice
+    assert fixed_at({1: 3.0, 4: 5.0}, 16) == pytest.approx(5e-6)  # fixed costs stay at the last measured
+
+
+def test_an_expert_is_its_fixed_costs_plus_each_matrix_at_its_row_lengths_rate():
+    costs = EngineCosts(measured_cpu(), shape(), threads=1)
+    gate_up, down = 2 * 64 * 1024 * 4, 1024 * 64 * 4  # rows of length H = 1024, and of length I = 64
+    one = 6e-6 + 6e-6 + gate_up / (40 * GB) + down / (10 * GB)
+    assert costs.expert(1, batched=False) == pytest.approx(one)
+    assert costs.expert(4, batched=True) == pytest.approx(10e-6 + 8e-6 + gate_up / (20 * GB) + down / (5 * GB))
+    # a row length between two measured ones: interpolated in log2 (256 is halfway from 64 to 1024)
+    per_byte = 0.5 / (10 * GB) + 0.5 / (40 * GB)
+    assert costs.stream(1000, 256, 1) == pytest.approx(1000 * per_byte)
+    # two threads stream as much faster as the GEMV does (30 / 20 GB/s)
+    assert EngineCosts(measured_cpu(), shape(), threads=2).stream(1000, 1024, 1) == pytest.approx(1000 / (60 * GB))
+
+
+def test_attention_decode_rows_each_pay_the_call_and_a_block_pays_it_once():
+    costs = EngineCosts(measured_cpu(), shape(), threads=1)
+    decode = 1e-6 + 8 * 2e-6 + 4.0 * 100 * 1024 / (40 * GB) + 100 * 256 * 4 / (50 * GB)
+    assert costs.attention(1, 100, block=False) == pytest.approx(decode)
+    block = 20e-6 + 8 * 3e-6 + 4.0 * 32 * 100 * 1024 / (50 * GB) + 100 * 256 * 4 / (60 * GB)
+    assert costs.attention(32, 100, block=True) == pytest.approx(block)
+    assert costs.attention(32, 100, block=False) > 32 * costs.attention(1, 100, block=False) * 0.9
+
+
+def test_the_head_pays_logits_and_the_work_outside_the_model_per_forward_or_per_diffusion_request():
+    costs = EngineCosts(measured_cpu(), shape(), threads=1)
+    head = costs.linear(3, 1000 * 1024 * 4, 1024)
+    assert costs.head(3, 1, diffusion=False) == pytest.approx(head + 3 * 1000 * 4e-9 + 50e-6)
+    assert costs.head(3, 2, diffusion=True) == pytest.approx(head + 3 * 1000 * 4e-9 + 200e-6)
+
+
+def test_engine_fields_load_from_json_and_go_together(tmp_path):
+    hw = Hardware("h", 16, 20.0, measured_cpu(), SSDProfile("d", 2.0, 1.5, 1e5, 1.0, 40.0, 30.0))
+    path = tmp_path / "h.json"
+    hw.save(path)
+    assert json.loads(path.read_text())["cpu"]["kernel_gbs"]["float32"]["64"]["4"] == 5.0  # JSON keys: strings
+    loaded = load_hardware(path)
+    assert loaded == hw and loaded.cpu.engine_measured
+    with pytest.raises(ValueError, match="go together"):
+        measured_cpu(engine=None)
+
+
+def test_presets_price_as_before_and_a_measured_profile_prices_the_engines_way():
+    preset = load_hardware("laptop-16gb")
+    assert not preset.cpu.engine_measured and preset.ssd.read_latency_us == 0
+    p = Pricing(preset, shape(), 1)
+    assert p.engine is None and p.read_cpu() == 0
+    assert p.read(1 << 20) == pytest.approx((1 << 20) / (preset.ssd.rand_read_gbs * GB))
+    hw = dataclasses.replace(preset, cpu=measured_cpu(), ssd=dataclasses.replace(preset.ssd, read_latency_us=40.0))
+    p = Pricing(hw, shape(), 1)
+    assert p.cpu_expert(1, batched=False) == pytest.approx(p.engine.expert(1, False))
+    assert p.read(1 << 20) == pytest.approx(40e-6 + (1 << 20) / (preset.ssd.rand_read_gbs * GB))
+    assert p.read_cpu() == pytest.approx(120e-6)
+
+
+def _trace(tmp_path) -> Trace:
+    rng = np.random.default_rng(0)
+    tokens = 40
+    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(2)]) for _ in range(tokens)])
+    t = Trace(experts=ids.astype(np.int16), weights=np.full(ids.shape, 0.5, np.float16),
+              seq_starts=np.array([0], np.int64), is_prefill=np.zeros(tokens, bool),
+              positions=np.arange(10, 10 + tokens, dtype=np.int32), token_ids=np.zeros(tokens, np.int32),
+              meta={"layers": 2, "num_experts": 8, "top_k": 2})
+    return t
+
+
+def test_each_read_costs_the_models_thread_the_engines_time_around_it(tmp_path):
+    """A read's Python (the store's, under the interpreter lock) delays the model: per read, cpu busy grows by it,
+    and on a disk fast enough that the CPU bounds the step, so does the time."""
+    trace = _trace(tmp_path)
+    no_read_cost = Hardware("h", 16, 20.0, measured_cpu(engine={**ENGINE, "read_us": 0.0}),
+                            SSDProfile("d", 100.0, 100.0, 1e7, 100.0))
+    with_cost = dataclasses.replace(no_read_cost, cpu=measured_cpu())
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=4 * shape().expert_bytes, threads=1)
+    a, b = simulate(trace, shape(), no_read_cost, cfg), simulate(trace, shape(), with_cost, cfg)
+    assert (a.hits, a.misses) == (b.hits, b.misses) and b.misses > 0
+    assert b.busy_s["cpu"] - a.busy_s["cpu"] == pytest.approx(b.misses * 120e-6)
+    assert b.seconds > a.seconds

@@ -1,0 +1,127 @@
+"""Seconds of the engine's CPU work priced from its own measured costs (a profile `tiermoe profile` measured,
+tiermoe.sim.engine_probe): what `Pricing` uses on the CPU when the profile has them.
+
+A product is its kernel's fixed cost per call plus its weights' bytes at the kernel's rate for its row length and
+number of activation rows (an expert: the fused kernel over gate|up, rows of length H, and down, rows of length I);
+a routed expert adds the engine's fixed cost per expert; a layer its fixed cost (per layer and per row), its
+products and its attention core per sequence (fixed + FLOPs at the measured rate); a forward the head's product,
+the prediction's cost per logit and the fixed cost outside the model (per forward, or per request and diffusion
+forward). Rates were measured at one thread; at more, kernel and attention rates scale as the profile's GEMV rate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+from tiermoe.sim.hardware import GB, CPUProfile
+from tiermoe.sim.model_shape import ModelShape
+
+US = 1e-6
+
+
+def _between(table: dict[int, float], x: float) -> tuple[int, int, float]:
+    """The measured keys around x and x's fraction of the way between them (clamped to the measured range)."""
+    keys = list(table)
+    if x <= keys[0]:
+        return keys[0], keys[0], 0.0
+    if x >= keys[-1]:
+        return keys[-1], keys[-1], 0.0
+    i = bisect.bisect_left(keys, x)
+    lo, hi = keys[i - 1], keys[i]
+    return lo, hi, (x - lo) / (hi - lo)
+
+
+def seconds_per_byte(by_rows: dict[int, float], rows: int) -> float:
+    """1 / rate at `rows` activation rows: linear between measured row counts; beyond the most measured, the time
+    grows with the rows (the kernel is compute-bound there)."""
+    top = max(by_rows)
+    if rows > top:
+        return rows / top / (by_rows[top] * GB)
+    lo, hi, f = _between(by_rows, rows)
+    return (1 - f) / (by_rows[lo] * GB) + f / (by_rows[hi] * GB)
+
+
+def fixed_at(by_rows: dict[int, float], rows: int) -> float:
+    lo, hi, f = _between(by_rows, rows)
+    return ((1 - f) * by_rows[lo] + f * by_rows[hi]) * US
+
+
+class EngineCosts:
+    """The engine's CPU costs for one model shape at `threads` threads."""
+
+    def __init__(self, cpu: CPUProfile, shape: ModelShape, threads: int):
+        self.cpu, self.shape = cpu, shape
+        dtype = shape.dtype if shape.dtype in cpu.kernel_gbs else next(iter(cpu.kernel_gbs))
+        self.rates, self.linear_us, self.swiglu_us = (cpu.kernel_gbs[dtype], cpu.linear_us[dtype],
+                                                      cpu.swiglu_us[dtype])
+        self.speedup = cpu.gemv_bandwidth(threads) / cpu.gemv_bandwidth(1)
+        self.e = cpu.engine
+
+    def stream(self, nbytes: float, row_length: int, rows: int) -> float:
+        """Seconds the kernels take to stream `nbytes` of weights with rows of `row_length` against `rows` rows:
+        interpolated in log2 of the row length between the measured ones."""
+        lengths = {int(math.log2(k) * 1024): k for k in self.rates}  # sorted, as the profile keeps them
+        lo, hi, f = _between(dict.fromkeys(lengths, 0.0), math.log2(max(row_length, 1)) * 1024)
+        a, b = (seconds_per_byte(self.rates[lengths[k]], rows) for k in (lo, hi))
+        return nbytes * ((1 - f) * a + f * b) / self.speedup
+
+    def linear(self, rows: int, nbytes: float, row_length: int, calls: int = 1) -> float:
+        return calls * fixed_at(self.linear_us, rows) + self.stream(nbytes, row_length, rows)
+
+    def swiglu(self, rows: int, hidden: int, inter: int) -> float:
+        """The fused expert kernel: gate|up [2I, H], down [H, I]."""
+        b = self.shape.dtype_bytes
+        return (fixed_at(self.swiglu_us, rows) + self.stream(2 * inter * hidden * b, hidden, rows)
+                + self.stream(hidden * inter * b, inter, rows))
+
+    def expert(self, rows: int, batched: bool) -> float:
+        """A routed expert computed for `rows` rows, in a forward of one row (`batched` False) or of several."""
+        fixed = self.e["batch_expert_us"] if batched else self.e["expert_us"]
+        return fixed * US + self.swiglu(rows, self.shape.hidden, self.shape.expert_dim)
+
+    def attention(self, rows: int, context: int, block: bool) -> float:
+        """One sequence's attention core: `rows` queries over `context` keys each; a block of rows at once (block
+        diffusion) or row by row as decode rows (the autoregressive engine, batch-invariant)."""
+        a, s = self.cpu.attention, self.shape
+        kind, calls = ("block", 1) if block else ("decode", rows)
+        flops = 4.0 * rows * context * s.query_width
+        kv = calls * context * s.kv_dim * s.dtype_bytes  # keys and values, read once per call
+        return (calls * (a[f"{kind}_us"] + s.query_heads * a[f"{kind}_head_us"]) * US
+                + (flops / (a[f"{kind}_gflops"] * GB) + kv / (a[f"{kind}_kv_gbs"] * GB)) / self.speedup)
+
+    def layer_fixed(self, rows: int, block: bool) -> float:
+        """A decoder layer's work besides its products and attention core (norms, rotary, router selection, K/V
+        cache, residuals)."""
+        e = self.e
+        return (e["block_layer_us"] + rows * e["layer_row_us"] if block
+                else e["layer_us"] + (rows - 1) * e["layer_row_us"]) * US
+
+    def moe_layer(self, seqs: list[tuple[int, int]], block: bool) -> float:
+        """An MoE layer but its routed experts: attention projections (qkv, o), router, shared experts, attention core
+        per sequence, fixed costs. `seqs`: (rows, context) per sequence of the forward."""
+        s, rows = self.shape, sum(n for n, _ in seqs)
+        b = s.dtype_bytes
+        t = self.layer_fixed(rows, block) + self.linear(rows, s.attn_params * b, s.hidden, calls=2)
+        t += self.linear(rows, s.hidden * s.num_experts * b, s.hidden)
+        if s.shared_params:
+            t += self.swiglu(rows, s.hidden, s.shared_params // (3 * s.hidden))
+        return t + sum(self.attention(n, c, block) for n, c in seqs)
+
+    def dense_layers(self, seqs: list[tuple[int, int]], block: bool) -> float:
+        """The layers with a dense MLP (their weights in `extra_layer_params`): the same fixed costs and attention as
+        an MoE layer's, their weights through the kernels."""
+        s, rows = self.shape, sum(n for n, _ in seqs)
+        if not s.extra_layer_params:
+            return 0.0
+        per_layer = (self.layer_fixed(rows, block) + sum(self.attention(n, c, block) for n, c in seqs)
+                     + 2 * fixed_at(self.linear_us, rows) + fixed_at(self.swiglu_us, rows))
+        return s.dense_layers * per_layer + self.stream(s.extra_layer_params * s.dtype_bytes, s.hidden, rows)
+
+    def head(self, logit_rows: int, requests: int, diffusion: bool) -> float:
+        """lm_head on the rows that need logits, the prediction or sampling over them, and the work outside the
+        model: per forward (autoregressive) or per request in the forward (diffusion)."""
+        s, e = self.shape, self.e
+        t = self.linear(logit_rows, s.vocab * s.hidden * s.dtype_bytes, s.hidden) if logit_rows else 0.0
+        outside = requests * e["denoise_us"] if diffusion else e["step_us"]
+        return t + logit_rows * s.vocab * e["logit_ns"] * 1e-9 + outside * US

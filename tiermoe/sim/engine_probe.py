@@ -1,0 +1,270 @@
+"""The engine's own costs on this machine, measured for `tiermoe profile` (one torch thread).
+
+A CPU decode step of an eager engine is not only weights streamed at the GEMV rate: the engine's compiled kernels
+(tiermoe.kernels) stream faster than torch's GEMV on one row and slow down per byte as rows are added; every call
+and every routed expert costs a fixed time in Python; attention's cost grows with rows x context; and the work
+outside the model (sampling, a diffusion step's prediction and commits) is paid per forward and per logit. Each is
+measured here on micro-benchmarks of the engine's own functions, so the simulator prices them as the engine spends
+them, for any model shape:
+
+- `kernel_rates`: per dtype, row length K and number of x rows, the linear kernel's GB/s and fixed microseconds per
+  call (two matrix sizes separate the two), weights beyond the caches; `swiglu_us`: the fused expert kernel's fixed
+  cost per call (a tiny expert, its few bytes at the measured rate taken off).
+- `attention_costs`: the engine's attention (`layers.attend`) over a grid of rows x context, as a fixed cost plus
+  a FLOP rate, for one decode row (the kernel) and for a block of rows (block diffusion).
+- `engine_overheads`: the shipped models run with timers on their layers, experts, kernels and attention; what
+  remains after the timed kernels and attention is the engine's fixed cost per routed expert, per layer (and per
+  extra row), per forward and per logit of the prediction.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+from tiermoe.sim.hardware import _best
+
+ROW_LENS = (64, 256, 1024, 4096)  # K of the products measured (an expert's hidden and intermediate sizes)
+ROWS = (1, 2, 4, 8, 16, 32, 64)  # x rows per product: decode at batch 1 up to a diffusion block's rows per expert
+DTYPES = ("float32", "bfloat16")
+
+
+def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 << 20):
+    """({dtype: {K: {rows: GB/s}}}, {dtype: {rows: fixed us per linear call}}, {dtype: {rows: fixed us per swiglu
+    call}}) of the engine's kernels (`tiermoe.kernels.linear` / `swiglu`), over `total` bytes of weights."""
+    import torch
+
+    from tiermoe import kernels
+
+    gbs, call, swiglu = {}, {}, {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        gbs[name], fixed = {}, {r: [] for r in rows}
+        for k in row_lens:
+            gbs[name][k] = {}
+            sizes = [256 << 10, 2 << 20]  # bytes per matrix: two sizes separate the fixed cost from the rate
+            mats = {s: [torch.randn(max(s // (k * dtype.itemsize), 1), k).to(dtype) for _ in range(total // s)]
+                    for s in sizes}
+            for r in rows:
+                x = torch.randn(r, k).to(dtype)
+                per = [_best(lambda ws=mats[s], x=x: [kernels.linear(x, w) for w in ws], reps=2) / len(mats[s])
+                       for s in sizes]
+                rate = (sizes[1] - sizes[0]) / max(per[1] - per[0], 1e-12)
+                gbs[name][k][r] = round(rate / 1e9, 3)
+                fixed[r].append(max(per[0] - sizes[0] / rate, 0.0) * 1e6)
+        call[name] = {r: round(statistics.median(v), 2) for r, v in fixed.items()}
+        swiglu[name] = _swiglu_fixed(dtype, rows, gbs[name])
+    return gbs, call, swiglu
+
+
+def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int = 64, inter: int = 16) -> dict:
+    """Microseconds of the fused expert kernel besides its bytes: a tiny expert, many of them."""
+    import torch
+
+    from tiermoe import kernels
+
+    n = 2000
+    gate_up = [torch.randn(2 * inter, hidden).to(dtype) for _ in range(n)]
+    down = [torch.randn(hidden, inter).to(dtype) for _ in range(n)]
+    out = {}
+    for r in rows:
+        x, scale = torch.randn(r, hidden).to(dtype), torch.rand(r, 1)
+        t = _best(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
+                                            for g, d in zip(gate_up, down, strict=True)], reps=3) / n
+        k0 = min(rates)  # the shortest rows measured stand for these
+        streamed = 3 * hidden * inter * dtype.itemsize / (rates[k0][r] * 1e9)
+        out[r] = round(max(t - streamed, 0.0) * 1e6, 2)
+    return out
+
+
+ATTN_SHAPES = ((8, 2, 64), (8, 8, 64), (16, 16, 32), (4, 4, 128))  # (heads, KV heads, head dim) measured
+
+
+def attention_costs(shapes=ATTN_SHAPES) -> dict[str, float]:
+    """The engine's attention core (`tiermoe.models.layers.attend`, fp32) for one query row (`decode_*`: the decode
+    kernel) and for a block of rows over a cache (`block_*`: block diffusion's masked SDPA), each as microseconds
+    per call and per query head, a FLOP rate (4 t S h d FLOPs) and a rate for the keys and values read (2 S g d
+    floats), fitted by least squares over heads, KV heads, head dims and contexts."""
+    import numpy as np
+    import torch
+
+    from tiermoe.models.layers import attend
+
+    out = {}
+    for name, rows, block in (("decode", (1,), 1), ("block", (8, 32), 32)):
+        x, y = [], []
+        for h, g, d in shapes:
+            for t in rows:
+                for past in (64, 256, 1024):
+                    q = torch.randn(t, h, d)
+                    k, v = torch.randn(past + t, g, d), torch.randn(past + t, g, d)
+                    n = 100
+                    y.append(_best(lambda q=q, k=k, v=v, past=past, block=block, n=n:
+                                   [attend(q, k, v, past, None, block) for _ in range(n)], reps=3) / n)
+                    x.append([1.0, h, 4.0 * t * (past + t) * h * d, 2.0 * (past + t) * g * d * 4])
+        x, y = np.array(x), np.array(y)
+        w = 1 / y  # relative error
+        coef = np.maximum(np.linalg.lstsq(x * w[:, None], y * w, rcond=None)[0], 0.0)
+        out[f"{name}_us"], out[f"{name}_head_us"] = round(coef[0] * 1e6, 2), round(coef[1] * 1e6, 3)
+        out[f"{name}_gflops"] = round(1 / coef[2] / 1e9, 3) if coef[2] > 0 else 1e6
+        out[f"{name}_kv_gbs"] = round(1 / coef[3] / 1e9, 3) if coef[3] > 0 else 1e6
+    return out
+
+
+class _Timers:
+    """Wraps callables to add up their seconds and calls, and which ran inside which (`nested`)."""
+
+    def __init__(self):
+        self.seconds: Counter = Counter()
+        self.calls: Counter = Counter()
+        self.nested: Counter = Counter()  # (outer, inner) -> seconds of inner spent inside outer
+        self.nested_calls: Counter = Counter()
+        self._open: Counter = Counter()
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            self._open[name] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - start
+                self._open[name] -= 1
+                self.seconds[name] += dt
+                self.calls[name] += 1
+                for outer, depth in self._open.items():
+                    if depth:
+                        self.nested[outer, name] += dt
+                        self.nested_calls[outer, name] += 1
+        return timed
+
+
+@contextmanager
+def _patched(pairs):
+    """Set (object, attribute, value) triples for the duration."""
+    old = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in pairs]
+    try:
+        for obj, attr, value in pairs:
+            setattr(obj, attr, value)
+        yield
+    finally:
+        for obj, attr, value in reversed(old):
+            setattr(obj, attr, value)
+
+
+def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3):
+    """Generates from `prompt` on `model_dir` all resident with the engine's layers, routed experts, kernels,
+    attention, logits and prediction timed: the fastest of `reps` runs after a warm-up (seconds, timers, stats)."""
+    from tiermoe import LLM, kernels
+    from tiermoe.decode.diffusion import Denoiser
+    from tiermoe.models import attention
+    from tiermoe.models.moe import SparseMoE
+    from tiermoe.models.transformer import CausalLM, DecoderLayer
+
+    llm = LLM(model_dir)
+    for layer, e in llm.index.experts():  # all resident: no read is timed
+        list(llm.store.fetch(layer, [e]))
+    best = None
+    for i in range(reps + 1):
+        t = _Timers()
+        pairs = [(kernels, "linear", t.wrap("linear", kernels.linear)),
+                 (kernels, "swiglu", t.wrap("swiglu", kernels.swiglu)),
+                 (attention, "attend", t.wrap("attend", attention.attend)),  # the core; the K/V cache is the layer's
+                 (DecoderLayer, "forward", t.wrap("layer", DecoderLayer.forward)),
+                 (CausalLM, "forward", t.wrap("model", CausalLM.forward)),  # counts forwards
+                 (CausalLM, "logits", t.wrap("logits", CausalLM.logits)),
+                 (Denoiser, "predict", t.wrap("predict", Denoiser.predict)),
+                 (SparseMoE, "routed", t.wrap("routed", SparseMoE.routed))]
+        with _patched(pairs):
+            start = time.perf_counter()
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            seconds = time.perf_counter() - start
+        if i and (best is None or seconds < best[0]):
+            best = (seconds, t, out.stats.get("diffusion") or {})
+    shape = llm.model.shape
+    llm.store.close()
+    return (*best, shape.vocab_size, len(llm.model.model.layers))
+
+
+def _layer_rest(t: _Timers, layers: int) -> float:
+    """Seconds per decoder layer call besides its kernels, its routed experts and its attention core."""
+    kernels_outside_routed = t.nested["layer", "linear"] + t.nested["layer", "swiglu"] - t.nested["routed", "swiglu"]
+    return (t.seconds["layer"] - t.seconds["routed"] - kernels_outside_routed - t.seconds["attend"]) \
+        / (t.calls["model"] * layers)
+
+
+def _per_expert(t: _Timers) -> float:
+    """Seconds per routed expert besides its kernel: the store's fetch, slicing, summing."""
+    n = t.nested_calls["routed", "swiglu"]
+    return (t.seconds["routed"] - t.nested["routed", "swiglu"]) / n if n else 0.0
+
+
+def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None = None) -> dict[str, float]:
+    """The engine's fixed costs beyond its timed kernels and attention core: per routed expert (`expert_us`: one
+    token's path, `batch_expert_us`: the batched path), per decoder layer of a one-row decode forward (`layer_us`),
+    per decoder layer of a block-diffusion forward (`block_layer_us`) and per row of it (`layer_row_us`, the slope
+    between two block lengths), per autoregressive forward outside the model (`step_us`), per diffusion request and
+    forward outside the model (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
+    the disk (`read_us`, see `read_cost_us`). Decodes the shipped models
+    all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 48
+    tokens in blocks of 8 and of 16 from a 12-token prompt."""
+    from tiermoe import SamplingParams
+    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
+
+    seconds, t, _, vocab, layers = _probe(ar_model or DEFAULT_MODEL,
+                                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), [100])
+    ar_forwards, expert_s, layer_1 = t.calls["model"], _per_expert(t), _layer_rest(t, layers)
+    # outside the layers: embedding, final norm, sampling, the scheduler (the head's product is priced apart)
+    ar_outside, ar_vocab = (seconds - t.seconds["layer"] - t.seconds["logits"]) / ar_forwards, vocab
+
+    per_block = {}  # block length -> (seconds, timers, stats, vocab, layers)
+    for block in (8, 16):
+        params = SamplingParams(temperature=0, max_tokens=48, block_length=block, steps=block, threshold=0.95,
+                                ignore_eos=True)
+        per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params, list(range(4, 16)))
+    rest = {}  # mean rows per forward -> layer rest seconds
+    for _, t, stats, _, layers in per_block.values():
+        rest[stats["forward_rows"] / t.calls["model"]] = _layer_rest(t, layers)
+    (r0, s0), (r1, s1) = sorted(rest.items())
+    seconds, t, stats, vocab, layers = per_block[16]
+    forwards = t.calls["model"]
+    logit_s = (t.seconds["predict"] - t.seconds["logits"]) / max(stats["logit_rows"] * vocab, 1)
+    return {"expert_us": round(expert_s * 1e6, 2), "batch_expert_us": round(_per_expert(t) * 1e6, 2),
+            "layer_us": round(layer_1 * 1e6, 2), "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
+            "step_us": round(max(ar_outside - logit_s * ar_vocab, 0.0) * 1e6, 2),
+            "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / forwards * 1e6, 2),
+            "logit_ns": round(logit_s * 1e9, 3),
+            "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2),
+            "read_us": read_cost_us(diffusion_model)}
+
+
+def read_cost_us(model_dir: Path | None = None, budget: str = "25%", tau: int = 4, reps: int = 3) -> float:
+    """What one expert read costs the engine's decode besides the disk, in microseconds: the shipped diffusion model
+    decodes one request (48 tokens in blocks of 16 from a 12-token prompt) with its experts under TIDE on the RAM
+    tier at `budget` and all resident; the extra seconds per expert read (the best of `reps` runs each). Its reads
+    are small and the disk keeps up with them, so the extra is the engine's own work around a read (the store's
+    Python on the reader and model threads, which share the interpreter lock, the system calls), which the model's
+    thread waits for."""
+    from tiermoe import LLM, SamplingParams
+    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
+
+    params = SamplingParams(temperature=0, max_tokens=48, block_length=16, steps=16, threshold=0.95, ignore_eos=True)
+    prompt = list(range(4, 16))
+    out = {}
+    for name, options in (("resident", {}), ("offloaded", {"expert_cache": budget, "tau": tau})):
+        llm = LLM(model_dir or DEFAULT_DIFFUSION_MODEL, **options)
+        if not options:
+            for layer, e in llm.index.experts():
+                list(llm.store.fetch(layer, [e]))
+        runs = []
+        for _ in range(reps + 1):  # the first warms up
+            start = time.perf_counter()
+            llm.generate([prompt], params, use_tqdm=False)
+            runs.append((time.perf_counter() - start, llm.store.stats.total.misses))
+        llm.store.close()
+        out[name] = min(runs[1:])
+    (off, reads), (res, _) = out["offloaded"], out["resident"]
+    return round(max(off - res, 0.0) / max(reads, 1) * 1e6, 1)
