@@ -5,8 +5,8 @@ MAX_ROWS rows of x on a CPU with AVX2 (AVX-512, AVX512-BF16) they run the compil
 accumulation, parallel over output rows on torch's intra-op threads, and each output row independent of the other
 rows in the batch, bit for bit. Larger batches, other devices and other dtypes use torch's own ops, as does
 everything when the kernels cannot be built (one warning line) or TIERMOE_KERNELS=off. `rmsnorm`, `rotary_` and
-`decode_attention` fuse the small ops of one decode step around them; `sigmoid` (gates, routers) gives an element
-the same bits wherever it sits in the tensor.
+`decode_attention` fuse the small ops of one decode step around them. In batch-invariant mode `sigmoid` (gates,
+routers) gives an element the same bits wherever it sits in the tensor.
 
 Batch-invariant mode (`set_batch_invariant`, on in the engine): products with any number of rows run the kernels
 (row by row through torch where the kernels do not serve), so that a row's result never depends on how many rows
