@@ -227,3 +227,34 @@ def test_waiting_requests_are_admitted_by_priority_then_arrival(engines):
     while engine.has_unfinished_requests():
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["b", "d", "a", "c"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "llada2_moe"])
+def test_a_row_among_48_on_2_threads_gives_its_bits_alone(tiny_models, folders, family):
+    """Sigmoid gates and routers (qwen2_moe's shared-expert gate, deepseek_v3's and llada2_moe's router) over many
+    rows: torch computes vector-sized runs of a tensor and its tail by different exp code and splits it between
+    threads, so without a position-independent sigmoid a row's bits would depend on its place in the batch."""
+    folder = folders[family] if family == "llada2_moe" else tiny_models(family)
+    engine = LLMEngine(EngineConfig(model=folder))
+    rng = random.Random(4)
+    tokens = [rng.randrange(engine.model.shape.vocab_size - 1) for _ in range(48)]  # never llada2's mask id
+    caches = []
+    for i in range(len(tokens)):
+        engine.kv.allocate(str(i), 1)
+        caches.append(engine.kv.view(str(i)))
+
+    def hidden(rows: list[int]) -> torch.Tensor:
+        """One forward of the given requests' one-token prompts -> their hidden states [len(rows), H]."""
+        slices = [SeqSlice(caches[i], n, 1, 0) for n, i in enumerate(rows)]
+        batch = ForwardBatch(torch.zeros(len(rows), dtype=torch.long), slices, paged=PagedBatch.of(slices))
+        with torch.inference_mode():
+            return engine.model(torch.tensor([tokens[i] for i in rows]), batch)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batched = hidden(list(range(len(tokens))))
+        for i in range(len(tokens)):
+            assert torch.equal(batched[i], hidden([i])[0]), f"row {i}"
+    finally:
+        torch.set_num_threads(before)

@@ -251,3 +251,48 @@ def test_a_build_killed_earlier_does_not_block_the_next_load():
                           env=os.environ.copy(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split()[-1] == kernels.backend(), done.stderr
     assert not (folder / "lock").exists()
+
+
+@compiled_only
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("width", [1, 8, 64])  # a shared-expert gate [T, 1]; routers [T, E]
+def test_sigmoid_of_a_row_is_the_same_at_every_place_in_batches_of_1_to_40_rows(monkeypatch, threads, width):
+    monkeypatch.setattr(kernels, "_invariant", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(40, width) * 6
+        alone = [kernels.sigmoid(x[i:i + 1]) for i in range(40)]
+        for n in range(1, 41):
+            for start in {0, 40 - n}:  # the row at every place: first rows, last rows
+                batch = kernels.sigmoid(x[start:start + n])
+                for j in range(n):
+                    assert torch.equal(batch[j], alone[start + j][0]), (n, start, j)
+        big = torch.randn(700, 64) * 6  # past the kernel's grain: split between threads
+        many = kernels.sigmoid(big)
+        assert all(torch.equal(many[i], kernels.sigmoid(big[i:i + 1])[0]) for i in range(0, 700, 7))
+    finally:
+        torch.set_num_threads(before)
+
+
+@compiled_only
+def test_sigmoid_is_within_an_ulp_of_torch_and_float64(monkeypatch):
+    monkeypatch.setattr(kernels, "_invariant", True)
+    x = torch.cat([torch.randn(5000) * 8, torch.tensor([0.0, -0.0, 1e-8, -1e-8, 20.0, -20.0, 88.0, -88.0, 104.0,
+                                                         -104.0, float("inf"), float("-inf")])])
+    ours, exact = kernels.sigmoid(x), torch.sigmoid(x.double())
+    ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((ours.double() - exact).abs() <= ulp).all()
+    assert torch.equal(kernels.sigmoid(x[:3]), torch.sigmoid(x[:3]))  # shorter than a vector: torch's scalar bits
+    assert torch.allclose(ours, torch.sigmoid(x), rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+    assert torch.isnan(kernels.sigmoid(torch.tensor([float("nan")]))).all()
+
+
+def test_sigmoid_outside_batch_invariant_mode_and_without_kernels_is_torchs(monkeypatch):
+    x = torch.randn(37, 8)
+    monkeypatch.setattr(kernels, "_invariant", False)
+    assert torch.equal(kernels.sigmoid(x), torch.sigmoid(x))
+    monkeypatch.setattr(kernels, "_invariant", True)
+    monkeypatch.setattr(kernels, "_ops", None)  # no compiled kernels: torch row by row, as each row alone
+    rows = kernels.sigmoid(x)
+    assert all(torch.equal(rows[i], torch.sigmoid(x[i:i + 1])[0]) for i in range(37))

@@ -5,7 +5,8 @@ MAX_ROWS rows of x on a CPU with AVX2 (AVX-512, AVX512-BF16) they run the compil
 accumulation, parallel over output rows on torch's intra-op threads, and each output row independent of the other
 rows in the batch, bit for bit. Larger batches, other devices and other dtypes use torch's own ops, as does
 everything when the kernels cannot be built (one warning line) or TIERMOE_KERNELS=off. `rmsnorm`, `rotary_` and
-`decode_attention` fuse the small ops of one decode step around them.
+`decode_attention` fuse the small ops of one decode step around them. In batch-invariant mode `sigmoid` (gates,
+routers) gives an element the same bits wherever it sits in the tensor.
 
 Batch-invariant mode (`set_batch_invariant`, on in the engine): products with any number of rows run the kernels
 (row by row through torch where the kernels do not serve), so that a row's result never depends on how many rows
@@ -116,6 +117,19 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, scale: to
         y = F.linear(F.silu(gate) * up, widened(down, x.dtype))
         return (y if scale is None else y * scale).to(out_dtype or x.dtype)
     return ops.swiglu(x, gate_up, down, scale, _max_rows(), out_dtype == torch.float32)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """torch.sigmoid(x). In batch-invariant mode on the CPU each element's result depends on its value alone: torch
+    computes a tensor's vector-sized runs and its remainder by different exp code (last-bit differences) and splits
+    large tensors between threads anywhere, so a row's gate or router scores would depend on its place in the batch.
+    The kernel computes every fp32 element one way (torch's scalar formula); without it, torch row by row."""
+    if not _invariant or x.device.type != "cpu" or x.dim() == 0:  # CUDA's elementwise code is the same everywhere
+        return torch.sigmoid(x)
+    ops = _ops if _ops is not _UNSET else compiled()
+    if ops is not None and x.dtype == torch.float32:
+        return ops.sigmoid(x)
+    return torch.cat([torch.sigmoid(row) for row in x.split(1)])  # each row split as it is alone
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

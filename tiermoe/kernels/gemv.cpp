@@ -774,6 +774,22 @@ std::optional<torch::Tensor> paged_attention(const torch::Tensor& q, const torch
                                         scale});
 }
 
+// 1 / (1 + exp(-x)) for fp32 x, every element through the C library's expf: torch's elementwise kernels send a
+// tensor's vector-sized runs through Sleef's exp and the rest through expf (last-bit differences), so an element's
+// result would depend on where it sits in the tensor. This is torch's scalar formula, so a tensor of fewer elements
+// than a vector (a [1, 1] gate) gets torch's bits.
+torch::Tensor sigmoid(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "sigmoid: fp32 CPU tensors only");
+  const auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, xc.numel(), 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dst[i] = 1.0f / (1.0f + std::exp(-src[i]));
+  });
+  return out;
+}
+
 std::string isa() { return isa_name(kIsa); }
 
 int64_t calls() { return kCalls.load(); }
@@ -786,6 +802,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query row per head over the cache; None if not served");
   m.def("paged_attention", &paged_attention, "query rows over paged caches in one call; None if not served");
   m.def("grouped_swiglu", &grouped_swiglu, "every routed expert of a layer in one call; None if not served");
+  m.def("sigmoid", &sigmoid, "torch.sigmoid for fp32, each element by the same code path");
   m.def("isa", &isa, "the code path chosen for this CPU");
   m.def("calls", &calls, "products computed by the kernels so far");
 }

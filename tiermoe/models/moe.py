@@ -45,7 +45,7 @@ class Router(nn.Module):
         """x [T, H] -> weights [T, A], expert ids [T, A]."""
         a = self.args
         logits = kernels.linear(x.float(), self.weight)  # [T, E]; bf16 weights widen exactly
-        scores = logits.softmax(-1) if a.scoring == "softmax" else logits.sigmoid()  # [T, E]
+        scores = logits.softmax(-1) if a.scoring == "softmax" else kernels.sigmoid(logits)  # [T, E]
         choice = scores + self.e_score_correction_bias if a.correction_bias else scores
         if a.n_group > 1:
             choice = _mask_groups(choice, a)
@@ -97,7 +97,7 @@ class SparseMoE(nn.Module):
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+                shared = kernels.sigmoid(self.shared_expert_gate(x)) * shared  # [T, 1]
             out = out + shared
         return out
 
