@@ -16,6 +16,7 @@ numpy, conversions in pieces below torch's parallel grain.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,22 +49,69 @@ def read_ranges(spec: ExpertSpec, gap: int = COALESCE_GAP) -> list[Range]:
 
 
 def in_place(spec: ExpertSpec, dtype: torch.dtype) -> bool:
-    """Whether the read buffers can be the weights: no dtype conversion, gate then up contiguous (one [2I, H]), and
+    """Whether the read buffer can be the weights: no dtype conversion, gate and up placeable as one [2I, H] with
+    whole-page reads (what lies between them in the file, e.g. Mixtral's w2 between w1 and w3, is whole pages), and
     whole pages around the bytes costing at most 1/16 more RAM than the weights (no small expert padded out)."""
     g, u, _ = spec.parts
     return (all(p.dtype == dtype and p.offset % dtype.itemsize == 0 for p in spec.parts)
-            and g.file == u.file and u.offset == g.offset + g.nbytes and g.shape[1:] == u.shape[1:]
-            and _pages(spec) - spec.nbytes <= spec.nbytes // 16)
+            and g.shape[1:] == u.shape[1:] and (u.offset - g.offset - g.nbytes) % PAGE == 0
+            and layout(spec).size - spec.nbytes <= spec.nbytes // 16)
 
 
 def slot_nbytes(spec: ExpertSpec, dtype: torch.dtype) -> int:
-    """RAM a resident expert holds: its page-aligned read buffers when used in place, else its converted tensors."""
-    return _pages(spec) if in_place(spec, dtype) else loaded_nbytes(spec, dtype)
+    """RAM a resident expert holds: its page-aligned read buffer when used in place, else its converted tensors."""
+    return layout(spec).size if in_place(spec, dtype) else loaded_nbytes(spec, dtype)
 
 
-def _pages(spec: ExpertSpec) -> int:
-    """Bytes of the whole pages that in-place reads hold (parts less than a page apart share one read)."""
-    return sum(align_up(off + n) - align_down(off) for _, off, n in read_ranges(spec, gap=PAGE))
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """An in-place expert's one page-aligned buffer: gate | up as one run from `gate_up`, down from `down`, each at
+    its file offset's place within a page so that whole pages read straight into place."""
+
+    reads: tuple[tuple[Path, int, int, int], ...]  # (file, page-aligned offset, bytes needed, page-aligned place)
+    patches: tuple[tuple[int, int, int], ...]  # (from, to, bytes) moved inside the buffer once every read is in
+    gate_up: int
+    down: int
+    size: int  # whole pages
+
+
+@functools.cache
+def layout(spec: ExpertSpec) -> Layout:
+    """Where an expert's parts go when its buffer is its weights. Up follows gate; down follows up, in the same page
+    when it follows up in the file too, else from the next page. A part whose first page is the previous read's last
+    is read from its second page on and its head (less than a page) copied in from a read that holds it (Mixtral: the
+    down read's last page holds up's head), else from an extra page at the end."""
+    g, u, d = spec.parts
+    at_g = g.offset % PAGE
+    at_d = at_g + g.nbytes + u.nbytes
+    if not (d.file == u.file and d.offset == u.offset + u.nbytes):
+        at_d = align_up(at_d) + d.offset % PAGE
+    runs: list[list] = []  # [file, offset, nbytes, place]: runs contiguous in the file and the buffer merged
+    for f, off, n, at in ((g.file, g.offset, g.nbytes, at_g), (u.file, u.offset, u.nbytes, at_g + g.nbytes),
+                          (d.file, d.offset, d.nbytes, at_d)):
+        last = runs[-1] if runs else None
+        if last is not None and f == last[0] and off == last[1] + last[2] and at == last[3] + last[2]:
+            last[2] += n
+        else:
+            runs.append([f, off, n, at])
+    reads, heads, end = [], [], 0  # end: the first buffer byte past every read so far
+    for f, off, n, at in runs:
+        head = min(align_up(at) - at, n) if align_down(at) < end else 0
+        if head:
+            heads.append((f, off, head, at))
+        if head < n:
+            first = align_down(at + head)  # place of the first page read: file offset first - at + off
+            reads.append((f, off + first - at, at + n - first, first))
+            end = first + align_up(at + n - first)
+    data = [(at_g, g.nbytes + u.nbytes), (at_d, d.nbytes)]
+    patches = []
+    for f, off, n, at in heads:
+        src = next((ra + off - ro for rf, ro, rn, ra in reads if rf == f and ro <= off <= ro + align_up(rn) - n), None)
+        if src is None or any(src < a + m and a < src + n for a, m in [*data, *[(p[1], p[2]) for p in heads]]):
+            reads.append((f, align_down(off), off + n - align_down(off), end))
+            src, end = end + off % PAGE, end + align_up(off + n - align_down(off))
+        patches.append((src, at, n))
+    return Layout(tuple(reads), tuple(patches), at_g, at_d, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,41 +120,60 @@ class ReadPlan:
     its reads (it holds the interpreter lock for that time, which the model's thread waits on)."""
 
     spec: ExpertSpec
-    kept: bool  # the read buffers become the weights (`in_place`)
-    ranges: tuple[Range, ...]  # one aligned read each
+    layout: Layout | None  # the read buffer becomes the weights (`in_place`)
+    ranges: tuple[Range, ...]  # otherwise: one aligned read each, then converted
     views: tuple[tuple[int, int, int, torch.dtype, tuple[int, ...]], ...]  # (range, byte offset in it, bytes,
-    # dtype, shape) of gate | up and down when kept, else of gate, up and down
+    # dtype, shape) of gate, up and down when converted
     files: tuple[Path, ...]  # distinct files read
     nbytes: int  # what the disk transfers: whole pages
 
+    @property
+    def kept(self) -> bool:
+        return self.layout is not None
+
 
 def plan_read(spec: ExpertSpec, dtype: torch.dtype) -> ReadPlan:
-    kept = in_place(spec, dtype)
-    ranges = tuple(read_ranges(spec, gap=PAGE if kept else COALESCE_GAP))  # kept buffers hold no other's bytes
-    parts = spec.parts
-    if kept:
-        g, u, d = parts
-        parts = (TensorInfo(g.file, g.offset, g.nbytes + u.nbytes, dtype, (g.shape[0] + u.shape[0], *g.shape[1:])), d)
-    return ReadPlan(spec, kept, ranges, tuple(_place(ranges, p) for p in parts), tuple(dict.fromkeys(
+    if in_place(spec, dtype):
+        lay = layout(spec)
+        return ReadPlan(spec, lay, (), (), tuple(dict.fromkeys(f for f, *_ in lay.reads)),
+                        sum(align_up(n) for _, _, n, _ in lay.reads))
+    ranges = tuple(read_ranges(spec))
+    return ReadPlan(spec, None, ranges, tuple(_place(ranges, p) for p in spec.parts), tuple(dict.fromkeys(
         f for f, _, _ in ranges)), sum(align_up(off + n) - align_down(off) for _, off, n in ranges))
 
 
 def read_expert(reader: DirectReader, plan: ReadPlan, dtype: torch.dtype) -> tuple[ExpertWeights, int]:
-    """Read one expert (one aligned read per range); returns its weights and the bytes read (whole pages)."""
+    """Read one expert; returns its weights and the bytes read (whole pages)."""
+    if plan.layout is not None:
+        return _read_in_place(reader, plan.spec, plan.layout, dtype), plan.nbytes
     segments = [reader.read(*r) for r in plan.ranges]
     try:
-        flat = [seg.as_tensor() for seg in segments]  # [bytes] each; views of it share its storage: no copy
-        tensors = [flat[i][start:start + n].view(dt).view(shape) for i, start, n, dt, shape in plan.views]
-        if plan.kept:
-            weights = ExpertWeights(*tensors)
-            for seg in segments:
-                seg.hand_over()
-        else:
-            weights = assemble(*tensors, dtype)  # copies
+        flat = [seg.as_tensor() for seg in segments]  # [bytes] each
+        weights = assemble(*(flat[i][start:start + n].view(dt).view(shape) for i, start, n, dt, shape in plan.views),
+                           dtype)  # copies
     finally:
         for seg in segments:
-            seg.release()  # nothing left to release for a handed-over segment
+            seg.release()
     return weights, plan.nbytes
+
+
+def _read_in_place(reader: DirectReader, spec: ExpertSpec, lay: Layout, dtype: torch.dtype) -> ExpertWeights:
+    """The expert's weights as views of one read buffer, which returns to the reader's pool once they are gone."""
+    g, u, d = spec.parts
+    seg = reader.buffer(lay.size)
+    try:
+        for f, off, n, at in lay.reads:
+            reader.read_pages(f, off, n, seg, at)
+        for src, dst, n in lay.patches:
+            seg.view[dst:dst + n] = seg.view[src:src + n]
+        flat = seg.as_tensor()  # [bytes]; views of it share its storage: no copy
+        gate_up = flat[lay.gate_up:lay.gate_up + g.nbytes + u.nbytes].view(dtype).view(g.shape[0] + u.shape[0],
+                                                                                       *g.shape[1:])
+        weights = ExpertWeights(gate_up, flat[lay.down:lay.down + d.nbytes].view(dtype).view(d.shape))
+        seg.hand_over()
+    finally:
+        seg.release()  # nothing left to release once handed over
+    return weights
 
 
 def assemble(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> ExpertWeights:
