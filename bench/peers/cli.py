@@ -19,7 +19,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench.peers import cgroup
-from bench.peers.memory import SIZED, LimitPlan, fixed_footprints, limit_row, run_at_limit, tiermoe_sizes_itself
+from bench.peers.memory import (
+    SIZED,
+    LimitPlan,
+    disk_bandwidth,
+    disk_bound,
+    fixed_footprints,
+    limit_row,
+    run_at_limit,
+    tiermoe_sizes_itself,
+)
 from bench.peers.model import SHAPES, build_model, model_bytes, prompt_ids
 from bench.peers.report import describe_environment, environment, loadavg, save
 from bench.peers.resident import measure_resident, runs_as_dicts, summarize, token_checks
@@ -143,6 +152,9 @@ def equal_memory(args, engines: list[str], folder: Path, shape, ggufs: dict, spe
                      parse_budget(args.headroom, 0), args.fit_retries, args.timeout, args.drop_caches)
     print("(b) equal memory: fixed footprints", flush=True)
     footprints = fixed_footprints(plan)
+    disk = [disk_bandwidth(folder, dtype)]
+    print("  disk, cold expert reads: " + ", ".join(f"{d} at once {b / 1e6:.0f} MB/s" for d, b in disk[0].items()),
+          flush=True)
     references = _resident_tokens(resident, engines, dtype, n, spec, args.timeout)
     rows, attempts = [], []
     for i, limit in enumerate(limits):
@@ -156,9 +168,14 @@ def equal_memory(args, engines: list[str], folder: Path, shape, ggufs: dict, spe
                      else f"failed: {row['error']}"), flush=True)
             rows.append(row)
             attempts.append([asdict(t) for t in tries])
+    disk.append(disk_bandwidth(folder, dtype))  # again after the runs: the disk's own drift
+    best = max(b for d in disk for b in d.values())
+    for row in rows:
+        if row["engine"] == "tiermoe":
+            row["disk_bound"] = disk_bound(row, best)
     return {"rows": rows, "attempts": attempts, "new_tokens": n, "dtype": dtype, "model_bytes": total,
-            "headroom_bytes": plan.headroom,
-            "footprints": footprints}
+            "headroom_bytes": plan.headroom, "footprints": footprints,
+            "disk_bandwidth": [{str(k): v for k, v in d.items()} for d in disk]}
 
 
 def parse_limits(text: str, total: int) -> list[int]:

@@ -9,7 +9,11 @@ ends is retried with a 25% smaller setting, so the setting that fits is approach
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -96,6 +100,39 @@ def run_at_limit(plan: LimitPlan, engine: str, limit: int, fixed: int | None = N
             break
         budget = max(floor, budget * 3 // 4)
     return attempts
+
+
+def disk_bandwidth(folder: Path, dtype: str, depths: tuple[int, ...] = (1, 2), reads: int = 32) -> dict[int, float]:
+    """Bytes/s of cold expert reads as tiermoe makes them (direct I/O, its read plan), `depth` experts at once, in a
+    random order: what bounds decode once the expert cache misses (missed bytes per token / this)."""
+    import torch
+
+    from tiermoe.checkpoint import CheckpointIndex
+    from tiermoe.models.registry import family
+    from tiermoe.offload.tiers.direct_io import DirectReader
+    from tiermoe.offload.tiers.expert_reads import plan_read, read_expert
+
+    index = CheckpointIndex(folder, family(json.loads((folder / "config.json").read_text())["model_type"]).sanitize)
+    plans = [plan_read(spec, getattr(torch, dtype)) for spec in index.experts().values()]
+    out = {}
+    for depth in depths:
+        chosen = random.Random(depth).choices(plans, k=reads)
+        cold_cache([folder], False)
+        with DirectReader(max_workers=1) as reader, ThreadPoolExecutor(depth) as pool:
+            start = time.perf_counter()
+            done = sum(n for _, n in pool.map(lambda p: read_expert(reader, p, getattr(torch, dtype)), chosen))
+            out[depth] = done / (time.perf_counter() - start)
+    return out
+
+
+def disk_bound(row: dict, bandwidth: float) -> dict | None:
+    """tiermoe's decode against the disk: missed bytes per token / bandwidth, as tokens/s, and the share reached."""
+    decode = (row.get("extra") or {}).get("decode")
+    if not decode or not decode["bytes_read_per_token"] or not row["decode_tok_s"]:
+        return None
+    bound = bandwidth / decode["bytes_read_per_token"]
+    return {"bytes_per_token": decode["bytes_read_per_token"], "bandwidth": bandwidth, "tok_s": bound,
+            "reached": row["decode_tok_s"] / bound}
 
 
 def limit_row(pct: float, limit: int, attempts: list[EngineRun], reference: list[int] | None) -> dict:

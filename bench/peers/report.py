@@ -88,6 +88,9 @@ def _notes(row: dict) -> str:
                      f"{plan['weights'] / 2**20:.0f}, KV {plan['kv_cache'] / 2**20:.0f}, activations "
                      f"{plan['activations'] / 2**20:.0f}, reads {plan['read_buffers'] / 2**20:.0f}, margin "
                      f"{plan['margin'] / 2**20:.0f})")
+    if bound := row.get("disk_bound"):  # tiermoe's decode against the disk
+        notes.append(f"decode reads {bound['bytes_per_token'] / 2**20:.0f} MiB/token: disk bound "
+                     f"{bound['tok_s']:.2f} tok/s at {bound['bandwidth'] / 1e6:.0f} MB/s, {bound['reached']:.2f} of it")
     if "modules_on_disk" in extra:
         notes.append(f"{extra['modules_on_disk']} of {extra['modules_on_disk'] + extra['modules_on_cpu']} "
                      "modules on disk")
@@ -107,6 +110,10 @@ def save(out_dir: Path, name: str, result: dict, label: str | None) -> None:
     if result.get("memory"):
         parts += ["", f"### (b) Equal memory: cgroup limit, cold page cache{_load(result['memory'])}", "",
                   memory_table(result["memory"]["rows"])]
+        if disk := result["memory"].get("disk_bandwidth"):
+            parts += ["", "Disk, cold direct reads of whole experts (before, after the runs): " + "; ".join(
+                ", ".join(f"{k} at once {v / 1e6:.0f} MB/s" for k, v in d.items()) for d in disk)
+                + ". The disk bound of tiermoe's decode is its missed bytes per token over the best of these."]
     if result.get("notes"):
         parts += ["", *[f"- {n}" for n in result["notes"]]]
     write(out_dir, name, {"machine": result["environment"]["machine"], **result}, "\n".join(parts))

@@ -353,6 +353,11 @@ class HeldReader(DirectReader):
             self.release.wait()
         return super().read(path, offset, nbytes)
 
+    def read_pages(self, path, offset, nbytes, into, at):  # the reads of an expert used in place
+        if offset <= self.held < offset + nbytes:
+            self.release.wait()
+        return super().read_pages(path, offset, nbytes, into, at)
+
 
 def test_an_evicted_prefetch_still_being_read_is_freed_before_its_room_is_reused(autoregressive):
     ref = autoregressive("mixtral")

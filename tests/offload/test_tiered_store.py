@@ -19,9 +19,9 @@ from tiermoe.convert import convert
 from tiermoe.errors import CheckpointError, ConfigError, ExpertIOError
 from tiermoe.offload.policies import make_policy
 from tiermoe.offload.tiers.direct_io import DirectReader, ShortReadError
-from tiermoe.offload.tiers.expert_reads import in_place, read_ranges, slot_nbytes
+from tiermoe.offload.tiers.expert_reads import assemble, in_place, read_ranges, slot_nbytes
 from tiermoe.offload.tiers.ram import TieredStore, min_budget
-from tiermoe.offload.tiers.store import ResidentStore, loaded_nbytes
+from tiermoe.offload.tiers.store import ResidentStore, build_expert, loaded_nbytes
 
 PROMPTS = [[3, 17, 42, 9, 77, 5, 61, 23], [88, 1, 64], [12, 99, 31, 7]]
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -114,12 +114,18 @@ class SlowReader(DirectReader):
         self.lock = threading.Lock()
 
     def read(self, path, offset, nbytes):
+        return self._slowly(super().read, path, offset, nbytes)
+
+    def read_pages(self, path, offset, nbytes, into, at):
+        return self._slowly(super().read_pages, path, offset, nbytes, into, at)
+
+    def _slowly(self, read, *args):
         with self.lock:
             self.in_flight += 1
             self.most = max(self.most, self.in_flight)
         time.sleep(0.02)
         try:
-            return super().read(path, offset, nbytes)
+            return read(*args)
         finally:
             with self.lock:
                 self.in_flight -= 1
@@ -156,11 +162,18 @@ class FaultyReader(DirectReader):
         self.fail_offsets, self.error = fail_offsets, error
 
     def read(self, path, offset, nbytes):
-        if offset in self.fail_offsets:
+        self._fail(path, offset, nbytes)
+        return super().read(path, offset, nbytes)
+
+    def read_pages(self, path, offset, nbytes, into, at):  # the reads of an expert used in place
+        self._fail(path, offset, nbytes)
+        return super().read_pages(path, offset, nbytes, into, at)
+
+    def _fail(self, path, offset, nbytes):
+        if any(offset <= f < offset + nbytes for f in self.fail_offsets):
             if self.error == "eio":
                 raise OSError(5, "Input/output error", os.fspath(path))
             raise ShortReadError(os.fspath(path), offset, nbytes, nbytes // 2)
-        return super().read(path, offset, nbytes)
 
 
 @pytest.mark.parametrize("error", ["eio", "short"])
@@ -233,3 +246,69 @@ def test_one_read_per_run_of_adjacent_parts(disk_models, layout):
     assert sum(n for _, _, n in ranges) == spec.nbytes
     assert len(ranges) == (1 if layout != "fused" else 2)  # fused: the gate_up_proj rows, then the down_proj rows
     assert len(read_ranges(spec)) == 1  # the tiny fused tensors lie within COALESCE_GAP of each other
+
+
+@pytest.mark.parametrize("source", [torch.bfloat16, torch.float32])
+def test_experts_assembled_on_an_io_thread_equal_build_expert_and_start_no_threads(source):
+    """An expert copied or converted on an I/O thread is bit-identical to the resident store's, and the copy starts no
+    OpenMP team of the I/O thread's own: with more OpenMP threads than cores libgomp stops spinning between parallel
+    regions and the model's decode slowed to 0.7x (expert_reads' note)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    gate, up, down = (torch.randn(shape).to(source) for shape in ((512, 384), (512, 384), (384, 512)))
+    out = {}
+
+    def work():
+        before = len(os.listdir("/proc/self/task"))
+        out["weights"] = assemble(gate, up, down, torch.bfloat16)
+        out["started"] = len(os.listdir("/proc/self/task")) - before
+
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(threads)
+    expected = build_expert(None, gate, up, down, torch.bfloat16)
+    assert torch.equal(out["weights"].gate_up, expected.gate_up) and torch.equal(out["weights"].down, expected.down)
+    assert out["weights"].gate_up.data_ptr() != gate.data_ptr()
+    assert out["started"] == 0
+
+
+@pytest.mark.parametrize(("dtype", "inner", "kept"), [(torch.bfloat16, 256, True), (torch.float32, 256, True),
+                                                      (torch.float32, 100, False)])
+def test_mixtral_experts_are_read_in_place_when_w2_is_whole_pages(tmp_path, dtype, inner, kept):
+    """Mixtral's files hold w1 (gate), w2 (down), w3 (up) in that order: when w2 is whole pages, gate and up still
+    land back to back in one read buffer (direct reads of whole pages, up's first partial page copied from the down
+    read's last), and that buffer is the weights: no copy, what the cache budgets. Either way the weights are the
+    resident store's, bit for bit."""
+    from safetensors.torch import save_file
+
+    from tiermoe.checkpoint import CheckpointIndex
+    from tiermoe.models.mixtral import sanitize
+    from tiermoe.offload.tiers.expert_reads import layout, plan_read, read_expert
+
+    hidden = 128
+    torch.manual_seed(0)
+    prefix = "model.layers.0.block_sparse_moe.experts"
+    tensors = {f"{prefix}.{e}.{w}.weight": torch.randn(shape).to(dtype) for e in range(2)
+               for w, shape in (("w1", (inner, hidden)), ("w2", (hidden, inner)), ("w3", (inner, hidden)))}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"pad": "x" * 37})  # data off a page boundary
+    index = CheckpointIndex(tmp_path, sanitize)
+    reference = ResidentStore(index, dtype)
+    with DirectReader(max_workers=1) as reader:
+        for e in range(2):
+            spec = index.expert(0, e)
+            assert spec.gate.offset < spec.down.offset < spec.up.offset and spec.gate.offset % 4096
+            plan = plan_read(spec, dtype)
+            assert plan.kept == kept == in_place(spec, dtype)
+            w, nbytes = read_expert(reader, plan, dtype)
+            (_, expected), = reference.fetch(0, [e])
+            assert torch.equal(w.gate_up, expected.gate_up) and torch.equal(w.down, expected.down)
+            if kept:
+                assert layout(spec).patches, "up's first page is shared with gate's last"
+                assert w.gate_up.untyped_storage().data_ptr() == w.down.untyped_storage().data_ptr()
+                assert slot_nbytes(spec, dtype) == w.gate_up.untyped_storage().nbytes() <= spec.nbytes + 3 * 4096
+                assert nbytes <= spec.nbytes + 3 * 4096
+            del w
+        assert reader.pool.in_use == 0

@@ -220,17 +220,35 @@ class DirectReader:
         view = memoryview(buf)[offset - start:offset - start + nbytes]
         return Segment(path, offset, nbytes, view, buf, self.pool)
 
-    def _read_into(self, path: str, buf: mmap.mmap, start: int, length: int) -> int:
-        """Fills buf[:length] from file offset `start` (both page aligned); returns the bytes read (less at EOF)."""
+    def buffer(self, nbytes: int) -> Segment:
+        """A pooled page-aligned buffer of `nbytes` (rounded up to pages) as a Segment of no file, for
+        `read_pages` to fill; released or handed over like any segment."""
+        buf = self.pool.acquire(nbytes)
+        return Segment("", 0, len(buf), memoryview(buf), buf, self.pool)
+
+    def read_pages(self, path: str | os.PathLike, offset: int, nbytes: int, into: Segment, at: int) -> None:
+        """Reads bytes [offset, offset + nbytes) of `path` into `into`'s buffer from byte `at` on, in whole pages
+        (`offset` and `at` page aligned; up to a page past the range is overwritten); ShortReadError if the file
+        ends first."""
+        path = os.fspath(path)
+        if offset % PAGE or at % PAGE or at + align_up(nbytes) > len(into.buffer):
+            raise ValueError(f"unaligned or oversized page read of {path}: offset {offset}, {nbytes} bytes at {at}")
+        got = self._read_into(path, into.buffer, offset, align_up(nbytes), at)
+        if got < nbytes:
+            raise ShortReadError(path, offset, nbytes, got)
+
+    def _read_into(self, path: str, buf: mmap.mmap, start: int, length: int, at: int = 0) -> int:
+        """Fills buf[at:at + length] from file offset `start` (all page aligned); returns the bytes read (less at
+        EOF)."""
         f = self._file(path)
         try:
-            return _pread_full(f.fd, buf, start, length, f.direct)
+            return _pread_full(f.fd, buf, start, length, f.direct, at)
         except OSError as e:
             if not (f.direct and e.errno == errno.EINVAL):
                 raise
         # Some filesystems accept O_DIRECT at open and refuse it at read time.
         f = self._reopen_buffered(path, "the filesystem refuses O_DIRECT reads (EINVAL on read)")
-        return _pread_full(f.fd, buf, start, length, f.direct)
+        return _pread_full(f.fd, buf, start, length, f.direct, at)
 
     def read_many(self, ranges: Iterable[tuple[str | os.PathLike, int, int]]) -> list[Segment]:
         """Reads `(path, offset, nbytes)` ranges in parallel on the reader's threads; results in input order.
@@ -278,9 +296,11 @@ class DirectReader:
         self.close()
 
 
-def _pread_full(fd: int, buf: mmap.mmap, start: int, length: int, direct: bool) -> int:
-    """preadv until `length` bytes are in, the file ends, or (direct) a read ends off a page boundary (= EOF)."""
-    view = memoryview(buf)
+def _pread_full(fd: int, buf: mmap.mmap, start: int, length: int, direct: bool, at: int = 0) -> int:
+    """preadv into buf[at:] until `length` bytes are in, the file ends, or (direct) a read ends off a page boundary
+    (= EOF)."""
+    base = memoryview(buf)
+    view = base[at:]
     done = 0
     try:
         while done < length:
@@ -292,6 +312,7 @@ def _pread_full(fd: int, buf: mmap.mmap, start: int, length: int, direct: bool) 
                 break
     finally:
         view.release()
+        base.release()
     return done
 
 

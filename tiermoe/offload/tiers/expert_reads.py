@@ -1,29 +1,39 @@
 """One expert from disk to weights: which byte ranges to read, and whether the read buffers become the weights.
 
 An expert whose checkpoint dtype is the one its weights are kept in (kernels.weight_dtype) and whose gate and up
-rows lie back to back (the converted layout, save_pretrained's per-expert tensors, fused `gate_up_proj` rows) is used
-in place: its `ExpertWeights` are views into the aligned read buffers, which go back to the reader's pool only once
-the last tensor over them is gone (an eviction frees the cache's reference; a caller still computing with the expert
-keeps the bytes alive). Any other expert is converted (dtype, gate | up concatenated) into new tensors and its read
-buffers are reused at once.
+rows can be placed back to back (the converted layout, save_pretrained's per-expert tensors, fused `gate_up_proj`
+rows, Mixtral's w1 | w2 | w3) is used in place: its `ExpertWeights` are views into one aligned read buffer, which goes
+back to the reader's pool only once the last tensor over it is gone (an eviction frees the cache's reference; a
+caller still computing with the expert keeps the bytes alive). Any other expert is converted (dtype, gate | up
+concatenated) into new tensors and its read buffers are reused at once.
+
+NOTE: nothing here may run a torch op that splits its work over torch's intra-op threads. Reads run on I/O
+threads, and with OpenMP (libgomp) every other thread that enters a parallel region gets a team of its own; once
+the process has more OpenMP threads than cores, libgomp makes every idle worker sleep at once instead of spinning,
+so each of the model's parallel regions then waits for its workers to wake (bench/results/peers_memory.md: decode
+with every expert cached ran at 0.7x the resident speed, with 50x the context switches). Copies are made with
+numpy, conversions in pieces below torch's parallel grain.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tiermoe.checkpoint import ExpertSpec, TensorInfo
 from tiermoe.kernels import weight_dtype
 from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, align_down, align_up
-from tiermoe.offload.tiers.store import ExpertWeights, build_expert, loaded_nbytes
+from tiermoe.offload.tiers.store import ExpertWeights, loaded_nbytes
 
 # Parts of one expert closer together than this are fetched with one read (save_pretrained writes an expert's
 # down, gate and up tensors next to each other; the converted layout writes gate | up | down).
 COALESCE_GAP = 64 << 10
+SERIAL_GRAIN = 32768  # elements: torch runs an elementwise op over fewer than this (at::internal::GRAIN_SIZE) serially
 
 Range = tuple[Path, int, int]  # (file, offset, nbytes)
 
@@ -41,22 +51,69 @@ def read_ranges(spec: ExpertSpec, gap: int = COALESCE_GAP) -> list[Range]:
 
 
 def in_place(spec: ExpertSpec, dtype: torch.dtype) -> bool:
-    """Whether the read buffers can be the weights: no dtype conversion, gate then up contiguous (one [2I, H]), and
+    """Whether the read buffer can be the weights: no dtype conversion, gate and up placeable as one [2I, H] with
+    whole-page reads (what lies between them in the file, e.g. Mixtral's w2 between w1 and w3, is whole pages), and
     whole pages around the bytes costing at most 1/16 more RAM than the weights (no small expert padded out)."""
     g, u, _ = spec.parts
     return (all(p.dtype == weight_dtype(p.dtype, dtype) and p.offset % p.dtype.itemsize == 0 for p in spec.parts)
-            and g.file == u.file and u.offset == g.offset + g.nbytes and g.shape[1:] == u.shape[1:]
-            and _pages(spec) - spec.nbytes <= spec.nbytes // 16)
+            and g.shape[1:] == u.shape[1:] and (u.offset - g.offset - g.nbytes) % PAGE == 0
+            and layout(spec).size - spec.nbytes <= spec.nbytes // 16)
 
 
 def slot_nbytes(spec: ExpertSpec, dtype: torch.dtype) -> int:
-    """RAM a resident expert holds: its page-aligned read buffers when used in place, else its converted tensors."""
-    return _pages(spec) if in_place(spec, dtype) else loaded_nbytes(spec, dtype)
+    """RAM a resident expert holds: its page-aligned read buffer when used in place, else its converted tensors."""
+    return layout(spec).size if in_place(spec, dtype) else loaded_nbytes(spec, dtype)
 
 
-def _pages(spec: ExpertSpec) -> int:
-    """Bytes of the whole pages that in-place reads hold (parts less than a page apart share one read)."""
-    return sum(align_up(off + n) - align_down(off) for _, off, n in read_ranges(spec, gap=PAGE))
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """An in-place expert's one page-aligned buffer: gate | up as one run from `gate_up`, down from `down`, each at
+    its file offset's place within a page so that whole pages read straight into place."""
+
+    reads: tuple[tuple[Path, int, int, int], ...]  # (file, page-aligned offset, bytes needed, page-aligned place)
+    patches: tuple[tuple[int, int, int], ...]  # (from, to, bytes) moved inside the buffer once every read is in
+    gate_up: int
+    down: int
+    size: int  # whole pages
+
+
+@functools.cache
+def layout(spec: ExpertSpec) -> Layout:
+    """Where an expert's parts go when its buffer is its weights. Up follows gate; down follows up, in the same page
+    when it follows up in the file too, else from the next page. A part whose first page is the previous read's last
+    is read from its second page on and its head (less than a page) copied in from a read that holds it (Mixtral: the
+    down read's last page holds up's head), else from an extra page at the end."""
+    g, u, d = spec.parts
+    at_g = g.offset % PAGE
+    at_d = at_g + g.nbytes + u.nbytes
+    if not (d.file == u.file and d.offset == u.offset + u.nbytes):
+        at_d = align_up(at_d) + d.offset % PAGE
+    runs: list[list] = []  # [file, offset, nbytes, place]: runs contiguous in the file and the buffer merged
+    for f, off, n, at in ((g.file, g.offset, g.nbytes, at_g), (u.file, u.offset, u.nbytes, at_g + g.nbytes),
+                          (d.file, d.offset, d.nbytes, at_d)):
+        last = runs[-1] if runs else None
+        if last is not None and f == last[0] and off == last[1] + last[2] and at == last[3] + last[2]:
+            last[2] += n
+        else:
+            runs.append([f, off, n, at])
+    reads, heads, end = [], [], 0  # end: the first buffer byte past every read so far
+    for f, off, n, at in runs:
+        head = min(align_up(at) - at, n) if align_down(at) < end else 0
+        if head:
+            heads.append((f, off, head, at))
+        if head < n:
+            first = align_down(at + head)  # place of the first page read: file offset first - at + off
+            reads.append((f, off + first - at, at + n - first, first))
+            end = first + align_up(at + n - first)
+    data = [(at_g, g.nbytes + u.nbytes), (at_d, d.nbytes)]
+    patches = []
+    for f, off, n, at in heads:
+        src = next((ra + off - ro for rf, ro, rn, ra in reads if rf == f and ro <= off <= ro + align_up(rn) - n), None)
+        if src is None or any(src < a + m and a < src + n for a, m in [*data, *[(p[1], p[2]) for p in heads]]):
+            reads.append((f, align_down(off), off + n - align_down(off), end))
+            src, end = end + off % PAGE, end + align_up(off + n - align_down(off))
+        patches.append((src, at, n))
+    return Layout(tuple(reads), tuple(patches), at_g, at_d, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,42 +122,87 @@ class ReadPlan:
     its reads (it holds the interpreter lock for that time, which the model's thread waits on)."""
 
     spec: ExpertSpec
-    kept: bool  # the read buffers become the weights (`in_place`)
-    ranges: tuple[Range, ...]  # one aligned read each
+    layout: Layout | None  # the read buffer becomes the weights (`in_place`)
+    ranges: tuple[Range, ...]  # otherwise: one aligned read each, then converted
     views: tuple[tuple[int, int, int, torch.dtype, tuple[int, ...]], ...]  # (range, byte offset in it, bytes,
-    # dtype, shape) of gate | up and down when kept, else of gate, up and down
+    # dtype, shape) of gate, up and down when converted
     files: tuple[Path, ...]  # distinct files read
     nbytes: int  # what the disk transfers: whole pages
 
+    @property
+    def kept(self) -> bool:
+        return self.layout is not None
+
 
 def plan_read(spec: ExpertSpec, dtype: torch.dtype) -> ReadPlan:
-    kept = in_place(spec, dtype)
-    ranges = tuple(read_ranges(spec, gap=PAGE if kept else COALESCE_GAP))  # kept buffers hold no other's bytes
-    parts = spec.parts
-    if kept:
-        g, u, d = parts
-        parts = (TensorInfo(g.file, g.offset, g.nbytes + u.nbytes, g.dtype, (g.shape[0] + u.shape[0], *g.shape[1:])),
-                 d)
-    return ReadPlan(spec, kept, ranges, tuple(_place(ranges, p) for p in parts), tuple(dict.fromkeys(
+    if in_place(spec, dtype):
+        lay = layout(spec)
+        return ReadPlan(spec, lay, (), (), tuple(dict.fromkeys(f for f, *_ in lay.reads)),
+                        sum(align_up(n) for _, _, n, _ in lay.reads))
+    ranges = tuple(read_ranges(spec))
+    return ReadPlan(spec, None, ranges, tuple(_place(ranges, p) for p in spec.parts), tuple(dict.fromkeys(
         f for f, _, _ in ranges)), sum(align_up(off + n) - align_down(off) for _, off, n in ranges))
 
 
 def read_expert(reader: DirectReader, plan: ReadPlan, dtype: torch.dtype) -> tuple[ExpertWeights, int]:
-    """Read one expert (one aligned read per range); returns its weights and the bytes read (whole pages)."""
+    """Read one expert; returns its weights and the bytes read (whole pages)."""
+    if plan.layout is not None:
+        return _read_in_place(reader, plan.spec, plan.layout), plan.nbytes
     segments = [reader.read(*r) for r in plan.ranges]
     try:
-        flat = [seg.as_tensor() for seg in segments]  # [bytes] each; views of it share its storage: no copy
-        tensors = [flat[i][start:start + n].view(dt).view(shape) for i, start, n, dt, shape in plan.views]
-        if plan.kept:
-            weights = ExpertWeights(*tensors)
-            for seg in segments:
-                seg.hand_over()
-        else:
-            weights = build_expert(plan.spec, *tensors, dtype)  # copies
+        flat = [seg.as_tensor() for seg in segments]  # [bytes] each
+        weights = assemble(*(flat[i][start:start + n].view(dt).view(shape) for i, start, n, dt, shape in plan.views),
+                           dtype)  # copies
     finally:
         for seg in segments:
-            seg.release()  # nothing left to release for a handed-over segment
+            seg.release()
     return weights, plan.nbytes
+
+
+def _read_in_place(reader: DirectReader, spec: ExpertSpec, lay: Layout) -> ExpertWeights:
+    """The expert's weights as views of one read buffer, which returns to the reader's pool once they are gone."""
+    g, u, d = spec.parts
+    seg = reader.buffer(lay.size)
+    try:
+        for f, off, n, at in lay.reads:
+            reader.read_pages(f, off, n, seg, at)
+        for src, dst, n in lay.patches:
+            seg.view[dst:dst + n] = seg.view[src:src + n]
+        flat = seg.as_tensor()  # [bytes]; views of it share its storage: no copy
+        gate_up = flat[lay.gate_up:lay.gate_up + g.nbytes + u.nbytes].view(g.dtype).view(g.shape[0] + u.shape[0],
+                                                                                         *g.shape[1:])
+        weights = ExpertWeights(gate_up, flat[lay.down:lay.down + d.nbytes].view(d.dtype).view(d.shape))
+        seg.hand_over()
+    finally:
+        seg.release()  # nothing left to release once handed over
+    return weights
+
+
+def assemble(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> ExpertWeights:
+    """store.build_expert's weights (gate | up concatenated, in the dtype kept for the compute dtype `dtype`, never
+    aliasing the inputs), made on the calling thread alone (see the module's note)."""
+    gate_up = torch.empty((gate.shape[0] + up.shape[0], *gate.shape[1:]),
+                          dtype=weight_dtype(gate.dtype, dtype))  # [2I, H]
+    out = torch.empty(down.shape, dtype=weight_dtype(down.dtype, dtype))  # [H, I]
+    serial_copy(gate_up[:gate.shape[0]], gate)
+    serial_copy(gate_up[gate.shape[0]:], up)
+    serial_copy(out, down)
+    return ExpertWeights(gate_up, out)
+
+
+def serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src (contiguous, same shape), converting the dtype as `Tensor.copy_` does, without intra-op
+    threads: a byte copy by numpy (which releases the interpreter lock), else copy_ over pieces below the grain."""
+    if dst.dtype == src.dtype:
+        np.copyto(_bytes(dst), _bytes(src))
+        return
+    d, s = dst.view(-1), src.reshape(-1)
+    for i in range(0, d.numel(), SERIAL_GRAIN):
+        d[i:i + SERIAL_GRAIN].copy_(s[i:i + SERIAL_GRAIN])
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    return t.view(-1).view(torch.uint8).numpy()
 
 
 def _place(ranges: tuple[Range, ...], part: TensorInfo) -> tuple[int, int, int, torch.dtype, tuple[int, ...]]:
