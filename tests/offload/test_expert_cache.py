@@ -159,3 +159,14 @@ def test_shrink_evicts_the_policys_victims_but_never_the_pinned():
     assert cache.shrink(2, 1, pinned=[1, 2]) == [3, 4] and cache.capacity == 2 and cache.used == 2
     with pytest.raises(ValueError, match="minimum capacity is 2"):
         cache.shrink(1, 2, pinned=[1, 2])
+
+
+def test_a_key_read_ahead_is_evicted_last_until_the_request_after_next():
+    cache = ExpertCache(3, make_policy("lfu"))
+    cache.request([1, 2], 0)
+    cache.request([1, 2], 1)
+    assert cache.admit([3], 1) == ([], [3], [])  # never used, so LFU's first victim; its read has just started
+    assert cache.admit([4], 1) == ([], [4], [1])  # the others go first
+    assert cache.request([5], 2) == ([], [5], [2])  # still protected during the next request...
+    assert cache.request([6], 3).evicted == [3]  # ...not after it (its read has landed)
+    assert cache.request([4], 4).hits == [4]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Hashable, Iterable, KeysView
+from collections.abc import Callable, Collection, Hashable, Iterable, Set
 from typing import Any
 
 Key = Hashable
@@ -79,7 +79,7 @@ class _TickPolicy(CachePolicy):
 
 def as_set(candidates: Iterable[Key]) -> Collection[Key]:
     """`candidates` as something with a fast `in` (the cache passes a set already)."""
-    return candidates if isinstance(candidates, (set, frozenset, KeysView)) else set(candidates)
+    return candidates if isinstance(candidates, Set) else set(candidates)
 
 
 class VictimHeap:

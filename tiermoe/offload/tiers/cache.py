@@ -15,11 +15,16 @@ recent than that, the miss is *streamed* instead: read for this request only, ne
 then stays put and hits every pass, while the rest of the working set flows through a small window the driver
 keeps beside the cache. Above the working set some resident is always older than a pass, so the policy evicts
 as it would without a horizon.
+
+Keys admitted ahead of use (`admit`, `propose`) are *pending* through the next request: until the request after it
+begins, a victim is chosen among the other candidates while any remain. The live store has just started their
+reads, so evicting one would make the model thread wait for a read it then throws away; the rule is a function of
+the calls alone, so the simulator, making the same calls, keeps the same resident set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Set
 from typing import NamedTuple
 
 from tiermoe.offload.policies import CachePolicy
@@ -34,6 +39,25 @@ class RequestOutcome(NamedTuple):
     hits: list[Key]  # requested keys that were resident, in request order
     misses: list[Key]  # requested keys that were not resident and are now, in request order
     evicted: list[Key]  # keys removed to make room, in eviction order
+
+
+class Evictable(Set):
+    """The residents outside `excluded`, as a live view: a miss evicts a few of hundreds of residents, so the
+    candidates are not copied per miss. An evicted key leaves the view with the resident dict."""
+
+    __slots__ = ("_resident", "_excluded")
+
+    def __init__(self, resident: dict[Key, int], excluded: set[Key]):
+        self._resident, self._excluded = resident, excluded
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._resident and key not in self._excluded
+
+    def __iter__(self) -> Iterator[Key]:
+        return (k for k in self._resident if k not in self._excluded)
+
+    def __len__(self) -> int:
+        return len(self._resident) - sum(k in self._resident for k in self._excluded)
 
 
 class ExpertCache:
@@ -57,6 +81,8 @@ class ExpertCache:
         self._sizes: dict[Key, int] = {}  # memo of size_of
         self._resident: dict[Key, int] = {}  # key -> size, in insertion order
         self._seen: dict[Key, int] = {}  # with a horizon: resident -> step of its latest request, oldest first
+        self._pending: set[Key] = set()  # admitted ahead of use since the request before the last (see the NOTE)
+        self._admitted: set[Key] = set()  # admitted ahead of use since the last request
         self.used = 0  # sum of resident sizes
 
     def __contains__(self, key: Key) -> bool:
@@ -100,6 +126,7 @@ class ExpertCache:
         streamed; nothing changes in the cache then, though the policy has seen the accesses.
         """
         keys = list(dict.fromkeys(keys))
+        self._pending, self._admitted = self._admitted, set()  # those of the previous call stay protected now
         hits: list[Key] = []
         misses: list[Key] = []
         on_access, resident = self.policy.on_access, self._resident  # locals: this loop runs per replayed expert
@@ -155,13 +182,16 @@ class ExpertCache:
             raise ValueError(
                 f"one request needs {least} {unit} resident at once but the cache capacity is {self.capacity}; "
                 f"the minimum capacity is {least}")
-        candidates = self._resident.keys() - keys - set(pinned)  # a new set
+        excluded = {*keys, *pinned}
+        candidates = Evictable(self._resident, excluded)
+        protected = {k for k in (*self._pending, *self._admitted) if k in candidates}
+        settled = Evictable(self._resident, excluded | protected) if protected else candidates  # victims first
         evicted = []
         while need > 0:
-            key = self.policy.victim(candidates, step)
-            if key not in candidates:
+            pool = settled if settled is candidates or len(settled) else candidates
+            key = self.policy.victim(pool, step)
+            if key not in pool:
                 raise RuntimeError(f"{type(self.policy).__name__}.victim returned {key!r}, not an evictable resident")
-            candidates.remove(key)
             need -= self._evict(key)
             evicted.append(key)
         return evicted
@@ -181,6 +211,7 @@ class ExpertCache:
             evicted += self._make_room([key], [key], step, list(pinned) + admitted + hits)
             self._insert(key, step)
             admitted.append(key)
+            self._admitted.add(key)
             room -= self.size(key)
         return RequestOutcome(hits, admitted, evicted)
 
@@ -217,6 +248,8 @@ class ExpertCache:
     def _evict(self, key: Key) -> int:
         size = self._resident.pop(key)
         self._seen.pop(key, None)
+        self._pending.discard(key)
+        self._admitted.discard(key)
         self.used -= size
         self.policy.on_evict(key)
         return size

@@ -197,9 +197,11 @@ class TieredStore(ExpertStore):
             for key in ready:
                 yield key[1], self.weights[key]
             while reads and error is None:
-                start = time.perf_counter()
-                done, _ = wait(reads, return_when=FIRST_COMPLETED)
-                stats.stall_time += time.perf_counter() - start
+                done = [fut for fut in reads if fut.done()]  # landed while the caller computed: no waiter to set up
+                if not done:
+                    start = time.perf_counter()
+                    done = list(wait(reads, return_when=FIRST_COMPLETED).done)
+                    stats.stall_time += time.perf_counter() - start
                 while done:  # popped, so that no finished future (which holds its result) outlives the caller's use
                     fut = done.pop()
                     key, keep = reads.pop(fut)
@@ -221,6 +223,8 @@ class TieredStore(ExpertStore):
 
     def _top_up(self, reads: Reads, queue: deque) -> None:
         """Keep the stream window's reads in flight (one with a window of 0: called when the caller holds none)."""
+        if not queue:
+            return
         in_flight = sum(not keep for _, keep in reads.values())
         for _ in range(min(max(self.window, 1) - in_flight, len(queue))):
             key = queue.popleft()
