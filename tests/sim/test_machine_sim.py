@@ -1,5 +1,6 @@
 """The hardware simulator: its RAM tier makes the live store's decisions, its timing follows the resources."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,28 @@ def test_tide_replay_of_a_diffusion_trace_depends_on_its_refresh_interval(folder
     sim = simulate(trace, shape, load_hardware("laptop-16gb"), SimConfig("tide", gpu_memory=0, expert_cache=nbytes,
                                                                          tau=4))
     assert (sim.hits, sim.misses) != (live.hits, live.misses)
+
+
+def test_a_bf16_checkpoint_computed_in_fp32_is_sized_as_the_live_store_keeps_it(folders, tmp_path):
+    """fp32 compute keeps a bf16 checkpoint's expert weights bf16 (kernels.weight_dtype): the simulator's expert
+    size, which sets how many experts a byte budget holds, must be the live store's, not the fp32 size."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(folders["llada2_moe"], folder)
+    for path in folder.glob("*.safetensors"):
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(state, path, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    llm = LLM(folder, expert_cache="40%", dtype="float32")
+    try:
+        size = llm.store.cache.size((llm.model.moe_blocks[0].layer, 0))
+        assert llm.model.dtype == torch.float32
+        assert load_shape(folder).with_dtype("float32").expert_bytes == size
+        assert load_shape(folders["llada2_moe"]).with_dtype("float32").expert_bytes > size  # fp32 checkpoint: 4 B
+    finally:
+        llm.store.close()

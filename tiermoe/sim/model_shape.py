@@ -7,9 +7,11 @@ from each model's published config.json).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tiermoe.checkpoint import read_header
 from tiermoe.offload.tiers.direct_io import align_up
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2, "bf16": 2}
@@ -34,6 +36,7 @@ class ModelShape:
     dense_layers: int = 0  # how many layers `extra_layer_params` holds (their fixed costs are a layer's)
     q_dim: int = 0  # query width, heads x head dim (attention's FLOPs per attended key); 0: hidden
     heads: int = 0  # query heads; 0: one per 128 of the query width
+    stored: str = "bfloat16"  # the checkpoint's dtype (what `with_dtype` keeps under fp32 compute)
 
     @property
     def query_width(self) -> int:
@@ -78,7 +81,10 @@ class ModelShape:
             * self.dtype_bytes
 
     def with_dtype(self, dtype: str) -> ModelShape:
-        return replace(self, dtype_bytes=dtype_bytes(dtype))
+        """The shape as an engine computing in `dtype` holds it: bf16 weights stay bf16 under fp32 compute (the
+        kernels widen them as they read, kernels.weight_dtype); any other pair takes the compute dtype's bytes."""
+        kept = self.stored in ("bfloat16", "bf16") and dtype_bytes(dtype) == 4
+        return replace(self, dtype_bytes=2 if kept else dtype_bytes(dtype))
 
     @classmethod
     def from_config(cls, path: Path, name: str | None = None) -> ModelShape:
@@ -97,10 +103,11 @@ class ModelShape:
         shared = 3 * hidden * ((_first(c, "n_shared_experts", "num_shared_experts") or 0) * inter
                                + (c.get("shared_expert_intermediate_size") or 0))
         dense = c.get("first_k_dense_replace") or 0
+        stored = c.get("torch_dtype") or c.get("dtype") or "bfloat16"
         return cls(name or Path(path).parent.name, layers - dense, experts, c["num_experts_per_tok"], hidden, inter,
                    c["vocab_size"], attn, 2 * kv_heads * head_dim, shared,
                    dense * (attn + 3 * hidden * c["intermediate_size"]),
-                   dtype_bytes(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), dense, heads * head_dim, heads)
+                   dtype_bytes(stored), dense, heads * head_dim, heads, stored)
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -143,4 +150,19 @@ def load_shape(name_or_path: str | Path) -> ModelShape:
         path = path / "config.json"
     if not path.exists():
         raise ValueError(f"model shape {name_or_path!r}: not a preset ({', '.join(SHAPES)}) nor a config.json")
-    return ModelShape.from_config(path)
+    shape = ModelShape.from_config(path)
+    stored = _stored_dtype(path.parent)
+    return replace(shape, stored=stored, dtype_bytes=dtype_bytes(stored)) if stored else shape
+
+
+def _stored_dtype(folder: Path) -> str | None:
+    """The dtype most of a checkpoint's first weight file is stored in, when the folder holds one: what the engine
+    keeps goes by the tensors, and config.json's torch_dtype need not say it (a bf16 config saved in fp32)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    sizes: Counter = Counter()
+    for info in read_header(files[0]).values():
+        sizes[str(info.dtype).removeprefix("torch.")] += info.nbytes
+    best = max(sizes, key=sizes.get, default=None)
+    return best if best in _DTYPE_BYTES else None
