@@ -11,7 +11,6 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tiermoe.checkpoint import read_header
 from tiermoe.offload.tiers.direct_io import align_up
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2, "bf16": 2}
@@ -158,6 +157,8 @@ def load_shape(name_or_path: str | Path) -> ModelShape:
 def _stored_dtype(folder: Path) -> str | None:
     """The dtype most of a checkpoint's first weight file is stored in, when the folder holds one: what the engine
     keeps goes by the tensors, and config.json's torch_dtype need not say it (a bf16 config saved in fp32)."""
+    from tiermoe.checkpoint import read_header  # imports torch, which the CLI loads only when a command runs
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
