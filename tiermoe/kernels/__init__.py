@@ -139,19 +139,19 @@ def _each_element(x: torch.Tensor, torch_op, name: str) -> torch.Tensor:
     ops = _ops if _ops is not _UNSET else compiled()
     if ops is not None and x.dtype == torch.float32:
         return getattr(ops, name)(x)
-    return by_rows(torch_op, x)
+    return _by_rows(torch_op, x)
 
 
 def logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """x.logsumexp(-1): x [M, V] -> [M]. In batch-invariant mode row by row: for few rows torch splits each row's
-    sum between threads, for many it gives each row to one thread, so a row's value would depend on how many rows
-    share the call (softmax probabilities of diffusion confidences)."""
+    """x.logsumexp(-1): x [M, V] -> [M]. In batch-invariant mode row by row: whether torch splits a row's sum
+    between threads depends on how many rows share the call, and so would the row's last bits (softmax
+    probabilities of diffusion confidences, tests/decode)."""
     if not _invariant or x.dim() != 2:
         return x.logsumexp(-1)
-    return by_rows(lambda row: row.logsumexp(-1), x)
+    return _by_rows(lambda row: row.logsumexp(-1), x)
 
 
-def by_rows(op, x: torch.Tensor) -> torch.Tensor:
+def _by_rows(op, x: torch.Tensor) -> torch.Tensor:
     """op(x) computed for each row of x as for that row alone (the batch-invariant form of a torch op)."""
     return torch.cat([op(row) for row in x.split(1)])
 
