@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.tiny_diffusion_models import MASK_ID
-from tiermoe import LLM, SamplingParams
+from tiermoe import LLM, SamplingParams, kernels
 from tiermoe.decode import diffusion
 from tiermoe.decode.diffusion import Canvas, DiffusionOptions
-from tiermoe.decode.remasking import commit_confident, predict, transfer_schedule
+from tiermoe.decode.remasking import commit_confident, logit_rows, predict, probability, transfer_schedule
 from tiermoe.errors import ConfigError, RequestError
 
 SHORT = [3, 17, 42, 9, 77]  # shorter than a block
@@ -120,6 +120,30 @@ def test_predict_applies_the_head_chunk_by_chunk(llada2):
     logits[:, MASK_ID] = float("-inf")
     assert tokens.tolist() == logits.argmax(-1).tolist()
     torch.testing.assert_close(confidence, logits.softmax(-1).max(-1).values)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("vocab", [126464, 157184])  # LLaDA-8B's, LLaDA2's
+def test_a_positions_confidence_is_the_one_it_gets_alone_among_any_odd_number_of_positions(monkeypatch, threads,
+                                                                                           vocab):
+    """The softmax probability of a position's chosen token is the one it gets in an lm_head call of its own, however
+    many masked positions share the call (the engine's batch-invariant mode). torch's logsumexp is not: for few rows
+    it splits each row's sum between threads, for many it gives each row to one thread."""
+    monkeypatch.setattr(kernels, "_invariant", True)
+    rows = logit_rows(vocab) | 1  # as many as one lm_head call takes, odd
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 4  # [rows, V]
+    chosen = logits.max(-1).values
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = [probability(logits[i:i + 1], chosen[i:i + 1])[0] for i in range(rows)]
+        for n in (3, 7, 47, rows):
+            many = probability(logits[:n], chosen[:n])
+            assert all(torch.equal(many[i], alone[i]) for i in range(n)), n
+    finally:
+        torch.set_num_threads(before)
+    exact = (chosen.double() - logits.double().logsumexp(-1)).exp()
+    torch.testing.assert_close(torch.stack(alone).double(), exact, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("which", ["llada2", "llada"])

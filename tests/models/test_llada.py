@@ -196,3 +196,35 @@ def test_cached_block_rows_equal_the_full_block_causal_pass(llms):
         tail = model(ids[16:], ForwardBatch(torch.arange(16, 24), [SeqSlice(cache, 0, 8, 16)], attn_block=8))
         whole = model(ids, ForwardBatch(torch.arange(24), [SeqSlice(KVCache(24), 0, 24, 0)], attn_block=8))
     torch.testing.assert_close(tail, whole[16:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_dense_mlp_with_biases_gives_a_row_among_any_odd_number_of_rows_what_it_gives_it_alone(monkeypatch, threads):
+    """LLaDA with include_bias: gate | up and down with biases, the gate activated by kernels.silu. In the engine's
+    batch-invariant mode each row's output is the one it gets alone (with F.silu, 2 threads and 349 rows it was not),
+    and it is silu(gate) * up within rounding."""
+    from tiermoe import kernels
+    from tiermoe.models.layers import SwiGLU
+
+    monkeypatch.setattr(kernels, "_invariant", True)
+    torch.manual_seed(0)
+    mlp = SwiGLU(64, 96, bias=True)  # the tiny LLaDA's widths
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.5)
+    mlp.fuse_weights()
+    x = torch.randn(401, 64)  # [T, H]: gate rows past torch's parallel grain, split between threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            alone = [mlp(x[i:i + 1])[0] for i in range(401)]
+            for n in (3, 47, *range(343, 402, 2)):  # past 343 rows threads split the gates inside a row
+                many = mlp(x[:n])  # [n, H]
+                assert all(torch.equal(many[i], alone[i]) for i in range(n)), n
+    finally:
+        torch.set_num_threads(before)
+    w = mlp.gate_up_proj.weight.double()
+    gate, up = (x.double() @ w.T + mlp.gate_up_proj.bias.double()).chunk(2, dim=-1)
+    expected = (F.silu(gate) * up) @ mlp.down_proj.weight.double().T + mlp.down_proj.bias.double()
+    torch.testing.assert_close(torch.stack(alone).double(), expected, rtol=1e-4, atol=1e-4)

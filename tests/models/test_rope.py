@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tiermoe.errors import ConfigError
-from tiermoe.models.rope import RopeSpec
+from tiermoe.models.layers import ForwardBatch
+from tiermoe.models.rope import RopeSpec, make_rope
 
 HEAD_DIM, MAX_POS = 32, 64
 LONG = [1.0 + 0.25 * i for i in range(HEAD_DIM // 2)]
@@ -66,3 +67,24 @@ def test_scaled_types_actually_change_the_tables():
 def test_unknown_rope_fields_are_refused_by_name(rope, field):
     with pytest.raises(ConfigError, match=field):
         ours(rope)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("dim", "theta"), [(128, 500000.0), (64, 600000.0), (16, 500000.0), (8, 600000.0)])
+def test_a_rows_tables_are_the_ones_it_gets_alone_among_any_odd_number_of_rows(threads, dim, theta):
+    """Guard of batch invariance (tiermoe.kernels): a row's cos/sin do not depend on the rows beside it, also when
+    the tables are split between threads. Rotated widths of LLaDA-8B (128), LLaDA2 (half of 128) and the tiny test
+    models; torch's cos/sin (vml, remainders through the same vector code) need no batch-invariant form."""
+    rope = make_rope({"rope_theta": theta}, dim, 4096)
+    rows = 2 * (32768 // dim) + 1  # past torch's parallel grain
+    positions = torch.randint(0, 4096, (rows,), generator=torch.Generator().manual_seed(dim))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            alone = [torch.cat(rope.cos_sin(ForwardBatch(positions[i:i + 1], []), dtype), -1)[0] for i in range(rows)]
+            for n in (3, 47, rows):
+                many = torch.cat(rope.cos_sin(ForwardBatch(positions[:n], []), dtype), -1)  # [n, 2 * dim]
+                assert all(torch.equal(many[i], alone[i]) for i in range(n)), (dtype, n)
+    finally:
+        torch.set_num_threads(before)

@@ -19,7 +19,7 @@ from tiermoe.convert import convert
 from tiermoe.errors import CheckpointError, ConfigError, ExpertIOError
 from tiermoe.offload.policies import make_policy
 from tiermoe.offload.tiers.direct_io import DirectReader, ShortReadError
-from tiermoe.offload.tiers.expert_reads import assemble, in_place, read_ranges, slot_nbytes
+from tiermoe.offload.tiers.expert_reads import in_place, read_ranges, slot_nbytes
 from tiermoe.offload.tiers.ram import TieredStore, min_budget
 from tiermoe.offload.tiers.store import ResidentStore, build_expert, loaded_nbytes
 
@@ -248,19 +248,30 @@ def test_one_read_per_run_of_adjacent_parts(disk_models, layout):
     assert len(read_ranges(spec)) == 1  # the tiny fused tensors lie within COALESCE_GAP of each other
 
 
-@pytest.mark.parametrize("source", [torch.bfloat16, torch.float32])
-def test_experts_assembled_on_an_io_thread_equal_build_expert_and_start_no_threads(source):
-    """An expert copied or converted on an I/O thread is bit-identical to the resident store's, and the copy starts no
-    OpenMP team of the I/O thread's own: with more OpenMP threads than cores libgomp stops spinning between parallel
-    regions and the model's decode slowed to 0.7x (expert_reads' note)."""
+@pytest.mark.parametrize(("source", "compute"), [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)])
+def test_experts_assembled_on_an_io_thread_equal_build_expert_and_start_no_threads(tmp_path, source, compute):
+    """build_expert, run on an I/O thread over the tensors as the checkpoint reader reads them, gives the weights
+    safetensors' own loader gives (gate | up, in the dtype kept for the compute dtype), and the copy starts no OpenMP
+    team of the I/O thread's own: with more OpenMP threads than cores libgomp stops spinning between parallel
+    regions and the model's decode slowed to 0.7x (build_expert's note)."""
+    from safetensors.torch import load_file, save_file
+
+    from tiermoe.checkpoint import read_header
+
+    torch.manual_seed(0)
+    save_file({name: torch.randn(shape).to(source) for name, shape in (("gate", (512, 384)), ("up", (512, 384)),
+                                                                        ("down", (384, 512)))},
+              tmp_path / "expert.safetensors")
+    parts = read_header(tmp_path / "expert.safetensors")
+    gate, up, down = (parts[name].read() for name in ("gate", "up", "down"))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    gate, up, down = (torch.randn(shape).to(source) for shape in ((512, 384), (512, 384), (384, 512)))
     out = {}
 
     def work():
         before = len(os.listdir("/proc/self/task"))
-        out["weights"] = assemble(gate, up, down, torch.bfloat16)
+        out["weights"] = build_expert(gate, up, down, compute)
         out["started"] = len(os.listdir("/proc/self/task")) - before
 
     try:
@@ -269,9 +280,13 @@ def test_experts_assembled_on_an_io_thread_equal_build_expert_and_start_no_threa
         t.join()
     finally:
         torch.set_num_threads(threads)
-    expected = build_expert(None, gate, up, down, torch.bfloat16)
-    assert torch.equal(out["weights"].gate_up, expected.gate_up) and torch.equal(out["weights"].down, expected.down)
-    assert out["weights"].gate_up.data_ptr() != gate.data_ptr()
+    ref = load_file(tmp_path / "expert.safetensors")
+    kept = torch.bfloat16 if source == torch.bfloat16 else compute  # kernels.weight_dtype
+    w = out["weights"]
+    assert w.gate_up.dtype == w.down.dtype == kept
+    assert torch.equal(w.gate_up, torch.cat([ref["gate"], ref["up"]]).to(kept))
+    assert torch.equal(w.down, ref["down"].to(kept))
+    assert w.gate_up.data_ptr() != gate.data_ptr() and w.down.data_ptr() != down.data_ptr()  # copies, not views
     assert out["started"] == 0
 
 

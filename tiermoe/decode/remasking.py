@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from tiermoe import kernels
 from tiermoe.decode.sampler import sampling_probs
 from tiermoe.models.transformer import CausalLM
 from tiermoe.sampling_params import SamplingParams
@@ -53,12 +54,19 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     """logits [c, V] -> tokens [c], confidences [c]."""
     if params.greedy:
         best = logits.max(-1)
-        return best.indices, (best.values - logits.logsumexp(-1)).exp()  # softmax prob without a second [c, V]
+        return best.indices, probability(logits, best.values)
     probs = sampling_probs(logits, params)  # [c, V]
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [c]
     if tempered_confidence:
         return tokens, probs.gather(1, tokens[:, None]).squeeze(1)
-    return tokens, (logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)).exp()
+    return tokens, probability(logits, logits.gather(1, tokens[:, None]).squeeze(1))
+
+
+def probability(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of each row's chosen logit: logits [c, V], chosen [c] -> [c], without a second [c, V].
+    Each row's value is the one it gets alone (kernels.logsumexp in batch-invariant mode), so a position's confidence
+    does not depend on how many masked positions share its lm_head call."""
+    return (chosen - kernels.logsumexp(logits)).exp()
 
 
 def random_confidence(n: int, generator: torch.Generator | None) -> torch.Tensor:

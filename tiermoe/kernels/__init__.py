@@ -6,7 +6,8 @@ accumulation, parallel over output rows on torch's intra-op threads, and each ou
 rows in the batch, bit for bit. Larger batches, other devices and other dtypes use torch's own ops, as does
 everything when the kernels cannot be built (one warning line) or TIERMOE_KERNELS=off. `rmsnorm`, `rotary_` and
 `decode_attention` fuse the small ops of one decode step around them. In batch-invariant mode `sigmoid` (gates,
-routers) gives an element the same bits wherever it sits in the tensor.
+routers) and `silu` give an element the same bits wherever it sits in the tensor, and `logsumexp` a row the same
+bits whatever rows share the call.
 
 Batch-invariant mode (`set_batch_invariant`, on in the engine): products with any number of rows run the kernels
 (row by row through torch where the kernels do not serve), so that a row's result never depends on how many rows
@@ -124,12 +125,35 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
     computes a tensor's vector-sized runs and its remainder by different exp code (last-bit differences) and splits
     large tensors between threads anywhere, so a row's gate or router scores would depend on its place in the batch.
     The kernel computes every fp32 element one way (torch's scalar formula); without it, torch row by row."""
+    return _each_element(x, torch.sigmoid, "sigmoid")
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """F.silu(x), batch-invariant as `sigmoid` is (a dense MLP with biases activates its gate rows here)."""
+    return _each_element(x, F.silu, "silu")
+
+
+def _each_element(x: torch.Tensor, torch_op, name: str) -> torch.Tensor:
     if not _invariant or x.device.type != "cpu" or x.dim() == 0:  # CUDA's elementwise code is the same everywhere
-        return torch.sigmoid(x)
+        return torch_op(x)
     ops = _ops if _ops is not _UNSET else compiled()
     if ops is not None and x.dtype == torch.float32:
-        return ops.sigmoid(x)
-    return torch.cat([torch.sigmoid(row) for row in x.split(1)])  # each row split as it is alone
+        return getattr(ops, name)(x)
+    return _by_rows(torch_op, x)
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """x.logsumexp(-1): x [M, V] -> [M]. In batch-invariant mode row by row: whether torch splits a row's sum
+    between threads depends on how many rows share the call, and so would the row's last bits (softmax
+    probabilities of diffusion confidences, tests/decode)."""
+    if not _invariant or x.dim() != 2:
+        return x.logsumexp(-1)
+    return _by_rows(lambda row: row.logsumexp(-1), x)
+
+
+def _by_rows(op, x: torch.Tensor) -> torch.Tensor:
+    """op(x) computed for each row of x as for that row alone (the batch-invariant form of a torch op)."""
+    return torch.cat([op(row) for row in x.split(1)])
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

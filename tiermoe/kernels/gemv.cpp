@@ -774,20 +774,29 @@ std::optional<torch::Tensor> paged_attention(const torch::Tensor& q, const torch
                                         scale});
 }
 
-// 1 / (1 + exp(-x)) for fp32 x, every element through the C library's expf: torch's elementwise kernels send a
-// tensor's vector-sized runs through Sleef's exp and the rest through expf (last-bit differences), so an element's
-// result would depend on where it sits in the tensor. This is torch's scalar formula, so a tensor of fewer elements
-// than a vector (a [1, 1] gate) gets torch's bits.
-torch::Tensor sigmoid(const torch::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "sigmoid: fp32 CPU tensors only");
+// Elementwise fp32 functions with every element through the C library's expf: torch's elementwise kernels send a
+// tensor's vector-sized runs through Sleef's exp and the rest through expf (last-bit differences), and split large
+// tensors between threads anywhere, so an element's result would depend on where it sits in the tensor. Each is
+// torch's scalar formula, so a tensor of fewer elements than a vector (a [1, 1] gate) gets torch's bits.
+template <typename F>
+torch::Tensor each_element(const torch::Tensor& x, const char* name, F f) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, ": fp32 CPU tensors only");
   const auto xc = x.contiguous();
   auto out = torch::empty_like(xc);
   const float* src = xc.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, xc.numel(), 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) dst[i] = 1.0f / (1.0f + std::exp(-src[i]));
+    for (int64_t i = i0; i < i1; ++i) dst[i] = f(src[i]);
   });
   return out;
+}
+
+torch::Tensor sigmoid(const torch::Tensor& x) {
+  return each_element(x, "sigmoid", [](float v) { return 1.0f / (1.0f + std::exp(-v)); });
+}
+
+torch::Tensor silu(const torch::Tensor& x) {
+  return each_element(x, "silu", [](float v) { return v / (1.0f + std::exp(-v)); });
 }
 
 std::string isa() { return isa_name(kIsa); }
@@ -803,6 +812,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "query rows over paged caches in one call; None if not served");
   m.def("grouped_swiglu", &grouped_swiglu, "every routed expert of a layer in one call; None if not served");
   m.def("sigmoid", &sigmoid, "torch.sigmoid for fp32, each element by the same code path");
+  m.def("silu", &silu, "F.silu for fp32, each element by the same code path");
   m.def("isa", &isa, "the code path chosen for this CPU");
   m.def("calls", &calls, "products computed by the kernels so far");
 }

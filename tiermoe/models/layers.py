@@ -76,7 +76,7 @@ class SwiGLU(nn.Module):
         if self.down_proj.bias is None:
             return kernels.swiglu(x, self.gate_up_proj.weight, self.down_proj.weight, out_dtype=RESIDUAL_DTYPE)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu(gate) * up)
 
 
 class Rotary:

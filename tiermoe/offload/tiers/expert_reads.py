@@ -7,12 +7,8 @@ back to the reader's pool only once the last tensor over it is gone (an eviction
 caller still computing with the expert keeps the bytes alive). Any other expert is converted (dtype, gate | up
 concatenated) into new tensors and its read buffers are reused at once.
 
-NOTE: nothing here may run a torch op that splits its work over torch's intra-op threads. Reads run on I/O
-threads, and with OpenMP (libgomp) every other thread that enters a parallel region gets a team of its own; once
-the process has more OpenMP threads than cores, libgomp makes every idle worker sleep at once instead of spinning,
-so each of the model's parallel regions then waits for its workers to wake (bench/results/peers_memory.md: decode
-with every expert cached ran at 0.7x the resident speed, with 50x the context switches). Copies are made with
-numpy, conversions in pieces below torch's parallel grain.
+NOTE: nothing here may run a torch op that splits its work over torch's intra-op threads: reads run on I/O threads
+(why: store.build_expert's note, which makes the converted copies).
 """
 
 from __future__ import annotations
@@ -22,18 +18,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tiermoe.checkpoint import ExpertSpec, TensorInfo
 from tiermoe.kernels import weight_dtype
 from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, align_down, align_up
-from tiermoe.offload.tiers.store import ExpertWeights, loaded_nbytes
+from tiermoe.offload.tiers.store import ExpertWeights, build_expert, loaded_nbytes
 
 # Parts of one expert closer together than this are fetched with one read (save_pretrained writes an expert's
 # down, gate and up tensors next to each other; the converted layout writes gate | up | down).
 COALESCE_GAP = 64 << 10
-SERIAL_GRAIN = 32768  # elements: torch runs an elementwise op over fewer than this (at::internal::GRAIN_SIZE) serially
 
 Range = tuple[Path, int, int]  # (file, offset, nbytes)
 
@@ -151,8 +145,8 @@ def read_expert(reader: DirectReader, plan: ReadPlan, dtype: torch.dtype) -> tup
     segments = [reader.read(*r) for r in plan.ranges]
     try:
         flat = [seg.as_tensor() for seg in segments]  # [bytes] each
-        weights = assemble(*(flat[i][start:start + n].view(dt).view(shape) for i, start, n, dt, shape in plan.views),
-                           dtype)  # copies
+        parts = (flat[i][start:start + n].view(dt).view(shape) for i, start, n, dt, shape in plan.views)
+        weights = build_expert(*parts, dtype)  # copies
     finally:
         for seg in segments:
             seg.release()
@@ -176,33 +170,6 @@ def _read_in_place(reader: DirectReader, spec: ExpertSpec, lay: Layout) -> Exper
     finally:
         seg.release()  # nothing left to release once handed over
     return weights
-
-
-def assemble(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> ExpertWeights:
-    """store.build_expert's weights (gate | up concatenated, in the dtype kept for the compute dtype `dtype`, never
-    aliasing the inputs), made on the calling thread alone (see the module's note)."""
-    gate_up = torch.empty((gate.shape[0] + up.shape[0], *gate.shape[1:]),
-                          dtype=weight_dtype(gate.dtype, dtype))  # [2I, H]
-    out = torch.empty(down.shape, dtype=weight_dtype(down.dtype, dtype))  # [H, I]
-    serial_copy(gate_up[:gate.shape[0]], gate)
-    serial_copy(gate_up[gate.shape[0]:], up)
-    serial_copy(out, down)
-    return ExpertWeights(gate_up, out)
-
-
-def serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[...] = src (contiguous, same shape), converting the dtype as `Tensor.copy_` does, without intra-op
-    threads: a byte copy by numpy (which releases the interpreter lock), else copy_ over pieces below the grain."""
-    if dst.dtype == src.dtype:
-        np.copyto(_bytes(dst), _bytes(src))
-        return
-    d, s = dst.view(-1), src.reshape(-1)
-    for i in range(0, d.numel(), SERIAL_GRAIN):
-        d[i:i + SERIAL_GRAIN].copy_(s[i:i + SERIAL_GRAIN])
-
-
-def _bytes(t: torch.Tensor) -> np.ndarray:
-    return t.view(-1).view(torch.uint8).numpy()
 
 
 def _place(ranges: tuple[Range, ...], part: TensorInfo) -> tuple[int, int, int, torch.dtype, tuple[int, ...]]:

@@ -12,11 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from tiermoe.checkpoint import CheckpointIndex, ExpertSpec
 from tiermoe.kernels import weight_dtype
 from tiermoe.offload.tiers.stats import StoreStats
+
+SERIAL_GRAIN = 32768  # elements: torch runs an elementwise op over fewer than this (at::internal::GRAIN_SIZE) serially
 
 if TYPE_CHECKING:
     from tiermoe.offload.placement.refresh import DenoiseStep
@@ -39,12 +42,39 @@ def loaded_nbytes(spec: ExpertSpec, dtype: torch.dtype) -> int:
     return sum(p.nbytes // p.dtype.itemsize * weight_dtype(p.dtype, dtype).itemsize for p in spec.parts)
 
 
-def build_expert(spec: ExpertSpec, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                 dtype: torch.dtype) -> ExpertWeights:
-    """Assemble an expert from its three raw tensors, in the dtype kept for the compute dtype (kernels.weight_dtype);
-    never aliases the inputs."""
-    return ExpertWeights(torch.cat([gate, up]).to(weight_dtype(gate.dtype, dtype)),
-                         down.to(weight_dtype(down.dtype, dtype), copy=True).contiguous())
+def build_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> ExpertWeights:
+    """An expert from its three raw tensors (contiguous): gate | up concatenated, in the dtype kept for the compute
+    dtype (kernels.weight_dtype), never aliasing the inputs.
+
+    NOTE: made on the calling thread alone, with no torch op that splits its work over torch's intra-op threads.
+    Experts are built on I/O threads, and with OpenMP (libgomp) every other thread that enters a parallel region gets
+    a team of its own; once the process has more OpenMP threads than cores, libgomp makes every idle worker sleep at
+    once instead of spinning, so each of the model's parallel regions then waits for its workers to wake
+    (bench/results/peers_memory.md: decode with every expert cached ran at 0.7x the resident speed, with 50x the
+    context switches).
+    """
+    gate_up = torch.empty((gate.shape[0] + up.shape[0], *gate.shape[1:]),
+                          dtype=weight_dtype(gate.dtype, dtype))  # [2I, H]
+    out = torch.empty(down.shape, dtype=weight_dtype(down.dtype, dtype))  # [H, I]
+    serial_copy(gate_up[:gate.shape[0]], gate)
+    serial_copy(gate_up[gate.shape[0]:], up)
+    serial_copy(out, down)
+    return ExpertWeights(gate_up, out)
+
+
+def serial_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src (contiguous, same shape), converting the dtype as `Tensor.copy_` does, without intra-op
+    threads: a byte copy by numpy (which releases the interpreter lock), else copy_ over pieces below the grain."""
+    if dst.dtype == src.dtype:
+        np.copyto(_bytes(dst), _bytes(src))
+        return
+    d, s = dst.view(-1), src.view(-1)
+    for i in range(0, d.numel(), SERIAL_GRAIN):
+        d[i:i + SERIAL_GRAIN].copy_(s[i:i + SERIAL_GRAIN])
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    return t.view(-1).view(torch.uint8).numpy()
 
 
 class ExpertStore(ABC):
@@ -100,7 +130,7 @@ class ResidentStore(ExpertStore):
             if w is None:
                 spec = self.index.expert(layer, e)
                 start = time.perf_counter()
-                w = build_expert(spec, *(p.read() for p in spec.parts), self.dtype)
+                w = build_expert(*(p.read() for p in spec.parts), self.dtype)
                 self.resident[(layer, e)] = w
                 stats.misses += 1
                 stats.bytes_read += spec.nbytes
