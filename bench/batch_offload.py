@@ -10,7 +10,10 @@ each batch size B, B trace sequences run together through the engine (continuous
 (prefill of every prompt and the first token) is excluded, then `--decode-tokens` steps are timed from a cold page
 cache and a fresh engine: total tokens/s and bytes read per generated token, all-resident and at each budget
 (configurations interleaved within each repetition; medians); rows "torch GEMM" turn batch invariance off (its
-cost; "x batch 1" there is against resident batch 1). Also, when the shipped diffusion model is there: 8
+cost; "x batch 1" there is against resident batch 1), rows "warm" load every expert first (the compute alone).
+Each repetition also measures the disk (cold direct reads of one expert each, at the engine's reads in flight); the
+bound of a row is its bytes read at that bandwidth, or the warm compute time at its batch if longer. Also, when the
+shipped diffusion model is there: 8
 diffusion requests submitted together vs one at a time; and the resident engine at batch 32 against transformers'
 `generate` on the same prompts (equal lengths, so no padding changes the result), tokens compared.
 
@@ -24,11 +27,12 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
 
-from bench.offload_speed import DEFAULT_TRACE, build_model, drop_caches
+from bench.offload_speed import DEFAULT_TRACE, build_model, disk_bandwidth, drop_caches
 from bench.report import machine, markdown_table, write
 from tiermoe.config import EngineConfig
 from tiermoe.decode.routing import RoutingReplay
@@ -38,14 +42,20 @@ from tiermoe.offload.tiers.stats import StoreStats
 from tiermoe.sampling_params import SamplingParams
 from tiermoe.sim.trace import Trace
 
+IO_THREADS = 4  # the engine's reads in flight (EngineConfig.io_threads' default): the depth the disk is measured at
+
 
 def replay_run(folder: Path, trace_path: Path, batch: int, budget: str | None, decode_tokens: int,
-               invariant: bool = True) -> dict:
-    """B replayed sequences decoded together; the prefill step and the decode steps are timed apart."""
+               invariant: bool = True, warm: bool = False) -> dict:
+    """B replayed sequences decoded together; the prefill step and the decode steps are timed apart. `warm`: every
+    expert loaded before the prefill, so decode reads nothing (its compute time)."""
     drop_caches(folder)
     # prefetch off: the replayed routing is not the random routers', so no predictor can foresee it (offload_speed)
     offload = {} if budget is None else {"prefetch": "off"}
     engine = LLMEngine(EngineConfig(model=folder, expert_cache=budget, threads=2, batch_invariant=invariant, **offload))
+    if warm:
+        for layer, e in engine.index.experts():
+            deque(engine.store.fetch(layer, [e]), maxlen=0)
     replay = RoutingReplay(engine.model, Trace.load(trace_path))
     engine.runner.observer = replay
     specs = replay.prompts(engine.model.shape.vocab_size)
@@ -73,23 +83,35 @@ def replay_run(folder: Path, trace_path: Path, batch: int, budget: str | None, d
             "prefill_tokens_per_s": prompt_tokens / prefill_s}
 
 
-def measure_replay(folder: Path, args) -> list[dict]:
-    """Every (budget, batch), plus resident without batch invariance (torch's GEMM) at the largest batches: its
-    cost. Configurations interleaved within each repetition."""
-    configs = [(budget, batch, True) for batch in args.batches for budget in [None] + args.budgets]
-    configs += [(None, batch, False) for batch in args.batches if batch >= 8]
+def measure_replay(folder: Path, args) -> tuple[list[dict], list[float]]:
+    """Every (budget, batch), plus resident without batch invariance (torch's GEMM) at the largest batches (its
+    cost) and resident with every expert loaded first (the compute alone). Configurations interleaved within each
+    repetition, each of which also measures the disk's bandwidth. Returns the rows and the bandwidths (bytes/s)."""
+    configs = [(budget, batch, True, False) for batch in args.batches for budget in [None] + args.budgets]
+    configs += [(None, batch, True, True) for batch in args.batches]
+    configs += [(None, batch, False, False) for batch in args.batches if batch >= 8]
+    index = LLMEngine(EngineConfig(model=folder, expert_cache="50%")).index  # reads no expert yet
+    spec = index.expert(*next(iter(index.experts())))
     runs: dict[tuple, list[dict]] = {}
-    for _ in range(args.reps):
-        for budget, batch, invariant in configs:
-            runs.setdefault((budget, batch, invariant), []).append(
-                replay_run(folder, args.trace, batch, budget, args.decode_tokens, invariant))
+    bandwidths = []
+    for rep in range(args.reps):
+        bandwidths.append(disk_bandwidth(spec.gate.file, spec.nbytes, IO_THREADS, seed=100 + rep))
+        for budget, batch, invariant, warm in configs:
+            runs.setdefault((budget, batch, invariant, warm), []).append(
+                replay_run(folder, args.trace, batch, budget, args.decode_tokens, invariant, warm))
+    bandwidth = statistics.median(bandwidths)
+    compute = {batch: statistics.median(r["tokens_per_s"] for r in reps)
+               for (_, batch, _, warm), reps in runs.items() if warm}
     rows = []
-    for (budget, batch, invariant), reps in runs.items():
-        rows.append({"budget": (budget or "resident") + ("" if invariant else ", torch GEMM"), "batch": batch,
-                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in reps),
-                     "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in reps),
-                     "mib_read_per_token": statistics.median(r["bytes_per_token"] for r in reps) / 2**20})
-    return rows
+    for (budget, batch, invariant, warm), reps in runs.items():
+        row = {"budget": (budget or "resident") + ("" if invariant else ", torch GEMM") + (", warm" if warm else ""),
+               "batch": batch, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in reps),
+               "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in reps),
+               "mib_read_per_token": statistics.median(r["bytes_per_token"] for r in reps) / 2**20}
+        # the bound: the bytes read at the disk's bandwidth, or the compute alone if longer (perfect overlap)
+        row["bound_tokens_per_s"] = 1 / max(row["mib_read_per_token"] * 2**20 / bandwidth, 1 / compute[batch])
+        rows.append(row)
+    return rows, bandwidths
 
 
 def diffusion_concurrency(requests: int, max_tokens: int) -> dict:
@@ -161,15 +183,21 @@ def main(argv=None) -> None:
     trace = Trace.load(args.trace)
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
         folder = build_model(Path(tmp), trace, args.hidden, args.expert_dim, keep_source=True)
-        rows = measure_replay(folder, args)
+        rows, bandwidths = measure_replay(folder, args)
         vs = versus_transformers(Path(tmp) / "hf", folder, 32, 16, args.decode_tokens)
     diff = diffusion_concurrency(args.diffusion_requests, 32)
     one = {r["budget"]: r["tokens_per_s"] for r in rows if r["batch"] == 1}
     table = markdown_table(["budget", "batch", "decode tokens/s", "x batch 1", "MiB read / token",
-                            "prefill tokens/s"],
+                            "bound tokens/s", "achieved / bound", "prefill tokens/s"],
                            [[r["budget"], r["batch"], r["tokens_per_s"],
                              r["tokens_per_s"] / one.get(r["budget"], one["resident"]), r["mib_read_per_token"],
+                             r["bound_tokens_per_s"], r["tokens_per_s"] / r["bound_tokens_per_s"],
                              r["prefill_tokens_per_s"]] for r in rows])
+    bandwidth = statistics.median(bandwidths)
+    table += (f"\n\nBound: the bytes read at the disk's bandwidth ({bandwidth / 1e9:.2f} GB/s: cold direct reads of "
+              f"one expert each, {IO_THREADS} in flight, median of one measurement per repetition), or the compute "
+              "alone (the warm rows) if longer.")
+    table += "".join(_batch_8_bound(rows, budget, bandwidth) for budget in args.budgets)
     table += ("\n\nDiffusion (shipped model, {requests} requests): one at a time {one_at_a_time_tokens_per_s:.1f} "
               "tokens/s, submitted together {concurrent_tokens_per_s:.1f} tokens/s, same tokens: {same_tokens}."
               ).format(**diff)
@@ -179,8 +207,21 @@ def main(argv=None) -> None:
     table += (f"\n\nModel: OLMoE shape {trace.num_layers}x{trace.num_experts} top-{trace.top_k}, hidden "
               f"{args.hidden}, expert dim {args.expert_dim}; trace {args.trace.name}; {args.decode_tokens} decode "
               f"steps after the prefill step, cold page cache, 2 threads, prefetch off, medians of {args.reps}.")
-    write(args.out, "batch_offload", {"machine": machine(), "replay": rows, "diffusion": diff,
+    write(args.out, "batch_offload", {"machine": machine(), "replay": rows, "disk_gb_s": bandwidth / 1e9,
+                                      "disk_gb_s_each_rep": [b / 1e9 for b in bandwidths], "diffusion": diff,
                                       "versus_transformers": vs}, table)
+
+
+def _batch_8_bound(rows: list[dict], budget: str, bandwidth: float) -> str:
+    """What 4x batch 1's throughput at batch 8 asks of the disk under `budget` (issue 13's goal), against the bound."""
+    row = {r["batch"]: r for r in rows if r["budget"] == budget}
+    if 1 not in row or 8 not in row:
+        return ""
+    one, eight = row[1]["tokens_per_s"], row[8]
+    tok_s, bound, mib = eight["tokens_per_s"], eight["bound_tokens_per_s"], eight["mib_read_per_token"]
+    return (f"\n\nAt {budget}, batch 8: {tok_s:.1f} tokens/s = {tok_s / one:.2f}x batch 1 ({one:.1f}); bound "
+            f"{bound:.1f} tokens/s = {bound / one:.2f}x. 4x batch 1 at {mib:.1f} MiB read per token needs "
+            f"{4 * one * mib * 2**20 / 1e9:.2f} GB/s of reads, the disk gives {bandwidth / 1e9:.2f}.")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def test_preemption_recomputes_and_gives_the_same_tokens(engines):
 def test_rows_are_batch_invariant(engines, name):
     """A decode row and prefill chunks computed beside other requests' rows give the bits they give alone, with the
     batch's attention in one call over the paged caches (as the engine runs it) and one request at a time; resident
-    experts run grouped, one call per layer, offloaded ones one by one."""
+    experts run grouped, one call per layer, offloaded ones in the groups the store hands over."""
     engine = engines(name)
     configure(engine, 4096, 16, 8, None)
     rng = random.Random(2)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from tests.decode.test_diffusion import LONG, SHORT
 from tests.tiny_diffusion_models import build_tiny_diffusion
 from tests.tiny_models import COMMON, FAMILIES, random_model
-from tiermoe import LLM, SamplingParams
+from tiermoe import LLM, SamplingParams, kernels
 from tiermoe.convert import convert
 from tiermoe.errors import ConfigError
 from tiermoe.offload.placement.refresh_store import RefreshStore
@@ -139,8 +139,8 @@ def costs_cache(tmp_path_factory):
 
 
 class Watch:
-    """Wraps an engine's expert store (its `fetch`, and `_load`, where expert weights come into being) to check the
-    budget's promises while the engine runs."""
+    """Wraps an engine's expert store (its `fetch` and `fetch_groups`, and `_load`, where expert weights come into
+    being) to check the budget's promises while the engine runs."""
 
     def __init__(self, llm: LLM):
         self.llm, self.store = llm, llm.store
@@ -148,7 +148,9 @@ class Watch:
         self.routed: set[tuple[int, int]] = set()
         self.alive = self.peak = 0  # bytes of expert weights the store made that something still references
         self._lock = threading.Lock()
+        self.largest_group = 0  # most experts handed over at once (batched steps compute a group in one call)
         self.store.fetch, self.store._load = self._fetch(self.store.fetch), self._load(self.store._load)
+        self.store.fetch_groups = self._fetch(self.store.fetch_groups, grouped=True)
 
     def _load(self, load):
         def tracked(key):
@@ -164,16 +166,18 @@ class Watch:
             self.alive += nbytes
             self.peak = max(self.peak, self.alive)
 
-    def _fetch(self, fetch):
+    def _fetch(self, fetch, grouped: bool = False):
+        """`fetch` (one expert at a time) or `fetch_groups` (`grouped`: lists of experts held together) checked."""
         def checked(layer, experts, counts=None, prefetch=None):
             self.requests[layer] += len(experts)
             self.routed.update((layer, e) for e in experts)
             served = []
-            for e, w in fetch(layer, experts, counts, prefetch):
-                served.append(e)
+            for item in fetch(layer, experts, counts, prefetch):
+                served += [e for e, _ in item] if grouped else [item[0]]
+                self.largest_group = max(self.largest_group, len(item) if grouped else 1)
                 self.check_books()
-                yield e, w
-                del w  # as the model does: released before asking for the next
+                yield item
+                del item  # as the model does: released before asking for the next
             assert sorted(served) == sorted(experts), "every requested expert is served exactly once"
         return checked
 
@@ -234,6 +238,32 @@ def assert_same_tokens(ref: Reference, requests, budget: int, **options) -> None
     llm = LLM(ref.folder, expert_cache=budget, **options)
     try:
         assert token_ids_of(Watch(llm).run(requests)) == token_ids_of(generate(ref.resident, requests))
+    finally:
+        llm.store.close()
+
+
+@pytest.mark.parametrize("budget", ["50%", "25%"])
+def test_a_batch_of_8_runs_in_groups_and_gives_the_tokens_of_resident_and_alone(autoregressive, budget, monkeypatch):
+    """Batched decode under a budget gets a layer's experts in groups (the residents, then the reads that landed
+    together), each group one grouped kernel call: the tokens are the resident batch's and each request's alone, and
+    expert RAM stays within the budget at every group handed out (`Watch`)."""
+    ref = autoregressive("olmoe")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(ref.resident.model.shape.vocab_size, (n,), generator=g).tolist()
+               for n in (3, 9, 5, 12, 4, 7, 6, 10)]
+    expected = token_ids_of(generate(ref.resident, (prompts, GREEDY)))
+    grouped = []  # experts per grouped kernel call the model made
+    original = kernels.grouped_swiglu
+    monkeypatch.setattr(kernels, "grouped_swiglu",
+                        lambda x, gate_ups, *a, **k: grouped.append(len(gate_ups)) or original(x, gate_ups, *a, **k))
+    llm = LLM(ref.folder, expert_cache=ref.budgets[budget], prefetch="off")
+    try:
+        watch = Watch(llm)
+        assert token_ids_of(watch.run((prompts, GREEDY))) == expected
+        watch.check_offloaded()
+        assert watch.largest_group > 1 and max(grouped) > 1
+        for prompt, tokens in zip(prompts, expected, strict=True):
+            assert token_ids_of(watch.run(([prompt], GREEDY))) == [tokens]
     finally:
         llm.store.close()
 

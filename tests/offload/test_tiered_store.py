@@ -76,6 +76,7 @@ def test_resident_bytes_never_exceed_the_budget(data, disk_models):
     total = sum(loaded_nbytes(s, torch.float32) for s in index.experts().values())
     budget = data.draw(st.integers(least, total), label="budget")
     io_threads = data.draw(st.sampled_from([1, 2, 4]), label="io_threads")  # the stream window's depth
+    grouped = data.draw(st.booleans(), label="grouped")  # fetch_groups: experts held together
     store = TieredStore(index, torch.float32, budget, make_policy(data.draw(st.sampled_from(["lru", "lfu"]))),
                         layers, k, io_threads=io_threads)
     reference = ResidentStore(index, torch.float32)
@@ -87,15 +88,19 @@ def test_resident_bytes_never_exceed_the_budget(data, disk_models):
         for layer, experts, prefetch in requests:
             ids = sorted(experts)
             got, peak, before = {}, 0, store.stats.streamed
-            for e, w in store.fetch(layer, ids, prefetch=prefetch):
-                # the expert being computed is resident, or streamed beside the cache within the budget; experts
-                # read ahead (in flight or landed) hold room in the cache from the moment their read starts
-                streamed = 0 if (layer, e) in store.weights else store.cache.size((layer, e))
+            groups = (store.fetch_groups(layer, ids, prefetch=prefetch) if grouped
+                      else ([item] for item in store.fetch(layer, ids, prefetch=prefetch)))
+            for group in groups:
+                # the experts being computed are resident, or streamed beside the cache within the budget (a group
+                # holds no more streamed ones than the window reads at once); experts read ahead (in flight or
+                # landed) hold room in the cache from the moment their read starts
+                streamed = [store.cache.size((layer, e)) for e, _ in group if (layer, e) not in store.weights]
                 ahead_bytes = sum(store.cache.size(k) for k in store.inflight)
-                assert store.cache.used + streamed <= budget
+                assert len(streamed) <= max(store.window, 1)
+                assert store.cache.used + sum(streamed) <= budget
                 assert store.resident_bytes + ahead_bytes <= store.cache.used
                 peak = max(peak, store.cache.used)
-                got[e] = w
+                got.update(group)
             # streamed experts alive at once (reads in flight beside the one computed) fit beside the cache too
             assert peak + min(store.window + 1, store.stats.streamed - before) * store.largest <= budget
             assert sorted(got) == ids

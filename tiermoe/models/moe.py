@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,21 +122,29 @@ class SparseMoE(nn.Module):
         span, n = {}, 0  # expert -> its entries' slice
         for e, c in sorted(zip(experts, counts, strict=True)):
             span[e], n = slice(n, n + c), n + c
-        fetched = self.store.fetch(self.layer, experts, counts, ahead)
-        out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)
-        if self.store.keeps_fetched and self.act is F.silu:  # every expert at hand: one kernel call for the layer
-            fetched = sorted(fetched, key=lambda item: item[0])  # ascending ids, as xs holds their entries
-            y = kernels.grouped_swiglu(xs, [w.gate_up for _, w in fetched], [w.down for _, w in fetched],
-                                       [span[e].stop - span[e].start for e, _ in fetched], scales,
-                                       out_dtype=RESIDUAL_DTYPE)  # [N, H], or None: not served, per expert below
-            if y is not None:
-                return out.index_add_(0, rows, y)
-        ys: dict[int, torch.Tensor] = {}
-        for e, w in fetched:
-            ys[e] = self._on_device(xs[span[e]], w, scales[span[e]])
-            del w  # release it before asking for the next: a store under a budget may have evicted it already
+        ys = xs.new_empty(xs.shape, dtype=RESIDUAL_DTYPE)  # [N, H] each entry's output, in xs's order
+        for group in self.store.fetch_groups(self.layer, experts, counts, ahead):
+            self._group(group, xs, scales, span, ys)
+            del group  # release the weights before asking for more: a store under a budget may evict them next
         # one index_add_ adds entries in index order: each token's outputs in ascending expert id, as at batch 1
-        return out.index_add_(0, rows, torch.cat([ys[e] for e in sorted(ys)]))
+        return x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE).index_add_(0, rows, ys)
+
+    def _group(self, group: list[tuple[int, ExpertWeights]], xs: torch.Tensor, scales: torch.Tensor,
+               span: dict[int, slice], ys: torch.Tensor) -> None:
+        """Experts the store handed over together, into their entries' rows of ys: one kernel call when the kernels
+        serve them (each row the bits `expert` gives it), else one by one."""
+        if len(group) > 1 and self.act is F.silu:
+            group = sorted(group, key=lambda item: item[0])  # ascending ids: entries in xs's order
+            parts = [span[e] for e, _ in group]
+            at = _entries(parts)
+            y = kernels.grouped_swiglu(xs[at], [w.gate_up for _, w in group], [w.down for _, w in group],
+                                       [p.stop - p.start for p in parts], scales[at],
+                                       out_dtype=RESIDUAL_DTYPE)  # [n, H], or None: not served
+            if y is not None:
+                ys[at] = y
+                return
+        for e, w in group:
+            ys[span[e]] = self._on_device(xs[span[e]], w, scales[span[e]])
 
     def expert(self, h: torch.Tensor, w: ExpertWeights, scale: torch.Tensor) -> torch.Tensor:
         """down(act(gate(h)) * up(h)) * scale: h [n, H], scale [n, 1] -> [n, H] in fp32."""
@@ -164,3 +173,13 @@ class SparseMoE(nn.Module):
         for e in experts:
             out += outputs[e]
         return out
+
+
+def _entries(parts: list[slice]) -> slice | torch.Tensor:
+    """The rows of ascending, disjoint slices: one slice when they are back to back (a whole layer), else indices."""
+    if all(a.stop == b.start for a, b in zip(parts, parts[1:], strict=False)):
+        return slice(parts[0].start, parts[-1].stop)
+    starts = np.array([p.start for p in parts])
+    lengths = np.array([p.stop - p.start for p in parts])
+    ends = np.cumsum(lengths)
+    return torch.from_numpy(np.repeat(starts - ends + lengths, lengths) + np.arange(ends[-1]))  # [n]

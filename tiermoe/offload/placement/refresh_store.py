@@ -119,10 +119,10 @@ class RefreshStore(RefreshMixin, TieredStore):
     def _read_size(self, layer: int, expert: int) -> int:
         return self.index.expert(layer, expert).nbytes
 
-    def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
-              prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+    def _groups(self, layer: int, experts: list[int], counts: list[int] | None,
+                prefetch: tuple[int, list[int]] | None, grouped: bool) -> Iterator[list[tuple[int, ExpertWeights]]]:
         """Fast-tier experts first, then the promoted (read and admitted) and the streamed (read and dropped) as
-        their reads complete. `prefetch` is ignored: the refresh decides what is resident."""
+        their reads complete (TieredStore's groups). `prefetch` is ignored: the refresh decides what is resident."""
         counts = counts or [1] * len(experts)
         self.log.add(layer, experts, counts)
         self.step += 1
@@ -142,7 +142,7 @@ class RefreshStore(RefreshMixin, TieredStore):
         self._top_up(reads, queue)
         for e in ready:
             self.cache.policy.on_access((layer, e), self.step)
-        yield from self._collect(layer, [(layer, e) for e in ready], reads, queue)
+        yield from self._collect(layer, [(layer, e) for e in ready], reads, queue, grouped)
 
     def _apply(self, layer: int, move: Move) -> None:
         """Free the demoted experts; the promoted ones are read as misses of this very request."""

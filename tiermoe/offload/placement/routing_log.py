@@ -71,6 +71,11 @@ class RecordingStore(ExpertStore):
         self.log.add(layer, experts, counts or [1] * len(experts))
         yield from self.inner.fetch(layer, experts, counts, prefetch)
 
+    def fetch_groups(self, layer: int, experts: list[int], counts: list[int] | None = None,
+                     prefetch: tuple[int, list[int]] | None = None) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        self.log.add(layer, experts, counts or [1] * len(experts))
+        yield from self.inner.fetch_groups(layer, experts, counts, prefetch)
+
     def begin_step(self, step: DenoiseStep) -> None:
         self.log.begin_step(step)
         self.inner.begin_step(step)

@@ -110,15 +110,29 @@ class TieredStore(ExpertStore):
 
     def fetch(self, layer: int, experts: list[int], counts: list[int] | None = None,
               prefetch: tuple[int, list[int]] | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+        for group in self._groups(layer, experts, counts, prefetch, grouped=False):
+            (item,) = group
+            del group
+            yield item
+            del item  # the caller is done with it: its room serves the next streamed read
+
+    def fetch_groups(self, layer: int, experts: list[int], counts: list[int] | None = None,
+                     prefetch: tuple[int, list[int]] | None = None) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        """The request's residents in one group, then each set of reads that landed while the caller computed."""
+        return self._groups(layer, experts, counts, prefetch, grouped=True)
+
+    def _groups(self, layer: int, experts: list[int], counts: list[int] | None,
+                prefetch: tuple[int, list[int]] | None, grouped: bool) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        """`fetch_groups`, or with `grouped` False one expert a group."""
         keys = [(layer, e) for e in experts]
         if sum(self.cache.size(k) for k in keys) <= self.budget:
-            yield from self._serve(keys, prefetch)
+            yield from self._serve(keys, prefetch, grouped=grouped)
             return
         # Larger than the budget (a long prefill): turns that each fit the cache, each evicting the one before, so
         # the last turn's experts stay (fetch_order puts the prompt's last tokens' there).
         for i, chunk in enumerate(self._chunks(keys)):
             alone = sum(self.cache.size(k) for k in chunk) > self.cache.capacity  # one expert beyond the cache
-            yield from self._serve(chunk, prefetch if i == 0 else None, stream=alone)
+            yield from self._serve(chunk, prefetch if i == 0 else None, stream=alone, grouped=grouped)
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Start reading experts predicted for `layer` in the background, after the current request's reads.
@@ -150,8 +164,8 @@ class TieredStore(ExpertStore):
     def _chunks(self, keys: list[Key]) -> list[list[Key]]:
         return turns(keys, self.cache)
 
-    def _serve(self, keys: list[Key], prefetch: tuple[int, list[int]] | None,
-               stream: bool = True) -> Iterator[tuple[int, ExpertWeights]]:
+    def _serve(self, keys: list[Key], prefetch: tuple[int, list[int]] | None, stream: bool = True,
+               grouped: bool = False) -> Iterator[list[tuple[int, ExpertWeights]]]:
         self.step += 1
         hits, misses, evicted = self.cache.request(keys, self.step, stream)
         for key in evicted:
@@ -177,7 +191,7 @@ class TieredStore(ExpertStore):
         self._read_ahead(self.cache.propose(self.step, keys))  # swaps a policy asks for (DALI), else nothing
         if prefetch is not None:
             self.prefetch(*prefetch)
-        yield from self._collect(keys[0][0], [key for key in hits if key in self.weights], reads, queue)
+        yield from self._collect(keys[0][0], [key for key in hits if key in self.weights], reads, queue, grouped)
 
     def _open_window(self, pinned: list[Key]) -> None:
         """Make room for streamed experts beside the cache (once: the cache keeps the smaller capacity after)."""
@@ -188,14 +202,18 @@ class TieredStore(ExpertStore):
                 self._drop(key)
             self.stats.evictions += len(evicted)
 
-    def _collect(self, layer: int, ready: list[Key], reads: Reads,
-                 queue: deque) -> Iterator[tuple[int, ExpertWeights]]:
-        """Yield the `ready` experts while `reads` land, then each read as it lands, keeping the stream `queue`'s
-        reads going. On a failed read, the others are settled before the error is raised."""
+    def _collect(self, layer: int, ready: list[Key], reads: Reads, queue: deque,
+                 grouped: bool = False) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        """Yield the `ready` experts while `reads` land, then the reads as they land, keeping the stream `queue`'s
+        reads going: `grouped`, the ready ones as one group and the reads found landed together as one, else one
+        expert a group. On a failed read, the others are settled before the error is raised."""
         stats, error = self.stats.layer(layer), None
         try:
-            for key in ready:
-                yield key[1], self.weights[key]
+            if grouped and ready:
+                yield [(key[1], self.weights[key]) for key in ready]
+            else:
+                for key in ready:
+                    yield [(key[1], self.weights[key])]
             while reads and error is None:
                 done = [fut for fut in reads if fut.done()]  # landed while the caller computed: no waiter to set up
                 if not done:
@@ -203,16 +221,21 @@ class TieredStore(ExpertStore):
                     done = list(wait(reads, return_when=FIRST_COMPLETED).done)
                     stats.stall_time += time.perf_counter() - start
                 while done:  # popped, so that no finished future (which holds its result) outlives the caller's use
-                    fut = done.pop()
-                    key, keep = reads.pop(fut)
-                    w = self._install(key, fut) if keep else self._streamed(key, fut)
-                    if w is None:
-                        error = error or fut.exception() or ExpertIOError(f"read of expert {key} was cancelled")
-                        continue
-                    del fut
-                    yield key[1], w
-                    del w  # the caller is done with it: its room serves the next streamed read
-                    self._top_up(reads, queue)
+                    group = []
+                    while done and (grouped or not group):  # the others stay counted in flight until their turn
+                        fut = done.pop()
+                        key, keep = reads.pop(fut)
+                        w = self._install(key, fut) if keep else self._streamed(key, fut)
+                        if w is None:
+                            error = error or fut.exception() or ExpertIOError(f"read of expert {key} was cancelled")
+                            continue
+                        group.append((key[1], w))
+                    fut = w = None
+                    if group:
+                        yield group
+                    del group  # the caller is done with it: its room serves the next streamed reads
+                    if error is None:
+                        self._top_up(reads, queue)
         finally:
             for fut, (key, keep) in reads.items():  # settle every read so the books agree for the next request
                 wait([fut])

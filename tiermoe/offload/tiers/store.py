@@ -98,6 +98,19 @@ class ExpertStore(ABC):
         without holding more than its budget.
         """
 
+    def fetch_groups(self, layer: int, experts: list[int], counts: list[int] | None = None,
+                     prefetch: tuple[int, list[int]] | None = None) -> Iterator[list[tuple[int, ExpertWeights]]]:
+        """`fetch`'s experts in groups, so that a group can be computed in one kernel call: every expert of a group
+        is valid until the next group is requested (the caller drops them all first). This default makes one group
+        of everything when the store `keeps_fetched`, else one group per expert; a tier overrides it to group what
+        becomes ready together (its residents, then the reads that landed meanwhile)."""
+        if self.keeps_fetched:
+            yield list(self.fetch(layer, experts, counts, prefetch))
+            return
+        for item in self.fetch(layer, experts, counts, prefetch):
+            yield [item]
+            del item  # the caller is done with it before asking for the next
+
     def expert_nbytes(self, layer: int, expert: int) -> int:
         """Bytes one expert occupies once loaded (used for budgets)."""
         return loaded_nbytes(self.index.expert(layer, expert), self.dtype)
