@@ -158,7 +158,7 @@ def test_reads_in_place_reserve_nothing_and_their_buffers_stay_within_the_expert
     llm.generate([PROMPT, PROMPT[5:], PROMPT[:7]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     pool = llm.store.reader.pool
     assert pool.peak_bytes <= llm.memory.experts
-    assert llm.store.stats.streamed > 0 and pool.idle_bytes > 0
+    assert llm.store.stats.streamed > 0 and pool.max_bytes >= llm.store.largest  # idle buffers are kept for reuse
     # converted on read (fp32 checkpoint, bf16 weights): a read buffer per I/O thread beside the budget
     converted = LLM(folder, dtype="bfloat16", memory_limit=f"{_rss() + 200 * MiB}")
     assert converted.memory.read_buffers == 2 * read_buffer_bytes(converted.index, torch.bfloat16) > 0
