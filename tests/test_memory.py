@@ -150,6 +150,20 @@ def test_idle_read_buffers_are_at_most_one_per_io_thread(folder):
     assert 0 < pool.idle_bytes <= pool.max_bytes
 
 
+def test_reads_in_place_reserve_nothing_and_their_buffers_stay_within_the_expert_budget(folder):
+    """Experts read in place (fp32 checkpoint, fp32 compute): the read buffers are the cached and streamed experts,
+    so a limit reserves nothing for them and every buffer ever mapped at once, idle ones too, fits the budget."""
+    llm = LLM(folder, memory_limit=f"{_rss() + 200 * MiB}", expert_cache="25%")  # 4 of the 16 experts: streams
+    assert llm.memory.read_buffers == 0
+    llm.generate([PROMPT, PROMPT[5:], PROMPT[:7]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    pool = llm.store.reader.pool
+    assert pool.peak_bytes <= llm.memory.experts
+    assert llm.store.stats.streamed > 0 and pool.max_bytes >= llm.store.largest  # idle buffers are kept for reuse
+    # converted on read (fp32 checkpoint, bf16 weights): a read buffer per I/O thread beside the budget
+    converted = LLM(folder, dtype="bfloat16", memory_limit=f"{_rss() + 200 * MiB}")
+    assert converted.memory.read_buffers == 2 * read_buffer_bytes(converted.index, torch.bfloat16) > 0
+
+
 def test_without_a_limit_many_prompts_are_prefilled_together_uncapped(folder):
     llm = LLM(folder, max_model_len=32)
     assert len(llm.generate([PROMPT] * 3, SamplingParams(temperature=0, max_tokens=2))) == 3

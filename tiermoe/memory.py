@@ -4,9 +4,10 @@ and the expert cache.
 A memory limit (`memory_limit="650MB"`, or "auto": the process's cgroup limit, else the RAM available) is split
 after the non-expert weights and the tokenizer are loaded, from what the process then measurably uses plus what it
 will still allocate whatever the expert budget: the KV cache of `max_model_len` tokens, the activations of one
-forward of `max_num_batched_tokens` tokens, the buffers of the expert reads in flight, and a margin. The rest is the
-expert cache. Inside a cgroup whose limit is the binding one, "uses" is the group's working set (charged memory
-less inactive page cache, which the kernel reclaims before it kills); elsewhere the process's RSS.
+forward of `max_num_batched_tokens` tokens, the read buffers beyond the expert budget (none when the reads land in
+place), and a margin. The rest is the expert cache. Inside a cgroup whose limit is the binding one, "uses" is the
+group's working set (charged memory less inactive page cache, which the kernel reclaims before it kills); elsewhere
+the process's RSS.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class MemoryPlan:
     weights: int  # non-expert weights resident (the token embedding excluded when it stays on disk)
     kv_cache: int  # max_model_len tokens
     activations: int  # one forward of max_num_batched_tokens tokens
-    read_buffers: int  # expert reads in flight
+    read_buffers: int  # expert read buffers beyond the budget (read_reserve_bytes), one per I/O thread
     margin: int
     experts: int  # what is left: the expert cache
     kv_tokens: int
@@ -268,9 +269,9 @@ def plan(usage: Usage, runtime_and_weights: int, weights: int, kv_per_token: int
 
 
 def read_buffer_bytes(index, dtype: torch.dtype) -> int:
-    """What one expert read in flight holds beyond the expert's budgeted weights: its page-rounded read buffer (kept
-    by the reader's pool for the next read), and the concatenated gate/up rows when the checkpoint's dtype is not
-    the dtype its weights are kept in (converted afterwards)."""
+    """The most one expert read holds: its page-rounded read buffer (kept by the reader's pool for the next read),
+    and the concatenated gate/up rows when the checkpoint's dtype is not the dtype its weights are kept in (converted
+    afterwards)."""
     from tiermoe.kernels import weight_dtype
     from tiermoe.offload.tiers.direct_io import PAGE
 
@@ -279,6 +280,20 @@ def read_buffer_bytes(index, dtype: torch.dtype) -> int:
         converted = spec.nbytes if spec.gate.dtype != weight_dtype(spec.gate.dtype, dtype) else 0
         worst = max(worst, spec.nbytes + 2 * PAGE * len(spec.parts) + converted)
     return worst
+
+
+def read_reserve_bytes(index, dtype: torch.dtype) -> int:
+    """What each I/O thread's reads hold beyond the expert budget. Nothing when every expert is read in place into
+    buffers of one size: each buffer in use is then a cached or streamed expert, counted in the budget, and one an
+    eviction frees waits idle in the pool for the read that takes its room, so the pool never holds more buffers
+    than the budget held experts at once. Otherwise an idle read buffer (read_buffer_bytes) beside the converted
+    weights."""
+    from tiermoe.offload.tiers.expert_reads import in_place, slot_nbytes
+
+    specs = index.experts().values()
+    if all(in_place(s, dtype) for s in specs) and len({slot_nbytes(s, dtype) for s in specs}) == 1:
+        return 0
+    return read_buffer_bytes(index, dtype)
 
 
 def resident_bytes(module: torch.nn.Module) -> int:

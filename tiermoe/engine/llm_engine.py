@@ -137,7 +137,7 @@ class LLMEngine:
             kv_tokens = max(1, parse_budget(cfg.kv_cache_memory, 0) // kv_per_token)
         plan = memory.plan(usage, usage.now(), memory.resident_bytes(self.model), kv_per_token,
                            kv_tokens, memory.activation_bytes(self.model, batched, expert_inner), batched,
-                           memory.read_buffer_bytes(self.index, dtype), io_threads,
+                           memory.read_reserve_bytes(self.index, dtype), io_threads,
                            min_budget(self.index, layers, shape.top_k, dtype), isinstance(
                                self.model.model.embed_tokens, DiskEmbedding))
         if cfg.expert_cache is not None:

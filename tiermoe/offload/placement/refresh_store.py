@@ -6,10 +6,10 @@ it is streamed -- read, computed with, dropped -- without being admitted, so one
 out (what a per-step LRU cache does). The reads, the byte accounting (`ExpertCache`) and the statistics are the
 tiered store's; only which experts are admitted, and when, differs.
 
-Budget: the fast set gets `budget` minus room for the streamed experts alive at once (`stream_window` reads in
-flight, by default one per I/O thread but no more than the budget holds, plus the one being computed), split evenly
-over the MoE layers, so expert RAM never exceeds the budget (the caller releases each expert before asking for the
-next, as `ExpertStore.fetch` says).
+Budget: the fast set gets `budget` minus room for the streamed experts alive at once (`stream_window`, reads in
+flight and the one being computed together, by default one per I/O thread but no more than the budget holds), split
+evenly over the MoE layers, so expert RAM never exceeds the budget (the caller releases each expert before asking for
+the next, as `ExpertStore.fetch` says).
 """
 
 from __future__ import annotations

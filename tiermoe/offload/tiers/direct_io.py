@@ -63,6 +63,8 @@ class BufferPool:
         self.max_bytes = max_bytes
         self.idle_bytes = 0  # kept for reuse
         self.in_use = 0  # buffers handed out and not released yet (a leak shows here)
+        self.live_bytes = 0  # every buffer not unmapped yet: in use or idle
+        self.peak_bytes = 0  # the most live_bytes so far
         self._free: dict[int, list[mmap.mmap]] = {}
         self._lock = threading.Lock()
 
@@ -75,6 +77,8 @@ class BufferPool:
             if free:
                 self.idle_bytes -= size
                 return free.pop()
+            self.live_bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         # private, not shared, anonymous memory: counted as the process's own (RssAnon), freed at unmap
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
@@ -85,6 +89,8 @@ class BufferPool:
             if self.idle_bytes + len(buf) <= self.max_bytes:
                 self._free.setdefault(len(buf), []).append(buf)
                 self.idle_bytes += len(buf)
+            else:
+                self.live_bytes -= len(buf)  # unmapped once the caller's last reference goes
 
 
 @dataclass(eq=False)

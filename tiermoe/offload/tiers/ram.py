@@ -6,9 +6,10 @@ The cache bookkeeping and the eviction policy are the same objects the simulator
 A request is served in the order its experts become ready: the resident ones first, while the misses are read, then
 each miss as its read lands, so reads overlap the compute of what is already there. Below the working set of one
 pass over the layers the cache streams misses rather than evicting what the pass is about to reuse (see
-`ExpertCache`); streamed experts flow through a window beside the cache (`stream_window` reads in flight plus the
-one being computed), taken from the cache's capacity the first time a miss is streamed, so expert RAM never exceeds
-the budget and a budget above the working set keeps all of it for the cache.
+`ExpertCache`); streamed experts flow through a window beside the cache (`stream_window` streamed experts alive at
+once: the next read starts when the caller releases the one it computed, so the reads in flight and that one share
+the window), taken from the cache's capacity the first time a miss is streamed, so expert RAM never exceeds the
+budget and a budget above the working set keeps all of it for the cache.
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ def stream_depth(budget: int, largest: int, io_threads: int) -> int:
 
 
 def stream_reserve(budget: int, largest: int, window: int, cached: int = 0) -> tuple[int, int]:
-    """(reads in flight, bytes) of a stream window: `window` reads beside the expert being computed, as far as the
-    budget holds them beside `cached` experts left to the cache (0 reads: each starts once the caller has released
-    the previous expert)."""
+    """(streamed experts alive at once, bytes) of a stream window: `window` of them (reads in flight, and the one
+    being computed: `_top_up` starts a read only once the caller has released it), as far as the budget holds them
+    beside `cached` experts left to the cache, and at least one."""
     if not largest:
         return 0, 0
-    window = max(0, min(window, budget // largest - cached - 1))
-    return window, min((window + 1) * largest, budget)
+    window = max(1, min(window, budget // largest - cached))
+    return window, min(window * largest, budget)
 
 
 def turns(keys: list[Key], cache: ExpertCache) -> list[list[Key]]:
@@ -245,11 +246,11 @@ class TieredStore(ExpertStore):
             raise error
 
     def _top_up(self, reads: Reads, queue: deque) -> None:
-        """Keep the stream window's reads in flight (one with a window of 0: called when the caller holds none)."""
+        """Keep the stream window's reads in flight; called when the caller holds no streamed expert."""
         if not queue:
             return
         in_flight = sum(not keep for _, keep in reads.values())
-        for _ in range(min(max(self.window, 1) - in_flight, len(queue))):
+        for _ in range(min(self.window - in_flight, len(queue))):
             key = queue.popleft()
             reads[self.pool.submit(self._load, key)] = (key, False)
 
