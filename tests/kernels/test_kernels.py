@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,38 @@ def test_the_engine_runs_the_compiled_kernels(tiny_models):
     llm.generate([[3, 17, 42]], SamplingParams(temperature=0, max_tokens=8))
     # every decode step: q/k/v, o, router and the experts of each of 3 layers, and the head
     assert kernels.calls() - calls >= 7 * (3 * 4 + 1)
+
+
+@compiled_only
+@pytest.mark.parametrize("kernel", ["linear", "swiglu"])
+def test_products_let_other_python_threads_run(kernel):
+    # an offloading store's reader threads need the interpreter lock to issue and land reads while the model computes
+    x, gate_up, down, ops = torch.randn(1, 2048), torch.randn(4096, 2048), torch.randn(2048, 2048), kernels.compiled()
+    # the extension's functions themselves: torch ops around them (in kernels' wrappers) let go of the lock anyway
+    call = {"linear": lambda: ops.linear(x, gate_up, None, 8, False),
+            "swiglu": lambda: ops.swiglu(x, gate_up, down, None, 8, False)}[kernel]
+    ticks, stop = [0], threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0)  # gives the lock back at once
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)  # no forced switch: the thread runs during a call only if the call lets go of the lock
+    thread = threading.Thread(target=tick)
+    thread.start()
+    try:
+        during = []  # ticks of the thread during each call (a tick or so can slip in as a call starts)
+        for _ in range(20):
+            before = ticks[0]
+            call()
+            during.append(ticks[0] - before)
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        thread.join()
+    assert sum(n > 2 for n in during) >= 5, during
 
 
 def test_torch_fallback_gives_the_same_greedy_tokens(tiny_models, monkeypatch):

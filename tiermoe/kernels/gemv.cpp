@@ -804,15 +804,18 @@ std::string isa() { return isa_name(kIsa); }
 int64_t calls() { return kCalls.load(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "F.linear for a few rows (fp32 accumulation, batch-invariant)");
-  m.def("swiglu", &swiglu, "down(silu(gate) * up) * scale for a few rows");
-  m.def("rmsnorm", &rmsnorm, "RMSNorm in fp32, rounded once to the weight's dtype");
-  m.def("rotary_", &rotary_, "rotate-half rotary in place on q and k; False if the layout is not served");
-  m.def("decode_attention", &decode_attention, "one query row per head over the cache; None if not served");
-  m.def("paged_attention", &paged_attention, "query rows over paged caches in one call; None if not served");
-  m.def("grouped_swiglu", &grouped_swiglu, "every routed expert of a layer in one call; None if not served");
-  m.def("sigmoid", &sigmoid, "torch.sigmoid for fp32, each element by the same code path");
-  m.def("silu", &silu, "F.silu for fp32, each element by the same code path");
+  // The products run without the interpreter lock, as torch's own ops do: an offloading store's reader threads then
+  // issue and land expert reads while the model computes (holding it, they waited for the model to block).
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear", &linear, "F.linear for a few rows (fp32 accumulation, batch-invariant)", nogil);
+  m.def("swiglu", &swiglu, "down(silu(gate) * up) * scale for a few rows", nogil);
+  m.def("rmsnorm", &rmsnorm, "RMSNorm in fp32, rounded once to the weight's dtype", nogil);
+  m.def("rotary_", &rotary_, "rotate-half rotary in place on q and k; False if the layout is not served", nogil);
+  m.def("decode_attention", &decode_attention, "one query row per head over the cache; None if not served", nogil);
+  m.def("paged_attention", &paged_attention, "query rows over paged caches in one call; None if not served", nogil);
+  m.def("grouped_swiglu", &grouped_swiglu, "every routed expert of a layer in one call; None if not served", nogil);
+  m.def("sigmoid", &sigmoid, "torch.sigmoid for fp32, each element by the same code path", nogil);
+  m.def("silu", &silu, "F.silu for fp32, each element by the same code path", nogil);
   m.def("isa", &isa, "the code path chosen for this CPU");
   m.def("calls", &calls, "products computed by the kernels so far");
 }
