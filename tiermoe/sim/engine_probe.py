@@ -35,6 +35,13 @@ from pathlib import Path
 
 from tiermoe.sim.hardware import _best
 
+
+def _typical(fn, reps: int = 3) -> float:
+    """Median seconds of `reps` runs of `fn` after a warm-up: the benchmarks report medians, and on a shared machine
+    the fastest run is a quiet moment's."""
+    return _best(fn, reps, pick=statistics.median)
+
+
 COLD_MIB = 8  # MiB a kernel call streams in the cold measurement: a layer's few products then exceed the LLC
 ROW_LENS = (64, 256, 1024, 4096)  # K of the products measured (an expert's hidden and intermediate sizes)
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # x rows per product: decode at batch 1 up to a diffusion block's rows per expert
@@ -59,7 +66,7 @@ def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 <
                     for s in sizes}
             for r in rows:
                 x = torch.randn(r, k).to(dtype)
-                per = [_best(lambda ws=mats[s], x=x: [kernels.linear(x, w) for w in ws], reps=2) / len(mats[s])
+                per = [_typical(lambda ws=mats[s], x=x: [kernels.linear(x, w) for w in ws]) / len(mats[s])
                        for s in sizes]
                 rate = (sizes[1] - sizes[0]) / max(per[1] - per[0], 1e-12)
                 gbs[name][k][r] = round(rate / 1e9, 3)
@@ -81,8 +88,8 @@ def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int =
     out = {}
     for r in rows:
         x, scale = torch.randn(r, hidden).to(dtype), torch.rand(r, 1)
-        t = _best(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
-                                            for g, d in zip(gate_up, down, strict=True)], reps=3) / n
+        t = _typical(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
+                                            for g, d in zip(gate_up, down, strict=True)]) / n
         k0 = min(rates)  # the shortest rows measured stand for these
         streamed = 3 * hidden * inter * dtype.itemsize / (rates[k0][r] * 1e9)
         out[r] = round(max(t - streamed, 0.0) * 1e6, 2)
@@ -105,7 +112,7 @@ def attention_costs(shapes=ATTN_SHAPES, cold_mib: float = 0) -> dict[str, float]
 
     stream = _Stream(cold_mib) if cold_mib else None
     n = 30 if stream else 100
-    streamed = _best(lambda: [stream() for _ in range(n)], reps=3) / n if stream else 0.0
+    streamed = _typical(lambda: [stream() for _ in range(n)]) / n if stream else 0.0
     out = {}
     for name, rows, block in (("decode", (1,), 1), ("block", (8, 32), 32)):
         x, y = [], []
@@ -114,9 +121,9 @@ def attention_costs(shapes=ATTN_SHAPES, cold_mib: float = 0) -> dict[str, float]
                 for past in (64, 256, 1024):
                     q = torch.randn(t, h, d)
                     k, v = torch.randn(past + t, g, d), torch.randn(past + t, g, d)
-                    y.append(max(_best(lambda q=q, k=k, v=v, past=past, block=block:
-                                       [(stream and stream(), attend(q, k, v, past, None, block)) for _ in range(n)],
-                                       reps=3) / n - streamed, 1e-7))
+                    y.append(max(_typical(lambda q=q, k=k, v=v, past=past, block=block:
+                                          [(stream and stream(), attend(q, k, v, past, None, block))
+                                           for _ in range(n)]) / n - streamed, 1e-7))
                     x.append([1.0, h, 4.0 * t * (past + t) * h * d, 2.0 * (past + t) * g * d * 4])
         x, y = np.array(x), np.array(y)
         w = 1 / y  # relative error

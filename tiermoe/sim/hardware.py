@@ -284,14 +284,15 @@ def _call_overhead_us() -> float:
     return _best(lambda: [x @ w.T for _ in range(n)]) / n * 1e6
 
 
-def _best(fn, reps: int = 5) -> float:
+def _best(fn, reps: int = 5, pick=min) -> float:
+    """The fastest (or `pick` of the) seconds of `reps` runs of `fn` after a warm-up."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return pick(times)
 
 
 def _write_random(path: Path, nbytes: int) -> None:
