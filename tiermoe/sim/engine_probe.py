@@ -269,7 +269,8 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     per decoder layer of a block-diffusion forward (`block_layer_us`) and per row of it (`layer_row_us`, the slope
     between two block lengths), per autoregressive forward outside the model (`step_us`), per diffusion request and
     forward outside the model (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
-    the disk (`read_us`, see `read_cost_us`). Decodes the shipped models
+    the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read issued meanwhile waits
+    to start (`read_wait`). Decodes the shipped models
     all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 48
     tokens in blocks of 8 and of 16 from a 12-token prompt. With `cold_mib`, every kernel call streams that many MiB
     first (see the module docstring), and the read cost is left out."""
@@ -302,7 +303,34 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
            "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / forwards * 1e6, 2),
            "logit_ns": round(logit_s * 1e9, 3),
            "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2)}
-    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model)}
+    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
+
+
+def read_wait(compute_ms: float = 2.0, reps: int = 21, hidden: int = 512, inter: int = 256) -> float:
+    """Share of a stretch of the model thread's compute (the engine's expert kernel called over and over for
+    `compute_ms`, about a layer's resident experts) that a task submitted to an I/O thread at its start waits before
+    it runs, the median of `reps`: near 1 when the kernels hold the interpreter lock (a read the store issues then
+    starts only when the model's thread waits for it), near 0 when they let it go."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from tiermoe import kernels
+
+    gate_up, down = torch.randn(2 * inter, hidden), torch.randn(hidden, inter)
+    x, scale = torch.randn(1, hidden), torch.ones(1, 1)
+    started, waits = [], []
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: None).result()  # the thread exists and waits for work, as the store's do
+        for _ in range(reps):
+            start = time.perf_counter()
+            task = pool.submit(lambda: started.append(time.perf_counter()))
+            while time.perf_counter() - start < compute_ms * 1e-3:
+                kernels.swiglu(x, gate_up, down, scale, out_dtype=torch.float32)
+            end = time.perf_counter()
+            task.result()
+            waits.append(min((started[-1] - start) / (end - start), 1.0))
+    return round(statistics.median(waits), 3)
 
 
 def read_cost_us(model_dir: Path | None = None, budget: str = "25%", tau: int = 4, reps: int = 3) -> float:

@@ -6,7 +6,8 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
     cpu   {name, cores, gemv_gbs {threads: GB/s}, gemm_gflops {threads: GFLOP/s}, call_us,
            engine-measured (optional): kernel_gbs {dtype: {row length: {rows: GB/s}}}, linear_us / swiglu_us
            {dtype: {rows: us}}, attention {decode_us, decode_gflops, block_us, block_gflops},
-           engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns},
+           engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns,
+           read_us, read_wait (optional)},
            cold_mib, attention_cold, engine_cold (optional: the same measured with every kernel call streaming
            cold_mib MiB first)}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)

@@ -333,15 +333,24 @@ class MachineSim:
         ready: list[tuple[float, int, tuple]] = []  # (ready time, order, key), a heap
         for key in served.hits:
             ready.append((max(t0, self.inflight.pop(key, t0)), next(order), key))
+        issue = t0
+        if self.price.read_wait() and (served.misses or served.streamed or served.prefetch):
+            # the I/O threads start their reads once the model's thread lets go of the interpreter lock: the
+            # experts at hand are computed first, for `read_wait` of that time the reads wait
+            now = [r for r in ready if r[0] <= t0]
+            ready = [r for r in ready if r[0] > t0]
+            for _, _, key in now:
+                last = max(last, self._compute(key, tokens[key[1]], where[key[1]], t0))
+            issue = t0 + self.price.read_wait() * (last - t0)
         for key in served.misses:
             self.inflight.pop(key, None)
-            ready.append((self._read(t0, size, depth_one=False), next(order), key))
+            ready.append((self._read(issue, size, depth_one=False), next(order), key))
         heapq.heapify(ready)
         queue, window = deque(served.streamed), max(self.ram.window, 1)
         for _ in range(min(window, len(queue))):
-            heapq.heappush(ready, (self._read(t0, size, depth_one=window == 1), next(order), queue.popleft()))
+            heapq.heappush(ready, (self._read(issue, size, depth_one=window == 1), next(order), queue.popleft()))
         for key in served.prefetch:  # issued after the demand reads
-            self.inflight[key] = self._read(t0, size, depth_one=False)
+            self.inflight[key] = self._read(issue, size, depth_one=False)
         streamed = set(served.streamed)
         while ready:
             at, _, key = heapq.heappop(ready)
