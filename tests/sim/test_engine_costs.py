@@ -164,3 +164,16 @@ def test_cold_fields_load_from_json_and_older_profiles_without_them_still_load(t
         del older["cpu"][k]
     (tmp_path / "old.json").write_text(json.dumps(older))
     assert load_hardware(tmp_path / "old.json").cpu.cold_share(1 << 30) == 0.0
+
+
+def test_reads_start_once_the_experts_at_hand_are_computed_when_the_kernels_hold_the_interpreter_lock(tmp_path):
+    """With `read_wait` 1 (measured: a read submitted while the model computes waits for all of it), a layer's
+    misses are read only after its hits are computed: the same hits and misses, a longer run; a preset has none."""
+    trace, ssd = _trace(tmp_path), SSDProfile("d", 2.0, 1.0, 1e5)
+    free = Hardware("h", 16, 20.0, measured_cpu(engine={**ENGINE, "read_wait": 0.0}), ssd)
+    held = dataclasses.replace(free, cpu=measured_cpu(engine={**ENGINE, "read_wait": 1.0}))
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=4 * shape().expert_bytes, threads=1)
+    a, b = simulate(trace, shape(), free, cfg), simulate(trace, shape(), held, cfg)
+    assert (a.hits, a.misses) == (b.hits, b.misses) and a.hits > 0 and a.misses > 0
+    assert b.busy_s == pytest.approx(a.busy_s) and b.seconds > a.seconds
+    assert Pricing(held, shape(), 1).read_wait() == 1.0 and Pricing(load_hardware("h100"), shape(), 1).read_wait() == 0

@@ -194,7 +194,7 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 
 def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20, name: str = "this-machine",
                          file_mib: int = 256, kernel_mib: int = 128) -> Hardware:
-    """Measures this machine (about a minute): per thread count, CPU GEMV over more weights than the caches hold
+    """Measures this machine (one to two minutes): per thread count, CPU GEMV over more weights than the caches hold
     and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.profile_costs`); per-call overhead, DRAM
     copy rate, and direct reads of a file written in `disk_dir` (sequential, `read_bytes` random reads 4 in flight
     as the stores issue them and one at a time, each as a fixed time per read plus bytes at a rate from two read
