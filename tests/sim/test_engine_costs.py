@@ -117,3 +117,63 @@ def test_each_read_costs_the_models_thread_the_engines_time_around_it(tmp_path):
     assert (a.hits, a.misses) == (b.hits, b.misses) and b.misses > 0
     assert b.busy_s["cpu"] - a.busy_s["cpu"] == pytest.approx(b.misses * 120e-6)
     assert b.seconds > a.seconds
+
+
+COLD = {**{k: 2 * v for k, v in ENGINE.items() if k != "read_us"}}
+ATTN_COLD = {**ATTN, "decode_head_us": 4.0, "decode_kv_gbs": 10.0}
+
+
+def test_fixed_costs_and_attention_are_taken_cold_in_proportion_to_the_experts_bytes():
+    """A model whose experts stream as many bytes per call as the cold measurement pays the cold costs; half as many,
+    halfway (rates as time per unit); a profile without cold measurements (older, or a preset) the hot ones."""
+    big = shape(hidden=1024, expert_dim=1024)  # 3 * 1024 * 1024 * 4 bytes = 12 MiB per expert
+    cpu = measured_cpu(cold_mib=12.0, engine_cold=COLD, attention_cold=ATTN_COLD)
+    assert cpu.cold_share(big.expert_bytes) == 1.0 and cpu.cold_share(big.expert_bytes // 2) == 0.5
+    assert measured_cpu().cold_share(big.expert_bytes) == 0.0
+    cold, hot = EngineCosts(cpu, big, 1), EngineCosts(measured_cpu(), big, 1)
+    assert cold.layer_fixed(1, block=False) == pytest.approx(2 * hot.layer_fixed(1, block=False))
+    assert cold.expert(1, False) - hot.expert(1, False) == pytest.approx(6e-6)
+    half = EngineCosts(measured_cpu(cold_mib=24.0, engine_cold=COLD, attention_cold=ATTN_COLD), big, 1)
+    assert half.e["layer_us"] == pytest.approx(90.0)
+    assert half.attn["decode_kv_gbs"] == pytest.approx(1 / (0.5 / 50 + 0.5 / 10))
+    assert hot.attention(1, 100, False) < half.attention(1, 100, False) < cold.attention(1, 100, False)
+
+
+def test_a_simulated_decode_step_pays_the_cold_costs(tmp_path):
+    """All resident, the CPU's busy time is the step's work: cold costs add exactly their extra per layer, expert and
+    step and logit (the trace: 40 decode rows, 2 layers of top-2, a vocabulary of 1000)."""
+    trace, big = _trace(tmp_path), shape(hidden=1024, expert_dim=1024)
+    ssd = SSDProfile("d", 2.0, 1.5, 1e5)
+    hot = Hardware("h", 16, 20.0, measured_cpu(), ssd)
+    cold = dataclasses.replace(hot, cpu=measured_cpu(cold_mib=12.0, engine_cold=COLD, attention_cold=ATTN))
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=big.total_expert_bytes, threads=1, preload=True)
+    a, b = simulate(trace, big, hot, cfg), simulate(trace, big, cold, cfg)
+    extra = 40 * (2 * ENGINE["layer_us"] + 4 * ENGINE["expert_us"] + ENGINE["step_us"]
+                  + 1000 * ENGINE["logit_ns"] * 1e-3) * 1e-6
+    assert b.busy_s["cpu"] - a.busy_s["cpu"] == pytest.approx(extra)
+    assert b.tokens_per_s < a.tokens_per_s
+
+
+def test_cold_fields_load_from_json_and_older_profiles_without_them_still_load(tmp_path):
+    hw = Hardware("h", 16, 20.0, measured_cpu(cold_mib=8.0, engine_cold=COLD, attention_cold=ATTN_COLD),
+                  SSDProfile("d", 2.0, 1.5, 1e5))
+    hw.save(tmp_path / "h.json")
+    assert load_hardware(tmp_path / "h.json") == hw
+    older = json.loads((tmp_path / "h.json").read_text())
+    for k in ("cold_mib", "engine_cold", "attention_cold"):
+        del older["cpu"][k]
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    assert load_hardware(tmp_path / "old.json").cpu.cold_share(1 << 30) == 0.0
+
+
+def test_reads_start_once_the_experts_at_hand_are_computed_when_the_kernels_hold_the_interpreter_lock(tmp_path):
+    """With `read_wait` 1 (measured: a read submitted while the model computes waits for all of it), a layer's
+    misses are read only after its hits are computed: the same hits and misses, a longer run; a preset has none."""
+    trace, ssd = _trace(tmp_path), SSDProfile("d", 2.0, 1.0, 1e5)
+    free = Hardware("h", 16, 20.0, measured_cpu(engine={**ENGINE, "read_wait": 0.0}), ssd)
+    held = dataclasses.replace(free, cpu=measured_cpu(engine={**ENGINE, "read_wait": 1.0}))
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=4 * shape().expert_bytes, threads=1)
+    a, b = simulate(trace, shape(), free, cfg), simulate(trace, shape(), held, cfg)
+    assert (a.hits, a.misses) == (b.hits, b.misses) and a.hits > 0 and a.misses > 0
+    assert b.busy_s == pytest.approx(a.busy_s) and b.seconds > a.seconds
+    assert Pricing(held, shape(), 1).read_wait() == 1.0 and Pricing(load_hardware("h100"), shape(), 1).read_wait() == 0

@@ -59,6 +59,15 @@ def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
     assert all(rate > 0 for by_k in cpu.kernel_gbs.values() for by_rows in by_k.values() for rate in by_rows.values())
     assert cpu.engine["layer_us"] > 0 and cpu.engine["expert_us"] > 0 and cpu.engine["logit_ns"] >= 0
     assert cpu.attention["decode_gflops"] > 0 and hw.ssd.read_latency_us >= 0
+    # the batched expert path's own cost (one grouped kernel call for the layer's experts) is counted per expert
+    assert cpu.engine["batch_expert_us"] > 0
+    # how long a read issued while the model computes waits for its I/O thread (a share of that compute)
+    assert 0 <= cpu.engine["read_wait"] <= 1
+    # measured again cache-cold: each kernel call streams weights through the caches first, as a real model's do;
+    # the same keys (but the read's), and what `tiermoe profile` writes
+    assert cpu.cold_mib > 0 and set(cpu.engine_cold) == set(cpu.engine) - {"read_us", "read_wait"}
+    assert cpu.engine_cold["layer_us"] > 0 and cpu.attention_cold["decode_gflops"] > 0
+    assert hw.to_dict()["cpu"]["engine_cold"] == cpu.engine_cold
     assert hw.ssd.rand_read_gbs > 0 and hw.ssd.read_iops > 0 and hw.measured
     hw.save(tmp_path / "here.json")
     assert load_hardware(tmp_path / "here.json") == hw

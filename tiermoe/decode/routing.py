@@ -140,12 +140,17 @@ class RoutingReplay:
         self._sel = torch.from_numpy(np.flatnonzero(have))
         self._ids = torch.from_numpy(self.trace.experts[rows[have]].astype(np.int64))
         self._weights = torch.from_numpy(self.trace.weights[rows[have]].astype(np.float32))
+        # layers where every row of the pass is traced and computed: on_route hands the trace's own tensors over
+        whole = bool(have.all()) and len(rows) > 0
+        self._whole = ((self._ids >= 0).all(dim=2).all(dim=0) & whole).tolist()  # [L]
 
     def on_route(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self._sel) == 0:
             return ids, weights
         lay = self.layer_index[layer]
         traced = self._ids[:, lay]  # [n, A]
+        if self._whole[lay]:  # the same values as the general path below, without its copies
+            return traced, self._weights[:, lay].to(weights.dtype)
         ok = (traced >= 0).all(dim=1)  # -1: the layer was not computed for that token in the source
         sel = self._sel[ok]
         ids, weights = ids.clone(), weights.clone()

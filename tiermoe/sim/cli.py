@@ -171,7 +171,7 @@ def _add_profile_command(subparsers: argparse._SubParsersAction) -> None:
                               description="Measure CPU GEMV/GEMM rates per thread count, DRAM, the disk (direct "
                                           "reads), the GPU if any, and the engine's own costs (its kernels, "
                                           "attention, fixed costs per expert, layer, forward and read), and write "
-                                          "a hardware profile (JSON). Takes about a minute.")
+                                          "a hardware profile (JSON). Takes one to two minutes.")
     p.add_argument("--out", type=Path, default=None, help="profile file to write (default: print it)")
     p.add_argument("--disk-dir", type=Path, default=None, help="a folder on the disk to measure (default: the "
                                                                "temporary folder; use the one holding your models)")

@@ -78,6 +78,11 @@ class Pricing:
         lock the model's thread needs too): measured profiles only."""
         return self.hw.cpu.engine.get("read_us", 0.0) * 1e-6 if self.engine is not None else 0.0
 
+    def read_wait(self) -> float:
+        """Share of the model thread's compute that a read issued meanwhile waits before its I/O thread starts it
+        (the engine's kernels hold the interpreter lock): measured profiles only."""
+        return self.hw.cpu.engine.get("read_wait", 0.0) if self.engine is not None else 0.0
+
     def dense_layer(self, tokens: int, context: int, on_gpu: bool, seqs: list[tuple[int, int]] | None = None,
                     block: bool = False) -> float:
         """A layer's attention, router and shared experts for `tokens` new tokens attending to `context` each

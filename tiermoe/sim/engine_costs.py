@@ -7,6 +7,8 @@ a routed expert adds the engine's fixed cost per expert; a layer its fixed cost 
 products and its attention core per sequence (fixed + FLOPs at the measured rate); a forward the head's product,
 the prediction's cost per logit and the fixed cost outside the model (per forward, or per request and diffusion
 forward). Rates were measured at one thread; at more, kernel and attention rates scale as the profile's GEMV rate.
+Fixed costs and attention are taken between their hot and cold measurements (`CPUProfile.cold_share` of the
+model's expert bytes): a model whose products stream MiBs through the caches pays its small ops cache-cold.
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ def seconds_per_byte(by_rows: dict[int, float], rows: int) -> float:
     return (1 - f) / (by_rows[lo] * GB) + f / (by_rows[hi] * GB)
 
 
+def between(hot: dict[str, float], cold: dict[str, float] | None, share: float) -> dict[str, float]:
+    """`hot` moved `share` of the way to `cold` (per key; rates `*_gflops` / `*_gbs` as their time per unit)."""
+    if not cold or not share:
+        return hot
+    out = dict(hot)
+    for k, a in hot.items():
+        if k in cold:
+            b = cold[k]
+            out[k] = 1 / ((1 - share) / a + share / b) if k.endswith(("_gflops", "_gbs")) else a + share * (b - a)
+    return out
+
+
 def fixed_at(by_rows: dict[int, float], rows: int) -> float:
     lo, hi, f = _between(by_rows, rows)
     return ((1 - f) * by_rows[lo] + f * by_rows[hi]) * US
@@ -56,7 +70,9 @@ class EngineCosts:
         self.rates, self.linear_us, self.swiglu_us = (cpu.kernel_gbs[dtype], cpu.linear_us[dtype],
                                                       cpu.swiglu_us[dtype])
         self.speedup = cpu.gemv_bandwidth(threads) / cpu.gemv_bandwidth(1)
-        self.e = cpu.engine
+        share = cpu.cold_share(shape.expert_bytes)
+        self.e = between(cpu.engine, cpu.engine_cold, share)
+        self.attn = between(cpu.attention, cpu.attention_cold, share)
 
     def stream(self, nbytes: float, row_length: int, rows: int) -> float:
         """Seconds the kernels take to stream `nbytes` of weights with rows of `row_length` against `rows` rows:
@@ -83,7 +99,7 @@ class EngineCosts:
     def attention(self, rows: int, context: int, block: bool) -> float:
         """One sequence's attention core: `rows` queries over `context` keys each; a block of rows at once (block
         diffusion) or row by row as decode rows (the autoregressive engine, batch-invariant)."""
-        a, s = self.cpu.attention, self.shape
+        a, s = self.attn, self.shape
         kind, calls = ("block", 1) if block else ("decode", rows)
         flops = 4.0 * rows * context * s.query_width
         kv = calls * context * s.kv_dim * s.dtype_bytes  # keys and values, read once per call

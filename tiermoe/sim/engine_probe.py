@@ -15,6 +15,14 @@ them, for any model shape:
 - `engine_overheads`: the shipped models run with timers on their layers, experts, kernels and attention; what
   remains after the timed kernels and attention is the engine's fixed cost per routed expert, per layer (and per
   extra row), per forward and per logit of the prediction.
+
+The shipped models are tiny: their weights, K/V and the interpreter's own data stay in the caches, while a real
+model's products stream MiBs of weights between the engine's small ops and evict them, which makes each op slower
+(measured here: a layer's fixed cost nearly doubles). So the fixed costs and attention are measured twice: as they
+come (`cold_mib` 0) and with every kernel call first streaming `COLD_MIB` of a ring larger than the caches (`cold`),
+standing for a product of that many bytes; the stream's time is inside the timed kernels, so it is never counted
+as overhead. The simulator takes a model's costs between the two in proportion to its experts' bytes (measured
+linear in between: 0.5 - 8 MiB per call).
 """
 
 from __future__ import annotations
@@ -27,6 +35,14 @@ from pathlib import Path
 
 from tiermoe.sim.hardware import _best
 
+
+def _typical(fn, reps: int = 3) -> float:
+    """Median seconds of `reps` runs of `fn` after a warm-up: the benchmarks report medians, and on a shared machine
+    the fastest run is a quiet moment's."""
+    return _best(fn, reps, pick=statistics.median)
+
+
+COLD_MIB = 8  # MiB a kernel call streams in the cold measurement: a layer's few products then exceed the LLC
 ROW_LENS = (64, 256, 1024, 4096)  # K of the products measured (an expert's hidden and intermediate sizes)
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # x rows per product: decode at batch 1 up to a diffusion block's rows per expert
 DTYPES = ("float32", "bfloat16")
@@ -50,7 +66,7 @@ def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 <
                     for s in sizes}
             for r in rows:
                 x = torch.randn(r, k).to(dtype)
-                per = [_best(lambda ws=mats[s], x=x: [kernels.linear(x, w) for w in ws], reps=2) / len(mats[s])
+                per = [_typical(lambda ws=mats[s], x=x: [kernels.linear(x, w) for w in ws]) / len(mats[s])
                        for s in sizes]
                 rate = (sizes[1] - sizes[0]) / max(per[1] - per[0], 1e-12)
                 gbs[name][k][r] = round(rate / 1e9, 3)
@@ -72,8 +88,8 @@ def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int =
     out = {}
     for r in rows:
         x, scale = torch.randn(r, hidden).to(dtype), torch.rand(r, 1)
-        t = _best(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
-                                            for g, d in zip(gate_up, down, strict=True)], reps=3) / n
+        t = _typical(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
+                                            for g, d in zip(gate_up, down, strict=True)]) / n
         k0 = min(rates)  # the shortest rows measured stand for these
         streamed = 3 * hidden * inter * dtype.itemsize / (rates[k0][r] * 1e9)
         out[r] = round(max(t - streamed, 0.0) * 1e6, 2)
@@ -83,16 +99,20 @@ def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int =
 ATTN_SHAPES = ((8, 2, 64), (8, 8, 64), (16, 16, 32), (4, 4, 128))  # (heads, KV heads, head dim) measured
 
 
-def attention_costs(shapes=ATTN_SHAPES) -> dict[str, float]:
+def attention_costs(shapes=ATTN_SHAPES, cold_mib: float = 0) -> dict[str, float]:
     """The engine's attention core (`tiermoe.models.layers.attend`, fp32) for one query row (`decode_*`: the decode
     kernel) and for a block of rows over a cache (`block_*`: block diffusion's masked SDPA), each as microseconds
     per call and per query head, a FLOP rate (4 t S h d FLOPs) and a rate for the keys and values read (2 S g d
-    floats), fitted by least squares over heads, KV heads, head dims and contexts."""
+    floats), fitted by least squares over heads, KV heads, head dims and contexts. With `cold_mib`, each call
+    follows a stream of that many MiB (a layer's weights between two attention calls; its time taken off)."""
     import numpy as np
     import torch
 
     from tiermoe.models.layers import attend
 
+    stream = _Stream(cold_mib) if cold_mib else None
+    n = 30 if stream else 100
+    streamed = _typical(lambda: [stream() for _ in range(n)]) / n if stream else 0.0
     out = {}
     for name, rows, block in (("decode", (1,), 1), ("block", (8, 32), 32)):
         x, y = [], []
@@ -101,9 +121,9 @@ def attention_costs(shapes=ATTN_SHAPES) -> dict[str, float]:
                 for past in (64, 256, 1024):
                     q = torch.randn(t, h, d)
                     k, v = torch.randn(past + t, g, d), torch.randn(past + t, g, d)
-                    n = 100
-                    y.append(_best(lambda q=q, k=k, v=v, past=past, block=block, n=n:
-                                   [attend(q, k, v, past, None, block) for _ in range(n)], reps=3) / n)
+                    y.append(max(_typical(lambda q=q, k=k, v=v, past=past, block=block:
+                                          [(stream and stream(), attend(q, k, v, past, None, block))
+                                           for _ in range(n)]) / n - streamed, 1e-7))
                     x.append([1.0, h, 4.0 * t * (past + t) * h * d, 2.0 * (past + t) * g * d * 4])
         x, y = np.array(x), np.array(y)
         w = 1 / y  # relative error
@@ -112,6 +132,29 @@ def attention_costs(shapes=ATTN_SHAPES) -> dict[str, float]:
         out[f"{name}_gflops"] = round(1 / coef[2] / 1e9, 3) if coef[2] > 0 else 1e6
         out[f"{name}_kv_gbs"] = round(1 / coef[3] / 1e9, 3) if coef[3] > 0 else 1e6
     return out
+
+
+class _Stream:
+    """Each call reads the next `mib` MiB of a ring larger than the caches, as a product's weights stream through
+    them (read only, as weights are)."""
+
+    def __init__(self, mib: float, ring_mib: int = 128):
+        import torch
+
+        self.ring, self.n, self.at = torch.ones(ring_mib << 18), int(mib * (1 << 18)), 0  # fp32: 2^18 per MiB
+
+    def __call__(self) -> None:
+        if self.at + self.n > self.ring.numel():
+            self.at = 0
+        self.ring[self.at:self.at + self.n].sum()
+        self.at += self.n
+
+
+def _streaming(fn, stream: _Stream):
+    def cold(*args, **kwargs):
+        stream()
+        return fn(*args, **kwargs)
+    return cold
 
 
 class _Timers:
@@ -123,6 +166,7 @@ class _Timers:
         self.nested: Counter = Counter()  # (outer, inner) -> seconds of inner spent inside outer
         self.nested_calls: Counter = Counter()
         self._open: Counter = Counter()
+        self.experts = 0  # experts the grouped kernel computed
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -141,6 +185,14 @@ class _Timers:
                         self.nested_calls[outer, name] += 1
         return timed
 
+    def counted(self, grouped):
+        """The grouped experts kernel, counting the experts it computes (None: not served, `swiglu` computes them)."""
+        def call(x, gate_ups, *args, **kwargs):
+            y = grouped(x, gate_ups, *args, **kwargs)
+            self.experts += len(gate_ups) if y is not None else 0
+            return y
+        return call
+
 
 @contextmanager
 def _patched(pairs):
@@ -155,9 +207,10 @@ def _patched(pairs):
             setattr(obj, attr, value)
 
 
-def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3):
+def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3, cold_mib: float = 0):
     """Generates from `prompt` on `model_dir` all resident with the engine's layers, routed experts, kernels,
-    attention, logits and prediction timed: the fastest of `reps` runs after a warm-up (seconds, timers, stats)."""
+    attention, logits and prediction timed: the median of `reps` runs after a warm-up (seconds, timers, stats), as
+    the benchmarks report medians. With `cold_mib`, every kernel call first streams that many MiB (see above)."""
     from tiermoe import LLM, kernels
     from tiermoe.decode.diffusion import Denoiser
     from tiermoe.models import attention
@@ -167,11 +220,16 @@ def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3):
     llm = LLM(model_dir)
     for layer, e in llm.index.experts():  # all resident: no read is timed
         list(llm.store.fetch(layer, [e]))
-    best = None
+    kern = {n: getattr(kernels, n) for n in ("linear", "swiglu", "grouped_swiglu")}
+    if cold_mib:
+        stream = _Stream(cold_mib)
+        kern = {n: _streaming(f, stream) for n, f in kern.items()}
+    runs = []
     for i in range(reps + 1):
         t = _Timers()
-        pairs = [(kernels, "linear", t.wrap("linear", kernels.linear)),
-                 (kernels, "swiglu", t.wrap("swiglu", kernels.swiglu)),
+        pairs = [(kernels, "linear", t.wrap("linear", kern["linear"])),
+                 (kernels, "swiglu", t.wrap("swiglu", kern["swiglu"])),
+                 (kernels, "grouped_swiglu", t.counted(t.wrap("grouped", kern["grouped_swiglu"]))),
                  (attention, "attend", t.wrap("attend", attention.attend)),  # the core; the K/V cache is the layer's
                  (DecoderLayer, "forward", t.wrap("layer", DecoderLayer.forward)),
                  (CausalLM, "forward", t.wrap("model", CausalLM.forward)),  # counts forwards
@@ -182,40 +240,46 @@ def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3):
             start = time.perf_counter()
             out = llm.generate([prompt], params, use_tqdm=False)[0]
             seconds = time.perf_counter() - start
-        if i and (best is None or seconds < best[0]):
-            best = (seconds, t, out.stats.get("diffusion") or {})
+        if i:
+            runs.append((seconds, t, out.stats.get("diffusion") or {}))
     shape = llm.model.shape
     llm.store.close()
-    return (*best, shape.vocab_size, len(llm.model.model.layers))
+    return (*sorted(runs, key=lambda r: r[0])[len(runs) // 2], shape.vocab_size, len(llm.model.model.layers))
 
 
 def _layer_rest(t: _Timers, layers: int) -> float:
     """Seconds per decoder layer call besides its kernels, its routed experts and its attention core."""
-    kernels_outside_routed = t.nested["layer", "linear"] + t.nested["layer", "swiglu"] - t.nested["routed", "swiglu"]
+    kernels_outside_routed = (t.nested["layer", "linear"] + t.nested["layer", "swiglu"] + t.nested["layer", "grouped"]
+                              - t.nested["routed", "swiglu"] - t.nested["routed", "grouped"])
     return (t.seconds["layer"] - t.seconds["routed"] - kernels_outside_routed - t.seconds["attend"]) \
         / (t.calls["model"] * layers)
 
 
 def _per_expert(t: _Timers) -> float:
-    """Seconds per routed expert besides its kernel: the store's fetch, slicing, summing."""
-    n = t.nested_calls["routed", "swiglu"]
-    return (t.seconds["routed"] - t.nested["routed", "swiglu"]) / n if n else 0.0
+    """Seconds per routed expert besides its kernel (one call each, or one grouped call for the layer's): the
+    store's fetch, slicing, gathering, summing."""
+    n = t.nested_calls["routed", "swiglu"] + t.experts
+    return (t.seconds["routed"] - t.nested["routed", "swiglu"] - t.nested["routed", "grouped"]) / n if n else 0.0
 
 
-def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None = None) -> dict[str, float]:
+def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None = None,
+                     cold_mib: float = 0) -> dict[str, float]:
     """The engine's fixed costs beyond its timed kernels and attention core: per routed expert (`expert_us`: one
     token's path, `batch_expert_us`: the batched path), per decoder layer of a one-row decode forward (`layer_us`),
     per decoder layer of a block-diffusion forward (`block_layer_us`) and per row of it (`layer_row_us`, the slope
     between two block lengths), per autoregressive forward outside the model (`step_us`), per diffusion request and
     forward outside the model (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
-    the disk (`read_us`, see `read_cost_us`). Decodes the shipped models
+    the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read issued meanwhile waits
+    to start (`read_wait`). Decodes the shipped models
     all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 48
-    tokens in blocks of 8 and of 16 from a 12-token prompt."""
+    tokens in blocks of 8 and of 16 from a 12-token prompt. With `cold_mib`, every kernel call streams that many MiB
+    first (see the module docstring), and the read cost is left out."""
     from tiermoe import SamplingParams
     from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
 
     seconds, t, _, vocab, layers = _probe(ar_model or DEFAULT_MODEL,
-                                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), [100])
+                                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), [100],
+                                         cold_mib=cold_mib)
     ar_forwards, expert_s, layer_1 = t.calls["model"], _per_expert(t), _layer_rest(t, layers)
     # outside the layers: embedding, final norm, sampling, the scheduler (the head's product is priced apart)
     ar_outside, ar_vocab = (seconds - t.seconds["layer"] - t.seconds["logits"]) / ar_forwards, vocab
@@ -224,7 +288,8 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     for block in (8, 16):
         params = SamplingParams(temperature=0, max_tokens=48, block_length=block, steps=block, threshold=0.95,
                                 ignore_eos=True)
-        per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params, list(range(4, 16)))
+        per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params, list(range(4, 16)),
+                                  cold_mib=cold_mib)
     rest = {}  # mean rows per forward -> layer rest seconds
     for _, t, stats, _, layers in per_block.values():
         rest[stats["forward_rows"] / t.calls["model"]] = _layer_rest(t, layers)
@@ -232,13 +297,40 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     seconds, t, stats, vocab, layers = per_block[16]
     forwards = t.calls["model"]
     logit_s = (t.seconds["predict"] - t.seconds["logits"]) / max(stats["logit_rows"] * vocab, 1)
-    return {"expert_us": round(expert_s * 1e6, 2), "batch_expert_us": round(_per_expert(t) * 1e6, 2),
-            "layer_us": round(layer_1 * 1e6, 2), "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
-            "step_us": round(max(ar_outside - logit_s * ar_vocab, 0.0) * 1e6, 2),
-            "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / forwards * 1e6, 2),
-            "logit_ns": round(logit_s * 1e9, 3),
-            "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2),
-            "read_us": read_cost_us(diffusion_model)}
+    out = {"expert_us": round(expert_s * 1e6, 2), "batch_expert_us": round(_per_expert(t) * 1e6, 2),
+           "layer_us": round(layer_1 * 1e6, 2), "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
+           "step_us": round(max(ar_outside - logit_s * ar_vocab, 0.0) * 1e6, 2),
+           "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / forwards * 1e6, 2),
+           "logit_ns": round(logit_s * 1e9, 3),
+           "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2)}
+    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
+
+
+def read_wait(compute_ms: float = 2.0, reps: int = 21, hidden: int = 512, inter: int = 256) -> float:
+    """Share of a stretch of the model thread's compute (the engine's expert kernel called over and over for
+    `compute_ms`, about a layer's resident experts) that a task submitted to an I/O thread at its start waits before
+    it runs, the median of `reps`: near 1 when the kernels hold the interpreter lock (a read the store issues then
+    starts only when the model's thread waits for it), near 0 when they let it go."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from tiermoe import kernels
+
+    gate_up, down = torch.randn(2 * inter, hidden), torch.randn(hidden, inter)
+    x, scale = torch.randn(1, hidden), torch.ones(1, 1)
+    started, waits = [], []
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: None).result()  # the thread exists and waits for work, as the store's do
+        for _ in range(reps):
+            start = time.perf_counter()
+            task = pool.submit(lambda: started.append(time.perf_counter()))
+            while time.perf_counter() - start < compute_ms * 1e-3:
+                kernels.swiglu(x, gate_up, down, scale, out_dtype=torch.float32)
+            end = time.perf_counter()
+            task.result()
+            waits.append(min((started[-1] - start) / (end - start), 1.0))
+    return round(statistics.median(waits), 3)
 
 
 def read_cost_us(model_dir: Path | None = None, budget: str = "25%", tau: int = 4, reps: int = 3) -> float:

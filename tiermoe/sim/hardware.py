@@ -6,7 +6,10 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
     cpu   {name, cores, gemv_gbs {threads: GB/s}, gemm_gflops {threads: GFLOP/s}, call_us,
            engine-measured (optional): kernel_gbs {dtype: {row length: {rows: GB/s}}}, linear_us / swiglu_us
            {dtype: {rows: us}}, attention {decode_us, decode_gflops, block_us, block_gflops},
-           engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns}}
+           engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns,
+           read_us, read_wait (optional)},
+           cold_mib, attention_cold, engine_cold (optional: the same measured with every kernel call streaming
+           cold_mib MiB first)}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
     ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional),
            read_latency_us, read_latency_qd1_us (optional, 0)}
@@ -52,6 +55,11 @@ class CPUProfile:
     swiglu_us: dict[str, dict[int, float]] | None = None  # ... of one fused expert kernel call
     attention: dict[str, float] | None = None  # decode_us, decode_gflops, block_us, block_gflops
     engine: dict[str, float] | None = None  # fixed costs, see tiermoe.sim.engine_probe.engine_overheads
+    # attention and fixed costs measured again with each kernel call streaming `cold_mib` MiB through the caches
+    # first, as a real model's products do (None, 0: not measured; costs are then taken as measured above)
+    cold_mib: float = 0.0
+    attention_cold: dict[str, float] | None = None
+    engine_cold: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         for table in ("gemv_gbs", "gemm_gflops"):
@@ -74,6 +82,13 @@ class CPUProfile:
     def engine_measured(self) -> bool:
         """Whether the profile holds the engine's own costs (a `tiermoe profile` of this engine)."""
         return self.kernel_gbs is not None
+
+    def cold_share(self, nbytes: int) -> float:
+        """How far toward the cold measurements a model whose kernel calls stream `nbytes` each is priced: its
+        bytes over the cold measurement's (measured linear in between), 1 beyond it, 0 without cold ones."""
+        if not self.cold_mib or self.engine_cold is None or self.attention_cold is None:
+            return 0.0
+        return min(nbytes / (self.cold_mib * 2**20), 1.0)
 
     def gemv_bandwidth(self, threads: int) -> float:
         """Bytes/s at `threads` threads (the nearest measured count at or below it)."""
@@ -179,17 +194,17 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 
 def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20, name: str = "this-machine",
                          file_mib: int = 256, kernel_mib: int = 128) -> Hardware:
-    """Measures this machine (about a minute): per thread count, CPU GEMV over more weights than the caches hold
+    """Measures this machine (one to two minutes): per thread count, CPU GEMV over more weights than the caches hold
     and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.profile_costs`); per-call overhead, DRAM
     copy rate, and direct reads of a file written in `disk_dir` (sequential, `read_bytes` random reads 4 in flight
     as the stores issue them and one at a time, each as a fixed time per read plus bytes at a rate from two read
     sizes, 4 KiB IOPS); at one thread, the engine's own kernels (over `kernel_mib` MiB of weights), attention and
-    fixed costs (tiermoe.sim.engine_probe)."""
+    fixed costs (tiermoe.sim.engine_probe), hot and with each kernel call streaming weights through the caches."""
     import torch
 
     from tiermoe.offload.placement.costs import IO_DEPTH, io_bandwidth
     from tiermoe.offload.tiers.accelerator import profile_costs
-    from tiermoe.sim.engine_probe import attention_costs, engine_overheads, kernel_rates
+    from tiermoe.sim.engine_probe import COLD_MIB, attention_costs, engine_overheads, kernel_rates
 
     threads0 = torch.get_num_threads()
     counts = sorted({1, *(2**i for i in range(1, 8) if 2**i <= (os.cpu_count() or 1)), os.cpu_count() or 1})
@@ -203,6 +218,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         torch.set_num_threads(1)  # the engine's own costs, at one thread (other counts scale as the GEMV does)
         kernel_gbs, linear_us, swiglu_us = kernel_rates(total=kernel_mib << 20)
         attn, fixed = attention_costs(), engine_overheads()
+        attn_cold, fixed_cold = attention_costs(cold_mib=COLD_MIB), engine_overheads(cold_mib=COLD_MIB)
     finally:
         torch.set_num_threads(threads0)
     dram = _copy_rate() / GB
@@ -215,7 +231,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         iops = io_bandwidth(probe, 4096, threads=IO_DEPTH, total=4 << 20) / 4096
     return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
                     cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2), kernel_gbs,
-                                   linear_us, swiglu_us, attn, fixed),
+                                   linear_us, swiglu_us, attn, fixed, COLD_MIB, attn_cold, fixed_cold),
                     ssd=SSDProfile("disk holding " + str(disk_dir or tempfile.gettempdir()), round(seq, 3),
                                    round(rand, 3), round(iops), round(qd1, 3), round(lat, 1), round(lat1, 1)),
                     gpu=_measure_gpu(), description="measured by `tiermoe profile`",
@@ -269,14 +285,15 @@ def _call_overhead_us() -> float:
     return _best(lambda: [x @ w.T for _ in range(n)]) / n * 1e6
 
 
-def _best(fn, reps: int = 5) -> float:
+def _best(fn, reps: int = 5, pick=min) -> float:
+    """The fastest (or `pick` of the) seconds of `reps` runs of `fn` after a warm-up."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return pick(times)
 
 
 def _write_random(path: Path, nbytes: int) -> None:

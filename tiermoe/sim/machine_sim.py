@@ -333,30 +333,45 @@ class MachineSim:
         ready: list[tuple[float, int, tuple]] = []  # (ready time, order, key), a heap
         for key in served.hits:
             ready.append((max(t0, self.inflight.pop(key, t0)), next(order), key))
+        issue, held = t0, bool(self.price.read_wait())
+        if held and (served.misses or served.streamed or served.prefetch):
+            # the I/O threads start their reads once the model's thread lets go of the interpreter lock: the
+            # experts at hand are computed first, for `read_wait` of that time the reads wait; and a read's Python
+            # runs as it lands, while the model's thread waits for it (see `_read`)
+            now = [r for r in ready if r[0] <= t0]
+            ready = [r for r in ready if r[0] > t0]
+            for _, _, key in now:
+                last = max(last, self._compute(key, tokens[key[1]], where[key[1]], t0))
+            issue = t0 + self.price.read_wait() * (last - t0)
         for key in served.misses:
             self.inflight.pop(key, None)
-            ready.append((self._read(t0, size, depth_one=False), next(order), key))
+            ready.append((self._read(issue, size, depth_one=False, landing=held), next(order), key))
         heapq.heapify(ready)
         queue, window = deque(served.streamed), max(self.ram.window, 1)
         for _ in range(min(window, len(queue))):
-            heapq.heappush(ready, (self._read(t0, size, depth_one=window == 1), next(order), queue.popleft()))
+            heapq.heappush(ready, (self._read(issue, size, depth_one=window == 1, landing=held), next(order),
+                                   queue.popleft()))
         for key in served.prefetch:  # issued after the demand reads
-            self.inflight[key] = self._read(t0, size, depth_one=False)
-        streamed = set(served.streamed)
+            self.inflight[key] = self._read(issue, size, depth_one=False)
+        streamed, read = set(served.streamed), set(served.misses) | set(served.streamed)
         while ready:
             at, _, key = heapq.heappop(ready)
+            if held and key in read:
+                at = self.clock.run("cpu", at, self.price.read_cpu())
             done = self._compute(key, tokens[key[1]], where[key[1]], at)
             last = max(last, done)
             if key in streamed and queue:  # its room serves the next streamed read
-                heapq.heappush(ready, (self._read(done, size, depth_one=window == 1), next(order), queue.popleft()))
+                heapq.heappush(ready, (self._read(done, size, depth_one=window == 1, landing=held), next(order),
+                                       queue.popleft()))
         return last
 
-    def _read(self, at: float, nbytes: int, depth_one: bool) -> float:
+    def _read(self, at: float, nbytes: int, depth_one: bool, landing: bool = False) -> float:
         """Queue one expert read issued at `at`; returns when it lands. The engine's CPU time around a read (its
-        store's Python) delays the model's thread, which shares the interpreter lock with the readers."""
+        store's Python) delays the model's thread, which shares the interpreter lock with the readers: charged
+        here, or by the caller as the read lands (`landing`)."""
         self.bytes_read += nbytes
         cpu = self.price.read_cpu()
-        if cpu:
+        if cpu and not landing:
             self.clock.run("cpu", at, cpu)
         return self.clock.run("disk", at, self.price.read(nbytes, depth_one))
 
