@@ -113,6 +113,7 @@ def attention_costs(shapes=ATTN_SHAPES, cold_mib: float = 0) -> dict[str, float]
     stream = _Stream(cold_mib) if cold_mib else None
     n = 30 if stream else 100
     streamed = _typical(lambda: [stream() for _ in range(n)]) / n if stream else 0.0
+    call = _streaming(attend, stream) if stream else attend
     out = {}
     for name, rows, block in (("decode", (1,), 1), ("block", (8, 32), 32)):
         x, y = [], []
@@ -122,8 +123,8 @@ def attention_costs(shapes=ATTN_SHAPES, cold_mib: float = 0) -> dict[str, float]
                     q = torch.randn(t, h, d)
                     k, v = torch.randn(past + t, g, d), torch.randn(past + t, g, d)
                     y.append(max(_typical(lambda q=q, k=k, v=v, past=past, block=block:
-                                          [(stream and stream(), attend(q, k, v, past, None, block))
-                                           for _ in range(n)]) / n - streamed, 1e-7))
+                                          [call(q, k, v, past, None, block) for _ in range(n)]) / n - streamed,
+                                 1e-7))
                     x.append([1.0, h, 4.0 * t * (past + t) * h * d, 2.0 * (past + t) * g * d * 4])
         x, y = np.array(x), np.array(y)
         w = 1 / y  # relative error
