@@ -122,3 +122,12 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
                         "the model's distribution before penalties and temperature; -1 = all (default: none)")
     p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
                    help="per prompt token, the logprobs of the N most likely tokens and the prompt's (default: none)")
+
+
+def run_standalone(prog: str, description: str, dest: str, add_commands, argv=None) -> int:
+    """A command group's own entry point (`python -m <module> COMMAND ...`): `add_commands(subparsers)` registers
+    its commands, each setting `func`; returns the chosen command's exit code."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_commands(parser.add_subparsers(dest=dest, required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return args.func(args)

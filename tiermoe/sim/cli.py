@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tiermoe.cli_flags import run_standalone
 from tiermoe.offload.policies import POLICIES
 from tiermoe.offload.tiers.fetch_order import fetch_order
 from tiermoe.sim.cache_sim import CacheSimResult, Capacity, simulate
@@ -273,10 +274,8 @@ def plot_hit_rates(result: CacheSimResult, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: `python -m tiermoe.sim.cli cache ...`."""
-    parser = argparse.ArgumentParser(prog="tiermoe sim", description="trace-driven simulation of offload policies")
-    _add_cache_command(parser.add_subparsers(dest="sim_command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run_standalone("tiermoe sim", "trace-driven simulation of offload policies", "sim_command",
+                          _add_cache_command, argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tiermoe.cli_flags import run_standalone
 from tiermoe.offload.policies.learned import DEFAULT_FEATURES, FEATURES, LearnedConfig, LearnedWeights
 from tiermoe.offload.tools.learned_train import TrainConfig, split_sequences, train
 from tiermoe.sim.cache_sim import Capacity, simulate
@@ -144,10 +145,7 @@ def format_heldout(h: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: `python -m tiermoe.offload.tools.policy_cli train ...`."""
-    parser = argparse.ArgumentParser(prog="tiermoe policy", description="learned cache policies")
-    _add_train_command(parser.add_subparsers(dest="policy_command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run_standalone("tiermoe policy", "learned cache policies", "policy_command", _add_train_command, argv)
 
 
 if __name__ == "__main__":

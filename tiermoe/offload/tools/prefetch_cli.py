@@ -19,6 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tiermoe.cli_flags import run_standalone
+
 if TYPE_CHECKING:  # torch loads only when the command runs (`tiermoe --version` stays fast)
     from tiermoe.offload.prefetch import AffinityTable
     from tiermoe.sim.trace import Trace
@@ -148,10 +150,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: `python -m tiermoe.offload.tools.prefetch_cli train ...`."""
-    parser = argparse.ArgumentParser(prog="tiermoe prefetch", description="prefetchers")
-    _add_train_command(parser.add_subparsers(dest="prefetch_command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return run_standalone("tiermoe prefetch", "prefetchers", "prefetch_command", _add_train_command, argv)
 
 
 if __name__ == "__main__":
