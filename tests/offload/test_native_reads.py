@@ -2,12 +2,14 @@
 serving when the engine is off (the whole lossless matrix runs on whichever the machine has)."""
 
 import os
+import shutil
 
 import pytest
 import torch
 
-from tests.offload.test_tiered_store import GREEDY, PROMPTS, disk_models, tokens  # noqa: F401 - a fixture
+from tests.offload.test_tiered_store import GREEDY, PROMPTS, tokens
 from tiermoe import LLM
+from tiermoe.convert import convert
 from tiermoe.errors import ExpertIOError
 from tiermoe.offload.policies import make_policy
 from tiermoe.offload.tiers.direct_io import DirectReader
@@ -17,13 +19,20 @@ from tiermoe.offload.tiers.ram import TieredStore, min_budget
 pytestmark = pytest.mark.skipif(engine_module() is None, reason="no native read engine on this machine")
 
 
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory):
+    """Tiny checkpoints in the converted layout (every expert read in place), on a disk-backed folder."""
+    root = tmp_path_factory.mktemp("native")
+    return {f: convert(tiny_models(f, "fused"), root / f) for f in ("qwen3_moe", "mixtral")}
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("settings", [dict(expert_cache="min", cache_policy="lru"),
                                       dict(expert_cache="25%", cache_policy="dali", prefetch="plain"),
                                       dict(expert_cache="50%", cache_policy="learned")])
-def test_native_and_python_readers_give_the_all_resident_tokens_within_the_budget(disk_models, family, settings,
+def test_native_and_python_readers_give_the_all_resident_tokens_within_the_budget(converted, family, settings,
                                                                                    monkeypatch):
-    folder = disk_models(family, "converted")
+    folder = converted[family]
     expected = tokens(LLM(folder))
     for native in (True, False):
         monkeypatch.setenv("TIERMOE_NATIVE_IO", "on" if native else "off")
@@ -58,8 +67,8 @@ class BadDescriptor(DirectReader):
         return self.bad, False
 
 
-def test_a_failed_native_read_names_file_and_expert_and_leaves_the_store_consistent(disk_models):
-    folder = disk_models("mixtral", "converted")
+def test_a_failed_native_read_names_file_and_expert_and_leaves_the_store_consistent(converted):
+    folder = converted["mixtral"]
     expected = tokens(LLM(folder))
     llm = LLM(folder, expert_cache="50%")
     store = llm.store
@@ -74,8 +83,8 @@ def test_a_failed_native_read_names_file_and_expert_and_leaves_the_store_consist
     assert tokens(llm) == expected
 
 
-def test_a_queued_read_cancelled_frees_its_buffer_and_a_started_one_lands(disk_models):
-    folder = disk_models("qwen3_moe", "converted")
+def test_a_queued_read_cancelled_frees_its_buffer_and_a_started_one_lands(converted):
+    folder = converted["qwen3_moe"]
     llm = LLM(folder)
     index, layers, k = llm.index, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
     store = TieredStore(index, torch.float32, min_budget(index, layers, k, torch.float32), make_policy("lru"), layers,
@@ -96,3 +105,12 @@ def test_a_queued_read_cancelled_frees_its_buffer_and_a_started_one_lands(disk_m
         assert store.reader.pool.in_use == 0
     finally:
         store.close()
+
+
+def test_experts_file_changed_under_a_running_engine_is_named(converted, tmp_path):
+    folder = shutil.copytree(converted["mixtral"], tmp_path / "c")
+    llm = LLM(folder, expert_cache="25%")
+    assert llm.store.native is not None
+    os.utime(folder / "experts.bin", ns=(0, 0))
+    with pytest.raises(ExpertIOError, match=r"experts\.bin changed .*expert \d+ of layer \d+"):
+        tokens(llm)

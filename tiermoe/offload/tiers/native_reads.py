@@ -158,13 +158,14 @@ class NativeRead:
 
 
 def first_landed(reads: Collection) -> list:
-    """The reads (futures or `NativeRead`s, not mixed) that have finished, blocking until one has."""
+    """The reads that have finished, blocking until one has: futures, or `NativeRead`s beside futures already done
+    (a read refused before it started)."""
+    done = [r for r in reads if r.done()]
+    if done:
+        return done
     native = [r for r in reads if isinstance(r, NativeRead)]
     if not native:
         return list(wait(reads, return_when=FIRST_COMPLETED).done)
-    done = [r for r in native if r.done()]
-    if done:
-        return done
     job = native[0].reads.engine.wait_any([r.job for r in native])
     return [r for r in native if r.job == job or r.done()]
 
