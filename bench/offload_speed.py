@@ -3,6 +3,7 @@
     python -m bench.offload_speed [--trace ../shared/traces/olmoe-1b-7b-0924_decode_wikitext-mbpp.npz]
         [--hidden 512 --expert-dim 256] [--sequences 3] [--reps 3] [--policies lru,lfu,dali,learned]
         [--budgets 25%,50%] [--max-tokens N] [--perfect-prefetch lru] [--affinity dali --split 0.5]
+        [--python-reads dali]
         [--out bench/results] [--name offload_speed]
     smoke check (under a minute): --hidden 64 --expert-dim 32 --sequences 1 --reps 1 --max-tokens 16 --threads 1
 
@@ -26,7 +27,9 @@ layer picked (the traced ones), so it works on a replay: `--affinity POLICY --sp
 fitted on the trace's training prompts (`tiermoe prefetch train`; pass its file with --affinity-table to skip the
 fit) while every configuration replays held-out prompts. `--perfect-prefetch POLICY` adds rows where the store is
 told each next layer's traced experts as the current layer starts (what a perfect predictor would say): an upper
-bound on what prefetching within a token can add, not a setting a user can run.
+bound on what prefetching within a token can add, not a setting a user can run. `--python-reads POLICY` adds rows
+whose reads run on Python threads (the store's fallback when the native readers, tiers/native_reads.py, cannot
+build): the baseline, in the same run, of what the native readers change.
 
     affinity rows (bench/results/offload_speed_prefetch.md):
     tiermoe prefetch train --trace TRACE --split 0.5 --seed 0 --out runs/affinity.safetensors
@@ -37,6 +40,7 @@ bound on what prefetching within a token can add, not a setting a user can run.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import statistics
@@ -70,6 +74,7 @@ class Config:
     policy: str | None = None
     perfect_prefetch: bool = False
     prefetch: str = "off"  # the engine's prefetcher ("affinity": its table fitted on the trace's training prompts)
+    python_reads: bool = False  # reads on Python threads, not the native readers (TIERMOE_NATIVE_IO=off)
 
 
 def build_model(folder: Path, trace: Trace, hidden: int, expert_dim: int, keep_source: bool = False) -> Path:
@@ -134,6 +139,7 @@ def decode_stats(folder: Path, trace_path: Path, sequences: list[int], config: C
     """
     drop_caches(folder)
     budget = least if config.budget == "min" else config.budget
+    os.environ["TIERMOE_NATIVE_IO"] = "off" if config.python_reads else "on"
     # residual/plain prefetch off: the replayed routing is not the random routers' (see the NOTE above)
     offload = {} if budget is None else {"prefetch": config.prefetch, "cache_policy": config.policy}
     llm = LLM(folder, expert_cache=budget, io_threads=io_threads, **offload)
@@ -194,6 +200,8 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", default="25%,50%", help="expert budgets (default: %(default)s)")
     ap.add_argument("--perfect-prefetch", default="", help="policies to run again with the trace's next-layer "
                                                            "routing as prefetch (an upper bound; default: none)")
+    ap.add_argument("--python-reads", default="", help="policies to run again with their reads on Python threads "
+                                                       "instead of the native readers (default: none)")
     ap.add_argument("--affinity", default="", help="policies to run again with the affinity prefetcher, its table "
                                                    "fitted on the training prompts of --split (default: none)")
     ap.add_argument("--split", type=float, default=None,
@@ -249,6 +257,8 @@ def configs(args) -> list[Config]:
             for policy in _csv(args.perfect_prefetch)]
     out += [Config(f"{policy} + affinity prefetch", budget, policy, prefetch="affinity")
             for budget in _csv(args.budgets) for policy in _csv(args.affinity)]
+    out += [Config(f"{policy}, Python readers", budget, policy, python_reads=True)
+            for budget in _csv(args.budgets) for policy in _csv(args.python_reads)]
     return out
 
 
@@ -321,6 +331,7 @@ def summarise(config: Config, reps: list[dict], expected: list[list[int]]) -> di
     requested = mid["hits"] + mid["misses"]
     return {"config": config.name, "policy": config.policy, "budget": config.budget or "all",
             "perfect_prefetch": config.perfect_prefetch, "prefetch": config.prefetch,
+            "python_reads": config.python_reads,
             "tok_s": mid["tokens"] / mid["decode_time_s"], "tokens": mid["tokens"],
             "decode_time_s": mid["decode_time_s"], "all_decode_times_s": [r["decode_time_s"] for r in reps],
             "hit_rate": mid["hits"] / requested if requested else 1.0, "bytes_read": mid["bytes_read"],

@@ -33,14 +33,14 @@ def build_dir() -> Path:
     return cache_dir() / "kernels"
 
 
-def staged_source() -> tuple[Path, Path]:
+def staged_source(original: Path = SOURCE) -> tuple[Path, Path]:
     """The build folder for this source text and torch version, holding a copy of the source: every checkout of the
     same code then shares one build (torch rebuilds whenever the source path in its build file changes)."""
-    text = SOURCE.read_bytes()
+    text = original.read_bytes()
     key = hashlib.sha256(text + torch.__version__.encode() + platform.machine().encode()).hexdigest()[:16]
     folder = build_dir() / key
     folder.mkdir(parents=True, exist_ok=True)
-    source = folder / SOURCE.name
+    source = folder / original.name
     if not source.exists() or source.read_bytes() != text:
         tmp = source.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(text)

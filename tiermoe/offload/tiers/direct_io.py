@@ -174,6 +174,12 @@ class DirectReader:
         """Whether reads of `path` bypass the page cache (opens the file if needed)."""
         return self._file(os.fspath(path)).direct
 
+    def descriptor(self, path: str | os.PathLike) -> tuple[int, bool]:
+        """(file descriptor, opened with O_DIRECT) of `path`, opened if needed, for reads made outside the reader
+        (tiers/native_reads.py); it stays open until `close()`."""
+        f = self._file(os.fspath(path))
+        return f.fd, f.direct
+
     def _file(self, path: str) -> _OpenFile:
         f = self._files.get(path)
         if f is None:

@@ -22,7 +22,7 @@ import torch
 
 from tiermoe.checkpoint import ExpertSpec, TensorInfo
 from tiermoe.kernels import weight_dtype
-from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, align_down, align_up
+from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, Segment, align_down, align_up
 from tiermoe.offload.tiers.store import ExpertWeights, build_expert, loaded_nbytes
 
 # Parts of one expert closer together than this are fetched with one read (save_pretrained writes an expert's
@@ -155,20 +155,30 @@ def read_expert(reader: DirectReader, plan: ReadPlan, dtype: torch.dtype) -> tup
 
 def _read_in_place(reader: DirectReader, spec: ExpertSpec, lay: Layout) -> ExpertWeights:
     """The expert's weights as views of one read buffer, which returns to the reader's pool once they are gone."""
-    g, u, d = spec.parts
     seg = reader.buffer(lay.size)
     try:
-        for f, off, n, at in lay.reads:
-            reader.read_pages(f, off, n, seg, at)
-        for src, dst, n in lay.patches:
-            seg.view[dst:dst + n] = seg.view[src:src + n]
-        flat = seg.as_tensor()  # [bytes]; views of it share its storage: no copy
-        gate_up = flat[lay.gate_up:lay.gate_up + g.nbytes + u.nbytes].view(g.dtype).view(g.shape[0] + u.shape[0],
-                                                                                         *g.shape[1:])
-        weights = ExpertWeights(gate_up, flat[lay.down:lay.down + d.nbytes].view(d.dtype).view(d.shape))
-        seg.hand_over()
+        read_pages(reader, lay, seg)
+        return in_place_weights(spec, lay, seg)
     finally:
         seg.release()  # nothing left to release once handed over
+
+
+def read_pages(reader: DirectReader, lay: Layout, seg: Segment) -> None:
+    """Fill an in-place expert's buffer with its reads, on the calling thread."""
+    for f, off, n, at in lay.reads:
+        reader.read_pages(f, off, n, seg, at)
+
+
+def in_place_weights(spec: ExpertSpec, lay: Layout, seg: Segment) -> ExpertWeights:
+    """An in-place expert's weights as views of its filled buffer, which passes to them (`Segment.hand_over`)."""
+    g, u, d = spec.parts
+    for src, dst, n in lay.patches:
+        seg.view[dst:dst + n] = seg.view[src:src + n]
+    flat = seg.as_tensor()  # [bytes]; views of it share its storage: no copy
+    gate_up = flat[lay.gate_up:lay.gate_up + g.nbytes + u.nbytes].view(g.dtype).view(g.shape[0] + u.shape[0],
+                                                                                     *g.shape[1:])
+    weights = ExpertWeights(gate_up, flat[lay.down:lay.down + d.nbytes].view(d.dtype).view(d.shape))
+    seg.hand_over()
     return weights
 
 

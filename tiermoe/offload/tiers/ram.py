@@ -18,7 +18,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,11 +30,13 @@ from tiermoe.offload.tiers.budget import format_bytes
 from tiermoe.offload.tiers.cache import ExpertCache
 from tiermoe.offload.tiers.direct_io import DirectReader
 from tiermoe.offload.tiers.expert_reads import ReadPlan, plan_read, read_expert, slot_nbytes
+from tiermoe.offload.tiers.native_reads import ExpertReads, NativeRead, engine_module, first_landed, settle
 from tiermoe.offload.tiers.stats import StoreStats
 from tiermoe.offload.tiers.store import ExpertStore, ExpertWeights
 
 Key = tuple[int, int]  # (layer, expert)
-Reads = dict[Future, tuple[Key, bool]]  # read in flight -> (expert, kept in the cache or streamed)
+Read = Future | NativeRead  # what `_load` returns, once landed
+Reads = dict[Read, tuple[Key, bool]]  # read in flight -> (expert, kept in the cache or streamed)
 
 
 def min_budget(index: CheckpointIndex, moe_layers: list[int], top_k: int, dtype: torch.dtype) -> int:
@@ -82,7 +84,7 @@ class TieredStore(ExpertStore):
 
     def __init__(self, index: CheckpointIndex, dtype: torch.dtype, budget: int, policy: CachePolicy,
                  moe_layers: list[int], top_k: int, io_threads: int = 4, direct_io: bool = True,
-                 stream_window: int | None = None, scan_resistant: bool = True):
+                 stream_window: int | None = None, scan_resistant: bool = True, native_io: bool = True):
         least = min_budget(index, moe_layers, top_k, dtype)
         if budget < least:
             raise ConfigError(f"expert cache budget {format_bytes(budget)} ({budget} bytes) is smaller than the "
@@ -97,13 +99,17 @@ class TieredStore(ExpertStore):
         self.window, self.reserve = stream_reserve(budget, self.largest, depth, cached=1)
         self.weights: dict[Key, ExpertWeights] = {}
         self.reader = DirectReader(max_workers=1, direct=direct_io)
+        self._plans: dict[Key, ReadPlan] = {}
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
+        # Native reader threads when every expert is read in place (no conversion left for a reader to do)
+        module = engine_module() if native_io else None
+        in_place = module is not None and all(self._plan(key).kept for key in index.experts())
+        self.native = ExpertReads(module, self.reader, io_threads) if in_place else None
         self.stats = StoreStats()
         self.step = 0
-        self.inflight: dict[Key, Future] = {}  # prefetched experts whose read has not been collected yet
+        self.inflight: dict[Key, Read] = {}  # prefetched experts whose read has not been collected yet
         self._in_use: list[Key] = []  # keys of the request being served: never evicted by a prefetch
         self._file_state = {f: _state(f) for f in {p.file for s in index.experts().values() for p in s.parts}}
-        self._plans: dict[Key, ReadPlan] = {}  # how each expert read so far is read (its reads repeat)
 
     @property
     def resident_bytes(self) -> int:
@@ -149,7 +155,7 @@ class TieredStore(ExpertStore):
         for key in evicted:
             self._drop(key)
         for key in admitted:
-            self.inflight[key] = self.pool.submit(self._load, key)
+            self.inflight[key] = self._submit(key)
         self.stats.prefetched += len(admitted)
 
     def _drop(self, key: Key) -> None:
@@ -157,7 +163,7 @@ class TieredStore(ExpertStore):
         self.weights.pop(key, None)
         fut = self.inflight.pop(key, None)
         if fut is not None and not fut.cancel():
-            wait([fut])  # already being read: let its bytes go before their room is reused
+            settle(fut)  # already being read: let its bytes go before their room is reused
             if not _failed(fut):
                 _, nbytes, seconds = fut.result()
                 self._count_read(key, nbytes, seconds)
@@ -181,13 +187,13 @@ class TieredStore(ExpertStore):
         self.stats.evictions += len(evicted)
         self.stats.streamed += len(streamed)
         self._in_use = keys
-        reads: Reads = {self.pool.submit(self._load, key): (key, True) for key in misses}
+        reads: Reads = {self._submit(key): (key, True) for key in misses}
         for key in [key for key in hits if key in self.inflight]:  # prefetched; one that failed is read again
             fut = self.inflight.pop(key)
-            reads[self.pool.submit(self._load, key) if _failed(fut) else fut] = (key, True)
+            reads[self._submit(key) if _failed(fut) else fut] = (key, True)
         queue = deque(streamed)
         self._top_up(reads, queue)  # demand reads first, then the reads ahead
-        if reads:
+        if reads and self.native is None:
             time.sleep(0)  # hand the interpreter lock to the readers until they are in their reads
         self._read_ahead(self.cache.propose(self.step, keys))  # swaps a policy asks for (DALI), else nothing
         if prefetch is not None:
@@ -219,7 +225,7 @@ class TieredStore(ExpertStore):
                 done = [fut for fut in reads if fut.done()]  # landed while the caller computed: no waiter to set up
                 if not done:
                     start = time.perf_counter()
-                    done = list(wait(reads, return_when=FIRST_COMPLETED).done)
+                    done = first_landed(reads)
                     stats.stall_time += time.perf_counter() - start
                 while done:  # popped, so that no finished future (which holds its result) outlives the caller's use
                     group = []
@@ -239,7 +245,7 @@ class TieredStore(ExpertStore):
                         self._top_up(reads, queue)
         finally:
             for fut, (key, keep) in reads.items():  # settle every read so the books agree for the next request
-                wait([fut])
+                settle(fut)
                 if keep:
                     self._install(key, fut)
         if error is not None:
@@ -252,9 +258,9 @@ class TieredStore(ExpertStore):
         in_flight = sum(not keep for _, keep in reads.values())
         for _ in range(min(self.window - in_flight, len(queue))):
             key = queue.popleft()
-            reads[self.pool.submit(self._load, key)] = (key, False)
+            reads[self._submit(key)] = (key, False)
 
-    def _install(self, key: Key, fut: Future) -> ExpertWeights | None:
+    def _install(self, key: Key, fut: Read) -> ExpertWeights | None:
         """Keep a finished read's weights, or forget the key if the read failed."""
         if fut.cancelled() or fut.exception() is not None:
             self.cache.discard(key)
@@ -264,7 +270,7 @@ class TieredStore(ExpertStore):
         self._count_read(key, nbytes, seconds)
         return w
 
-    def _streamed(self, key: Key, fut: Future) -> ExpertWeights | None:
+    def _streamed(self, key: Key, fut: Read) -> ExpertWeights | None:
         """A streamed read's weights, counted but not kept."""
         if fut.cancelled() or fut.exception() is not None:
             return None
@@ -277,31 +283,56 @@ class TieredStore(ExpertStore):
         stats.bytes_read += nbytes
         stats.read_time += seconds
 
+    def _submit(self, key: Key) -> Read:
+        """Start reading one expert: on the native readers when there are, else on the I/O threads (also when
+        another reader was swapped in: tests inject faults through one)."""
+        if self.native is None or self.native.reader is not self.reader:
+            return self.pool.submit(self._load, key)
+        plan = self._plan(key)
+        try:
+            self._check_files(key, plan)
+        except ExpertIOError as err:
+            fut = Future()
+            fut.set_exception(err)
+            return fut
+        return self.native.submit(plan.spec, plan.layout, lambda err: self._read_error(key, plan, err))
+
     def _load(self, key: Key) -> tuple[ExpertWeights, int, float]:
         """Runs on an I/O thread: read one expert's bytes as compute-ready weights."""
         start = time.perf_counter()
-        plan = self._plans.get(key) or self._plan(key)
+        plan = self._plan(key)
+        self._check_files(key, plan)
+        try:
+            weights, nbytes = read_expert(self.reader, plan, self.dtype)
+        except OSError as err:
+            raise self._read_error(key, plan, err) from err
+        return weights, nbytes, time.perf_counter() - start
+
+    def _check_files(self, key: Key, plan: ReadPlan) -> None:
         for file in plan.files:
             if _state(file) != self._file_state[file]:
                 raise ExpertIOError(f"{file} changed after the engine opened it (expert {key[1]} of layer {key[0]}); "
                                     "restart on the new checkpoint")
-        try:
-            weights, nbytes = read_expert(self.reader, plan, self.dtype)
-        except OSError as err:
-            raise ExpertIOError(f"reading expert {key[1]} of layer {key[0]} from {plan.spec.gate.file} failed: "
-                                f"{err}") from err
-        return weights, nbytes, time.perf_counter() - start
+
+    @staticmethod
+    def _read_error(key: Key, plan: ReadPlan, err: OSError) -> ExpertIOError:
+        return ExpertIOError(f"reading expert {key[1]} of layer {key[0]} from {plan.spec.gate.file} failed: {err}")
 
     def _plan(self, key: Key) -> ReadPlan:
-        plan = self._plans[key] = plan_read(self.index.expert(*key), self.dtype)
+        """How an expert is read, worked out once (its reads repeat)."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_read(self.index.expert(*key), self.dtype)
         return plan
 
     def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
         self.pool.shutdown()
         self.reader.close()
 
 
-def _failed(fut: Future) -> bool:
+def _failed(fut: Read) -> bool:
     """A read that ended in an error: a prefetch that failed earlier (the file was unreadable then) is retried
     rather than failing the request that now needs the expert."""
     return fut.done() and (fut.cancelled() or fut.exception() is not None)

@@ -1,0 +1,193 @@
+// Expert reads without the interpreter: native threads pread page-aligned ranges into buffers the caller owns.
+//
+// The offloading store's Python reader threads each needed the interpreter lock to start a read, to wrap its bytes
+// and to complete its future, so a read that landed while the model ran Python between its kernels waited for the
+// model (and the model, handing the lock over, waited for them). Here a read is a job of pieces (fd, file offset,
+// bytes, buffer address), run start to end by one of `threads` native threads; the model's thread polls `done` or
+// blocks in `wait_any` with the lock released. The caller keeps every buffer alive until its job is taken (`take`)
+// or cancelled before it started (`cancel`); `close` finishes the running jobs and drops the queued ones.
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include <unistd.h>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int64_t kPage = 4096;
+constexpr int64_t kMaxCall = 0x7ffff000;  // Linux transfers at most this many bytes per read call
+
+// (fd, page-aligned file offset, page-aligned bytes to read, bytes needed, buffer address, opened with O_DIRECT)
+using Piece = std::tuple<int, int64_t, int64_t, int64_t, uintptr_t, bool>;
+
+struct Job {
+  std::vector<Piece> pieces;
+  bool started = false, finished = false;
+  int error = 0;        // errno of the failed piece; -1: the file ended before the bytes needed
+  int64_t failed = -1;  // index of the failed piece
+  int64_t got = 0;      // bytes the failed piece read
+  int64_t bytes = 0;    // bytes read in all
+  double seconds = 0;
+};
+
+// Reads one piece; returns 0, an errno, or -1 when the file ends first. `got`: bytes read.
+int read_piece(const Piece& p, int64_t& got) {
+  auto [fd, offset, length, need, addr, direct] = p;
+  char* buf = reinterpret_cast<char*>(addr);
+  got = 0;
+  while (got < length) {
+    ssize_t n = pread(fd, buf + got, static_cast<size_t>(std::min(length - got, kMaxCall & ~(kPage - 1))),
+                      offset + got);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) break;
+    got += n;
+    if (direct && got % kPage) break;  // O_DIRECT returns a partial block only at the end of the file
+  }
+  return got < need ? -1 : 0;
+}
+
+class ReadEngine {
+ public:
+  explicit ReadEngine(int threads) {
+    for (int i = 0; i < std::max(threads, 1); ++i) workers_.emplace_back([this] { run(); });
+  }
+  ~ReadEngine() { close(); }
+
+  int64_t submit(std::vector<Piece> pieces) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) throw std::runtime_error("expert read engine is closed");
+    int64_t id = next_++;
+    jobs_[id].pieces = std::move(pieces);
+    queue_.push_back(id);
+    work_.notify_one();
+    return id;
+  }
+
+  // True if the job had not started: it never will, and its buffers are free at once.
+  bool cancel(int64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end() || it->second.started) return false;
+    for (auto q = queue_.begin(); q != queue_.end(); ++q)
+      if (*q == id) {
+        queue_.erase(q);
+        break;
+      }
+    jobs_.erase(it);
+    return true;
+  }
+
+  bool done(int64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = jobs_.find(id);
+    return it == jobs_.end() || it->second.finished;
+  }
+
+  // Blocks (without the interpreter lock: bound with a call guard) until one of `ids` has finished; returns it.
+  int64_t wait_any(const std::vector<int64_t>& ids) {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      for (int64_t id : ids) {
+        auto it = jobs_.find(id);
+        if (it == jobs_.end() || it->second.finished) return id;
+      }
+      landed_.wait(lock);
+    }
+  }
+
+  // A finished job's outcome (error, failed piece, bytes it got, bytes read, seconds), forgotten after.
+  std::tuple<int, int64_t, int64_t, int64_t, double> take(int64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end() || !it->second.finished) throw std::runtime_error("expert read not finished");
+    Job& j = it->second;
+    auto out = std::make_tuple(j.error, j.failed, j.got, j.bytes, j.seconds);
+    jobs_.erase(it);
+    return out;
+  }
+
+  void close() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return;
+      stopping_ = true;
+      for (int64_t id : queue_) jobs_.erase(id);
+      queue_.clear();
+      work_.notify_all();
+    }
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      int64_t id;
+      std::vector<Piece> pieces;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        work_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        id = queue_.front();
+        queue_.pop_front();
+        Job& j = jobs_[id];
+        j.started = true;
+        pieces = j.pieces;
+      }
+      auto start = std::chrono::steady_clock::now();
+      int error = 0;
+      int64_t failed = -1, got = 0, bytes = 0;
+      for (size_t i = 0; i < pieces.size() && !error; ++i) {
+        error = read_piece(pieces[i], got);
+        bytes += got;
+        if (error) failed = static_cast<int64_t>(i);
+      }
+      double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        Job& j = jobs_[id];
+        j.finished = true;
+        j.error = error, j.failed = failed, j.got = got, j.bytes = bytes, j.seconds = seconds;
+      }
+      landed_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable work_, landed_;
+  std::deque<int64_t> queue_;
+  std::unordered_map<int64_t, Job> jobs_;
+  std::vector<std::thread> workers_;
+  int64_t next_ = 0;
+  bool stopping_ = false;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  py::class_<ReadEngine>(m, "ReadEngine")
+      .def(py::init<int>(), py::arg("threads"))
+      .def("submit", &ReadEngine::submit, "queue a read of pieces (fd, offset, bytes, needed, address, direct)")
+      .def("cancel", &ReadEngine::cancel, "drop a read that has not started; False if it has")
+      .def("done", &ReadEngine::done)
+      .def("wait_any", &ReadEngine::wait_any, "block until one of the reads has finished; returns it", nogil)
+      .def("take", &ReadEngine::take, "(errno or -1 short, failed piece, its bytes, bytes read, seconds)")
+      .def("close", &ReadEngine::close, "finish the running reads, drop the queued ones, stop the threads", nogil);
+}

@@ -1,0 +1,178 @@
+"""Expert reads on native threads (tiermoe/kernels/expert_io.cpp) whose reader side runs no Python.
+
+With reads on Python threads, every read needs the interpreter lock to start, to wrap its bytes and to complete its
+future, while the model's thread holds it for the Python between its kernels: a landed read then waits for the model,
+and the model, handing the lock over, waits for the readers (bench/results/offload_speed.md). Here the store's
+thread queues an in-place expert's page reads straight into its pooled buffer (`ExpertReads.submit`), native
+threads run them, and the store's thread polls or blocks with the lock released, then views the filled buffer as
+the weights: no copy, no future, no reader thread in the interpreter.
+
+A `NativeRead` answers the `concurrent.futures.Future` methods the store uses (done, cancel, cancelled, exception,
+result), so the store drives either kind of read the same way; `first_landed` and `settle` wait on either kind.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from collections.abc import Callable, Collection
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from tiermoe.checkpoint import ExpertSpec
+from tiermoe.kernels import build
+from tiermoe.offload.tiers.direct_io import DirectReader, Segment, ShortReadError, align_up
+from tiermoe.offload.tiers.expert_reads import Layout, in_place_weights, read_pages
+from tiermoe.offload.tiers.store import ExpertWeights
+
+SOURCE = Path(build.__file__).with_name("expert_io.cpp")
+log = logging.getLogger("tiermoe")
+_UNSET = object()
+_module = _UNSET
+
+
+def disabled() -> bool:
+    """TIERMOE_NATIVE_IO=off (or TIERMOE_KERNELS=off: no compiled code at all) keeps reads on Python threads."""
+    return build.disabled() or os.environ.get("TIERMOE_NATIVE_IO", "").lower() in ("0", "off", "false", "no")
+
+
+def engine_module() -> ModuleType | None:
+    """The compiled read engine (built once per machine, like the kernels), or None with one warning line."""
+    global _module
+    if disabled() or not sys.platform.startswith("linux"):
+        return None
+    if _module is _UNSET:
+        _module = _compile()
+    return _module
+
+
+def _compile() -> ModuleType | None:
+    build.with_venv_tools_on_path()
+    try:
+        from torch.utils.cpp_extension import load
+
+        folder, source = build.staged_source(SOURCE)
+        with build.quiet_torch_build(), build.build_lock(folder):
+            return load(name="tiermoe_expert_io", sources=[str(source)], extra_cflags=["-O2"],
+                        build_directory=str(folder), verbose=False)
+    except Exception as e:  # no compiler or ninja, a failed build: Python reader threads read the same bytes
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("tiermoe: native expert reads unavailable (%s); reading on Python threads", reason[:160])
+        return None
+
+
+class ExpertReads:
+    """In-place expert reads on `threads` native threads, into buffers of `reader`'s pool over its open files."""
+
+    def __init__(self, module: ModuleType, reader: DirectReader, threads: int):
+        self.engine = module.ReadEngine(threads)
+        self.reader = reader
+
+    def submit(self, spec: ExpertSpec, lay: Layout, on_error: Callable[[OSError], Exception]) -> NativeRead:
+        """Queue an expert's reads; `on_error` turns a failed read's OSError into the error its result raises."""
+        seg = self.reader.buffer(lay.size)
+        base = torch.frombuffer(seg.view, dtype=torch.uint8).data_ptr()
+        pieces = []
+        for f, off, n, at in lay.reads:
+            fd, direct = self.reader.descriptor(f)
+            pieces.append((fd, off, align_up(n), n, base + at, direct))
+        try:
+            job = self.engine.submit(pieces)
+        except BaseException:
+            seg.release()
+            raise
+        return NativeRead(self, job, spec, lay, seg, on_error)
+
+    def close(self) -> None:
+        """Finish the running reads and drop the queued ones (their buffers are then free)."""
+        self.engine.close()
+
+
+class NativeRead:
+    """One expert's read on the engine, with the `Future` methods the store uses. Its result is (weights, bytes
+    read, seconds), as `TieredStore._load` returns; it is made on the first call that needs it, on that thread."""
+
+    __slots__ = ("reads", "job", "spec", "lay", "seg", "on_error", "_value", "_error", "_cancelled")
+
+    def __init__(self, reads: ExpertReads, job: int, spec: ExpertSpec, lay: Layout, seg: Segment,
+                 on_error: Callable[[OSError], Exception]):
+        self.reads, self.job, self.spec, self.lay, self.seg, self.on_error = reads, job, spec, lay, seg, on_error
+        self._value: tuple[ExpertWeights, int, float] | None = None
+        self._error: BaseException | None = None
+        self._cancelled = False
+
+    def _settled(self) -> bool:
+        return self._value is not None or self._error is not None or self._cancelled
+
+    def done(self) -> bool:
+        return self._settled() or self.reads.engine.done(self.job)
+
+    def cancel(self) -> bool:
+        """Drop the read if it has not started (its buffer goes back to the pool); False once it has."""
+        if not self._cancelled and (self._settled() or not self.reads.engine.cancel(self.job)):
+            return False
+        self._cancelled = True
+        self.seg.release()
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def exception(self) -> BaseException | None:
+        self._settle()
+        return self._error
+
+    def result(self) -> tuple[ExpertWeights, int, float]:
+        self._settle()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def wait(self) -> None:
+        """Block (without the interpreter lock) until the read has finished."""
+        if not self._settled():
+            self.reads.engine.wait_any([self.job])
+
+    def _settle(self) -> None:
+        if self._settled():
+            return
+        self.wait()
+        error, piece, got, nbytes, seconds = self.reads.engine.take(self.job)
+        try:
+            if error == errno.EINVAL:
+                read_pages(self.reads.reader, self.lay, self.seg)  # O_DIRECT refused at read time: page-cache reads
+            elif error:
+                f, off, n, _ = self.lay.reads[piece]
+                raise (ShortReadError(os.fspath(f), off, n, got) if error < 0 else
+                       OSError(error, os.strerror(error), os.fspath(f)))
+            self._value = in_place_weights(self.spec, self.lay, self.seg), nbytes, seconds
+        except OSError as err:
+            self._error = self.on_error(err)
+        finally:
+            self.seg.release()  # nothing left to release once handed over to the weights
+
+
+def first_landed(reads: Collection) -> list:
+    """The reads that have finished, blocking until one has: futures, or `NativeRead`s beside futures already done
+    (a read refused before it started)."""
+    done = [r for r in reads if r.done()]
+    if done:
+        return done
+    native = [r for r in reads if isinstance(r, NativeRead)]
+    if not native:
+        return list(wait(reads, return_when=FIRST_COMPLETED).done)
+    job = native[0].reads.engine.wait_any([r.job for r in native])
+    return [r for r in native if r.job == job or r.done()]
+
+
+def settle(read: Future | NativeRead) -> None:
+    """Block until a read has finished."""
+    if isinstance(read, NativeRead):
+        read.wait()
+    else:
+        wait([read])
