@@ -7,9 +7,10 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
            engine-measured (optional): kernel_gbs {dtype: {row length: {rows: GB/s}}}, linear_us / swiglu_us
            {dtype: {rows: us}}, attention {decode_us, decode_gflops, block_us, block_gflops},
            engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns,
-           read_us, read_wait (optional)},
+           read_us, read_wait, sample_ns (optional)},
            cold_mib, attention_cold, engine_cold (optional: the same measured with every kernel call streaming
-           cold_mib MiB first)}
+           cold_mib MiB first), long_gbs {dtype: {row length: {rows: GB/s}}} (optional: a product's bytes beyond
+           LONG_FROM)}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
     ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional),
            read_latency_us, read_latency_qd1_us (optional, 0)}
@@ -40,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 
 GB = 1e9
+LONG_FROM = 2 << 20  # a product's bytes beyond this many stream at the profile's `long_gbs` (a head, a projection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,8 @@ class CPUProfile:
     cold_mib: float = 0.0
     attention_cold: dict[str, float] | None = None
     engine_cold: dict[str, float] | None = None
+    # dtype -> row length -> rows -> GB/s of a product's bytes beyond LONG_FROM (None: at `kernel_gbs`)
+    long_gbs: dict[str, dict[int, dict[int, float]]] | None = None
 
     def __post_init__(self) -> None:
         for table in ("gemv_gbs", "gemm_gflops"):
@@ -67,9 +71,10 @@ class CPUProfile:
             if not value:
                 raise ValueError(f"cpu.{table} needs at least one thread count")
             object.__setattr__(self, table, dict(sorted(value.items())))
-        if self.kernel_gbs is not None:  # JSON keys are strings
-            object.__setattr__(self, "kernel_gbs", {d: {int(k): _ints(v) for k, v in by_k.items()}
-                                                    for d, by_k in self.kernel_gbs.items()})
+        for table in ("kernel_gbs", "long_gbs"):  # JSON keys are strings
+            if getattr(self, table) is not None:
+                object.__setattr__(self, table, {d: {int(k): _ints(v) for k, v in by_k.items()}
+                                                 for d, by_k in getattr(self, table).items()})
         for table in ("linear_us", "swiglu_us"):
             if getattr(self, table) is not None:
                 object.__setattr__(self, table, {d: _ints(v) for d, v in getattr(self, table).items()})
@@ -214,7 +219,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         torch.set_num_threads(threads0)
         call_us = _call_overhead_us()
         torch.set_num_threads(1)  # the engine's own costs, at one thread (other counts scale as the GEMV does)
-        kernel_gbs, linear_us, swiglu_us = kernel_rates(total=kernel_mib << 20)
+        kernel_gbs, linear_us, swiglu_us, long_gbs = kernel_rates(total=kernel_mib << 20)
         attn, fixed = attention_costs(), engine_overheads()
         attn_cold, fixed_cold = attention_costs(cold_mib=COLD_MIB), engine_overheads(cold_mib=COLD_MIB)
     finally:
@@ -222,7 +227,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
     dram = _copy_rate() / GB
     return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
                     cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2), kernel_gbs,
-                                   linear_us, swiglu_us, attn, fixed, COLD_MIB, attn_cold, fixed_cold),
+                                   linear_us, swiglu_us, attn, fixed, COLD_MIB, attn_cold, fixed_cold, long_gbs),
                     ssd=measure_disk(disk_file or disk_dir, read_bytes, file_mib),
                     gpu=_measure_gpu(), description="measured by `tiermoe profile`",
                     sources=["measured on this machine by `tiermoe profile` (tiermoe.sim.hardware)"],
