@@ -14,7 +14,8 @@ runs `tiermoe sim run`'s simulation of the same trace rows with the model's conf
 no GPU and the same thread count. The machine's speed drifts by 10-40% from one minute to the next (its cores and
 disk are shared), so the profile is measured once per repetition, just before that repetition's live runs, and the
 disk again just before each offloaded run; repetition i is simulated with its own profile and the reported ratio is
-the median of the per-repetition ratios. Nothing is fitted to the measured speeds: the profiles are the only input
+the median of the per-repetition ratios. The runs the CPU bounds (all resident, TIDE) come right after the profile,
+the offloaded ones after them. Nothing is fitted to the measured speeds: the profiles are the only input
 measured here. Reported: both tokens/s, their ratio, and both RAM hit rates (the live run's prompt is routed by the
 random router, the simulator's has none, so the hit counts differ slightly; test_machine_sim.py checks them equal
 when both see the same routing).
@@ -85,16 +86,25 @@ def main(argv=None) -> None:
         shape = load_shape(folder).with_dtype("float32")
         rows = trace.select_sequences(range(args.sequences))
         tide = TideValidation(args) if _csv(args.tide_budgets) else None
+
+        def run_ar(i: int, at) -> None:
+            live[i].append(decode_stats(folder, args.trace, list(range(args.sequences)), todo[i], args.io_threads,
+                                        args.max_tokens, least))
+            sims[i].append(simulate(rows, shape, at, sim_config(todo[i], shape, args)))
+
+        resident = [i for i, c in enumerate(todo) if c.budget is None]
+        offloaded = sorted(set(range(len(todo))) - set(resident), key=lambda i: -_percent(todo[i].budget))
         for _ in range(args.reps):  # a profile per repetition, measured beside the live runs it prices
             hw = measure_this_machine(read_bytes=expert_bytes, disk_file=expert_file)
             profiles.append(hw)
-            for i, config in enumerate(todo):
-                at = hw if config.budget is None else replace(hw, ssd=measure_disk(expert_file, expert_bytes))
-                live[i].append(decode_stats(folder, args.trace, list(range(args.sequences)), config,
-                                            args.io_threads, args.max_tokens, least))
-                sims[i].append(simulate(rows, shape, at, sim_config(config, shape, args)))
+            # the runs the CPU bounds right after the profile (the machine drifts within minutes), then the
+            # offloaded ones, most CPU-bound first, each with the disk measured again just before it
+            for i in resident:
+                run_ar(i, hw)
             if tide is not None:
                 tide.repetition(hw)
+            for i in offloaded:
+                run_ar(i, replace(hw, ssd=measure_disk(expert_file, expert_bytes)))
     expected = live[0][0]["token_ids"]
     table_rows, runs = [], []
     for i, config in enumerate(todo):
@@ -134,6 +144,10 @@ def _expert_file(llm: LLM) -> tuple[int, Path]:
     """(bytes of one expert, the file holding the first one): the disk is measured reading that file."""
     spec = llm.index.expert(*next(iter(llm.index.experts())))
     return spec.nbytes, Path(spec.parts[0].file)
+
+
+def _percent(budget: str) -> float:
+    return float(budget.rstrip("%")) if budget.endswith("%") else 0.0
 
 
 def _median_index(values: list[float]) -> int:
