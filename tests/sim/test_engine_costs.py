@@ -70,6 +70,27 @@ def test_the_head_pays_logits_and_the_work_outside_the_model_per_forward_or_per_
     assert costs.head(3, 2, diffusion=True) == pytest.approx(head + 3 * 1000 * 4e-9 + 200e-6)
 
 
+def test_an_autoregressive_step_samples_its_logits_at_the_samplers_cost_and_diffusion_at_the_predictions():
+    costs = EngineCosts(measured_cpu(engine={**ENGINE, "sample_ns": 0.5}), shape(), threads=1)
+    head = costs.linear(1, 1000 * 1024 * 4, 1024)
+    assert costs.head(1, 1, diffusion=False) == pytest.approx(head + 1000 * 0.5e-9 + 50e-6)
+    assert costs.head(1, 1, diffusion=True) == pytest.approx(head + 1000 * 4e-9 + 100e-6)
+
+
+def test_a_long_products_bytes_beyond_two_mib_stream_at_the_long_rate_when_measured(tmp_path):
+    from tiermoe.sim.hardware import LONG_FROM
+
+    long = {"float32": {64: {1: 20.0, 4: 10.0}, 1024: {1: 80.0, 4: 40.0}}}  # twice the short products' rates
+    costs = EngineCosts(measured_cpu(long_gbs=long), shape(), threads=1)
+    big = LONG_FROM + (8 << 20)
+    assert costs.stream(big, 1024, 1) == pytest.approx(LONG_FROM / (40 * GB) + (8 << 20) / (80 * GB))
+    assert costs.stream(LONG_FROM, 1024, 4) == pytest.approx(LONG_FROM / (20 * GB))  # short: as before
+    assert EngineCosts(measured_cpu(), shape(), threads=1).stream(big, 1024, 1) == pytest.approx(big / (40 * GB))
+    hw = Hardware("h", 16, 20.0, measured_cpu(long_gbs=long), SSDProfile("d", 2.0, 1.5, 1e5))
+    hw.save(tmp_path / "h.json")
+    assert load_hardware(tmp_path / "h.json") == hw  # JSON's string keys come back as ints
+
+
 def test_engine_fields_load_from_json_and_go_together(tmp_path):
     hw = Hardware("h", 16, 20.0, measured_cpu(), SSDProfile("d", 2.0, 1.5, 1e5, 1.0, 40.0, 30.0))
     path = tmp_path / "h.json"

@@ -69,5 +69,21 @@ def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
     assert cpu.engine_cold["layer_us"] > 0 and cpu.attention_cold["decode_gflops"] > 0
     assert hw.to_dict()["cpu"]["engine_cold"] == cpu.engine_cold
     assert hw.ssd.rand_read_gbs > 0 and hw.ssd.read_iops > 0 and hw.measured
+    # long products' rate beyond LONG_FROM, per dtype, row length and rows; the sampler's cost per logit
+    assert set(cpu.long_gbs) == set(cpu.kernel_gbs) and all(
+        set(cpu.long_gbs[d][k]) == set(cpu.kernel_gbs[d][k]) for d in cpu.kernel_gbs for k in cpu.kernel_gbs[d])
+    assert cpu.engine["sample_ns"] >= 0
     hw.save(tmp_path / "here.json")
     assert load_hardware(tmp_path / "here.json") == hw
+
+
+def test_the_disk_is_measured_reading_a_given_file_without_writing_beside_it(tmp_path):
+    from tiermoe.sim.hardware import _write_random, measure_disk
+
+    experts = tmp_path / "experts.bin"
+    _write_random(experts, 8 << 20)
+    ssd = measure_disk(experts, read_bytes=256 << 10)
+    assert ssd.rand_read_gbs > 0 and ssd.qd1_read_gbs > 0 and ssd.read_iops > 0
+    assert str(experts) in ssd.name and sorted(p.name for p in tmp_path.iterdir()) == ["experts.bin"]
+    written = measure_disk(tmp_path, read_bytes=256 << 10, file_mib=8)  # a directory: a file written there
+    assert written.rand_read_gbs > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["experts.bin"]

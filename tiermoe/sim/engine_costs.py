@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from tiermoe.sim.hardware import GB, CPUProfile
+from tiermoe.sim.hardware import GB, LONG_FROM, CPUProfile
 from tiermoe.sim.model_shape import ModelShape
 
 US = 1e-6
@@ -69,6 +69,7 @@ class EngineCosts:
         dtype = shape.dtype if shape.dtype in cpu.kernel_gbs else next(iter(cpu.kernel_gbs))
         self.rates, self.linear_us, self.swiglu_us = (cpu.kernel_gbs[dtype], cpu.linear_us[dtype],
                                                       cpu.swiglu_us[dtype])
+        self.long = (cpu.long_gbs or {}).get(dtype)
         self.speedup = cpu.gemv_bandwidth(threads) / cpu.gemv_bandwidth(1)
         share = cpu.cold_share(shape.expert_bytes)
         self.e = between(cpu.engine, cpu.engine_cold, share)
@@ -76,11 +77,20 @@ class EngineCosts:
 
     def stream(self, nbytes: float, row_length: int, rows: int) -> float:
         """Seconds the kernels take to stream `nbytes` of weights with rows of `row_length` against `rows` rows:
-        interpolated in log2 of the row length between the measured ones."""
-        lengths = {int(math.log2(k) * 1024): k for k in self.rates}  # sorted, as the profile keeps them
+        interpolated in log2 of the row length between the measured ones; a product's bytes beyond LONG_FROM at
+        the long products' rate when the profile measured it."""
+        short = min(nbytes, LONG_FROM) if self.long else nbytes
+        t = short * self._per_byte(self.rates, row_length, rows)
+        if nbytes > short:
+            t += (nbytes - short) * self._per_byte(self.long, row_length, rows)
+        return t / self.speedup
+
+    @staticmethod
+    def _per_byte(rates: dict[int, dict[int, float]], row_length: int, rows: int) -> float:
+        lengths = {int(math.log2(k) * 1024): k for k in rates}  # sorted, as the profile keeps them
         lo, hi, f = _between(dict.fromkeys(lengths, 0.0), math.log2(max(row_length, 1)) * 1024)
-        a, b = (seconds_per_byte(self.rates[lengths[k]], rows) for k in (lo, hi))
-        return nbytes * ((1 - f) * a + f * b) / self.speedup
+        a, b = (seconds_per_byte(rates[lengths[k]], rows) for k in (lo, hi))
+        return (1 - f) * a + f * b
 
     def linear(self, rows: int, nbytes: float, row_length: int, calls: int = 1) -> float:
         return calls * fixed_at(self.linear_us, rows) + self.stream(nbytes, row_length, rows)
@@ -140,4 +150,5 @@ class EngineCosts:
         s, e = self.shape, self.e
         t = self.linear(logit_rows, s.vocab * s.hidden * s.dtype_bytes, s.hidden) if logit_rows else 0.0
         outside = requests * e["denoise_us"] if diffusion else e["step_us"]
-        return t + logit_rows * s.vocab * e["logit_ns"] * 1e-9 + outside * US
+        per_logit = e["logit_ns"] if diffusion else e.get("sample_ns", e["logit_ns"])  # older profiles: one cost
+        return t + logit_rows * s.vocab * per_logit * 1e-9 + outside * US

@@ -8,7 +8,8 @@ measured here on micro-benchmarks of the engine's own functions, so the simulato
 them, for any model shape:
 
 - `kernel_rates`: per dtype, row length K and number of x rows, the linear kernel's GB/s and fixed microseconds per
-  call (two matrix sizes separate the two), weights beyond the caches; `swiglu_us`: the fused expert kernel's fixed
+  call (two matrix sizes separate the two), and the rate of a long product's bytes beyond LONG_FROM (a third,
+  larger size), weights beyond the caches; `swiglu_us`: the fused expert kernel's fixed
   cost per call (a tiny expert, its few bytes at the measured rate taken off).
 - `attention_costs`: the engine's attention (`layers.attend`) over a grid of rows x context, as a fixed cost plus
   a FLOP rate, for one decode row (the kernel) and for a block of rows (block diffusion).
@@ -33,7 +34,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from tiermoe.sim.hardware import _best
+from tiermoe.sim.hardware import LONG_FROM, _best
 
 
 def _typical(fn, reps: int = 3) -> float:
@@ -50,19 +51,22 @@ DTYPES = ("float32", "bfloat16")
 
 def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 << 20):
     """({dtype: {K: {rows: GB/s}}}, {dtype: {rows: fixed us per linear call}}, {dtype: {rows: fixed us per swiglu
-    call}}) of the engine's kernels (`tiermoe.kernels.linear` / `swiglu`), over `total` bytes of weights."""
+    call}}, {dtype: {K: {rows: GB/s of a product's bytes beyond LONG_FROM}}}) of the engine's kernels
+    (`tiermoe.kernels.linear` / `swiglu`), over `total` bytes of weights per matrix size."""
     import torch
 
     from tiermoe import kernels
 
-    gbs, call, swiglu = {}, {}, {}
+    gbs, call, swiglu, long = {}, {}, {}, {}
     for name in dtypes:
         dtype = getattr(torch, name)
-        gbs[name], fixed = {}, {r: [] for r in rows}
+        gbs[name], long[name], fixed = {}, {}, {r: [] for r in rows}
         for k in row_lens:
-            gbs[name][k] = {}
-            sizes = [256 << 10, 2 << 20]  # bytes per matrix: two sizes separate the fixed cost from the rate
-            mats = {s: [torch.randn(max(s // (k * dtype.itemsize), 1), k).to(dtype) for _ in range(total // s)]
+            gbs[name][k], long[name][k] = {}, {}
+            # bytes per matrix: the first two separate the fixed cost from the rate, the third gives the rate of a
+            # long product's bytes beyond the second (a head's, a large projection's: they stream faster)
+            sizes = [256 << 10, LONG_FROM, 8 * LONG_FROM]
+            mats = {s: [torch.randn(max(s // (k * dtype.itemsize), 1), k).to(dtype) for _ in range(max(total // s, 1))]
                     for s in sizes}
             for r in rows:
                 x = torch.randn(r, k).to(dtype)
@@ -70,10 +74,11 @@ def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 <
                        for s in sizes]
                 rate = (sizes[1] - sizes[0]) / max(per[1] - per[0], 1e-12)
                 gbs[name][k][r] = round(rate / 1e9, 3)
+                long[name][k][r] = round((sizes[2] - sizes[1]) / max(per[2] - per[1], 1e-12) / 1e9, 3)
                 fixed[r].append(max(per[0] - sizes[0] / rate, 0.0) * 1e6)
         call[name] = {r: round(statistics.median(v), 2) for r, v in fixed.items()}
         swiglu[name] = _swiglu_fixed(dtype, rows, gbs[name])
-    return gbs, call, swiglu
+    return gbs, call, swiglu, long
 
 
 def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int = 64, inter: int = 16) -> dict:
@@ -268,8 +273,9 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     """The engine's fixed costs beyond its timed kernels and attention core: per routed expert (`expert_us`: one
     token's path, `batch_expert_us`: the batched path), per decoder layer of a one-row decode forward (`layer_us`),
     per decoder layer of a block-diffusion forward (`block_layer_us`) and per row of it (`layer_row_us`, the slope
-    between two block lengths), per autoregressive forward outside the model (`step_us`), per diffusion request and
-    forward outside the model (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
+    between two block lengths), per autoregressive forward outside the model (`step_us`), per logit the
+    autoregressive sampler reads (`sample_ns`), per diffusion request and forward outside the model
+    (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
     the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read issued meanwhile waits
     to start (`read_wait`). Decodes the shipped models
     all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 48
@@ -284,6 +290,7 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     ar_forwards, expert_s, layer_1 = t.calls["model"], _per_expert(t), _layer_rest(t, layers)
     # outside the layers: embedding, final norm, sampling, the scheduler (the head's product is priced apart)
     ar_outside, ar_vocab = (seconds - t.seconds["layer"] - t.seconds["logits"]) / ar_forwards, vocab
+    sample_s = sample_cost()
 
     per_block = {}  # block length -> (seconds, timers, stats, vocab, layers)
     for block in (8, 16):
@@ -300,11 +307,31 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     logit_s = (t.seconds["predict"] - t.seconds["logits"]) / max(stats["logit_rows"] * vocab, 1)
     out = {"expert_us": round(expert_s * 1e6, 2), "batch_expert_us": round(_per_expert(t) * 1e6, 2),
            "layer_us": round(layer_1 * 1e6, 2), "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
-           "step_us": round(max(ar_outside - logit_s * ar_vocab, 0.0) * 1e6, 2),
+           "step_us": round(max(ar_outside - sample_s * ar_vocab, 0.0) * 1e6, 2),
+           "sample_ns": round(sample_s * 1e9, 3),
            "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / forwards * 1e6, 2),
            "logit_ns": round(logit_s * 1e9, 3),
            "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2)}
     return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
+
+
+def sample_cost(vocabs: tuple[int, int] = (4096, 131072), n: int = 200) -> float:
+    """Seconds per logit of the engine's sampler (`decode.sampler.sample`, greedy as the probe's decode): the slope
+    between two vocabulary sizes, its fixed cost per call being the scheduler's, counted in `step_us`. An
+    autoregressive step samples a row of logits, much cheaper per logit than a diffusion step's prediction
+    (`logit_ns`: probabilities, confidences, commits)."""
+    import torch
+
+    from tiermoe import SamplingParams
+    from tiermoe.decode.sampler import SamplerState, sample
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    state = SamplerState.new(params, [100], [], [])
+    per = []
+    for v in vocabs:
+        rows = [torch.randn(v) for _ in range(8)]
+        per.append(_typical(lambda rows=rows: [sample(rows[i % 8], params, state) for i in range(n)]) / n)
+    return max((per[1] - per[0]) / (vocabs[1] - vocabs[0]), 0.0)
 
 
 def read_wait(compute_ms: float = 2.0, reps: int = 21, hidden: int = 512, inter: int = 256) -> float:

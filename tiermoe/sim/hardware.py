@@ -7,9 +7,10 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
            engine-measured (optional): kernel_gbs {dtype: {row length: {rows: GB/s}}}, linear_us / swiglu_us
            {dtype: {rows: us}}, attention {decode_us, decode_gflops, block_us, block_gflops},
            engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns,
-           read_us, read_wait (optional)},
+           read_us, read_wait, sample_ns (optional)},
            cold_mib, attention_cold, engine_cold (optional: the same measured with every kernel call streaming
-           cold_mib MiB first)}
+           cold_mib MiB first), long_gbs {dtype: {row length: {rows: GB/s}}} (optional: a product's bytes beyond
+           LONG_FROM)}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
     ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional),
            read_latency_us, read_latency_qd1_us (optional, 0)}
@@ -40,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 
 GB = 1e9
+LONG_FROM = 2 << 20  # a product's bytes beyond this many stream at the profile's `long_gbs` (a head, a projection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,8 @@ class CPUProfile:
     cold_mib: float = 0.0
     attention_cold: dict[str, float] | None = None
     engine_cold: dict[str, float] | None = None
+    # dtype -> row length -> rows -> GB/s of a product's bytes beyond LONG_FROM (None: at `kernel_gbs`)
+    long_gbs: dict[str, dict[int, dict[int, float]]] | None = None
 
     def __post_init__(self) -> None:
         for table in ("gemv_gbs", "gemm_gflops"):
@@ -67,9 +71,10 @@ class CPUProfile:
             if not value:
                 raise ValueError(f"cpu.{table} needs at least one thread count")
             object.__setattr__(self, table, dict(sorted(value.items())))
-        if self.kernel_gbs is not None:  # JSON keys are strings
-            object.__setattr__(self, "kernel_gbs", {d: {int(k): _ints(v) for k, v in by_k.items()}
-                                                    for d, by_k in self.kernel_gbs.items()})
+        for table in ("kernel_gbs", "long_gbs"):  # JSON keys are strings
+            if getattr(self, table) is not None:
+                object.__setattr__(self, table, {d: {int(k): _ints(v) for k, v in by_k.items()}
+                                                 for d, by_k in getattr(self, table).items()})
         for table in ("linear_us", "swiglu_us"):
             if getattr(self, table) is not None:
                 object.__setattr__(self, table, {d: _ints(v) for d, v in getattr(self, table).items()})
@@ -193,16 +198,14 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 
 
 def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20, name: str = "this-machine",
-                         file_mib: int = 256, kernel_mib: int = 128) -> Hardware:
+                         file_mib: int = 256, kernel_mib: int = 128, disk_file: Path | None = None) -> Hardware:
     """Measures this machine (one to two minutes): per thread count, CPU GEMV over more weights than the caches hold
     and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.profile_costs`); per-call overhead, DRAM
-    copy rate, and direct reads of a file written in `disk_dir` (sequential, `read_bytes` random reads 4 in flight
-    as the stores issue them and one at a time, each as a fixed time per read plus bytes at a rate from two read
-    sizes, 4 KiB IOPS); at one thread, the engine's own kernels (over `kernel_mib` MiB of weights), attention and
-    fixed costs (tiermoe.sim.engine_probe), hot and with each kernel call streaming weights through the caches."""
+    copy rate, and the disk (`measure_disk`: `disk_file` if given, else a file written in `disk_dir`); at one
+    thread, the engine's own kernels (over `kernel_mib` MiB of weights), attention and fixed costs
+    (tiermoe.sim.engine_probe), hot and with each kernel call streaming weights through the caches."""
     import torch
 
-    from tiermoe.offload.placement.costs import IO_DEPTH, io_bandwidth
     from tiermoe.offload.tiers.accelerator import profile_costs
     from tiermoe.sim.engine_probe import COLD_MIB, attention_costs, engine_overheads, kernel_rates
 
@@ -216,44 +219,77 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         torch.set_num_threads(threads0)
         call_us = _call_overhead_us()
         torch.set_num_threads(1)  # the engine's own costs, at one thread (other counts scale as the GEMV does)
-        kernel_gbs, linear_us, swiglu_us = kernel_rates(total=kernel_mib << 20)
+        kernel_gbs, linear_us, swiglu_us, long_gbs = kernel_rates(total=kernel_mib << 20)
         attn, fixed = attention_costs(), engine_overheads()
         attn_cold, fixed_cold = attention_costs(cold_mib=COLD_MIB), engine_overheads(cold_mib=COLD_MIB)
     finally:
         torch.set_num_threads(threads0)
     dram = _copy_rate() / GB
-    with tempfile.TemporaryDirectory(dir=disk_dir) as tmp:
-        probe = Path(tmp) / "probe.bin"
-        _write_random(probe, file_mib << 20)
-        seq = io_bandwidth(probe, 8 << 20, threads=1, total=file_mib << 20) / GB
-        rand, lat = _reads(probe, read_bytes, IO_DEPTH, file_mib << 20)
-        qd1, lat1 = _reads(probe, read_bytes, 1, file_mib << 19)
-        iops = io_bandwidth(probe, 4096, threads=IO_DEPTH, total=4 << 20) / 4096
     return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
                     cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2), kernel_gbs,
-                                   linear_us, swiglu_us, attn, fixed, COLD_MIB, attn_cold, fixed_cold),
-                    ssd=SSDProfile("disk holding " + str(disk_dir or tempfile.gettempdir()), round(seq, 3),
-                                   round(rand, 3), round(iops), round(qd1, 3), round(lat, 1), round(lat1, 1)),
+                                   linear_us, swiglu_us, attn, fixed, COLD_MIB, attn_cold, fixed_cold, long_gbs),
+                    ssd=measure_disk(disk_file or disk_dir, read_bytes, file_mib),
                     gpu=_measure_gpu(), description="measured by `tiermoe profile`",
                     sources=["measured on this machine by `tiermoe profile` (tiermoe.sim.hardware)"],
                     measured=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
-def _reads(path: Path, read_bytes: int, depth: int, total: int, small: int = 64 << 10) -> tuple[float, float]:
-    """(GB/s, fixed us per read) of direct reads `depth` in flight, from the time per read at `small` bytes and at
-    `read_bytes`: t(n) = fixed + n / rate (the engine reads experts from ~100 KB to MiBs, where the fixed part
-    matters); when the two do not separate, the large reads' bandwidth and no fixed time."""
-    from tiermoe.offload.placement.costs import io_bandwidth
+def measure_disk(where: Path | None, read_bytes: int = 1 << 20, file_mib: int = 256) -> SSDProfile:
+    """The disk's direct reads (seconds): sequential, `read_bytes` reads at random offsets 4 in flight (issued and
+    waited for together, as the stores issue a layer's misses) and one at a time, each as a fixed time per read plus
+    bytes at a rate (from two read sizes), 4 KiB IOPS. `where`: a file to read (a checkpoint's expert file: the
+    reads the engine makes, where they land), else a directory to write a `file_mib` MiB file in (None: the
+    system's temporary one)."""
+    if where is not None and Path(where).is_file():
+        return _disk_profile(Path(where), read_bytes, "disk holding " + str(where))
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        probe = Path(tmp) / "probe.bin"
+        _write_random(probe, file_mib << 20)
+        return _disk_profile(probe, read_bytes, "disk holding " + str(where or tempfile.gettempdir()))
 
+
+def _disk_profile(path: Path, read_bytes: int, name: str) -> SSDProfile:
+    from tiermoe.offload.placement.costs import IO_DEPTH, io_bandwidth
+
+    total = min(path.stat().st_size, 256 << 20)
+    seq = io_bandwidth(path, 8 << 20, threads=1, total=total) / GB
+    rand, lat = _reads(path, read_bytes, IO_DEPTH, total)
+    qd1, lat1 = _reads(path, read_bytes, 1, total // 2)
+    iops = io_bandwidth(path, 4096, threads=IO_DEPTH, total=4 << 20) / 4096
+    return SSDProfile(name, round(seq, 3), round(rand, 3), round(iops), round(qd1, 3), round(lat, 1), round(lat1, 1))
+
+
+def _reads(path: Path, read_bytes: int, depth: int, total: int, small: int = 64 << 10) -> tuple[float, float]:
+    """(GB/s, fixed us per read) of direct reads at random offsets `depth` in flight, from the time per read at
+    `small` bytes and at `read_bytes`: t(n) = fixed + n / rate (the engine reads experts from ~100 KB to MiBs, where
+    the fixed part matters); when the two do not separate, the large reads' bandwidth and no fixed time."""
     if read_bytes <= small:
-        return io_bandwidth(path, read_bytes, threads=depth, total=total) / GB, 0.0
-    per = [statistics.median(n / io_bandwidth(path, n, threads=depth, total=total * n // read_bytes)
-                             for _ in range(3)) for n in (small, read_bytes)]  # the disk is shared: medians
+        return _random_reads(path, read_bytes, depth, total) / GB, 0.0
+    per = [statistics.median(n / _random_reads(path, n, depth, total * n // read_bytes, seed) for seed in range(3))
+           for n in (small, read_bytes)]  # the disk is shared: medians
     slope = (per[1] - per[0]) / (read_bytes - small)
     fixed = per[0] - small * slope
     if slope <= 0 or fixed < 0:
         return read_bytes / per[1] / GB, 0.0
     return 1 / slope / GB, fixed * 1e6
+
+
+def _random_reads(path: Path, nbytes: int, depth: int, total: int, seed: int = 0) -> float:
+    """Bytes/s of direct reads of `nbytes` at random page-aligned offsets of `path`, `depth` issued together and
+    waited for together, `total` bytes in all."""
+    import random
+
+    from tiermoe.offload.tiers.direct_io import PAGE, DirectReader
+
+    span = max(path.stat().st_size - nbytes, 0) // PAGE
+    rng = random.Random(seed)
+    offsets = [rng.randint(0, span) * PAGE for _ in range(max(depth, total // max(nbytes, 1)))]
+    with DirectReader(max_workers=depth) as reader:
+        start = time.perf_counter()
+        for i in range(0, len(offsets), depth):
+            for seg in reader.read_many([(path, off, nbytes) for off in offsets[i:i + depth]]):
+                seg.release()
+        return len(offsets) * nbytes / (time.perf_counter() - start)
 
 
 def _streamed_gemv(total: int = 256 << 20, each: int = 4 << 20) -> float:
