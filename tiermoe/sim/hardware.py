@@ -279,17 +279,13 @@ def _random_reads(path: Path, nbytes: int, depth: int, total: int, seed: int = 0
     waited for together, `total` bytes in all."""
     import random
 
-    from tiermoe.offload.tiers.direct_io import PAGE, DirectReader
+    from tiermoe.offload.placement.costs import read_rate
+    from tiermoe.offload.tiers.direct_io import PAGE
 
     span = max(path.stat().st_size - nbytes, 0) // PAGE
     rng = random.Random(seed)
-    offsets = [rng.randint(0, span) * PAGE for _ in range(max(depth, total // max(nbytes, 1)))]
-    with DirectReader(max_workers=depth) as reader:
-        start = time.perf_counter()
-        for i in range(0, len(offsets), depth):
-            for seg in reader.read_many([(path, off, nbytes) for off in offsets[i:i + depth]]):
-                seg.release()
-        return len(offsets) * nbytes / (time.perf_counter() - start)
+    return read_rate(path, [rng.randint(0, span) * PAGE for _ in range(max(depth, total // max(nbytes, 1)))], nbytes,
+                     depth)
 
 
 def _streamed_gemv(total: int = 256 << 20, each: int = 4 << 20) -> float:

@@ -70,13 +70,17 @@ def io_bandwidth(path: Path, read_bytes: int, threads: int = IO_DEPTH, total: in
     size = os.stat(path).st_size
     chunk = max(min(read_bytes, size), 1)
     reads = min(max(2, total // chunk), 1024)
-    offsets = [(i * chunk) % max(size - chunk + 1, 1) for i in range(reads)]
-    with DirectReader(max_workers=threads) as reader:
+    return read_rate(path, [(i * chunk) % max(size - chunk + 1, 1) for i in range(reads)], chunk, threads)
+
+
+def read_rate(path: Path, offsets: list[int], nbytes: int, depth: int) -> float:
+    """Bytes/s of direct reads of `nbytes` at each of `offsets` of `path`, `depth` issued and waited for together."""
+    with DirectReader(max_workers=depth) as reader:
         start = time.perf_counter()
-        for i in range(0, len(offsets), threads):
-            for seg in reader.read_many([(path, off, chunk) for off in offsets[i:i + threads]]):
+        for i in range(0, len(offsets), depth):
+            for seg in reader.read_many([(path, off, nbytes) for off in offsets[i:i + depth]]):
                 seg.release()
-        return len(offsets) * chunk / (time.perf_counter() - start)
+        return len(offsets) * nbytes / (time.perf_counter() - start)
 
 
 def _read_table(path: Path) -> dict:
