@@ -187,9 +187,14 @@ struct Avx2Bf16W {
 // Bytes of x rows in one panel (the rows sharing a pass over W), sized to stay in L2.
 constexpr int64_t kPanelBytes = 256 * 1024;
 
+// How far ahead of its loads a one-row product asks for W (bytes): the one accumulator per output is a chain of
+// dependent FMAs, so the loads of a row do not run far ahead by themselves and the core waits on DRAM between
+// them; prefetching keeps the stream in flight (measured +10-25% GB/s on weights from DRAM, same bits).
+constexpr int kPrefetchBytes = 4096;
+
 // res[m * NR + j] = dot(x row m, W row j) for an MR x NR block; x rows are zero-padded to Kp (a multiple of
 // Op::step), W rows hold K elements: the last partial chunk is loaded masked (zeros past K, nothing read there).
-template <class Op, int MR, int NR>
+template <class Op, int MR, int NR, int PF = 0>
 __attribute__((always_inline)) inline void block(const typename Op::xelem* x, int64_t Kp,
                                                  const typename Op::welem* w, int64_t ldw, int64_t K, float* res) {
   using Acc = typename Op::Acc;
@@ -204,6 +209,10 @@ __attribute__((always_inline)) inline void block(const typename Op::xelem* x, in
     typename Op::X xv[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) xv[m] = Op::load_x(x + m * Kp + k);
+    if constexpr (PF > 0) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + k) + PF, _MM_HINT_T0);
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       typename Op::W wv = Op::load_w(w + j * ldw + k);
@@ -272,11 +281,19 @@ __attribute__((always_inline)) inline void rows(const typename Op::xelem* x, int
   for (int64_t p0 = 0; p0 < M; p0 += panel) {
     const int64_t p1 = std::min(M, p0 + panel);
     int64_t n = n0;
-    // One x row (decode): one W row per block streams W faster (fewer concurrent streams); a block's shape never
-    // changes an output's bits, each output has its own accumulator summed in the same order.
-    if (p1 - p0 > 1)
-      for (; n + NR <= n1; n += NR)
-        for (int64_t m = p0; m < p1; m += MR) block_at<Op, NR>(x, m, std::min<int64_t>(MR, p1 - m), Kp, w, ldw, K, n, ep);
+    // One x row (decode): one W row per block, prefetched, streams W faster than blocks of several W rows (more
+    // concurrent streams); a block's shape never changes an output's bits, each output has its own accumulator
+    // summed in the same order.
+    if (p1 - p0 == 1) {
+      float res;
+      for (; n < n1; ++n) {
+        block<Op, 1, 1, kPrefetchBytes>(x + p0 * Kp, Kp, w + n * ldw, ldw, K, &res);
+        ep.store(p0, n, res);
+      }
+      continue;
+    }
+    for (; n + NR <= n1; n += NR)
+      for (int64_t m = p0; m < p1; m += MR) block_at<Op, NR>(x, m, std::min<int64_t>(MR, p1 - m), Kp, w, ldw, K, n, ep);
     for (; n < n1; ++n)
       for (int64_t m = p0; m < p1; m += MR) block_at<Op, 1>(x, m, std::min<int64_t>(MR, p1 - m), Kp, w, ldw, K, n, ep);
   }
