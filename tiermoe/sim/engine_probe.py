@@ -278,8 +278,9 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
     the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read issued meanwhile waits
     to start (`read_wait`). Decodes the shipped models
-    all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 48
-    tokens in blocks of 8 and of 16 from a 12-token prompt. With `cold_mib`, every kernel call streams that many MiB
+    all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 64
+    tokens in blocks of 16 and of 32 from a 12-token prompt (rows per forward near those of the batched diffusion
+    forwards priced: the per-row slope is extrapolated less). With `cold_mib`, every kernel call streams that many MiB
     first (see the module docstring), and the read cost is left out."""
     from tiermoe import SamplingParams
     from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
@@ -293,8 +294,8 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     sample_s = sample_cost()
 
     per_block = {}  # block length -> (seconds, timers, stats, vocab, layers)
-    for block in (8, 16):
-        params = SamplingParams(temperature=0, max_tokens=48, block_length=block, steps=block, threshold=0.95,
+    for block in (16, 32):
+        params = SamplingParams(temperature=0, max_tokens=64, block_length=block, steps=block, threshold=0.95,
                                 ignore_eos=True)
         per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params, list(range(4, 16)),
                                   cold_mib=cold_mib)
@@ -302,7 +303,7 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     for _, t, stats, _, layers in per_block.values():
         rest[stats["forward_rows"] / t.calls["model"]] = _layer_rest(t, layers)
     (r0, s0), (r1, s1) = sorted(rest.items())
-    seconds, t, stats, vocab, layers = per_block[16]
+    seconds, t, stats, vocab, layers = per_block[32]
     forwards = t.calls["model"]
     logit_s = (t.seconds["predict"] - t.seconds["logits"]) / max(stats["logit_rows"] * vocab, 1)
     out = {"expert_us": round(expert_s * 1e6, 2), "batch_expert_us": round(_per_expert(t) * 1e6, 2),
