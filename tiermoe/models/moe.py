@@ -112,20 +112,16 @@ class SparseMoE(nn.Module):
         if x.shape[0] == 1:
             return self._routed_one(x, weights, ids, ahead)
         experts, counts = fetch_order(ids.cpu().numpy())
-        # Entries (token, slot) grouped by expert, ascending ids, tokens ascending within an expert: every expert's
-        # tokens are one slice, gathered once for the whole layer.
-        flat = ids.flatten()  # [T*A]
-        order = torch.argsort(flat, stable=True)  # [N]
-        skip = int((flat < 0).sum())  # entries of tokens the layer does not compute sort first
-        rows = order[skip:] // ids.shape[1]  # [N] token of each entry
-        xs, scales = x[rows], weights.flatten()[order[skip:], None]  # [N, H], [N, 1]
-        span, n = {}, 0  # expert -> its entries' slice
-        for e, c in sorted(zip(experts, counts, strict=True)):
-            span[e], n = slice(n, n + c), n + c
+        # The store sees the layer's experts before the gather bookkeeping: asking for the first group submits
+        # every miss's read, so the reads run while the entries are sorted (and the residents computed).
+        groups = self.store.fetch_groups(self.layer, experts, counts, ahead)
+        group = next(groups, None)
+        xs, scales, rows, span = _entries_by_expert(x, weights, ids, experts, counts)
         ys = xs.new_empty(xs.shape, dtype=RESIDUAL_DTYPE)  # [N, H] each entry's output, in xs's order
-        for group in self.store.fetch_groups(self.layer, experts, counts, ahead):
+        while group is not None:
             self._group(group, xs, scales, span, ys)
-            del group  # release the weights before asking for more: a store under a budget may evict them next
+            group = None  # release the weights before asking for more: a store under a budget may evict them next
+            group = next(groups, None)
         # one index_add_ adds entries in index order: each token's outputs in ascending expert id, as at batch 1
         return x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE).index_add_(0, rows, ys)
 
@@ -173,6 +169,21 @@ class SparseMoE(nn.Module):
         for e in experts:
             out += outputs[e]
         return out
+
+
+def _entries_by_expert(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[int],
+                       counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, slice]]:
+    """Entries (token, slot) grouped by expert, ascending ids, tokens ascending within an expert, so that every
+    expert's tokens are one slice, gathered once for the whole layer: their inputs xs [N, H], weights [N, 1], tokens
+    rows [N], and each expert's slice."""
+    flat = ids.flatten()  # [T*A]
+    order = torch.argsort(flat, stable=True)  # [N]
+    skip = int((flat < 0).sum())  # entries of tokens the layer does not compute sort first
+    rows = order[skip:] // ids.shape[1]  # [N] token of each entry
+    span, n = {}, 0  # expert -> its entries' slice
+    for e, c in sorted(zip(experts, counts, strict=True)):
+        span[e], n = slice(n, n + c), n + c
+    return x[rows], weights.flatten()[order[skip:], None], rows, span
 
 
 def _entries(parts: list[slice]) -> slice | torch.Tensor:
