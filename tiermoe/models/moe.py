@@ -122,8 +122,7 @@ class SparseMoE(nn.Module):
             self._group(group, xs, scales, span, ys)
             group = None  # release the weights before asking for more: a store under a budget may evict them next
             group = next(groups, None)
-        # one index_add_ adds entries in index order: each token's outputs in ascending expert id, as at batch 1
-        return x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE).index_add_(0, rows, ys)
+        return _sum_by_token(x, ids, rows, ys)
 
     def _group(self, group: list[tuple[int, ExpertWeights]], xs: torch.Tensor, scales: torch.Tensor,
                span: dict[int, slice], ys: torch.Tensor) -> None:
@@ -133,11 +132,14 @@ class SparseMoE(nn.Module):
             group = sorted(group, key=lambda item: item[0])  # ascending ids: entries in xs's order
             parts = [span[e] for e, _ in group]
             at = _entries(parts)
-            y = kernels.grouped_swiglu(xs[at], [w.gate_up for _, w in group], [w.down for _, w in group],
-                                       [p.stop - p.start for p in parts], scales[at],
+            y = kernels.grouped_swiglu(_rows(xs, at), [w.gate_up for _, w in group], [w.down for _, w in group],
+                                       [p.stop - p.start for p in parts], _rows(scales, at),
                                        out_dtype=RESIDUAL_DTYPE)  # [n, H], or None: not served
             if y is not None:
-                ys[at] = y
+                if isinstance(at, slice):
+                    ys[at] = y
+                else:
+                    ys.index_copy_(0, at, y)
                 return
         for e, w in group:
             ys[span[e]] = self._on_device(xs[span[e]], w, scales[span[e]])
@@ -177,13 +179,34 @@ def _entries_by_expert(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     expert's tokens are one slice, gathered once for the whole layer: their inputs xs [N, H], weights [N, 1], tokens
     rows [N], and each expert's slice."""
     flat = ids.flatten()  # [T*A]
-    order = torch.argsort(flat, stable=True)  # [N]
+    order = torch.argsort(flat, stable=True)  # [T*A]
     skip = int((flat < 0).sum())  # entries of tokens the layer does not compute sort first
-    rows = order[skip:] // ids.shape[1]  # [N] token of each entry
+    entries = order[skip:]  # [N]
+    rows = entries // ids.shape[1]  # [N] token of each entry
     span, n = {}, 0  # expert -> its entries' slice
     for e, c in sorted(zip(experts, counts, strict=True)):
         span[e], n = slice(n, n + c), n + c
-    return x[rows], weights.flatten()[order[skip:], None], rows, span
+    # index_select, not x[rows]: advanced indexing costs ~50x more on these few rows (a decode step has 16+ layers)
+    return x.index_select(0, rows), weights.flatten().index_select(0, entries)[:, None], rows, span
+
+
+def _sum_by_token(x: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Each token's entry outputs ys [N, H] (rows [N]: their tokens, entries in ascending expert id) summed in
+    ascending expert id from 0.0, as at batch 1: bit-identical to it. x [T, H] -> [T, H] in fp32."""
+    out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)  # [T, H]
+    if rows.numel() != ids.numel():  # a token the layer does not compute: an index_add_, in index order
+        return out.index_add_(0, rows, ys)
+    # every token has A entries: stable by token keeps each token's in ascending id; A adds of [T, H] cost less than
+    # index_add_'s one small add per entry
+    per_token = ys.index_select(0, torch.argsort(rows, stable=True)).view(*ids.shape, -1)  # [T, A, H]
+    for a in range(ids.shape[1]):
+        out += per_token[:, a]
+    return out
+
+
+def _rows(t: torch.Tensor, at: slice | torch.Tensor) -> torch.Tensor:
+    """t[at] for a slice (a view) or row indices (index_select: cheaper than advanced indexing)."""
+    return t[at] if isinstance(at, slice) else t.index_select(0, at)
 
 
 def _entries(parts: list[slice]) -> slice | torch.Tensor:
