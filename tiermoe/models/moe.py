@@ -112,22 +112,17 @@ class SparseMoE(nn.Module):
         if x.shape[0] == 1:
             return self._routed_one(x, weights, ids, ahead)
         experts, counts = fetch_order(ids.cpu().numpy())
-        # Entries (token, slot) grouped by expert, ascending ids, tokens ascending within an expert: every expert's
-        # tokens are one slice, gathered once for the whole layer.
-        flat = ids.flatten()  # [T*A]
-        order = torch.argsort(flat, stable=True)  # [N]
-        skip = int((flat < 0).sum())  # entries of tokens the layer does not compute sort first
-        rows = order[skip:] // ids.shape[1]  # [N] token of each entry
-        xs, scales = x[rows], weights.flatten()[order[skip:], None]  # [N, H], [N, 1]
-        span, n = {}, 0  # expert -> its entries' slice
-        for e, c in sorted(zip(experts, counts, strict=True)):
-            span[e], n = slice(n, n + c), n + c
+        # The store sees the layer's experts before the gather bookkeeping: asking for the first group submits
+        # every miss's read, so the reads run while the entries are sorted (and the residents computed).
+        groups = self.store.fetch_groups(self.layer, experts, counts, ahead)
+        group = next(groups, None)
+        xs, scales, rows, span = _entries_by_expert(x, weights, ids, experts, counts)
         ys = xs.new_empty(xs.shape, dtype=RESIDUAL_DTYPE)  # [N, H] each entry's output, in xs's order
-        for group in self.store.fetch_groups(self.layer, experts, counts, ahead):
+        while group is not None:
             self._group(group, xs, scales, span, ys)
-            del group  # release the weights before asking for more: a store under a budget may evict them next
-        # one index_add_ adds entries in index order: each token's outputs in ascending expert id, as at batch 1
-        return x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE).index_add_(0, rows, ys)
+            group = None  # release the weights before asking for more: a store under a budget may evict them next
+            group = next(groups, None)
+        return _sum_by_token(x, ids, rows, ys)
 
     def _group(self, group: list[tuple[int, ExpertWeights]], xs: torch.Tensor, scales: torch.Tensor,
                span: dict[int, slice], ys: torch.Tensor) -> None:
@@ -137,11 +132,14 @@ class SparseMoE(nn.Module):
             group = sorted(group, key=lambda item: item[0])  # ascending ids: entries in xs's order
             parts = [span[e] for e, _ in group]
             at = _entries(parts)
-            y = kernels.grouped_swiglu(xs[at], [w.gate_up for _, w in group], [w.down for _, w in group],
-                                       [p.stop - p.start for p in parts], scales[at],
+            y = kernels.grouped_swiglu(_rows(xs, at), [w.gate_up for _, w in group], [w.down for _, w in group],
+                                       [p.stop - p.start for p in parts], _rows(scales, at),
                                        out_dtype=RESIDUAL_DTYPE)  # [n, H], or None: not served
             if y is not None:
-                ys[at] = y
+                if isinstance(at, slice):
+                    ys[at] = y
+                else:
+                    ys.index_copy_(0, at, y)
                 return
         for e, w in group:
             ys[span[e]] = self._on_device(xs[span[e]], w, scales[span[e]])
@@ -173,6 +171,42 @@ class SparseMoE(nn.Module):
         for e in experts:
             out += outputs[e]
         return out
+
+
+def _entries_by_expert(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: list[int],
+                       counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, slice]]:
+    """Entries (token, slot) grouped by expert, ascending ids, tokens ascending within an expert, so that every
+    expert's tokens are one slice, gathered once for the whole layer: their inputs xs [N, H], weights [N, 1], tokens
+    rows [N], and each expert's slice."""
+    flat = ids.flatten()  # [T*A]
+    order = torch.argsort(flat, stable=True)  # [T*A]
+    skip = int((flat < 0).sum())  # entries of tokens the layer does not compute sort first
+    entries = order[skip:]  # [N]
+    rows = entries // ids.shape[1]  # [N] token of each entry
+    span, n = {}, 0  # expert -> its entries' slice
+    for e, c in sorted(zip(experts, counts, strict=True)):
+        span[e], n = slice(n, n + c), n + c
+    # index_select, not x[rows]: advanced indexing costs ~50x more on these few rows (a decode step has 16+ layers)
+    return x.index_select(0, rows), weights.flatten().index_select(0, entries)[:, None], rows, span
+
+
+def _sum_by_token(x: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Each token's entry outputs ys [N, H] (rows [N]: their tokens, entries in ascending expert id) summed in
+    ascending expert id from 0.0, as at batch 1: bit-identical to it. x [T, H] -> [T, H] in fp32."""
+    out = x.new_zeros(x.shape, dtype=RESIDUAL_DTYPE)  # [T, H]
+    if rows.numel() != ids.numel():  # a token the layer does not compute: an index_add_, in index order
+        return out.index_add_(0, rows, ys)
+    # every token has A entries: stable by token keeps each token's in ascending id; A adds of [T, H] cost less than
+    # index_add_'s one small add per entry
+    per_token = ys.index_select(0, torch.argsort(rows, stable=True)).view(*ids.shape, -1)  # [T, A, H]
+    for a in range(ids.shape[1]):
+        out += per_token[:, a]
+    return out
+
+
+def _rows(t: torch.Tensor, at: slice | torch.Tensor) -> torch.Tensor:
+    """t[at] for a slice (a view) or row indices (index_select: cheaper than advanced indexing)."""
+    return t[at] if isinstance(at, slice) else t.index_select(0, at)
 
 
 def _entries(parts: list[slice]) -> slice | torch.Tensor:
