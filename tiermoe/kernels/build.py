@@ -89,28 +89,34 @@ def compile_kernels() -> ModuleType | None:
     """The compiled module, or None (with one warning line) when disabled, not x86, or the build fails."""
     if disabled():
         return None
+    # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded.
+    # -ffp-contract=off: a*b + c stays two roundings, as in torch's elementwise ops.
+    module = build_extension("tiermoe_gemv", SOURCE, ["-O3", "-fopenmp", "-ffp-contract=off"], ["-fopenmp"],
+                             what="compiled kernels", instead="using torch ops",
+                             announce="compiling the decode kernels for this machine (once, about 20 s)")
+    return None if module is None or module.isa() == "none" else module
+
+
+def build_extension(name: str, source: Path, cflags: list[str], ldflags: list[str] | None = None, *, what: str,
+                    instead: str, announce: str | None = None) -> ModuleType | None:
+    """Build (once per machine and source text) and load the C++ extension `name` from `source`; None, with one
+    warning line "<what> unavailable (<why>); <instead>", when there is no compiler or the build fails. `announce`
+    is said on a terminal before a first build."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        log.warning("tiermoe: compiled kernels unavailable (no C++ compiler %r); using torch ops", compiler)
+        log.warning("tiermoe: %s unavailable (no C++ compiler %r); %s", what, compiler, instead)
         return None
     with_venv_tools_on_path()
     try:
         from torch.utils.cpp_extension import load
 
-        folder, source = staged_source()
-        if not (folder / "tiermoe_gemv.so").exists() and sys.stderr.isatty():  # a first run: say why it waits
-            print("tiermoe: compiling the decode kernels for this machine (once, about 20 s)...", file=sys.stderr,
-                  flush=True)
-        # -fopenmp: at::parallel_for is inline OpenMP code; libgomp resolves to the copy torch has already loaded.
-        # -ffp-contract=off: a*b + c stays two roundings, as in torch's elementwise ops.
+        folder, staged = staged_source(source)
+        if announce and not (folder / f"{name}.so").exists() and sys.stderr.isatty():  # a first run: say why
+            print(f"tiermoe: {announce}...", file=sys.stderr, flush=True)
         with quiet_torch_build(), build_lock(folder):
-            module = load(name="tiermoe_gemv", sources=[str(source)],
-                          extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-                          build_directory=str(folder), verbose=False)
-    except Exception as e:  # no ninja, a failed build: torch ops still compute the same products
+            return load(name=name, sources=[str(staged)], extra_cflags=cflags, extra_ldflags=ldflags or [],
+                        build_directory=str(folder), verbose=False)
+    except Exception as e:  # no ninja, a failed build: the caller's fallback computes the same results
         reason = str(e).strip().splitlines()[0].split(": [")[0] if str(e).strip() else type(e).__name__
-        log.warning("tiermoe: compiled kernels unavailable (%s); using torch ops", reason[:160])
+        log.warning("tiermoe: %s unavailable (%s); %s", what, reason[:160], instead)
         return None
-    if module.isa() == "none":
-        return None
-    return module

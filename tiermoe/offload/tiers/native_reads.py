@@ -14,7 +14,6 @@ result), so the store drives either kind of read the same way; `first_landed` an
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import sys
 from collections.abc import Callable, Collection
@@ -31,7 +30,6 @@ from tiermoe.offload.tiers.expert_reads import Layout, in_place_weights, read_pa
 from tiermoe.offload.tiers.store import ExpertWeights
 
 SOURCE = Path(build.__file__).with_name("expert_io.cpp")
-log = logging.getLogger("tiermoe")
 _UNSET = object()
 _module = _UNSET
 
@@ -47,23 +45,9 @@ def engine_module() -> ModuleType | None:
     if disabled() or not sys.platform.startswith("linux"):
         return None
     if _module is _UNSET:
-        _module = _compile()
+        _module = build.build_extension("tiermoe_expert_io", SOURCE, ["-O2"], what="native expert reads",
+                                        instead="reading on Python threads")
     return _module
-
-
-def _compile() -> ModuleType | None:
-    build.with_venv_tools_on_path()
-    try:
-        from torch.utils.cpp_extension import load
-
-        folder, source = build.staged_source(SOURCE)
-        with build.quiet_torch_build(), build.build_lock(folder):
-            return load(name="tiermoe_expert_io", sources=[str(source)], extra_cflags=["-O2"],
-                        build_directory=str(folder), verbose=False)
-    except Exception as e:  # no compiler or ninja, a failed build: Python reader threads read the same bytes
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("tiermoe: native expert reads unavailable (%s); reading on Python threads", reason[:160])
-        return None
 
 
 class ExpertReads:
