@@ -55,8 +55,9 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM
 from tiermoe.convert import convert
 from tiermoe.decode.routing import RoutingReplay
+from tiermoe.offload.placement.costs import read_rate
 from tiermoe.offload.prefetch import AFFINITY_FILE, AffinityTable
-from tiermoe.offload.tiers.direct_io import DirectReader, drop_page_cache
+from tiermoe.offload.tiers.direct_io import drop_page_cache
 from tiermoe.offload.tiers.ram import min_budget
 from tiermoe.offload.tools.learned_train import split_sequences
 from tiermoe.offload.tools.prefetch_cli import fit_affinity
@@ -109,13 +110,8 @@ def disk_bandwidth(path: Path, chunk: int, depth: int, reads: int = 128, seed: i
     """Cold direct-read bandwidth in bytes/s: `reads` reads of `chunk` bytes at random chunk-aligned offsets of
     `path` (one expert each in the converted layout), `depth` in flight."""
     drop_page_cache(path)
-    offsets = random.Random(seed).sample(range(0, path.stat().st_size - chunk + 1, chunk), reads)
-    with DirectReader(max_workers=depth) as reader:
-        start = time.perf_counter()
-        for i in range(0, reads, depth):
-            for seg in reader.read_many([(path, off, chunk) for off in offsets[i:i + depth]]):
-                seg.release()
-        return reads * chunk / (time.perf_counter() - start)
+    return read_rate(path, random.Random(seed).sample(range(0, path.stat().st_size - chunk + 1, chunk), reads), chunk,
+                     depth)
 
 
 class PerfectPrefetch:
