@@ -95,7 +95,8 @@ def main(argv=None) -> None:
         resident = [i for i, c in enumerate(todo) if c.budget is None]
         offloaded = sorted(set(range(len(todo))) - set(resident), key=lambda i: -_percent(todo[i].budget))
         for _ in range(args.reps):  # a profile per repetition, measured beside the live runs it prices
-            hw = measure_this_machine(read_bytes=expert_bytes, disk_file=expert_file)
+            hw = measure_this_machine(read_bytes=expert_bytes, disk_file=expert_file, store_model=folder,
+                                      policies=tuple(sorted({c.policy for c in todo if c.policy})))
             profiles.append(hw)
             # the runs the CPU bounds right after the profile (the machine drifts within minutes), then the
             # offloaded ones, most CPU-bound first, each with the disk measured again just before it
@@ -133,7 +134,9 @@ def main(argv=None) -> None:
               f"{args.reps} interleaved runs. Simulated: repetition i with the profile measured just before it "
               f"(the disk measured again just before each offloaded run, random reads of one expert in the "
               f"checkpoint's expert file); sim / measured is the median of the per-repetition ratios, simulated "
-              f"tok/s the median of the simulated runs. Profiles: {_profiles_line(profiles)}.")
+              f"tok/s the median of the simulated runs. The store's costs (tiermoe.sim.store_probe, on this "
+              f"checkpoint for the policies, on the diffusion model for TIDE) per kind as request / expert / read "
+              f"(+ I/O thread) / eviction / refresh us. Profiles: {_profiles_line(profiles)}.")
     if tide is not None:
         table += "\n\n" + tide_table(tide.results(), args)
     write(args.out, "sim_validation", {"machine": machine(), "profiles": [hw.to_dict() for hw in profiles],
@@ -164,7 +167,13 @@ def _within(ratio: float) -> str:
 
 def _profiles_line(profiles) -> str:
     return "; ".join(f"GEMV {hw.cpu.gemv_gbs[1]:.1f} GB/s, disk {hw.ssd.rand_read_gbs} GB/s (4 in flight), "
-                     f"read {hw.cpu.engine.get('read_us', 0)} us of the engine's CPU" for hw in profiles)
+                     f"store {_store_line(hw.cpu.store or {})}" for hw in profiles)
+
+
+def _store_line(store: dict) -> str:
+    """The RAM tier's measured costs per kind: request / expert / read (+ I/O thread) / eviction / refresh, us."""
+    return ", ".join(f"{kind} {c['request_us']:.0f}/{c['key_us']:.0f}/{c['read_us']:.0f}+{c['load_us']:.0f}/"
+                     f"{c['evict_us']:.0f}/{c['refresh_us']:.0f}" for kind, c in store.items())
 
 
 def tide_configs(args) -> list[tuple[str, dict]]:
