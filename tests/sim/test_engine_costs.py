@@ -246,3 +246,12 @@ def test_a_tide_refresh_costs_the_models_thread_the_measured_refresh(tmp_path):
     refresh = dataclasses.replace(hw, cpu=measured_cpu(store={"tide": {**STORE, "refresh_us": 300.0}}))
     a, b = simulate(trace, shape(), hw, cfg), simulate(trace, shape(), refresh, cfg)
     assert b.busy_s["cpu"] - a.busy_s["cpu"] == pytest.approx(80 * 300e-6)
+
+
+def test_an_all_resident_engine_pays_no_tiered_stores_costs(tmp_path):
+    """Every expert loaded before timing is the engine's resident store, whose work per request the engine's probe
+    already counts in its fixed costs: the tiered store's measured costs are not charged on top."""
+    trace = _trace(tmp_path)
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=shape().total_expert_bytes, threads=1, preload=True)
+    free, priced = (simulate(trace, shape(), _with_store(**over), cfg) for over in ({}, {"request_us": 500.0}))
+    assert priced.misses == 0 and priced.busy_s == pytest.approx(free.busy_s)

@@ -21,6 +21,7 @@ EXPERT_CALLS = 2  # operator calls per expert on the engine's decode path (fused
 LAYER_CALLS = 14  # per layer besides the experts: norms, q/k/v/o, rotary, attention, router, top-k, residuals
 STEP_CALLS = 12  # per forward pass: embedding, final norm, head, sampling, bookkeeping
 GPU_EFFICIENCY = 0.5  # share of the vendor's peak tensor FLOP/s that expert-sized GEMMs reach (estimate)
+RESIDENT = "resident"  # the store kind of an engine holding every expert: its costs are in the engine's own
 
 
 @dataclass(slots=True)
@@ -85,8 +86,9 @@ class Pricing:
 
     def store(self, kind: str) -> dict[str, float] | None:
         """The RAM tier's own costs (tiermoe.sim.store_probe) for store `kind`, a cache policy's name or "tide", when
-        the profile measured them; a kind not measured is priced as LRU's store."""
-        costs = self.hw.cpu.store if self.engine is not None else None
+        the profile measured them; a kind not measured is priced as LRU's store, the resident store as nothing more
+        than the engine's fixed costs hold."""
+        costs = self.hw.cpu.store if self.engine is not None and kind != RESIDENT else None
         return (costs.get(kind) or costs.get("lru")) if costs else None
 
     def request(self, kind: str, keys: int, evictions: int, refresh: bool) -> float:

@@ -34,7 +34,7 @@ import numpy as np
 from tiermoe.offload.policies import make_policy
 from tiermoe.offload.tiers.fetch_order import fetch_order
 from tiermoe.sim import strategies as S
-from tiermoe.sim.costs import Pricing
+from tiermoe.sim.costs import RESIDENT, Pricing
 from tiermoe.sim.hardware import Hardware
 from tiermoe.sim.model_shape import ModelShape
 from tiermoe.sim.ram_tier import RamTier, RefreshRamTier, Served
@@ -157,13 +157,20 @@ class MachineSim:
         else:
             self.ram = RamTier(self.ram_budget, make_policy(cfg.cache_policy), lambda k: size, shape.num_layers,
                                trace.top_k, size, io_threads=cfg.io_threads)
-        self.store_kind = "tide" if isinstance(self.ram, RefreshRamTier) else cfg.cache_policy
+        self.store_kind = self._store_kind()
         self.read_cpu = self.price.read_cpu(self.store_kind)
         self.clock = Clocks()
         self.inflight: dict[tuple[int, int], float] = {}  # prefetched key -> when its read lands
         self.placements: Counter = Counter()
         self.bytes_read = 0
         self.batched = False  # the current forward has several rows
+
+    def _store_kind(self) -> str:
+        """Which store's own costs the RAM tier pays: "resident" when it starts with every expert (the engine's
+        all-resident store, whose costs the engine's probe counts), "tide" under TIDE, else its cache policy's."""
+        if self.cfg.preload and self.ram_budget >= self.shape.total_expert_bytes:
+            return RESIDENT
+        return "tide" if isinstance(self.ram, RefreshRamTier) else self.cfg.cache_policy
 
     def _strategy(self) -> S.Strategy:
         cfg, price, budget = self.cfg, self.price, self.gpu_budget
