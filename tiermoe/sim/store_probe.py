@@ -5,12 +5,14 @@ The engine's fixed costs (tiermoe.sim.engine_probe) are measured all resident, w
 `ResidentStore`. A tiered store's request does more on the model's thread: the cache policy's bookkeeping, the
 evictions (their weights freed), the reads submitted and installed as they land, and under TIDE a refresh of the
 layer's placement. Here the real store, built by the engine from a checkpoint with the real policy objects, serves
-a stream of random requests (each layer in turn, 1 to 2 top-k experts each) with nothing computed in between; per
-request, the model thread's CPU seconds inside the store (its waits for reads are not) are regressed on what it did
-(requests, experts asked, reads, evictions, refreshes), and the resident store's per request and per expert for the
-same stream are taken off (the engine probe counts those). A read on a Python I/O thread (`_load`: a checkpoint
-whose experts are converted on the way, e.g. bf16 kept in fp32) also costs that thread's CPU, which holds the
-interpreter lock the model's thread needs (`load_us`); the compiled readers cost none.
+a stream of random requests (each layer in turn, 1 to 2 top-k experts each); between two requests, where the model
+computes a layer, top-k experts' bytes stream through the caches (untimed), so the store's Python runs as cache-cold
+as it does live (the engine probe's cold measurement). Per request, the model thread's CPU seconds inside the store
+(its waits for reads are not CPU) are regressed on what it did (requests, experts asked, reads, evictions,
+refreshes), and the resident store's per request and per expert for the same stream are taken off (the engine probe
+counts those). A read on a Python I/O thread (`_load`: a checkpoint whose experts are converted on the way, e.g.
+bf16 kept in fp32) also costs that thread's CPU, which holds the interpreter lock the model's thread needs
+(`load_us`); the compiled readers cost none.
 
 Store kinds: a cache policy's name (a `TieredStore` with that policy) or "tide" (TIDE on the RAM tier,
 `RefreshStore`). A store's costs depend on its experts' size (freeing or installing a MiB-sized expert costs more
@@ -22,6 +24,8 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+
+from tiermoe.sim.engine_probe import _Stream
 
 TERMS = ("request_us", "key_us", "read_us", "evict_us", "refresh_us")  # per request, expert, read, eviction, refresh
 
@@ -53,7 +57,8 @@ def measure_store(model: Path, options: dict, requests: int = 320, seed: int = 0
     stream = _stream(layers, experts, top_k, requests, seed)
     for layer, e in llm.index.experts():
         list(llm.store.fetch(layer, [e]))
-    resident = np.array(_serve(llm.store, stream, refresh_every=0))
+    between = _Stream(top_k * llm.store.expert_nbytes(*next(iter(llm.index.experts()))) / 2**20)
+    resident = np.array(_serve(llm.store, stream, 0, between))
     llm.store.close()
     base = _fit(resident[:, 1:2], resident[:, 0])  # [per request, per expert]
     del llm
@@ -63,7 +68,7 @@ def measure_store(model: Path, options: dict, requests: int = 320, seed: int = 0
         store = llm.store
         store._load = _timed_load(store._load, loads)
         size = store.cache.size(next(iter(llm.index.experts())))
-        rows += _serve(store, stream, refresh_every=options.get("tau", 0))
+        rows += _serve(store, stream, options.get("tau", 0), between)
         store.close()
         del llm, store
     rows = np.array(rows)
@@ -95,9 +100,10 @@ def _stream(layers: list[int], experts: int, top_k: int, n: int, seed: int) -> l
             for i in range(n)]
 
 
-def _serve(store, stream, refresh_every: int) -> list[list[float]]:
-    """Per request: [seconds in the store less its read waits, experts, reads, evictions, refreshed]. A pass over
-    the layers is one denoising step; with `refresh_every`, every such step is a refresh step (TIDE)."""
+def _serve(store, stream, refresh_every: int, between) -> list[list[float]]:
+    """Per request: [the model thread's CPU seconds in the store, experts, reads, evictions, refreshed], calling
+    `between` after each (untimed). A pass over the layers is one denoising step; with `refresh_every`, every such
+    step is a refresh step (TIDE)."""
     from tiermoe.offload.placement.refresh import DenoiseStep
 
     rows, layers = [], len({layer for layer, _ in stream})
@@ -113,6 +119,7 @@ def _serve(store, stream, refresh_every: int) -> list[list[float]]:
         seconds = time.thread_time() - start
         rows.append([seconds, len(experts), store.stats.total.misses - before[0], store.stats.evictions - before[1],
                      float(refresh)])
+        between()
     return rows[layers:]  # the first pass warms up
 
 
