@@ -9,16 +9,18 @@ The live side is bench/offload_speed.py's (the same OLMoE-shaped model with its 
 batch 1, cold page cache, prefetch off, medians of `--reps` interleaved runs; 100% is its all-resident baseline, every
 expert read before timing). The simulated side measures this machine into a hardware profile (`tiermoe profile`'s
 `measure_this_machine`: the engine's own kernels and fixed costs on micro-benchmarks of its shipped models,
-tiermoe.sim.engine_probe, and the disk with random direct reads of one expert in the checkpoint's expert file), then
-runs `tiermoe sim run`'s simulation of the same trace rows with the model's config.json, the same budget and policy,
-no GPU and the same thread count. The machine's speed drifts by 10-40% from one minute to the next (its cores and
-disk are shared), so the profile is measured once per repetition, just before that repetition's live runs, and the
-disk again just before each offloaded run; repetition i is simulated with its own profile and the reported ratio is
-the median of the per-repetition ratios. The runs the CPU bounds (all resident, TIDE) come right after the profile,
-the offloaded ones after them. Nothing is fitted to the measured speeds: the profiles are the only input
-measured here. Reported: both tokens/s, their ratio, and both RAM hit rates (the live run's prompt is routed by the
-random router, the simulator's has none, so the hit counts differ slightly; test_machine_sim.py checks them equal
-when both see the same routing).
+tiermoe.sim.engine_probe, the RAM tier's own costs on the real stores of this checkpoint (the policies) and of the
+diffusion model (TIDE), tiermoe.sim.store_probe, and the disk with random direct reads of one expert in the
+checkpoint's expert file), then runs `tiermoe sim run`'s simulation of the same trace rows with the model's
+config.json, the same budget and policy, no GPU and the same thread count. The machine's speed drifts by 10-40% from
+one minute to the next (its cores and disk are shared), so a profile is measured before the first repetition and
+after every one, and the disk again just before each offloaded run; a run of repetition i is simulated with the
+profiles before and after it (i and i + 1), its simulated time the mean of the two (both are in its JSON notes), and
+the reported ratio is the median of the per-repetition ratios (every repetition's ratio is in the table and the
+JSON). The runs the CPU bounds (all resident, TIDE) come first in a repetition, the offloaded ones after them.
+Nothing is fitted to the measured speeds: the profiles are the only input measured here. Reported: both tokens/s,
+their ratio, and both RAM hit rates (the live run's prompt is routed by the random router, the simulator's has none,
+so the hit counts differ slightly; test_machine_sim.py checks them equal when both see the same routing).
 
 TIDE (diffusion): bench/tide_speed.py's configuration (the shipped diffusion model unless `--diffusion-model`, 2
 prompts of 32 tokens, 96 new tokens, block 32, 32 steps, threshold 0.95, a fresh engine per run, the whole
@@ -87,24 +89,35 @@ def main(argv=None) -> None:
         rows = trace.select_sequences(range(args.sequences))
         tide = TideValidation(args) if _csv(args.tide_budgets) else None
 
-        def run_ar(i: int, at) -> None:
+        disks: dict[int, list] = {i: [] for i in range(len(todo))}  # per run: the disk measured just before it
+
+        def profile() -> None:
+            profiles.append(measure_this_machine(read_bytes=expert_bytes, disk_file=expert_file, store_model=folder,
+                                                 policies=tuple(sorted({c.policy for c in todo if c.policy}))))
+
+        def run_ar(i: int) -> None:
+            disks[i].append(measure_disk(expert_file, expert_bytes) if todo[i].budget else None)
             live[i].append(decode_stats(folder, args.trace, list(range(args.sequences)), todo[i], args.io_threads,
                                         args.max_tokens, least))
-            sims[i].append(simulate(rows, shape, at, sim_config(todo[i], shape, args)))
 
         resident = [i for i, c in enumerate(todo) if c.budget is None]
         offloaded = sorted(set(range(len(todo))) - set(resident), key=lambda i: -_percent(todo[i].budget))
-        for _ in range(args.reps):  # a profile per repetition, measured beside the live runs it prices
-            hw = measure_this_machine(read_bytes=expert_bytes, disk_file=expert_file)
-            profiles.append(hw)
-            # the runs the CPU bounds right after the profile (the machine drifts within minutes), then the
-            # offloaded ones, most CPU-bound first, each with the disk measured again just before it
+        profile()
+        for _ in range(args.reps):  # each repetition's runs between two profiles (the machine drifts within minutes)
+            # the runs the CPU bounds first, then the offloaded ones, most CPU-bound first, each with the disk
+            # measured again just before it
             for i in resident:
-                run_ar(i, hw)
+                run_ar(i)
             if tide is not None:
-                tide.repetition(hw)
+                tide.repetition()
             for i in offloaded:
-                run_ar(i, replace(hw, ssd=measure_disk(expert_file, expert_bytes)))
+                run_ar(i)
+            profile()
+        for i in range(len(todo)):
+            sims[i] = [bracketed(rows, shape, profiles[rep:rep + 2], ssd, sim_config(todo[i], shape, args))
+                       for rep, ssd in enumerate(disks[i])]
+        if tide is not None:
+            tide.simulate(profiles)
     expected = live[0][0]["token_ids"]
     table_rows, runs = [], []
     for i, config in enumerate(todo):
@@ -130,14 +143,27 @@ def main(argv=None) -> None:
     table += (f"\n\nModel: OLMoE shape {trace.num_layers}x{trace.num_experts} top-{trace.top_k}, hidden {args.hidden}, "
               f"expert dim {args.expert_dim}, fp32; trace {args.trace.name}, sequences 0..{args.sequences - 1}, "
               f"{args.max_tokens} decode tokens each, batch 1, {args.threads} torch thread(s). Measured: medians of "
-              f"{args.reps} interleaved runs. Simulated: repetition i with the profile measured just before it "
-              f"(the disk measured again just before each offloaded run, random reads of one expert in the "
-              f"checkpoint's expert file); sim / measured is the median of the per-repetition ratios, simulated "
-              f"tok/s the median of the simulated runs. Profiles: {_profiles_line(profiles)}.")
+              f"{args.reps} interleaved runs. Simulated: a run of repetition i with the profiles measured before and "
+              f"after that repetition, its time the mean of the two (the disk measured again just before each "
+              f"offloaded run, random reads of one expert in the checkpoint's expert file); sim / measured is the "
+              f"median of the per-repetition ratios, simulated "
+              f"tok/s the median of the simulated runs. The store's costs (tiermoe.sim.store_probe, on this "
+              f"checkpoint for the policies, on the diffusion model for TIDE) per kind as request / expert / read "
+              f"(+ I/O thread) / eviction / refresh us. Profiles: {_profiles_line(profiles)}.")
     if tide is not None:
         table += "\n\n" + tide_table(tide.results(), args)
     write(args.out, "sim_validation", {"machine": machine(), "profiles": [hw.to_dict() for hw in profiles],
                                        "runs": runs, "tide": tide.results() if tide else []}, table)
+
+
+def bracketed(trace, shape, pair, ssd, cfg: SimConfig):
+    """A run simulated with the profiles measured just before and just after its repetition (and the disk measured
+    just before the run, `ssd`, when it reads), its time the mean of the two; both kept in its notes."""
+    a, b = (simulate(trace, shape, replace(hw, ssd=ssd) if ssd else hw, cfg) for hw in pair)
+    seconds = (a.seconds + b.seconds) / 2
+    return replace(a, seconds=seconds, tokens_per_s=a.tokens / seconds if seconds else 0.0,
+                   notes=[*a.notes, f"tok/s with the profile before / after: {a.tokens_per_s:.4g} / "
+                                    f"{b.tokens_per_s:.4g}"])
 
 
 def _expert_file(llm: LLM) -> tuple[int, Path]:
@@ -164,7 +190,13 @@ def _within(ratio: float) -> str:
 
 def _profiles_line(profiles) -> str:
     return "; ".join(f"GEMV {hw.cpu.gemv_gbs[1]:.1f} GB/s, disk {hw.ssd.rand_read_gbs} GB/s (4 in flight), "
-                     f"read {hw.cpu.engine.get('read_us', 0)} us of the engine's CPU" for hw in profiles)
+                     f"store {_store_line(hw.cpu.store or {})}" for hw in profiles)
+
+
+def _store_line(store: dict) -> str:
+    """The RAM tier's measured costs per kind: request / expert / read (+ I/O thread) / eviction / refresh, us."""
+    return ", ".join(f"{kind} {c['request_us']:.0f}/{c['key_us']:.0f}/{c['read_us']:.0f}+{c['load_us']:.0f}/"
+                     f"{c['evict_us']:.0f}/{c['refresh_us']:.0f}" for kind, c in store.items())
 
 
 def tide_configs(args) -> list[tuple[str, dict]]:
@@ -194,8 +226,8 @@ def tide_run(folder: Path, ids: list[list[int]], params: SamplingParams, options
 
 class TideValidation:
     """The TIDE part: each configuration's routing recorded once (untimed), then per repetition every configuration
-    timed and simulated with that repetition's profile (the disk measured again just before an offloaded run, reads
-    of one of this model's experts in its expert file)."""
+    timed (the disk measured again just before an offloaded run, reads of one of this model's experts in its expert
+    file), and once all are measured simulated between the profiles around its repetition."""
 
     def __init__(self, args):
         self.args, self.folder = args, args.diffusion_model or default_trained()
@@ -215,11 +247,16 @@ class TideValidation:
                 self.recorded[name] = (tide_run(self.folder, self.ids, self.params, options, path), Trace.load(path))
         self.timed: dict[str, list[tuple[dict, object]]] = {name: [] for name, _ in self.todo}
 
-    def repetition(self, hw) -> None:
+    def repetition(self) -> None:
         for name, options in self.todo:
-            at = replace(hw, ssd=measure_disk(self.expert_file, self.expert_bytes)) if options else hw
-            run = tide_run(self.folder, self.ids, self.params, options)
-            self.timed[name].append((run, simulate(self.recorded[name][1], self._shape(), at, self._cfg(options))))
+            ssd = measure_disk(self.expert_file, self.expert_bytes) if options else None
+            self.timed[name].append((tide_run(self.folder, self.ids, self.params, options), ssd))
+
+    def simulate(self, profiles: list) -> None:
+        """Each timed run simulated between the profiles around its repetition (`bracketed`)."""
+        self.sims = {name: [bracketed(self.recorded[name][1], self._shape(), profiles[rep:rep + 2], ssd,
+                                      self._cfg(options)) for rep, (_, ssd) in enumerate(self.timed[name])]
+                     for name, options in self.todo}
 
     def _shape(self):
         return load_shape(self.folder).with_dtype(self.recorded["all-resident"][0]["dtype"].removeprefix("torch."))
@@ -238,8 +275,8 @@ class TideValidation:
         out = []
         for name, options in self.todo:
             live, trace = self.recorded[name]
-            runs, sims = [r for r, _ in self.timed[name]], [s for _, s in self.timed[name]]
-            ratios = [s.tokens_per_s / (r["tokens"] / r["seconds"]) for r, s in self.timed[name]]
+            runs, sims = [r for r, _ in self.timed[name]], self.sims[name]
+            ratios = [s.tokens_per_s / (r["tokens"] / r["seconds"]) for r, s in zip(runs, sims, strict=True)]
             sim = sims[_median_index(ratios)]
             mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
             counts = (sim.hits, sim.misses, sim.streamed)
@@ -270,9 +307,10 @@ def tide_table(rows: list[dict], args) -> str:
                     f"new tokens, block 32, 32 steps, threshold 0.95; {rows[0]['forwards']} batched forwards), a fresh "
                     f"engine per run, the whole generate timed; medians of {args.reps} interleaved runs. Simulated: "
                     "the engine's own routing recorded in an untimed run of the same configuration, replayed with "
-                    "strategy tide (the RAM tier placed by TIDE's refresh) at the same budget and tau, repetition i "
-                    "with the profile of repetition i (above; the disk measured again before each offloaded run, "
-                    "reads of one of this model's experts), sim / measured the median of the per-repetition ratios.")
+                    "strategy tide (the RAM tier placed by TIDE's refresh) at the same budget and tau, a run of "
+                    "repetition i between the profiles before and after it (above; the disk measured again before "
+                    "each offloaded run, reads of one of this model's experts), sim / measured the median of the "
+                    "per-repetition ratios.")
 
 
 def configs(args) -> list[Config]:

@@ -198,3 +198,60 @@ def test_reads_start_once_the_experts_at_hand_are_computed_when_the_kernels_hold
     assert (a.hits, a.misses) == (b.hits, b.misses) and a.hits > 0 and a.misses > 0
     assert b.busy_s == pytest.approx(a.busy_s) and b.seconds > a.seconds
     assert Pricing(held, shape(), 1).read_wait() == 1.0 and Pricing(load_hardware("h100"), shape(), 1).read_wait() == 0
+
+
+STORE = {"request_us": 0.0, "key_us": 0.0, "read_us": 0.0, "evict_us": 0.0, "refresh_us": 0.0, "load_us": 0.0}
+
+
+def _with_store(**lru) -> Hardware:
+    """A measured profile whose RAM tier costs `lru` (the rest 0) on a disk fast enough that the CPU bounds a step."""
+    return Hardware("h", 16, 20.0, measured_cpu(store={"lru": {**STORE, **lru}}),
+                    SSDProfile("d", 100.0, 100.0, 1e7, 100.0))
+
+
+@pytest.mark.parametrize("term", ["request_us", "key_us", "evict_us", "read_us", "load_us"])
+def test_the_stores_measured_costs_are_charged_on_the_models_thread_once_per_what_they_price(tmp_path, term):
+    """Per request (80: 2 layers x 40 tokens, each within the budget), per expert asked, per eviction, per read (the
+    model thread's and an I/O thread's): the CPU's busy time grows by the count times the measured cost, and the
+    step with it; the lump `read_us` of the engine's probe is not charged beside them."""
+    trace, cfg = _trace(tmp_path), SimConfig("tiermoe", gpu_memory=0, expert_cache=4 * shape().expert_bytes, threads=1)
+    base, priced = (simulate(trace, shape(), _with_store(**over), cfg) for over in ({}, {term: 500.0}))
+    assert (base.hits, base.misses, base.evictions) == (priced.hits, priced.misses, priced.evictions)
+    assert base.evictions > 0 and base.misses > base.evictions
+    count = {"request_us": 80, "key_us": base.hits + base.misses, "evict_us": base.evictions,
+             "read_us": base.misses, "load_us": base.misses}[term]
+    assert priced.busy_s["cpu"] - base.busy_s["cpu"] == pytest.approx(count * 500e-6)
+    assert priced.seconds - base.seconds == pytest.approx(count * 500e-6, rel=0.05)
+    lump = simulate(trace, shape(), dataclasses.replace(base_hw := _with_store(), cpu=measured_cpu()), cfg)
+    assert lump.busy_s["cpu"] - base.busy_s["cpu"] == pytest.approx(base.misses * ENGINE["read_us"] * 1e-6)
+    assert Pricing(base_hw, shape(), 1).store("dali") == Pricing(base_hw, shape(), 1).store("lru")  # not measured
+
+
+def test_more_evictions_cost_more_predicted_time_by_the_measured_amount(tmp_path):
+    """A smaller budget evicts more: the predicted time grows by the extra evictions at `evict_us` on top of what
+    the extra reads cost."""
+    trace = _trace(tmp_path)
+    for budget in (3, 4):
+        cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=budget * shape().expert_bytes, threads=1)
+        free, priced = (simulate(trace, shape(), _with_store(evict_us=e), cfg) for e in (0.0, 800.0))
+        assert priced.seconds - free.seconds == pytest.approx(free.evictions * 800e-6, rel=0.05)
+        assert free.evictions > 0
+
+
+def test_a_tide_refresh_costs_the_models_thread_the_measured_refresh(tmp_path):
+    """TIDE on the RAM tier priced with the "tide" store's costs: without step boundaries every request refreshes."""
+    trace = _trace(tmp_path)
+    cfg = SimConfig("tide", gpu_memory=0, expert_cache=6 * shape().expert_bytes, threads=1)
+    hw = Hardware("h", 16, 20.0, measured_cpu(store={"tide": STORE}), SSDProfile("d", 100.0, 100.0, 1e7, 100.0))
+    refresh = dataclasses.replace(hw, cpu=measured_cpu(store={"tide": {**STORE, "refresh_us": 300.0}}))
+    a, b = simulate(trace, shape(), hw, cfg), simulate(trace, shape(), refresh, cfg)
+    assert b.busy_s["cpu"] - a.busy_s["cpu"] == pytest.approx(80 * 300e-6)
+
+
+def test_an_all_resident_engine_pays_no_tiered_stores_costs(tmp_path):
+    """Every expert loaded before timing is the engine's resident store, whose work per request the engine's probe
+    already counts in its fixed costs: the tiered store's measured costs are not charged on top."""
+    trace = _trace(tmp_path)
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=shape().total_expert_bytes, threads=1, preload=True)
+    free, priced = (simulate(trace, shape(), _with_store(**over), cfg) for over in ({}, {"request_us": 500.0}))
+    assert priced.misses == 0 and priced.busy_s == pytest.approx(free.busy_s)

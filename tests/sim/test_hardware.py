@@ -73,6 +73,10 @@ def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
     assert set(cpu.long_gbs) == set(cpu.kernel_gbs) and all(
         set(cpu.long_gbs[d][k]) == set(cpu.kernel_gbs[d][k]) for d in cpu.kernel_gbs for k in cpu.kernel_gbs[d])
     assert cpu.engine["sample_ns"] >= 0
+    # the RAM tier's own costs per store kind, on the real stores (tiermoe.sim.store_probe), saved and loaded
+    assert set(cpu.store) == {"lru", "dali", "tide"} and all(v >= 0 for c in cpu.store.values() for v in c.values())
+    hw.save(tmp_path / "measured.json")
+    assert load_hardware(tmp_path / "measured.json").cpu.store == cpu.store
     hw.save(tmp_path / "here.json")
     assert load_hardware(tmp_path / "here.json") == hw
 

@@ -21,6 +21,7 @@ EXPERT_CALLS = 2  # operator calls per expert on the engine's decode path (fused
 LAYER_CALLS = 14  # per layer besides the experts: norms, q/k/v/o, rotary, attention, router, top-k, residuals
 STEP_CALLS = 12  # per forward pass: embedding, final norm, head, sampling, bookkeeping
 GPU_EFFICIENCY = 0.5  # share of the vendor's peak tensor FLOP/s that expert-sized GEMMs reach (estimate)
+RESIDENT = "resident"  # the store kind of an engine holding every expert: its costs are in the engine's own
 
 
 @dataclass(slots=True)
@@ -73,10 +74,30 @@ class Pricing:
             return ssd.read_latency_qd1_us * 1e-6 + nbytes / (ssd.qd1_read_gbs * GB)
         return ssd.read_latency_us * 1e-6 + nbytes / (ssd.rand_read_gbs * GB)
 
-    def read_cpu(self) -> float:
+    def read_cpu(self, kind: str = "lru") -> float:
         """The engine's own CPU time per expert read besides the read (its store's Python, under the interpreter
-        lock the model's thread needs too): measured profiles only."""
+        lock the model's thread needs too): measured profiles only. With the store's costs measured, the model
+        thread's part (submitting the read, installing it) and an I/O thread's Python (`load_us`) for store
+        `kind`; else the profile's lump `read_us`."""
+        store = self.store(kind)
+        if store is not None:
+            return (store["read_us"] + store["load_us"]) * 1e-6
         return self.hw.cpu.engine.get("read_us", 0.0) * 1e-6 if self.engine is not None else 0.0
+
+    def store(self, kind: str) -> dict[str, float] | None:
+        """The RAM tier's own costs (tiermoe.sim.store_probe) for store `kind`, a cache policy's name or "tide", when
+        the profile measured them; a kind not measured is priced as LRU's store, the resident store as nothing more
+        than the engine's fixed costs hold."""
+        costs = self.hw.cpu.store if self.engine is not None and kind != RESIDENT else None
+        return (costs.get(kind) or costs.get("lru")) if costs else None
+
+    def request(self, kind: str, keys: int, evictions: int, refresh: bool) -> float:
+        """The model thread's work in the RAM tier for one request of `keys` experts, before its reads are issued:
+        the policy's bookkeeping, `evictions` freed, a TIDE refresh (0 without the store's costs measured)."""
+        c = self.store(kind)
+        if c is None:
+            return 0.0
+        return (c["request_us"] + keys * c["key_us"] + evictions * c["evict_us"] + refresh * c["refresh_us"]) * 1e-6
 
     def read_wait(self) -> float:
         """Share of the model thread's compute that a read issued meanwhile waits before its I/O thread starts it

@@ -10,7 +10,8 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
            read_us, read_wait, sample_ns (optional)},
            cold_mib, attention_cold, engine_cold (optional: the same measured with every kernel call streaming
            cold_mib MiB first), long_gbs {dtype: {row length: {rows: GB/s}}} (optional: a product's bytes beyond
-           LONG_FROM)}
+           LONG_FROM), store {kind: {request_us, key_us, read_us, evict_us, refresh_us, load_us, expert_bytes}}
+           (optional: the RAM tier's own costs, tiermoe.sim.store_probe)}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
     ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional),
            read_latency_us, read_latency_qd1_us (optional, 0)}
@@ -64,6 +65,9 @@ class CPUProfile:
     engine_cold: dict[str, float] | None = None
     # dtype -> row length -> rows -> GB/s of a product's bytes beyond LONG_FROM (None: at `kernel_gbs`)
     long_gbs: dict[str, dict[int, dict[int, float]]] | None = None
+    # the RAM tier's own costs per store kind (a cache policy's name, or "tide"), see tiermoe.sim.store_probe
+    # (None: not measured; a read then costs the model's thread `engine["read_us"]`)
+    store: dict[str, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         for table in ("gemv_gbs", "gemm_gflops"):
@@ -198,16 +202,20 @@ def load_hardware(name_or_path: str | Path) -> Hardware:
 
 
 def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20, name: str = "this-machine",
-                         file_mib: int = 256, kernel_mib: int = 128, disk_file: Path | None = None) -> Hardware:
+                         file_mib: int = 256, kernel_mib: int = 128, disk_file: Path | None = None,
+                         store_model: Path | None = None, policies=("lru", "dali")) -> Hardware:
     """Measures this machine (one to two minutes): per thread count, CPU GEMV over more weights than the caches hold
     and GEMM with the engine's cost probe (`tiermoe.offload.tiers.accelerator.profile_costs`); per-call overhead, DRAM
     copy rate, and the disk (`measure_disk`: `disk_file` if given, else a file written in `disk_dir`); at one
     thread, the engine's own kernels (over `kernel_mib` MiB of weights), attention and fixed costs
-    (tiermoe.sim.engine_probe), hot and with each kernel call streaming weights through the caches."""
+    (tiermoe.sim.engine_probe), hot and with each kernel call streaming weights through the caches; the RAM tier's
+    own costs with each of `policies` on `store_model`'s checkpoint (default: the shipped model) and TIDE's on the
+    shipped diffusion model (tiermoe.sim.store_probe)."""
     import torch
 
     from tiermoe.offload.tiers.accelerator import profile_costs
     from tiermoe.sim.engine_probe import COLD_MIB, attention_costs, engine_overheads, kernel_rates
+    from tiermoe.sim.store_probe import store_costs
 
     threads0 = torch.get_num_threads()
     counts = sorted({1, *(2**i for i in range(1, 8) if 2**i <= (os.cpu_count() or 1)), os.cpu_count() or 1})
@@ -222,12 +230,14 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         kernel_gbs, linear_us, swiglu_us, long_gbs = kernel_rates(total=kernel_mib << 20)
         attn, fixed = attention_costs(), engine_overheads()
         attn_cold, fixed_cold = attention_costs(cold_mib=COLD_MIB), engine_overheads(cold_mib=COLD_MIB)
+        store = store_costs(store_model, policies=policies)
     finally:
         torch.set_num_threads(threads0)
     dram = _copy_rate() / GB
     return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
                     cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2), kernel_gbs,
-                                   linear_us, swiglu_us, attn, fixed, COLD_MIB, attn_cold, fixed_cold, long_gbs),
+                                   linear_us, swiglu_us, attn, fixed, COLD_MIB, attn_cold, fixed_cold, long_gbs,
+                                   store),
                     ssd=measure_disk(disk_file or disk_dir, read_bytes, file_mib),
                     gpu=_measure_gpu(), description="measured by `tiermoe profile`",
                     sources=["measured on this machine by `tiermoe profile` (tiermoe.sim.hardware)"],

@@ -34,7 +34,7 @@ import numpy as np
 from tiermoe.offload.policies import make_policy
 from tiermoe.offload.tiers.fetch_order import fetch_order
 from tiermoe.sim import strategies as S
-from tiermoe.sim.costs import Pricing
+from tiermoe.sim.costs import RESIDENT, Pricing
 from tiermoe.sim.hardware import Hardware
 from tiermoe.sim.model_shape import ModelShape
 from tiermoe.sim.ram_tier import RamTier, RefreshRamTier, Served
@@ -100,6 +100,7 @@ class SimResult:
     placements: dict[str, int] = field(default_factory=dict)  # gpu / copy / cpu
     busy_s: dict[str, float] = field(default_factory=dict)  # per resource
     notes: list[str] = field(default_factory=list)
+    evictions: int = 0  # RAM tier: residents freed (the policy's, the stream window's, TIDE's demotions)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,11 +157,20 @@ class MachineSim:
         else:
             self.ram = RamTier(self.ram_budget, make_policy(cfg.cache_policy), lambda k: size, shape.num_layers,
                                trace.top_k, size, io_threads=cfg.io_threads)
+        self.store_kind = self._store_kind()
+        self.read_cpu = self.price.read_cpu(self.store_kind)
         self.clock = Clocks()
         self.inflight: dict[tuple[int, int], float] = {}  # prefetched key -> when its read lands
         self.placements: Counter = Counter()
         self.bytes_read = 0
         self.batched = False  # the current forward has several rows
+
+    def _store_kind(self) -> str:
+        """Which store's own costs the RAM tier pays: "resident" when it starts with every expert (the engine's
+        all-resident store, whose costs the engine's probe counts), "tide" under TIDE, else its cache policy's."""
+        if self.cfg.preload and self.ram_budget >= self.shape.total_expert_bytes:
+            return RESIDENT
+        return "tide" if isinstance(self.ram, RefreshRamTier) else self.cfg.cache_policy
 
     def _strategy(self) -> S.Strategy:
         cfg, price, budget = self.cfg, self.price, self.gpu_budget
@@ -217,7 +227,7 @@ class MachineSim:
         return SimResult(self.cfg.strategy, self.hw.name, self.shape.name, self.cfg.phase, self.cfg.batch, tokens,
                          seconds, tokens / seconds if seconds else 0.0, self.gpu_budget, self.ram_budget, c.hits,
                          c.misses, c.streamed, c.prefetched, self.bytes_read, dict(self.placements),
-                         dict(self.clock.busy), self.notes)
+                         dict(self.clock.busy), self.notes, c.evictions)
 
     def replay(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, float]:
         """One batch of sequences: their prompts in one pass, then their decode steps; returns the tokens and
@@ -329,6 +339,10 @@ class MachineSim:
 
     def serve(self, served: Served, tokens: dict[int, int], where: dict[int, str], t0: float) -> float:
         """One RAM-tier turn: resident experts first, reads as they land, streamed reads through the window."""
+        keys = len(served.hits) + len(served.misses) + len(served.streamed)
+        request = self.price.request(self.store_kind, keys, served.evicted, served.refreshed)
+        if request:  # the store's bookkeeping on the model's thread, before it issues the reads
+            t0 = self.clock.run("cpu", t0, request)
         size, last, order = self.shape.expert_bytes, t0, itertools.count()  # order: ties go in request order
         ready: list[tuple[float, int, tuple]] = []  # (ready time, order, key), a heap
         for key in served.hits:
@@ -357,7 +371,7 @@ class MachineSim:
         while ready:
             at, _, key = heapq.heappop(ready)
             if held and key in read:
-                at = self.clock.run("cpu", at, self.price.read_cpu())
+                at = self.clock.run("cpu", at, self.read_cpu)
             done = self._compute(key, tokens[key[1]], where[key[1]], at)
             last = max(last, done)
             if key in streamed and queue:  # its room serves the next streamed read
@@ -370,9 +384,8 @@ class MachineSim:
         store's Python) delays the model's thread, which shares the interpreter lock with the readers: charged
         here, or by the caller as the read lands (`landing`)."""
         self.bytes_read += nbytes
-        cpu = self.price.read_cpu()
-        if cpu and not landing:
-            self.clock.run("cpu", at, cpu)
+        if self.read_cpu and not landing:
+            self.clock.run("cpu", at, self.read_cpu)
         return self.clock.run("disk", at, self.price.read(nbytes, depth_one))
 
     def _compute(self, key, tokens: int, where: str, ready: float) -> float:

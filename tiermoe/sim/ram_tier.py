@@ -30,6 +30,8 @@ class Served:
     misses: list[Key] = field(default_factory=list)  # read, and resident afterwards
     streamed: list[Key] = field(default_factory=list)  # read for this request only
     prefetch: list[Key] = field(default_factory=list)  # admitted ahead of use (policy proposals, prefetch): read now
+    evicted: int = 0  # residents the request freed
+    refreshed: bool = False  # TIDE: the request moved its layer's placement
 
 
 @dataclass(slots=True)
@@ -80,15 +82,14 @@ class RamTier:
         hits, misses, evicted = self.cache.request(keys, self.step, stream)
         kept = set(hits) | set(misses)
         streamed = [key for key in keys if key not in kept]
-        if streamed:
-            self._open_window(hits + misses)
+        freed = len(evicted) + (self._open_window(hits + misses) if streamed else 0)
         c = self.counts
         c.hits += len(hits)
         c.misses += len(misses) + len(streamed)
-        c.evictions += len(evicted)
+        c.evictions += freed
         c.streamed += len(streamed)
         self._in_use = keys
-        out = Served(hits, misses, streamed, self._ahead(self.cache.propose(self.step, keys)))
+        out = Served(hits, misses, streamed, self._ahead(self.cache.propose(self.step, keys)), freed)
         if prefetch is not None:
             layer, experts = prefetch
             out.prefetch += self._ahead(self.cache.admit([(layer, e) for e in experts], self.step, self._in_use))
@@ -99,10 +100,12 @@ class RamTier:
         self.counts.prefetched += len(admitted)
         return admitted
 
-    def _open_window(self, pinned: list[Key]) -> None:
+    def _open_window(self, pinned: list[Key]) -> int:
+        """Room for the stream window beside the cache (once); returns the residents it freed."""
         capacity = max(self.budget - self.reserve, sum(self.cache.size(k) for k in pinned))
         if self.cache.capacity > capacity:
-            self.counts.evictions += len(self.cache.shrink(capacity, self.step, pinned))
+            return len(self.cache.shrink(capacity, self.step, pinned))
+        return 0
 
 
 class RefreshRamTier(RamTier):
@@ -123,11 +126,13 @@ class RefreshRamTier(RamTier):
     def fetch(self, layer, experts, prefetch=None, counts=None) -> list[Served]:
         """`RefreshStore.fetch`: the prefetch is ignored (the refresh decides what is resident)."""
         self.step += 1
+        demoted = 0
         if self.refreshing:
             move = self.placement.refresh(layer, dict(zip(experts, counts or [1] * len(experts), strict=True)))
             for e in move.demote:
                 self.cache.discard((layer, e))
-            self.counts.evictions += len(move.demote)
+            demoted = len(move.demote)
+            self.counts.evictions += demoted
         hits = [(layer, e) for e in experts if (layer, e) in self.cache]
         fast = [(layer, e) for e in experts if self.placement.is_fast(layer, e) and (layer, e) not in self.cache]
         self.cache.admit(fast, self.step)
@@ -143,4 +148,4 @@ class RefreshRamTier(RamTier):
         c.hits += len(hits)
         c.misses += len(misses) + len(streamed)
         c.streamed += len(streamed)
-        return [Served(hits, misses, streamed)]
+        return [Served(hits, misses, streamed, evicted=demoted, refreshed=self.refreshing)]
