@@ -147,7 +147,13 @@ def test_idle_read_buffers_are_at_most_one_per_io_thread(folder):
     llm.generate([PROMPT] * 2, SamplingParams(temperature=0, max_tokens=4))
     pool = llm.store.reader.pool
     assert pool.max_bytes == 3 * read_buffer_bytes(llm.index, torch.float32)
-    assert 0 < pool.idle_bytes <= pool.max_bytes
+    assert pool.idle_bytes <= pool.max_bytes
+    # read in place: the reads used the buffers the budget maps once (kept idle within it), none beside it
+    assert 0 < pool.live_bytes == pool.arena_bytes <= llm.store.budget
+    converted = LLM(folder, dtype="bfloat16", expert_cache="25%", io_threads=3)
+    converted.generate([PROMPT] * 2, SamplingParams(temperature=0, max_tokens=4))
+    pool = converted.store.reader.pool
+    assert pool.arena_bytes == 0 and 0 < pool.idle_bytes <= pool.max_bytes
 
 
 def test_reads_in_place_reserve_nothing_and_their_buffers_stay_within_the_expert_budget(folder):

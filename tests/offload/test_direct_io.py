@@ -1,5 +1,6 @@
 """DirectReader on real files: exact bytes of unaligned ranges, file tails, short reads, fallback, parallel reads."""
 
+import ctypes
 import errno
 import os
 import shutil
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiermoe.offload.tiers import direct_io
-from tiermoe.offload.tiers.direct_io import PAGE, DirectReader, ShortReadError, drop_page_cache
+from tiermoe.offload.tiers.direct_io import PAGE, BufferPool, DirectReader, ShortReadError, drop_page_cache
 
 SIZE = 5 * PAGE + 1234  # the tail is not a whole page
 DATA = os.urandom(SIZE)
@@ -151,6 +152,28 @@ def test_buffers_are_reused_after_release(data_file):
         first.release()
         second = reader.read(data_file, 4196, 5000)  # also spans 2 pages
         assert second.buffer is buffer and bytes(second.view) == DATA[4196:9196]
+
+
+def test_an_arena_maps_its_buffers_once_and_keeps_them_whatever_the_idle_cap(data_file):
+    pool = BufferPool(max_bytes=0)  # keeps no buffer of its own idle
+    pool.reserve(5000, 3)  # 3 buffers of 2 pages
+    assert pool.arena_bytes == pool.live_bytes == pool.peak_bytes == 3 * 2 * PAGE
+    with DirectReader(pool=pool) as reader:
+        segments = [reader.read(data_file, 4096 * i + 7, 5000) for i in range(3)]  # each spans 2 pages
+        addresses = [ctypes.addressof(ctypes.c_char.from_buffer(s.buffer)) for s in segments]
+        assert all(a % PAGE == 0 for a in addresses) and len({a // (2 * PAGE) for a in addresses}) == 3
+        assert [bytes(s.view) for s in segments] == [DATA[4096 * i + 7:4096 * i + 5007] for i in range(3)]
+        assert pool.live_bytes == pool.arena_bytes  # nothing mapped beyond the arena
+        extra = reader.read(data_file, 0, 5000)  # the arena is all in use: a buffer of its own
+        assert pool.live_bytes == pool.arena_bytes + 2 * PAGE
+        extra.release()  # not kept (max_bytes 0)
+        for s in segments:
+            s.release()
+        assert pool.live_bytes == pool.arena_bytes and pool.idle_bytes == 0 and pool.in_use == 0
+        again = reader.read(data_file, 100, 5000)
+        assert ctypes.addressof(ctypes.c_char.from_buffer(again.buffer)) in addresses  # reused, not mapped
+        assert bytes(again.view) == DATA[100:5100] and pool.peak_bytes == pool.arena_bytes + 2 * PAGE
+        again.release()
 
 
 def test_as_tensor_views_the_buffer_without_copy(direct_reader, data_file):

@@ -257,14 +257,27 @@ class ScoreEveryCandidate(LearnedPolicy):
         return max(candidates, key=lambda k: (float(self.predict([k])[0]), -self._last[k]))
 
 
+def random_weights(features: tuple[str, ...], hidden: int = 8) -> LearnedWeights:
+    """A random pooled MLP over `features`: scores unlike any trained one's, to check ranking against."""
+    rng = np.random.default_rng(0)
+    shapes = [(len(features), hidden), (hidden,), (hidden, hidden), (hidden,), (hidden,), (1,)]
+    return LearnedWeights(LearnedConfig(features=features), [], MLP(*(rng.standard_normal(s).astype(np.float32)
+                                                                      for s in shapes)))
+
+
+# the shipped weights, and a layer-wide feature (`stack`: a prefetch moves every slot's) beside per-slot ones
+WEIGHTS = [None, random_weights(("recency", "frequency", "reuse", "stack"))]
+
+
 @settings(max_examples=40, deadline=None)
 @given(requests=st.lists(st.lists(keys_strategy, min_size=1, max_size=4, unique=True), min_size=1, max_size=60),
-       extra=st.integers(0, 6), prefetch=st.lists(keys_strategy, max_size=60))
-def test_ranked_victims_match_scoring_every_candidate(requests, extra, prefetch):
-    # The shipped weights (a real MLP, reuse predictor and all), one cache over three layers as the live store
-    # keeps it, with keys brought in without an access (prefetch) between requests.
+       extra=st.integers(0, 6), prefetch=st.lists(keys_strategy, max_size=60), which=st.sampled_from([0, 1]))
+def test_ranked_victims_match_scoring_every_candidate(requests, extra, prefetch, which):
+    # A real MLP (the reuse predictor and all), one cache over three layers as the live store keeps it, with keys
+    # brought in without an access (prefetch) between requests.
     capacity = max(map(len, requests)) + extra
-    caches = [ExpertCache(capacity, cls(num_layers=3)) for cls in (LearnedPolicy, ScoreEveryCandidate)]
+    weights = WEIGHTS[which] if WEIGHTS[which] is not None else LearnedWeights.load(SHIPPED_WEIGHTS)
+    caches = [ExpertCache(capacity, cls(weights, num_layers=3)) for cls in (LearnedPolicy, ScoreEveryCandidate)]
     for step, keys in enumerate(requests):
         ranked, direct = (c.request(keys, step) for c in caches)
         assert ranked == direct
@@ -282,3 +295,31 @@ def test_mlp_scores_a_row_alike_in_any_batch():
     assert batch.dtype == np.float32
     assert [mlp(x[i: i + 1])[0] for i in range(len(x))] == batch.tolist()
     assert np.array_equal(mlp(x[::-3]), batch[::-3]) and len(set(batch[200:].tolist() + [batch[0]])) == 1
+
+
+class CountingPolicy(LearnedPolicy):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scored: list[list] = []  # keys entered by each MLP call
+
+    def _enter(self, state, slots, keys):
+        self.scored.append(sorted(keys))
+        super()._enter(state, slots, keys)
+
+
+def test_keys_read_ahead_are_scored_only_once_they_may_be_evicted():
+    # Reading ahead into a layer used to rank the layer again at each eviction that followed; the keys read ahead
+    # are protected until the next request, so nothing needs their score before then.
+    policy = CountingPolicy(num_layers=2)
+    cache = ExpertCache(6, policy)
+    cache.request([(0, 0), (0, 1), (0, 2)], 0)
+    cache.request([(1, 0), (1, 1), (1, 2)], 1)
+    cache.request([(0, 0), (0, 1), (0, 3)], 2)  # one miss: ranks both layers
+    assert list(map(len, policy.scored)) == [3, 3]  # each layer's residents
+    policy.scored.clear()
+    _, admitted, evicted = cache.admit([(1, 5), (1, 6)], 2, [(0, 0), (0, 1), (0, 3)])
+    assert admitted == [(1, 5), (1, 6)] and len(evicted) == 2 and policy.scored == []
+    # the next request's eviction may take a key read ahead once no other candidate is left: it is scored then
+    _, misses, evicted = cache.request([(0, e) for e in range(4, 9)], 3)
+    assert len(misses) == 5 and len(set(evicted) & {(1, 5), (1, 6)}) == 1
+    assert [(1, 5), (1, 6)] in policy.scored

@@ -1,6 +1,9 @@
 """Expert reads on native threads: the tokens of all-resident, the budget kept, faults named, the Python readers still
 serving when the engine is off (the whole lossless matrix runs on whichever the machine has)."""
 
+import ctypes
+import errno
+import mmap
 import os
 import shutil
 
@@ -15,6 +18,7 @@ from tiermoe.offload.policies import make_policy
 from tiermoe.offload.tiers.direct_io import DirectReader
 from tiermoe.offload.tiers.native_reads import NativeRead, engine_module
 from tiermoe.offload.tiers.ram import TieredStore, min_budget
+from tiermoe.offload.tiers.store import ResidentStore
 
 pytestmark = pytest.mark.skipif(engine_module() is None, reason="no native read engine on this machine")
 
@@ -115,3 +119,53 @@ def test_experts_file_changed_under_a_running_engine_is_named(converted, tmp_pat
     os.utime(folder / "experts.bin", ns=(0, 0))
     with pytest.raises(ExpertIOError, match=r"experts\.bin changed .*expert \d+ of layer \d+"):
         tokens(llm)
+
+
+def test_the_pieces_of_one_read_are_shared_by_the_threads_and_the_first_failed_piece_is_named(tmp_path):
+    data = os.urandom(16 * 4096)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    engine = engine_module().ReadEngine(4)
+    fd = os.open(path, os.O_RDONLY)
+    buf = mmap.mmap(-1, len(data))
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    try:
+        # 16 pieces of a page each, file page i into buffer page 15 - i
+        pieces = [(fd, i * 4096, 4096, 4096, base + (15 - i) * 4096, False) for i in range(16)]
+        job = engine.submit(pieces)
+        assert engine.wait_any([job]) == job
+        error, failed, _, nbytes, seconds = engine.take(job)
+        assert (error, failed, nbytes) == (0, -1, len(data)) and seconds >= 0
+        assert all(buf[(15 - i) * 4096:(16 - i) * 4096] == data[i * 4096:(i + 1) * 4096] for i in range(16))
+        # pieces 5 and 9 cannot be read (a descriptor open for writing only): the job fails at piece 5
+        bad = os.open(path, os.O_WRONLY)
+        pieces[5] = pieces[9] = (bad, 0, 4096, 4096, base, False)
+        job = engine.submit(pieces)
+        engine.wait_any([job])
+        error, failed, *_ = engine.take(job)
+        os.close(bad)
+        assert (error, failed) == (errno.EBADF, 5)
+    finally:
+        engine.close()
+        os.close(fd)
+
+
+def test_an_expert_read_is_split_into_a_piece_per_thread(converted):
+    folder = converted["qwen3_moe"]
+    llm = LLM(folder)
+    index, layers, k = llm.index, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
+    key = (layers[0], 0)
+    store = TieredStore(index, torch.float32, min_budget(index, layers, k, torch.float32), make_policy("lru"), layers,
+                        k, io_threads=2)
+    store.native.MIN_PIECE = 4096  # the tiny experts are a few pages
+    try:
+        read = store._submit(key)
+        sizes = [n for _, _, n, _ in store._plan(key).layout.reads]
+        assert sum(sizes) > 2 * 4096, sizes  # more than a page a thread
+        assert len(read.owners) >= 2 and len({i for i, _ in read.owners}) == len(sizes)
+        w, nbytes, _ = read.result()
+        expected = dict(ResidentStore(index, torch.float32).fetch(*key[:1], [key[1]]))[key[1]]
+        assert torch.equal(w.gate_up, expected.gate_up) and torch.equal(w.down, expected.down)
+    finally:
+        del w
+        store.close()

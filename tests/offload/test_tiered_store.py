@@ -110,6 +110,32 @@ def test_resident_bytes_never_exceed_the_budget(data, disk_models):
         store.close()
 
 
+def test_experts_read_in_place_use_the_budgets_buffers_mapped_once(disk_models):
+    """Every expert read in place into a buffer of one size: the store maps the budget's buffers at start and the
+    cached, streamed and read-ahead experts all land in them, so nothing is mapped while the cache fills or after."""
+    folder = disk_models("qwen3_moe", "converted")
+    llm = LLM(folder)
+    index, layers, k = llm.index, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
+    size = slot_nbytes(index.expert(layers[0], 0), torch.float32)
+    budget = min_budget(index, layers, k, torch.float32) + 3 * size + 100  # streams a batch's union of experts
+    store = TieredStore(index, torch.float32, budget, make_policy("lru"), layers, k, io_threads=2)
+    pool = store.reader.pool
+    try:
+        assert pool.arena_bytes == pool.live_bytes == budget // size * size
+        reference = ResidentStore(index, torch.float32)
+        for step in range(12):
+            layer, ids = layers[step % len(layers)], sorted({(3 * step + i) % 8 for i in range(k + step % 3)})
+            for group in store.fetch_groups(layer, ids, prefetch=(layers[(step + 1) % len(layers)], [step % 8])):
+                for e, w in group:  # computed with, then dropped, as the model does
+                    expected = dict(reference.fetch(layer, [e]))[e]
+                    assert torch.equal(w.gate_up, expected.gate_up) and torch.equal(w.down, expected.down)
+                del group, w
+        assert store.stats.streamed > 0 and store.stats.prefetched > 0 and store.stats.evictions > 0
+        assert pool.live_bytes == pool.peak_bytes == pool.arena_bytes <= budget  # no buffer mapped beyond them
+    finally:
+        store.close()
+
+
 class SlowReader(DirectReader):
     """Reads that take a while, counting how many are in flight at once."""
 

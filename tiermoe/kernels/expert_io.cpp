@@ -3,8 +3,9 @@
 // The offloading store's Python reader threads each needed the interpreter lock to start a read, to wrap its bytes
 // and to complete its future, so a read that landed while the model ran Python between its kernels waited for the
 // model (and the model, handing the lock over, waited for them). Here a read is a job of pieces (fd, file offset,
-// bytes, buffer address), run start to end by one of `threads` native threads; the model's thread polls `done` or
-// blocks in `wait_any` with the lock released. The caller keeps every buffer alive until its job is taken (`take`)
+// bytes, buffer address); `threads` native threads take the pieces of the oldest job first, each thread a piece, so
+// one expert split into pieces is read at the threads' depth; the model's thread polls `done` or blocks in
+// `wait_any` with the lock released. The caller keeps every buffer alive until its job is taken (`take`)
 // or cancelled before it started (`cancel`); `close` finishes the running jobs and drops the queued ones.
 
 #include <pybind11/pybind11.h>
@@ -35,11 +36,14 @@ using Piece = std::tuple<int, int64_t, int64_t, int64_t, uintptr_t, bool>;
 
 struct Job {
   std::vector<Piece> pieces;
+  size_t handed = 0;   // pieces taken by a thread so far (in order)
+  size_t running = 0;  // pieces taken and not finished
   bool started = false, finished = false;
-  int error = 0;        // errno of the failed piece; -1: the file ended before the bytes needed
+  int error = 0;        // errno of the failed piece (the first one); -1: the file ended before the bytes needed
   int64_t failed = -1;  // index of the failed piece
   int64_t got = 0;      // bytes the failed piece read
   int64_t bytes = 0;    // bytes read in all
+  std::chrono::steady_clock::time_point start;
   double seconds = 0;
 };
 
@@ -73,9 +77,16 @@ class ReadEngine {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) throw std::runtime_error("expert read engine is closed");
     int64_t id = next_++;
-    jobs_[id].pieces = std::move(pieces);
+    Job& j = jobs_[id];
+    j.pieces = std::move(pieces);
+    if (j.pieces.empty()) {
+      j.finished = true;
+      landed_.notify_all();
+      return id;
+    }
     queue_.push_back(id);
-    work_.notify_one();
+    if (j.pieces.size() > 1) work_.notify_all();
+    else work_.notify_one();
     return id;
   }
 
@@ -127,7 +138,16 @@ class ReadEngine {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return;
       stopping_ = true;
-      for (int64_t id : queue_) jobs_.erase(id);
+      for (int64_t id : queue_) {
+        Job& j = jobs_[id];
+        if (!j.started) {
+          jobs_.erase(id);
+          continue;
+        }
+        j.handed = j.pieces.size();  // its running pieces finish it, as cancelled
+        if (!j.error) j.error = ECANCELED, j.failed = 0;
+        if (j.running == 0) j.finished = true;
+      }
       queue_.clear();
       work_.notify_all();
     }
@@ -139,33 +159,38 @@ class ReadEngine {
   void run() {
     for (;;) {
       int64_t id;
-      std::vector<Piece> pieces;
+      size_t i;
+      Piece piece;
+      bool skip;
       {
         std::unique_lock<std::mutex> lock(mu_);
         work_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
         if (queue_.empty()) return;
         id = queue_.front();
-        queue_.pop_front();
         Job& j = jobs_[id];
-        j.started = true;
-        pieces = j.pieces;
+        if (!j.started) j.started = true, j.start = std::chrono::steady_clock::now();
+        i = j.handed++;
+        if (j.handed == j.pieces.size()) queue_.pop_front();
+        ++j.running;
+        piece = j.pieces[i];
+        skip = j.error != 0;  // a piece failed: the job has failed, read no more of it
       }
-      auto start = std::chrono::steady_clock::now();
-      int error = 0;
-      int64_t failed = -1, got = 0, bytes = 0;
-      for (size_t i = 0; i < pieces.size() && !error; ++i) {
-        error = read_piece(pieces[i], got);
-        bytes += got;
-        if (error) failed = static_cast<int64_t>(i);
-      }
-      double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      int64_t got = 0;
+      int error = skip ? 0 : read_piece(piece, got);
+      bool finished = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        Job& j = jobs_[id];
-        j.finished = true;
-        j.error = error, j.failed = failed, j.got = got, j.bytes = bytes, j.seconds = seconds;
+        Job& j = jobs_[id];  // kept while a piece runs (close and cancel drop only jobs not started)
+        --j.running;
+        j.bytes += got;
+        if (error && (!j.error || static_cast<int64_t>(i) < j.failed))
+          j.error = error, j.failed = static_cast<int64_t>(i), j.got = got;
+        if (j.handed == j.pieces.size() && j.running == 0) {
+          j.finished = finished = true;
+          j.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - j.start).count();
+        }
       }
-      landed_.notify_all();
+      if (finished) landed_.notify_all();
     }
   }
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tiermoe.offload.policies.base import CachePolicy, Key, VictimHeap, ranked_victim, split_key
-from tiermoe.offload.policies.learned_features import FEATURES, LayerHistory
+from tiermoe.offload.policies.base import CachePolicy, Key, VictimHeap, as_set, ranked_victim, split_key
+from tiermoe.offload.policies.learned_features import FEATURES, SHARED_FEATURES, LayerHistory
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "assets" / "policies" / "learned.safetensors"
 
@@ -196,6 +196,7 @@ class _LayerState:
     slots: dict = field(default_factory=dict)  # expert -> slot in `history`
     resident: set = field(default_factory=set)  # keys
     scores: dict = field(default_factory=dict)  # slot -> prediction, of the slots scored since the layer's request
+    unscored: set = field(default_factory=set)  # residents inserted since, to score before the next victim
 
 
 class LearnedPolicy(CachePolicy):
@@ -210,7 +211,12 @@ class LearnedPolicy(CachePolicy):
     NOTE: a layer's features only change when that layer is requested (its clock is its own). So the first victim
     needed after a request scores that layer's residents, and the request's own experts (resident right after, if
     missed), in one MLP call; their entries (-prediction, tick, key) serve every eviction until the layer's next
-    request, from one heap over all layers (`ranked_victim`).
+    request, from one heap over all layers (`ranked_victim`). A key inserted in between without a score (prefetched)
+    is scored only once a victim is chosen among candidates that include it (the cache protects keys read ahead
+    until the next request, by which their layer is usually requested and ranked whole), with the layer's other
+    such keys, in one MLP call: a row scores the same in any batch (`MLP.__call__`), and a prefetch changes no
+    other slot's features (except the layer-wide `SHARED_FEATURES`: then the layer is ranked again), so the victims
+    are those of ranking the layer again at every insert.
     """
 
     wants_layer = True
@@ -226,6 +232,9 @@ class LearnedPolicy(CachePolicy):
         self._last: dict[Key, int] = {}  # key -> tick of its latest access (ties go to the oldest)
         self._heap = VictimHeap()  # residents' (-predicted distance, tick, key)
         self._stale: set[_LayerState] = set()  # layers requested since their residents were scored
+        self._unscored: set[_LayerState] = set()  # layers holding `unscored` keys
+        # A prefetch marks its slot used: with a layer-wide feature that moves every slot's features.
+        self._shared = bool(SHARED_FEATURES & set(self.weights.config.features))
 
     def _locate(self, key: Key) -> tuple[_LayerState, int]:
         where = self._where.get(key)
@@ -252,29 +261,50 @@ class LearnedPolicy(CachePolicy):
         if key not in self._last:
             self._last[key] = next(self._ticks)
         state.resident.add(key)
-        if state not in self._stale:
-            score = state.scores.get(slot)
-            if touched or score is None:  # not scored with its layer, or the layer's features moved
-                self._stale.add(state)
-            else:
-                self._heap.push((-score, self._last[key], key))
+        if state in self._stale:
+            return
+        score = None if touched else state.scores.get(slot)
+        if score is not None:
+            self._heap.push((-score, self._last[key], key))
+        elif touched and self._shared:  # the layer's features moved
+            self._stale.add(state)
+        else:  # not scored with its layer, or its own features moved
+            state.unscored.add(key)
+            self._unscored.add(state)
 
     def on_evict(self, key: Key) -> None:
         """Drops the key from its layer's residents; the history describes routing, which goes on regardless."""
-        self._locate(key)[0].resident.discard(key)
+        state = self._locate(key)[0]
+        state.resident.discard(key)
+        state.unscored.discard(key)
         self._heap.discard(key)
 
     def victim(self, candidates: Iterable[Key], step: int) -> Key:
         """The candidate predicted to be needed last (see the class NOTE for how little this computes per call)."""
+        candidates = as_set(candidates)
+        for state in [s for s in self._unscored if s not in self._stale]:  # a stale layer is ranked whole below
+            keys = [k for k in state.unscored if k in candidates]
+            if keys:
+                self._enter(state, list({self._where[k][1] for k in keys}), keys)
+                state.unscored.difference_update(keys)
+        self._unscored = {s for s in self._unscored if s.unscored}
         return ranked_victim(self._heap, self._stale, candidates, self._rank)
 
     def _rank(self, state: _LayerState) -> None:
         """Scores the layer's residents and its latest request's experts in one MLP call; enters the residents."""
-        where, last = self._where, self._last
+        where = self._where
         slots = list({where[k][1] for k in state.resident}.union(state.history.current))
+        state.scores = {}
+        state.unscored.clear()
+        self._enter(state, slots, state.resident)
+
+    def _enter(self, state: _LayerState, slots: list[int], keys: Iterable[Key]) -> None:
+        """Scores `slots` of the layer in one MLP call, keeps their scores, and enters `keys` (residents among them)."""
+        where, last = self._where, self._last
         predicted = state.mlp(state.history.features(np.array(slots, np.int64))).tolist()
-        scores = state.scores = dict(zip(slots, predicted, strict=True))
-        self._heap.push(*[(-scores[where[k][1]], last[k], k) for k in state.resident])
+        scores = state.scores
+        scores.update(zip(slots, predicted, strict=True))
+        self._heap.push(*[(-scores[where[k][1]], last[k], k) for k in keys])
 
     def predict(self, keys: list[Key]) -> np.ndarray:
         """Predicted next-use distance of each key (scaled: 1 = the horizon or later), one MLP call per key."""

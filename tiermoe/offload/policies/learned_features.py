@@ -261,6 +261,9 @@ def _frequency_all(h: LayerHistory, s: np.ndarray) -> np.ndarray:
     return h.total[s] / max(int(h.total.max()), 1)
 
 
+#: Features whose value for one slot depends on which other slots were ever used (or prefetched).
+SHARED_FEATURES = frozenset({"stack", "reuse_rank"})
+
 #: Feature name -> function of (history, slots); every value lies in [0, 1].
 FEATURES: dict[str, Callable[[LayerHistory, np.ndarray], np.ndarray]] = {
     "recency": _recency,  # 1 / (t - last use + 1)

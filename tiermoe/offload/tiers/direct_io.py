@@ -52,27 +52,52 @@ def align_up(n: int) -> int:
     return (n + PAGE - 1) & ~(PAGE - 1)
 
 
+Buffer = mmap.mmap | memoryview  # a buffer of its own, or one of an arena's
+
+
 class BufferPool:
     """Page-aligned anonymous mmap buffers, recycled by exact (page-rounded) size.
 
     Expert reads of one model come in few distinct sizes, so exact-size free lists reuse well without the up to 2x
     waste of power-of-two classes. At most `max_bytes` are kept idle; the rest are left to the garbage collector.
+
+    An arena (`reserve`) maps many buffers of one size at once, kept for the pool's life and handed out before
+    any buffer is mapped anew: a cache that fills maps nothing per read (each mmap call, and the munmap of a buffer
+    let go, waits for the address-space lock that reads into other buffers hold while they pin their pages).
     """
 
     def __init__(self, max_bytes: int = 256 << 20):
         self.max_bytes = max_bytes
-        self.idle_bytes = 0  # kept for reuse
+        self.idle_bytes = 0  # kept for reuse, outside the arena
         self.in_use = 0  # buffers handed out and not released yet (a leak shows here)
-        self.live_bytes = 0  # every buffer not unmapped yet: in use or idle
+        self.live_bytes = 0  # every buffer not unmapped yet: in use or idle, the arena's too
         self.peak_bytes = 0  # the most live_bytes so far
-        self._free: dict[int, list[mmap.mmap]] = {}
+        self.arena_bytes = 0  # mapped by `reserve`
+        self._free: dict[int, list[Buffer]] = {}
+        self._arena: dict[int, list[memoryview]] = {}  # size -> the arena's idle buffers of that size
         self._lock = threading.Lock()
 
-    def acquire(self, nbytes: int) -> mmap.mmap:
-        """A buffer of `align_up(nbytes)` bytes whose address is page aligned (mmap always is)."""
+    def reserve(self, nbytes: int, count: int) -> None:
+        """Maps `count` buffers of `align_up(nbytes)` bytes as one region (pages are only touched by their reads)."""
+        size = max(align_up(nbytes), PAGE)
+        if count < 1:
+            return
+        region = memoryview(mmap.mmap(-1, size * count, flags=mmap.MAP_PRIVATE))
+        with self._lock:
+            self._arena.setdefault(size, []).extend(region[i * size:(i + 1) * size] for i in range(count))
+            self.arena_bytes += size * count
+            self.live_bytes += size * count
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def acquire(self, nbytes: int) -> Buffer:
+        """A buffer of `align_up(nbytes)` bytes whose address is page aligned (mmap always is): an idle one of the
+        arena, else of the pool, else a new mapping."""
         size = max(align_up(nbytes), PAGE)
         with self._lock:
             self.in_use += 1
+            arena = self._arena.get(size)
+            if arena:
+                return arena.pop()
             free = self._free.get(size)
             if free:
                 self.idle_bytes -= size
@@ -82,11 +107,13 @@ class BufferPool:
         # private, not shared, anonymous memory: counted as the process's own (RssAnon), freed at unmap
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
-    def release(self, buf: mmap.mmap) -> None:
+    def release(self, buf: Buffer) -> None:
         """Takes a buffer back (the caller must hold no view of it any more)."""
         with self._lock:
             self.in_use -= 1
-            if self.idle_bytes + len(buf) <= self.max_bytes:
+            if isinstance(buf, memoryview):  # the arena's: kept whatever max_bytes says
+                self._arena[len(buf)].append(buf)
+            elif self.idle_bytes + len(buf) <= self.max_bytes:
                 self._free.setdefault(len(buf), []).append(buf)
                 self.idle_bytes += len(buf)
             else:
@@ -101,7 +128,7 @@ class Segment:
     offset: int
     nbytes: int
     view: memoryview  # exactly the requested bytes, writable, inside `buffer`
-    buffer: mmap.mmap | None = field(repr=False)
+    buffer: Buffer | None = field(repr=False)
     _pool: BufferPool | None = field(default=None, repr=False)
 
     def as_tensor(self, dtype: Any = None, shape: Sequence[int] | None = None) -> Any:
@@ -249,7 +276,7 @@ class DirectReader:
         if got < nbytes:
             raise ShortReadError(path, offset, nbytes, got)
 
-    def _read_into(self, path: str, buf: mmap.mmap, start: int, length: int, at: int = 0) -> int:
+    def _read_into(self, path: str, buf: Buffer, start: int, length: int, at: int = 0) -> int:
         """Fills buf[at:at + length] from file offset `start` (all page aligned); returns the bytes read (less at
         EOF)."""
         f = self._file(path)
@@ -308,7 +335,7 @@ class DirectReader:
         self.close()
 
 
-def _pread_full(fd: int, buf: mmap.mmap, start: int, length: int, direct: bool, at: int = 0) -> int:
+def _pread_full(fd: int, buf: Buffer, start: int, length: int, direct: bool, at: int = 0) -> int:
     """preadv into buf[at:] until `length` bytes are in, the file ends, or (direct) a read ends off a page boundary
     (= EOF)."""
     base = memoryview(buf)

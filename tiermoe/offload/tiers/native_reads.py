@@ -51,26 +51,37 @@ def engine_module() -> ModuleType | None:
 
 
 class ExpertReads:
-    """In-place expert reads on `threads` native threads, into buffers of `reader`'s pool over its open files."""
+    """In-place expert reads on `threads` native threads, into buffers of `reader`'s pool over its open files.
+
+    An expert's reads are split into about `threads` pieces (whole pages, at least `MIN_PIECE`), which the threads
+    take together: one expert read alone keeps as many reads in flight as several would, so a layer's single miss
+    reads at the disk's bandwidth at that depth (what bench/offload_speed.py's bound assumes), not at one read's."""
+
+    MIN_PIECE = 128 << 10
 
     def __init__(self, module: ModuleType, reader: DirectReader, threads: int):
         self.engine = module.ReadEngine(threads)
         self.reader = reader
+        self.threads = threads
 
     def submit(self, spec: ExpertSpec, lay: Layout, on_error: Callable[[OSError], Exception]) -> NativeRead:
         """Queue an expert's reads; `on_error` turns a failed read's OSError into the error its result raises."""
         seg = self.reader.buffer(lay.size)
         base = torch.frombuffer(seg.view, dtype=torch.uint8).data_ptr()
-        pieces = []
-        for f, off, n, at in lay.reads:
+        pieces, owners = [], []  # owners: (read of the layout, byte offset in it) of each piece
+        chunk = max(align_up(-(-sum(n for _, _, n, _ in lay.reads) // self.threads)), self.MIN_PIECE)
+        for i, (f, off, n, at) in enumerate(lay.reads):
             fd, direct = self.reader.descriptor(f)
-            pieces.append((fd, off, align_up(n), n, base + at, direct))
+            for start in range(0, n, chunk):
+                length = min(chunk, align_up(n) - start)
+                pieces.append((fd, off + start, length, min(length, n - start), base + at + start, direct))
+                owners.append((i, start))
         try:
             job = self.engine.submit(pieces)
         except BaseException:
             seg.release()
             raise
-        return NativeRead(self, job, spec, lay, seg, on_error)
+        return NativeRead(self, job, spec, lay, seg, on_error, tuple(owners))
 
     def close(self) -> None:
         """Finish the running reads and drop the queued ones (their buffers are then free)."""
@@ -81,11 +92,12 @@ class NativeRead:
     """One expert's read on the engine, with the `Future` methods the store uses. Its result is (weights, bytes
     read, seconds), as `TieredStore._load` returns; it is made on the first call that needs it, on that thread."""
 
-    __slots__ = ("reads", "job", "spec", "lay", "seg", "on_error", "_value", "_error", "_cancelled")
+    __slots__ = ("reads", "job", "spec", "lay", "seg", "on_error", "owners", "_value", "_error", "_cancelled")
 
     def __init__(self, reads: ExpertReads, job: int, spec: ExpertSpec, lay: Layout, seg: Segment,
-                 on_error: Callable[[OSError], Exception]):
+                 on_error: Callable[[OSError], Exception], owners: tuple[tuple[int, int], ...]):
         self.reads, self.job, self.spec, self.lay, self.seg, self.on_error = reads, job, spec, lay, seg, on_error
+        self.owners = owners  # (read of the layout, byte offset in it) of each piece of the job
         self._value: tuple[ExpertWeights, int, float] | None = None
         self._error: BaseException | None = None
         self._cancelled = False
@@ -131,8 +143,9 @@ class NativeRead:
             if error == errno.EINVAL:
                 read_pages(self.reads.reader, self.lay, self.seg)  # O_DIRECT refused at read time: page-cache reads
             elif error:
-                f, off, n, _ = self.lay.reads[piece]
-                raise (ShortReadError(os.fspath(f), off, n, got) if error < 0 else
+                read, start = self.owners[piece]
+                f, off, n, _ = self.lay.reads[read]
+                raise (ShortReadError(os.fspath(f), off, n, start + got) if error < 0 else
                        OSError(error, os.strerror(error), os.fspath(f)))
             self._value = in_place_weights(self.spec, self.lay, self.seg), nbytes, seconds
         except OSError as err:

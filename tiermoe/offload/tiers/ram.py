@@ -105,11 +105,20 @@ class TieredStore(ExpertStore):
         module = engine_module() if native_io else None
         in_place = module is not None and all(self._plan(key).kept for key in index.experts())
         self.native = ExpertReads(module, self.reader, io_threads) if in_place else None
+        self._reserve_buffers()
         self.stats = StoreStats()
         self.step = 0
         self.inflight: dict[Key, Read] = {}  # prefetched experts whose read has not been collected yet
         self._in_use: list[Key] = []  # keys of the request being served: never evicted by a prefetch
         self._file_state = {f: _state(f) for f in {p.file for s in index.experts().values() for p in s.parts}}
+
+    def _reserve_buffers(self) -> None:
+        """When every expert is read in place into a buffer of one size, map the budget's buffers once: the cached
+        and streamed experts are those buffers, so they never exceed it (`BufferPool.reserve`)."""
+        sizes = {plan.layout.size if plan.kept else 0 for plan in map(self._plan, self.index.experts())}
+        if len(sizes) == 1 and 0 not in sizes:
+            size = sizes.pop()
+            self.reader.pool.reserve(size, self.budget // size)
 
     @property
     def resident_bytes(self) -> int:
@@ -177,6 +186,12 @@ class TieredStore(ExpertStore):
         hits, misses, evicted = self.cache.request(keys, self.step, stream)
         for key in evicted:
             self._drop(key)
+        # the reads first (the model waits on them), the bookkeeping after
+        reads: Reads = {self._submit(key): (key, True) for key in misses}
+        self._in_use = keys
+        for key in [key for key in hits if key in self.inflight]:  # prefetched; one that failed is read again
+            fut = self.inflight.pop(key)
+            reads[self._submit(key) if _failed(fut) else fut] = (key, True)
         kept = set(hits) | set(misses)
         streamed = [key for key in keys if key not in kept]
         if streamed:
@@ -186,11 +201,6 @@ class TieredStore(ExpertStore):
         stats.misses += len(misses) + len(streamed)
         self.stats.evictions += len(evicted)
         self.stats.streamed += len(streamed)
-        self._in_use = keys
-        reads: Reads = {self._submit(key): (key, True) for key in misses}
-        for key in [key for key in hits if key in self.inflight]:  # prefetched; one that failed is read again
-            fut = self.inflight.pop(key)
-            reads[self._submit(key) if _failed(fut) else fut] = (key, True)
         queue = deque(streamed)
         self._top_up(reads, queue)  # demand reads first, then the reads ahead
         if reads and self.native is None:
