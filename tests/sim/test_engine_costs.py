@@ -9,6 +9,7 @@ import pytest
 
 from tiermoe.sim.costs import Pricing
 from tiermoe.sim.engine_costs import EngineCosts, fixed_at, seconds_per_byte
+from tiermoe.sim.engine_probe import KV_RING_MIB
 from tiermoe.sim.hardware import GB, CPUProfile, Hardware, SSDProfile, load_hardware
 from tiermoe.sim.machine_sim import SimConfig, simulate
 from tiermoe.sim.model_shape import ModelShape
@@ -144,9 +145,9 @@ COLD = {**{k: 2 * v for k, v in ENGINE.items() if k != "read_us"}}
 ATTN_COLD = {**ATTN, "decode_head_us": 4.0, "decode_kv_gbs": 10.0}
 
 
-def test_fixed_costs_and_attention_are_taken_cold_in_proportion_to_the_experts_bytes():
+def test_fixed_costs_are_taken_cold_in_proportion_to_the_experts_bytes():
     """A model whose experts stream as many bytes per call as the cold measurement pays the cold costs; half as many,
-    halfway (rates as time per unit); a profile without cold measurements (older, or a preset) the hot ones."""
+    halfway; a profile without cold measurements (older, or a preset) the hot ones."""
     big = shape(hidden=1024, expert_dim=1024)  # 3 * 1024 * 1024 * 4 bytes = 12 MiB per expert
     cpu = measured_cpu(cold_mib=12.0, engine_cold=COLD, attention_cold=ATTN_COLD)
     assert cpu.cold_share(big.expert_bytes) == 1.0 and cpu.cold_share(big.expert_bytes // 2) == 0.5
@@ -156,8 +157,36 @@ def test_fixed_costs_and_attention_are_taken_cold_in_proportion_to_the_experts_b
     assert cold.expert(1, False) - hot.expert(1, False) == pytest.approx(6e-6)
     half = EngineCosts(measured_cpu(cold_mib=24.0, engine_cold=COLD, attention_cold=ATTN_COLD), big, 1)
     assert half.e["layer_us"] == pytest.approx(90.0)
-    assert half.attn["decode_kv_gbs"] == pytest.approx(1 / (0.5 / 50 + 0.5 / 10))
-    assert hot.attention(1, 100, False) < half.attention(1, 100, False) < cold.attention(1, 100, False)
+
+
+def test_attention_is_taken_cold_by_the_bytes_a_forward_streams_not_the_experts():
+    """A decode reads a layer's keys and values once per forward, after the model's weights went through the caches:
+    a model whose forward streams as many bytes as the cold measurement read between two reads of a pair
+    (KV_RING_MIB) pays the cold attention, however small its experts; half as many, halfway (rates as time per
+    unit); a profile without the cold measurement the hot one."""
+    deep = shape(num_layers=8)  # 768 KiB experts, but ~140 MiB a forward (16 MiB of attention weights a layer)
+    cpu = measured_cpu(cold_mib=8.0, engine_cold=ENGINE, attention_cold=ATTN_COLD)
+    assert cpu.cold_share(deep.expert_bytes) < 0.1 and cpu.kv_cold_share(deep.forward_bytes) == 1.0
+    assert cpu.kv_cold_share(KV_RING_MIB << 19) == 0.5 and measured_cpu().kv_cold_share(1 << 40) == 0.0
+    cold = EngineCosts(cpu, deep, 1)
+    assert cold.attention(1, 100, False) == pytest.approx(EngineCosts(measured_cpu(attention=ATTN_COLD), deep, 1)
+                                                          .attention(1, 100, False))
+    assert cold.attention(1, 100, False) > EngineCosts(measured_cpu(), deep, 1).attention(1, 100, False)
+
+
+def test_a_simulated_decode_pays_the_cold_attention_per_layer_and_row(tmp_path):
+    """All resident, the cold attention adds exactly its extra per layer and decode row, at the row's context."""
+    trace, deep = _trace(tmp_path), shape(num_layers=2, hidden=4096, q_dim=4096, attn_params=4 * 4096 * 4096)
+    ssd = SSDProfile("d", 2.0, 1.5, 1e5)
+    hot = Hardware("h", 16, 20.0, measured_cpu(), ssd)
+    cold = dataclasses.replace(hot, cpu=measured_cpu(cold_mib=8.0, engine_cold=ENGINE, attention_cold=ATTN_COLD))
+    assert cold.cpu.kv_cold_share(deep.forward_bytes) == 1.0
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=deep.total_expert_bytes, threads=1, preload=True)
+    a, b = simulate(trace, deep, hot, cfg), simulate(trace, deep, cold, cfg)
+    hot_attn, cold_attn = EngineCosts(hot.cpu, deep, 1).attention, EngineCosts(cold.cpu, deep, 1).attention
+    extra = sum(2 * (cold_attn(1, int(p) + 1, False) - hot_attn(1, int(p) + 1, False)) for p in trace.positions)
+    assert b.busy_s["cpu"] - a.busy_s["cpu"] == pytest.approx(extra)
+    assert b.tokens_per_s < a.tokens_per_s
 
 
 def test_a_simulated_decode_step_pays_the_cold_costs(tmp_path):

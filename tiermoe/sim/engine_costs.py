@@ -7,8 +7,10 @@ a routed expert adds the engine's fixed cost per expert; a layer its fixed cost 
 products and its attention core per sequence (fixed + FLOPs at the measured rate); a forward the head's product,
 the prediction's cost per logit and the fixed cost outside the model (per forward, or per request and diffusion
 forward). Rates were measured at one thread; at more, kernel and attention rates scale as the profile's GEMV rate.
-Fixed costs and attention are taken between their hot and cold measurements (`CPUProfile.cold_share` of the
-model's expert bytes): a model whose products stream MiBs through the caches pays its small ops cache-cold.
+Fixed costs are taken between their hot and cold measurements (`CPUProfile.cold_share` of the model's expert
+bytes): a model whose products stream MiBs through the caches pays its small ops cache-cold. Attention is taken
+between its hot and cold measurements by the bytes a forward streams (`CPUProfile.kv_cold_share`): its keys and
+values are read once per forward, after the model's weights went through the caches.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class EngineCosts:
         self.speedup = cpu.gemv_bandwidth(threads) / cpu.gemv_bandwidth(1)
         share = cpu.cold_share(shape.expert_bytes)
         self.e = between(cpu.engine, cpu.engine_cold, share)
-        self.attn = between(cpu.attention, cpu.attention_cold, share)
+        self.attn = between(cpu.attention, cpu.attention_cold, cpu.kv_cold_share(shape.forward_bytes))
 
     def stream(self, nbytes: float, row_length: int, rows: int) -> float:
         """Seconds the kernels take to stream `nbytes` of weights with rows of `row_length` against `rows` rows:

@@ -19,15 +19,19 @@ them, for any model shape:
 
 The shipped models are tiny: their weights, K/V and the interpreter's own data stay in the caches, while a real
 model's products stream MiBs of weights between the engine's small ops and evict them, which makes each op slower
-(measured here: a layer's fixed cost nearly doubles). So the fixed costs and attention are measured twice: as they
+(measured here: a layer's fixed cost nearly doubles). So the fixed costs are measured twice: as they
 come (`cold_mib` 0) and with every kernel call first streaming `COLD_MIB` of a ring larger than the caches (`cold`),
 standing for a product of that many bytes; the stream's time is inside the timed kernels, so it is never counted
-as overhead. The simulator takes a model's costs between the two in proportion to its experts' bytes (measured
-linear in between: 0.5 - 8 MiB per call).
+as overhead. The simulator takes a model's costs between the two in proportion to its experts' bytes. Attention is
+measured hot and with each call's keys and values read from beyond the caches: a live decode reads a layer's cache
+once per forward, after the whole model's weights streamed through the caches (a stream before each call does not
+evict a cache read again and again: measured, the LLC keeps it); the simulator takes it between the two in
+proportion to the bytes a forward streams.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections import Counter
@@ -43,6 +47,7 @@ def _typical(fn, reps: int = 3) -> float:
     return _best(fn, reps, pick=statistics.median)
 
 
+KV_RING_MIB = 128  # the cold attention's keys and values: a ring beyond the 32 MiB LLC of the machines measured
 COLD_MIB = 8  # MiB a kernel call streams in the cold measurement: a layer's few products then exceed the LLC
 ROW_LENS = (64, 256, 1024, 4096)  # K of the products measured (an expert's hidden and intermediate sizes)
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # x rows per product: decode at batch 1 up to a diffusion block's rows per expert
@@ -104,21 +109,20 @@ def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int =
 ATTN_SHAPES = ((8, 2, 64), (8, 8, 64), (16, 16, 32), (4, 4, 128))  # (heads, KV heads, head dim) measured
 
 
-def attention_costs(shapes=ATTN_SHAPES, cold_mib: float = 0) -> dict[str, float]:
+def attention_costs(shapes=ATTN_SHAPES, cold: bool = False) -> dict[str, float]:
     """The engine's attention core (`tiermoe.models.layers.attend`, fp32) for one query row (`decode_*`: the decode
     kernel) and for a block of rows over a cache (`block_*`: block diffusion's masked SDPA), each as microseconds
     per call and per query head, a FLOP rate (4 t S h d FLOPs) and a rate for the keys and values read (2 S g d
-    floats), fitted by least squares over heads, KV heads, head dims and contexts. With `cold_mib`, each call
-    follows a stream of that many MiB (a layer's weights between two attention calls; its time taken off)."""
+    floats), fitted by least squares over heads, KV heads, head dims and contexts. With `cold`, each call reads its
+    own keys and values from a ring larger than the caches (`_KVRing`), as a live forward reads each layer's cache
+    after streaming the whole model's weights since that layer's last step."""
     import numpy as np
     import torch
 
     from tiermoe.models.layers import attend
 
-    stream = _Stream(cold_mib) if cold_mib else None
-    n = 30 if stream else 100
-    streamed = _typical(lambda: [stream() for _ in range(n)]) / n if stream else 0.0
-    call = _streaming(attend, stream) if stream else attend
+    n = 30 if cold else 100
+    ring = torch.randn(KV_RING_MIB << 18) if cold else None  # fp32: 2^18 per MiB
     out = {}
     for name, rows, block in (("decode", (1,), 1), ("block", (8, 32), 32)):
         x, y = [], []
@@ -126,10 +130,10 @@ def attention_costs(shapes=ATTN_SHAPES, cold_mib: float = 0) -> dict[str, float]
             for t in rows:
                 for past in (64, 256, 1024):
                     q = torch.randn(t, h, d)
-                    k, v = torch.randn(past + t, g, d), torch.randn(past + t, g, d)
-                    y.append(max(_typical(lambda q=q, k=k, v=v, past=past, block=block:
-                                          [call(q, k, v, past, None, block) for _ in range(n)]) / n - streamed,
-                                 1e-7))
+                    kv = _KVRing(ring, past + t, g, d) if cold else itertools.repeat(
+                        (torch.randn(past + t, g, d), torch.randn(past + t, g, d)))
+                    y.append(_typical(lambda q=q, kv=kv, past=past, block=block:
+                                      [attend(q, *next(kv), past, None, block) for _ in range(n)]) / n)
                     x.append([1.0, h, 4.0 * t * (past + t) * h * d, 2.0 * (past + t) * g * d * 4])
         x, y = np.array(x), np.array(y)
         w = 1 / y  # relative error
@@ -138,6 +142,25 @@ def attention_costs(shapes=ATTN_SHAPES, cold_mib: float = 0) -> dict[str, float]
         out[f"{name}_gflops"] = round(1 / coef[2] / 1e9, 3) if coef[2] > 0 else 1e6
         out[f"{name}_kv_gbs"] = round(1 / coef[3] / 1e9, 3) if coef[3] > 0 else 1e6
     return out
+
+
+class _KVRing:
+    """Keys and values [S, g, d] each, a different pair at each `next` from `ring` (larger than the caches), visited
+    in order: every pair was last read a ring's bytes ago (measured: a live OLMoE-shaped decode's attention reads
+    its cache in the time of such pairs, ~3x that of one pair read again and again)."""
+
+    def __init__(self, ring, S: int, g: int, d: int):
+        per = S * g * d
+        self.pairs = [(ring[i:i + per].view(S, g, d), ring[i + per:i + 2 * per].view(S, g, d))
+                      for i in range(0, ring.numel() - 2 * per + 1, 2 * per)]
+        self.at = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.at = (self.at + 1) % len(self.pairs)
+        return self.pairs[self.at]
 
 
 class _Stream:

@@ -9,9 +9,10 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
            engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns,
            read_us, read_wait, sample_ns (optional)},
            cold_mib, attention_cold, engine_cold (optional: the same measured with every kernel call streaming
-           cold_mib MiB first), long_gbs {dtype: {row length: {rows: GB/s}}} (optional: a product's bytes beyond
-           LONG_FROM), store {kind: {request_us, key_us, read_us, evict_us, refresh_us, load_us, expert_bytes}}
-           (optional: the RAM tier's own costs, tiermoe.sim.store_probe)}
+           cold_mib MiB first; attention with its keys and values from beyond the caches), long_gbs {dtype: {row
+           length: {rows: GB/s}}} (optional: a product's bytes beyond LONG_FROM), store {kind: {request_us, key_us,
+           read_us, evict_us, refresh_us, load_us, expert_bytes}} (optional: the RAM tier's own costs,
+           tiermoe.sim.store_probe)}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
     ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional),
            read_latency_us, read_latency_qd1_us (optional, 0)}
@@ -58,8 +59,9 @@ class CPUProfile:
     swiglu_us: dict[str, dict[int, float]] | None = None  # ... of one fused expert kernel call
     attention: dict[str, float] | None = None  # decode_us, decode_gflops, block_us, block_gflops
     engine: dict[str, float] | None = None  # fixed costs, see tiermoe.sim.engine_probe.engine_overheads
-    # attention and fixed costs measured again with each kernel call streaming `cold_mib` MiB through the caches
-    # first, as a real model's products do (None, 0: not measured; costs are then taken as measured above)
+    # fixed costs measured again with each kernel call streaming `cold_mib` MiB through the caches first, as a real
+    # model's products do, and attention with its keys and values read from beyond the caches, as a real model's
+    # forward leaves them (None, 0: not measured; costs are then taken as measured above)
     cold_mib: float = 0.0
     attention_cold: dict[str, float] | None = None
     engine_cold: dict[str, float] | None = None
@@ -93,11 +95,21 @@ class CPUProfile:
         return self.kernel_gbs is not None
 
     def cold_share(self, nbytes: int) -> float:
-        """How far toward the cold measurements a model whose kernel calls stream `nbytes` each is priced: its
-        bytes over the cold measurement's (measured linear in between), 1 beyond it, 0 without cold ones."""
+        """How far toward the cold fixed costs a model whose kernel calls stream `nbytes` each is priced: its
+        bytes over the cold measurement's (linear in between), 1 beyond it, 0 without cold ones."""
         if not self.cold_mib or self.engine_cold is None or self.attention_cold is None:
             return 0.0
         return min(nbytes / (self.cold_mib * 2**20), 1.0)
+
+    def kv_cold_share(self, forward_bytes: int) -> float:
+        """How far toward the cold attention a model is priced whose forwards stream `forward_bytes` between two
+        reads of a layer's keys and values: over the bytes read between two reads of a pair in the cold measurement
+        (engine_probe.KV_RING_MIB; linear in between), 1 beyond, 0 without cold measurements."""
+        from tiermoe.sim.engine_probe import KV_RING_MIB
+
+        if self.attention_cold is None:
+            return 0.0
+        return min(forward_bytes / (KV_RING_MIB * 2**20), 1.0)
 
     def gemv_bandwidth(self, threads: int) -> float:
         """Bytes/s at `threads` threads (the nearest measured count at or below it)."""
@@ -229,7 +241,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         torch.set_num_threads(1)  # the engine's own costs, at one thread (other counts scale as the GEMV does)
         kernel_gbs, linear_us, swiglu_us, long_gbs = kernel_rates(total=kernel_mib << 20)
         attn, fixed = attention_costs(), engine_overheads()
-        attn_cold, fixed_cold = attention_costs(cold_mib=COLD_MIB), engine_overheads(cold_mib=COLD_MIB)
+        attn_cold, fixed_cold = attention_costs(cold=True), engine_overheads(cold_mib=COLD_MIB)
         store = store_costs(store_model, policies=policies)
     finally:
         torch.set_num_threads(threads0)

@@ -79,6 +79,12 @@ class ModelShape:
         return (self.num_layers * self.layer_params + self.extra_layer_params + 2 * self.vocab * self.hidden) \
             * self.dtype_bytes
 
+    @property
+    def forward_bytes(self) -> int:
+        """Bytes a one-row decode forward streams: each layer's weights and top-k experts, and the head."""
+        return (self.num_layers * (self.layer_params * self.dtype_bytes + self.top_k * self.expert_bytes)
+                + (self.extra_layer_params + self.vocab * self.hidden) * self.dtype_bytes)
+
     def with_dtype(self, dtype: str) -> ModelShape:
         """The shape as an engine computing in `dtype` holds it: bf16 weights stay bf16 under fp32 compute (the
         kernels widen them as they read, kernels.weight_dtype); any other pair takes the compute dtype's bytes."""
