@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from tiermoe.sim.cache_cold import KV_RING_MIB
 from tiermoe.sim.costs import Pricing
 from tiermoe.sim.engine_costs import EngineCosts, fixed_at, seconds_per_byte
-from tiermoe.sim.engine_probe import KV_RING_MIB
 from tiermoe.sim.hardware import GB, CPUProfile, Hardware, SSDProfile, load_hardware
 from tiermoe.sim.machine_sim import SimConfig, simulate
 from tiermoe.sim.model_shape import ModelShape

@@ -19,8 +19,8 @@ them, for any model shape:
 
 The shipped models are tiny: their weights, K/V and the interpreter's own data stay in the caches, while a real
 model's products stream MiBs of weights between the engine's small ops and evict them, which makes each op slower
-(measured here: a layer's fixed cost nearly doubles). So the fixed costs are measured twice: as they
-come (`cold_mib` 0) and with every kernel call first streaming `COLD_MIB` of a ring larger than the caches (`cold`),
+(measured here: a layer's fixed cost nearly doubles). So the fixed costs are measured twice: as they come
+(`cold_mib` 0) and with every kernel call first streaming `cache_cold.COLD_MIB` of a ring larger than the caches,
 standing for a product of that many bytes; the stream's time is inside the timed kernels, so it is never counted
 as overhead. The simulator takes a model's costs between the two in proportion to its experts' bytes. Attention is
 measured hot and with each call's keys and values read from beyond the caches: a live decode reads a layer's cache
@@ -38,6 +38,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+from tiermoe.sim.cache_cold import KV_RING_MIB, KVRing, Stream, streaming
 from tiermoe.sim.hardware import LONG_FROM, _best
 
 
@@ -47,8 +48,6 @@ def _typical(fn, reps: int = 3) -> float:
     return _best(fn, reps, pick=statistics.median)
 
 
-KV_RING_MIB = 128  # the cold attention's keys and values: a ring beyond the 32 MiB LLC of the machines measured
-COLD_MIB = 8  # MiB a kernel call streams in the cold measurement: a layer's few products then exceed the LLC
 ROW_LENS = (64, 256, 1024, 4096)  # K of the products measured (an expert's hidden and intermediate sizes)
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # x rows per product: decode at batch 1 up to a diffusion block's rows per expert
 DTYPES = ("float32", "bfloat16")
@@ -114,7 +113,7 @@ def attention_costs(shapes=ATTN_SHAPES, cold: bool = False) -> dict[str, float]:
     kernel) and for a block of rows over a cache (`block_*`: block diffusion's masked SDPA), each as microseconds
     per call and per query head, a FLOP rate (4 t S h d FLOPs) and a rate for the keys and values read (2 S g d
     floats), fitted by least squares over heads, KV heads, head dims and contexts. With `cold`, each call reads its
-    own keys and values from a ring larger than the caches (`_KVRing`), as a live forward reads each layer's cache
+    own keys and values from a ring larger than the caches (`KVRing`), as a live forward reads each layer's cache
     after streaming the whole model's weights since that layer's last step."""
     import numpy as np
     import torch
@@ -130,7 +129,7 @@ def attention_costs(shapes=ATTN_SHAPES, cold: bool = False) -> dict[str, float]:
             for t in rows:
                 for past in (64, 256, 1024):
                     q = torch.randn(t, h, d)
-                    kv = _KVRing(ring, past + t, g, d) if cold else itertools.repeat(
+                    kv = KVRing(ring, past + t, g, d) if cold else itertools.repeat(
                         (torch.randn(past + t, g, d), torch.randn(past + t, g, d)))
                     y.append(_typical(lambda q=q, kv=kv, past=past, block=block:
                                       [attend(q, *next(kv), past, None, block) for _ in range(n)]) / n)
@@ -142,48 +141,6 @@ def attention_costs(shapes=ATTN_SHAPES, cold: bool = False) -> dict[str, float]:
         out[f"{name}_gflops"] = round(1 / coef[2] / 1e9, 3) if coef[2] > 0 else 1e6
         out[f"{name}_kv_gbs"] = round(1 / coef[3] / 1e9, 3) if coef[3] > 0 else 1e6
     return out
-
-
-class _KVRing:
-    """Keys and values [S, g, d] each, a different pair at each `next` from `ring` (larger than the caches), visited
-    in order: every pair was last read a ring's bytes ago (measured: a live OLMoE-shaped decode's attention reads
-    its cache in the time of such pairs, ~3x that of one pair read again and again)."""
-
-    def __init__(self, ring, S: int, g: int, d: int):
-        per = S * g * d
-        self.pairs = [(ring[i:i + per].view(S, g, d), ring[i + per:i + 2 * per].view(S, g, d))
-                      for i in range(0, ring.numel() - 2 * per + 1, 2 * per)]
-        self.at = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.at = (self.at + 1) % len(self.pairs)
-        return self.pairs[self.at]
-
-
-class _Stream:
-    """Each call reads the next `mib` MiB of a ring larger than the caches, as a product's weights stream through
-    them (read only, as weights are)."""
-
-    def __init__(self, mib: float, ring_mib: int = 128):
-        import torch
-
-        self.ring, self.n, self.at = torch.ones(ring_mib << 18), int(mib * (1 << 18)), 0  # fp32: 2^18 per MiB
-
-    def __call__(self) -> None:
-        if self.at + self.n > self.ring.numel():
-            self.at = 0
-        self.ring[self.at:self.at + self.n].sum()
-        self.at += self.n
-
-
-def _streaming(fn, stream: _Stream):
-    def cold(*args, **kwargs):
-        stream()
-        return fn(*args, **kwargs)
-    return cold
 
 
 class _Timers:
@@ -251,8 +208,8 @@ def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3, cold_mib: 
         list(llm.store.fetch(layer, [e]))
     kern = {n: getattr(kernels, n) for n in ("linear", "swiglu", "grouped_swiglu")}
     if cold_mib:
-        stream = _Stream(cold_mib)
-        kern = {n: _streaming(f, stream) for n, f in kern.items()}
+        stream = Stream(cold_mib)
+        kern = {n: streaming(f, stream) for n, f in kern.items()}
     runs = []
     for i in range(reps + 1):
         t = _Timers()

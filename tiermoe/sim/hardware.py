@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from tiermoe.sim.cache_cold import COLD_MIB, KV_RING_MIB
+
 GB = 1e9
 LONG_FROM = 2 << 20  # a product's bytes beyond this many stream at the profile's `long_gbs` (a head, a projection)
 
@@ -104,9 +106,7 @@ class CPUProfile:
     def kv_cold_share(self, forward_bytes: int) -> float:
         """How far toward the cold attention a model is priced whose forwards stream `forward_bytes` between two
         reads of a layer's keys and values: over the bytes read between two reads of a pair in the cold measurement
-        (engine_probe.KV_RING_MIB; linear in between), 1 beyond, 0 without cold measurements."""
-        from tiermoe.sim.engine_probe import KV_RING_MIB
-
+        (cache_cold.KV_RING_MIB; linear in between), 1 beyond, 0 without cold measurements."""
         if self.attention_cold is None:
             return 0.0
         return min(forward_bytes / (KV_RING_MIB * 2**20), 1.0)
@@ -226,7 +226,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
     import torch
 
     from tiermoe.offload.tiers.accelerator import profile_costs
-    from tiermoe.sim.engine_probe import COLD_MIB, attention_costs, engine_overheads, kernel_rates
+    from tiermoe.sim.engine_probe import attention_costs, engine_overheads, kernel_rates
     from tiermoe.sim.store_probe import store_costs
 
     threads0 = torch.get_num_threads()

@@ -25,7 +25,7 @@ import random
 import time
 from pathlib import Path
 
-from tiermoe.sim.engine_probe import _Stream
+from tiermoe.sim.cache_cold import Stream
 
 TERMS = ("request_us", "key_us", "read_us", "evict_us", "refresh_us")  # per request, expert, read, eviction, refresh
 
@@ -57,7 +57,7 @@ def measure_store(model: Path, options: dict, requests: int = 320, seed: int = 0
     stream = _stream(layers, experts, top_k, requests, seed)
     for layer, e in llm.index.experts():
         list(llm.store.fetch(layer, [e]))
-    between = _Stream(top_k * llm.store.expert_nbytes(*next(iter(llm.index.experts()))) / 2**20)
+    between = Stream(top_k * llm.store.expert_nbytes(*next(iter(llm.index.experts()))) / 2**20)
     resident = np.array(_serve(llm.store, stream, 0, between))
     llm.store.close()
     base = _fit(resident[:, 1:2], resident[:, 0])  # [per request, per expert]
