@@ -63,25 +63,48 @@ class ExpertReads:
         self.engine = module.ReadEngine(threads)
         self.reader = reader
         self.threads = threads
+        self._pieces: dict[int, tuple] = {}  # id(layout) -> (layout, (reader, its fallbacks) then, pieces with
+        # their buffer offset, owners): `submit` runs once per miss, on the model's thread, before the disk can start
+        self._bases: dict[int, tuple[memoryview, int]] = {}  # id(arena buffer) -> (buffer, address): kept for good
 
     def submit(self, spec: ExpertSpec, lay: Layout, on_error: Callable[[OSError], Exception]) -> NativeRead:
         """Queue an expert's reads; `on_error` turns a failed read's OSError into the error its result raises."""
         seg = self.reader.buffer(lay.size)
-        base = torch.frombuffer(seg.view, dtype=torch.uint8).data_ptr()
+        base = self._base(seg.buffer)
+        _, _, pieces, owners = self._plan(lay)
+        try:
+            job = self.engine.submit([(fd, off, n, need, base + at, direct) for fd, off, n, need, at, direct in pieces])
+        except BaseException:
+            seg.release()
+            raise
+        return NativeRead(self, job, spec, lay, seg, on_error, owners)
+
+    def _plan(self, lay: Layout) -> tuple:
+        """A layout's pieces (fd, file offset, bytes, bytes needed, offset in the buffer, direct), made again when
+        its descriptors may have changed: another reader, or a file fallen back to page-cache reads since."""
+        plan, files = self._pieces.get(id(lay)), (self.reader, len(self.reader.fallbacks))
+        if plan is not None and plan[0] is lay and plan[1][0] is files[0] and plan[1][1] == files[1]:
+            return plan
         pieces, owners = [], []  # owners: (read of the layout, byte offset in it) of each piece
         chunk = max(align_up(-(-sum(n for _, _, n, _ in lay.reads) // self.threads)), self.MIN_PIECE)
         for i, (f, off, n, at) in enumerate(lay.reads):
             fd, direct = self.reader.descriptor(f)
             for start in range(0, n, chunk):
                 length = min(chunk, align_up(n) - start)
-                pieces.append((fd, off + start, length, min(length, n - start), base + at + start, direct))
+                pieces.append((fd, off + start, length, min(length, n - start), at + start, direct))
                 owners.append((i, start))
-        try:
-            job = self.engine.submit(pieces)
-        except BaseException:
-            seg.release()
-            raise
-        return NativeRead(self, job, spec, lay, seg, on_error, tuple(owners))
+        plan = self._pieces[id(lay)] = (lay, files, pieces, tuple(owners))
+        return plan
+
+    def _base(self, buf) -> int:
+        """The address of a pooled buffer; an arena's buffers live as long as the pool, so theirs is kept."""
+        known = self._bases.get(id(buf))
+        if known is not None and known[0] is buf:
+            return known[1]
+        base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+        if isinstance(buf, memoryview):
+            self._bases[id(buf)] = (buf, base)
+        return base
 
     def close(self) -> None:
         """Finish the running reads and drop the queued ones (their buffers are then free)."""
