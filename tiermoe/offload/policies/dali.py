@@ -88,12 +88,16 @@ class DALIPolicy(CachePolicy):
         self._last: dict[Key, int] = {}  # key -> tick of its latest access or insert (breaks ties, oldest first)
         self._heap = VictimHeap()  # residents' (routed tokens, tick, key), or (tick, key) with LRU victims
         self._stale: set[_LayerWindow] = set()  # layers requested since their residents' entries were made
+        self._state_of: dict[Key, _LayerWindow] = {}  # key -> its layer's window (one lookup per access)
 
     def _layer(self, key: Key) -> _LayerWindow:
-        layer, _ = split_key(key, None)
-        state = self._layers.get(layer)
+        state = self._state_of.get(key)
         if state is None:
-            state = self._layers[layer] = _LayerWindow()
+            layer, _ = split_key(key, None)
+            state = self._layers.get(layer)
+            if state is None:
+                state = self._layers[layer] = _LayerWindow()
+            self._state_of[key] = state
         return state
 
     def score(self, key: Key) -> int:

@@ -115,7 +115,8 @@ class NativeRead:
     """One expert's read on the engine, with the `Future` methods the store uses. Its result is (weights, bytes
     read, seconds), as `TieredStore._load` returns; it is made on the first call that needs it, on that thread."""
 
-    __slots__ = ("reads", "job", "spec", "lay", "seg", "on_error", "owners", "_value", "_error", "_cancelled")
+    __slots__ = ("reads", "job", "spec", "lay", "seg", "on_error", "owners", "_value", "_error", "_cancelled",
+                 "_landed")
 
     def __init__(self, reads: ExpertReads, job: int, spec: ExpertSpec, lay: Layout, seg: Segment,
                  on_error: Callable[[OSError], Exception], owners: tuple[tuple[int, int], ...]):
@@ -124,12 +125,15 @@ class NativeRead:
         self._value: tuple[ExpertWeights, int, float] | None = None
         self._error: BaseException | None = None
         self._cancelled = False
+        self._landed = False  # the engine said it finished: no need to ask (or wait) again
 
     def _settled(self) -> bool:
         return self._value is not None or self._error is not None or self._cancelled
 
     def done(self) -> bool:
-        return self._settled() or self.reads.engine.done(self.job)
+        if not self._landed and not self._settled():
+            self._landed = self.reads.engine.done(self.job)
+        return self._landed or self._settled()
 
     def cancel(self) -> bool:
         """Drop the read if it has not started (its buffer goes back to the pool); False once it has."""
@@ -154,8 +158,9 @@ class NativeRead:
 
     def wait(self) -> None:
         """Block (without the interpreter lock) until the read has finished."""
-        if not self._settled():
+        if not self._landed and not self._settled():
             self.reads.engine.wait_any([self.job])
+            self._landed = True
 
     def _settle(self) -> None:
         if self._settled():
@@ -187,7 +192,10 @@ def first_landed(reads: Collection) -> list:
     if not native:
         return list(wait(reads, return_when=FIRST_COMPLETED).done)
     job = native[0].reads.engine.wait_any([r.job for r in native])
-    return [r for r in native if r.job == job or r.done()]
+    for r in native:
+        if r.job == job:
+            r._landed = True
+    return [r for r in native if r.done()]
 
 
 def settle(read: Future | NativeRead) -> None:

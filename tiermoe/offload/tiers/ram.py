@@ -142,7 +142,7 @@ class TieredStore(ExpertStore):
                 prefetch: tuple[int, list[int]] | None, grouped: bool) -> Iterator[list[tuple[int, ExpertWeights]]]:
         """`fetch_groups`, or with `grouped` False one expert a group."""
         keys = [(layer, e) for e in experts]
-        if sum(self.cache.size(k) for k in keys) <= self.budget:
+        if len(keys) * self.largest <= self.budget or sum(self.cache.size(k) for k in keys) <= self.budget:
             yield from self._serve(keys, prefetch, grouped=grouped)
             return
         # Larger than the budget (a long prefill): turns that each fit the cache, each evicting the one before, so
