@@ -139,3 +139,17 @@ def test_heap_victims_match_scoring_every_candidate(requests, extra, window, swa
     for step, keys in enumerate(requests):
         ranked, direct = ((c.request(keys, step), c.propose(step, keys)) for c in caches)
         assert ranked == direct
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=requests_strategy, ahead=st.lists(st.lists(keys_strategy, max_size=3), min_size=40, max_size=40),
+       extra=st.integers(0, 5), window=st.integers(1, 6), victim=st.sampled_from(["window", "lru"]))
+def test_heap_victims_match_scoring_every_candidate_with_reads_ahead(requests, ahead, extra, window, victim):
+    """Keys admitted ahead of use between requests (a prefetch: inserted without an access, into a layer whose
+    entries may be out of date) leave the victims those of scoring every candidate: a layer re-enters only the
+    residents its requests changed."""
+    capacity = max(len(r) for r in requests) + extra
+    caches = [ExpertCache(capacity, cls(window, 1, victim)) for cls in (DALIPolicy, ScoreEveryCandidate)]
+    for step, keys in enumerate(requests):
+        ranked, direct = ((c.request(keys, step), c.admit(ahead[step], step, pinned=keys)) for c in caches)
+        assert ranked == direct

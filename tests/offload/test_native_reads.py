@@ -169,3 +169,29 @@ def test_an_expert_read_is_split_into_a_piece_per_thread(converted):
     finally:
         del w
         store.close()
+
+
+def test_native_reads_take_the_page_cache_descriptor_once_a_file_has_fallen_back(converted):
+    """A read's pieces are planned once per expert; a file that fell back to page-cache reads since (its O_DIRECT
+    descriptor refused, tiers/direct_io.py) is read through its new descriptor, not the refused one again."""
+    folder = converted["qwen3_moe"]
+    llm = LLM(folder)
+    index, layers, k = llm.index, [b.layer for b in llm.model.moe_blocks], llm.model.shape.top_k
+    store = TieredStore(index, torch.float32, min_budget(index, layers, k, torch.float32), make_policy("lru"), layers,
+                        k, io_threads=2)
+    expected = dict(ResidentStore(index, torch.float32).fetch(layers[0], [0, 1]))
+    try:
+        if not store.reader.is_direct(folder / "experts.bin"):
+            pytest.skip("O_DIRECT unavailable here")
+        for e in (0, 1):
+            if e == 1:  # what a read refused with EINVAL does
+                store.reader._reopen_buffered(os.fspath(folder / "experts.bin"), "refused in this test")
+            read = store._submit((layers[0], e))
+            fd, direct = store.reader.descriptor(folder / "experts.bin")
+            assert direct == (e == 0)
+            assert {p[0] for p in store.native._plan(read.lay)[2]} == {fd}
+            w, _, _ = read.result()
+            assert torch.equal(w.gate_up, expected[e].gate_up) and torch.equal(w.down, expected[e].down)
+            del w, read
+    finally:
+        store.close()

@@ -56,6 +56,7 @@ class _LayerWindow:
     steps: deque = field(default_factory=deque)  # key lists of the last `window` requests, oldest first
     count: dict = field(default_factory=dict)  # key -> routed tokens within the window (absent = 0)
     resident: set = field(default_factory=set)
+    changed: set = field(default_factory=set)  # keys whose eviction entry is out of date (accessed, count dropped)
     step: int | None = None  # the caller's step of the latest request
     clock: int = 0  # requests seen so far
     proposed_at: int | None = None  # step whose boundary swap was already proposed
@@ -66,7 +67,9 @@ class _LayerWindow:
         self.clock += 1
         self.steps.append([])
         if len(self.steps) > window:
-            for key in self.steps.popleft():
+            dropped = self.steps.popleft()
+            self.changed.update(dropped)
+            for key in dropped:
                 n = self.count[key] - 1
                 if n:
                     self.count[key] = n
@@ -85,12 +88,16 @@ class DALIPolicy(CachePolicy):
         self._last: dict[Key, int] = {}  # key -> tick of its latest access or insert (breaks ties, oldest first)
         self._heap = VictimHeap()  # residents' (routed tokens, tick, key), or (tick, key) with LRU victims
         self._stale: set[_LayerWindow] = set()  # layers requested since their residents' entries were made
+        self._state_of: dict[Key, _LayerWindow] = {}  # key -> its layer's window (one lookup per access)
 
     def _layer(self, key: Key) -> _LayerWindow:
-        layer, _ = split_key(key, None)
-        state = self._layers.get(layer)
+        state = self._state_of.get(key)
         if state is None:
-            state = self._layers[layer] = _LayerWindow()
+            layer, _ = split_key(key, None)
+            state = self._layers.get(layer)
+            if state is None:
+                state = self._layers[layer] = _LayerWindow()
+            self._state_of[key] = state
         return state
 
     def score(self, key: Key) -> int:
@@ -107,6 +114,7 @@ class DALIPolicy(CachePolicy):
             current.append(key)
             state.count[key] = state.count.get(key, 0) + 1
         self._last[key] = next(self._ticks)
+        state.changed.add(key)
         self._stale.add(state)
 
     def on_insert(self, key: Key, step: int) -> None:
@@ -114,7 +122,9 @@ class DALIPolicy(CachePolicy):
         state = self._layer(key)
         self._last.setdefault(key, next(self._ticks))
         state.resident.add(key)
-        if state not in self._stale:
+        if state in self._stale:
+            state.changed.add(key)
+        else:
             self._heap.push(self._entry(state, key))
 
     def on_evict(self, key: Key) -> None:
@@ -133,7 +143,11 @@ class DALIPolicy(CachePolicy):
         return state.count.get(key, 0), self._last[key], key
 
     def _rank(self, state: _LayerWindow) -> None:
-        self._heap.push(*[self._entry(state, key) for key in state.resident])
+        """Re-enters the layer's residents whose entry changed since the last rank (a request touches at most its own
+        keys and those its window dropped): every other resident's entry is still what it would be made now."""
+        changed = state.changed & state.resident
+        state.changed = set()
+        self._heap.push(*[self._entry(state, key) for key in changed])
 
     def proposals(self, step: int) -> list[Key]:
         """At a layer's window boundary (its request count a multiple of `window`), the swaps worth making."""

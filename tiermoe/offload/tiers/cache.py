@@ -151,7 +151,7 @@ class ExpertCache:
             if size > room or not self._stale_hold(self.used + size - self.capacity, step):
                 self.policy.on_evict(key)  # streamed: it passes through without ever being resident
                 continue
-            evicted += self._make_room(hits + admitted, [key], step)
+            evicted += self._make_room(hits + admitted, [key], step, fits=True)  # room: they fit beside it
             self._insert(key, step)
             admitted.append(key)
             room -= size
@@ -171,12 +171,14 @@ class ExpertCache:
             self._seen.pop(key, None)
             self._seen[key] = step
 
-    def _make_room(self, keys: list[Key], misses: list[Key], step: int, pinned: Collection[Key] = ()) -> list[Key]:
-        """Evicts residents outside `keys` and `pinned` until `misses` fit; returns them in eviction order."""
+    def _make_room(self, keys: list[Key], misses: list[Key], step: int, pinned: Collection[Key] = (),
+                   fits: bool = False) -> list[Key]:
+        """Evicts residents outside `keys` and `pinned` until `misses` fit; returns them in eviction order. `fits`:
+        the caller knows `keys` and `pinned` fit the capacity (its room check ran), so that sum is not made again."""
         need = self.used + self._total(misses) - self.capacity
         if need <= 0:
             return []
-        least = self._total(set(keys) | (set(pinned) & self._resident.keys()))
+        least = 0 if fits else self._total(set(keys) | (set(pinned) & self._resident.keys()))
         if least > self.capacity:
             unit = "items" if self._size_of is None else "size units"
             raise ValueError(

@@ -76,6 +76,8 @@ class BufferPool:
         self._free: dict[int, list[Buffer]] = {}
         self._arena: dict[int, list[memoryview]] = {}  # size -> the arena's idle buffers of that size
         self._lock = threading.Lock()
+        self._owners: dict[int, weakref.ref] = {}  # `release_with`'s watches by id (a view has no hash), alive
+        # until their owner goes
 
     def reserve(self, nbytes: int, count: int) -> None:
         """Maps `count` buffers of `align_up(nbytes)` bytes as one region (pages are only touched by their reads)."""
@@ -106,6 +108,19 @@ class BufferPool:
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         # private, not shared, anonymous memory: counted as the process's own (RssAnon), freed at unmap
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+
+    def release_with(self, owner: object, buf: Buffer) -> None:
+        """Takes a buffer back once `owner` (which holds every view of it) is gone. A weak reference with a callback,
+        not `weakref.finalize`: this runs for every expert read, on the model's thread, where finalize's bookkeeping
+        cost several times as much."""
+        owners = self._owners
+
+        def gone(ref: weakref.ref) -> None:
+            del owners[id(ref)]
+            self.release(buf)
+
+        ref = weakref.ref(owner, gone)
+        owners[id(ref)] = ref
 
     def release(self, buf: Buffer) -> None:
         """Takes a buffer back (the caller must hold no view of it any more)."""
@@ -163,7 +178,7 @@ class Segment:
         self.buffer = None
         if pool is not None:
             # `as_tensor` tensors hold this very view object: it dies with the last of them.
-            weakref.finalize(view, pool.release, buf).atexit = False
+            pool.release_with(view, buf)
 
     def __enter__(self) -> Segment:
         return self

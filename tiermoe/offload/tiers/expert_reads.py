@@ -174,12 +174,32 @@ def in_place_weights(spec: ExpertSpec, lay: Layout, seg: Segment) -> ExpertWeigh
     g, u, d = spec.parts
     for src, dst, n in lay.patches:
         seg.view[dst:dst + n] = seg.view[src:src + n]
-    flat = seg.as_tensor()  # [bytes]; views of it share its storage: no copy
-    gate_up = flat[lay.gate_up:lay.gate_up + g.nbytes + u.nbytes].view(g.dtype).view(g.shape[0] + u.shape[0],
-                                                                                     *g.shape[1:])
-    weights = ExpertWeights(gate_up, flat[lay.down:lay.down + d.nbytes].view(d.dtype).view(d.shape))
+    rows = (g.shape[0] + u.shape[0], *g.shape[1:])
+    if g.dtype != d.dtype:
+        flat = seg.as_tensor()  # [bytes]; views of it share its storage: no copy
+        return _handed(seg, ExpertWeights(flat[lay.gate_up:lay.gate_up + g.nbytes + u.nbytes].view(g.dtype).view(rows),
+                                          flat[lay.down:lay.down + d.nbytes].view(d.dtype).view(d.shape)))
+    # one tensor op per weight (this runs on the model's thread between a read landing and its compute); in_place
+    # put both at offsets that are whole items
+    flat = torch.frombuffer(seg.view, dtype=g.dtype)  # [buffer items]
+    size = g.dtype.itemsize
+    weights = ExpertWeights(flat.as_strided(rows, _strides(rows), lay.gate_up // size),
+                            flat.as_strided(d.shape, _strides(d.shape), lay.down // size))
+    return _handed(seg, weights)
+
+
+def _handed(seg: Segment, weights: ExpertWeights) -> ExpertWeights:
     seg.hand_over()
     return weights
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A contiguous tensor's strides."""
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
 
 
 def _place(ranges: tuple[Range, ...], part: TensorInfo) -> tuple[int, int, int, torch.dtype, tuple[int, ...]]:

@@ -63,25 +63,48 @@ class ExpertReads:
         self.engine = module.ReadEngine(threads)
         self.reader = reader
         self.threads = threads
+        self._pieces: dict[int, tuple] = {}  # id(layout) -> (layout, (reader, its fallbacks) then, pieces with
+        # their buffer offset, owners): `submit` runs once per miss, on the model's thread, before the disk can start
+        self._bases: dict[int, tuple[memoryview, int]] = {}  # id(arena buffer) -> (buffer, address): kept for good
 
     def submit(self, spec: ExpertSpec, lay: Layout, on_error: Callable[[OSError], Exception]) -> NativeRead:
         """Queue an expert's reads; `on_error` turns a failed read's OSError into the error its result raises."""
         seg = self.reader.buffer(lay.size)
-        base = torch.frombuffer(seg.view, dtype=torch.uint8).data_ptr()
+        base = self._base(seg.buffer)
+        _, _, pieces, owners = self._plan(lay)
+        try:
+            job = self.engine.submit([(fd, off, n, need, base + at, direct) for fd, off, n, need, at, direct in pieces])
+        except BaseException:
+            seg.release()
+            raise
+        return NativeRead(self, job, spec, lay, seg, on_error, owners)
+
+    def _plan(self, lay: Layout) -> tuple:
+        """A layout's pieces (fd, file offset, bytes, bytes needed, offset in the buffer, direct), made again when
+        its descriptors may have changed: another reader, or a file fallen back to page-cache reads since."""
+        plan, files = self._pieces.get(id(lay)), (self.reader, len(self.reader.fallbacks))
+        if plan is not None and plan[0] is lay and plan[1][0] is files[0] and plan[1][1] == files[1]:
+            return plan
         pieces, owners = [], []  # owners: (read of the layout, byte offset in it) of each piece
         chunk = max(align_up(-(-sum(n for _, _, n, _ in lay.reads) // self.threads)), self.MIN_PIECE)
         for i, (f, off, n, at) in enumerate(lay.reads):
             fd, direct = self.reader.descriptor(f)
             for start in range(0, n, chunk):
                 length = min(chunk, align_up(n) - start)
-                pieces.append((fd, off + start, length, min(length, n - start), base + at + start, direct))
+                pieces.append((fd, off + start, length, min(length, n - start), at + start, direct))
                 owners.append((i, start))
-        try:
-            job = self.engine.submit(pieces)
-        except BaseException:
-            seg.release()
-            raise
-        return NativeRead(self, job, spec, lay, seg, on_error, tuple(owners))
+        plan = self._pieces[id(lay)] = (lay, files, pieces, tuple(owners))
+        return plan
+
+    def _base(self, buf) -> int:
+        """The address of a pooled buffer; an arena's buffers live as long as the pool, so theirs is kept."""
+        known = self._bases.get(id(buf))
+        if known is not None and known[0] is buf:
+            return known[1]
+        base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+        if isinstance(buf, memoryview):
+            self._bases[id(buf)] = (buf, base)
+        return base
 
     def close(self) -> None:
         """Finish the running reads and drop the queued ones (their buffers are then free)."""
@@ -92,7 +115,8 @@ class NativeRead:
     """One expert's read on the engine, with the `Future` methods the store uses. Its result is (weights, bytes
     read, seconds), as `TieredStore._load` returns; it is made on the first call that needs it, on that thread."""
 
-    __slots__ = ("reads", "job", "spec", "lay", "seg", "on_error", "owners", "_value", "_error", "_cancelled")
+    __slots__ = ("reads", "job", "spec", "lay", "seg", "on_error", "owners", "_value", "_error", "_cancelled",
+                 "_landed")
 
     def __init__(self, reads: ExpertReads, job: int, spec: ExpertSpec, lay: Layout, seg: Segment,
                  on_error: Callable[[OSError], Exception], owners: tuple[tuple[int, int], ...]):
@@ -101,12 +125,15 @@ class NativeRead:
         self._value: tuple[ExpertWeights, int, float] | None = None
         self._error: BaseException | None = None
         self._cancelled = False
+        self._landed = False  # the engine said it finished: no need to ask (or wait) again
 
     def _settled(self) -> bool:
         return self._value is not None or self._error is not None or self._cancelled
 
     def done(self) -> bool:
-        return self._settled() or self.reads.engine.done(self.job)
+        if not self._landed and not self._settled():
+            self._landed = self.reads.engine.done(self.job)
+        return self._landed or self._settled()
 
     def cancel(self) -> bool:
         """Drop the read if it has not started (its buffer goes back to the pool); False once it has."""
@@ -131,8 +158,9 @@ class NativeRead:
 
     def wait(self) -> None:
         """Block (without the interpreter lock) until the read has finished."""
-        if not self._settled():
+        if not self._landed and not self._settled():
             self.reads.engine.wait_any([self.job])
+            self._landed = True
 
     def _settle(self) -> None:
         if self._settled():
@@ -164,7 +192,10 @@ def first_landed(reads: Collection) -> list:
     if not native:
         return list(wait(reads, return_when=FIRST_COMPLETED).done)
     job = native[0].reads.engine.wait_any([r.job for r in native])
-    return [r for r in native if r.job == job or r.done()]
+    for r in native:
+        if r.job == job:
+            r._landed = True
+    return [r for r in native if r.done()]
 
 
 def settle(read: Future | NativeRead) -> None:

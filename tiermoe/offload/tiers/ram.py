@@ -111,6 +111,7 @@ class TieredStore(ExpertStore):
         self.inflight: dict[Key, Read] = {}  # prefetched experts whose read has not been collected yet
         self._in_use: list[Key] = []  # keys of the request being served: never evicted by a prefetch
         self._file_state = {f: _state(f) for f in {p.file for s in index.experts().values() for p in s.parts}}
+        self._checked: dict[Path, int] = {}  # file -> the step whose native reads last found it unchanged
 
     def _reserve_buffers(self) -> None:
         """When every expert is read in place into a buffer of one size, map the budget's buffers once: the cached
@@ -141,7 +142,7 @@ class TieredStore(ExpertStore):
                 prefetch: tuple[int, list[int]] | None, grouped: bool) -> Iterator[list[tuple[int, ExpertWeights]]]:
         """`fetch_groups`, or with `grouped` False one expert a group."""
         keys = [(layer, e) for e in experts]
-        if sum(self.cache.size(k) for k in keys) <= self.budget:
+        if len(keys) * self.largest <= self.budget or sum(self.cache.size(k) for k in keys) <= self.budget:
             yield from self._serve(keys, prefetch, grouped=grouped)
             return
         # Larger than the budget (a long prefill): turns that each fit the cache, each evicting the one before, so
@@ -300,7 +301,7 @@ class TieredStore(ExpertStore):
             return self.pool.submit(self._load, key)
         plan = self._plan(key)
         try:
-            self._check_files(key, plan)
+            self._check_files(key, plan, self._checked)
         except ExpertIOError as err:
             fut = Future()
             fut.set_exception(err)
@@ -318,11 +319,17 @@ class TieredStore(ExpertStore):
             raise self._read_error(key, plan, err) from err
         return weights, nbytes, time.perf_counter() - start
 
-    def _check_files(self, key: Key, plan: ReadPlan) -> None:
+    def _check_files(self, key: Key, plan: ReadPlan, checked: dict[Path, int] | None = None) -> None:
+        """ExpertIOError if a file of the expert changed since the engine opened it; with `checked` (the model's
+        thread only), each file is looked at once per step: a request's reads share one look."""
         for file in plan.files:
+            if checked is not None and checked.get(file) == self.step:
+                continue
             if _state(file) != self._file_state[file]:
                 raise ExpertIOError(f"{file} changed after the engine opened it (expert {key[1]} of layer {key[0]}); "
                                     "restart on the new checkpoint")
+            if checked is not None:
+                checked[file] = self.step
 
     @staticmethod
     def _read_error(key: Key, plan: ReadPlan, err: OSError) -> ExpertIOError:
