@@ -47,7 +47,7 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM, SamplingParams
 from tiermoe.offload.tiers.budget import parse_budget
 from tiermoe.offload.tiers.ram import min_budget
-from tiermoe.sim.hardware import measure_disk, measure_this_machine
+from tiermoe.sim.hardware import SSDProfile, measure_disk, measure_this_machine
 from tiermoe.sim.machine_sim import SimConfig, simulate
 from tiermoe.sim.model_shape import load_shape
 from tiermoe.sim.trace import Trace
@@ -96,9 +96,11 @@ def main(argv=None) -> None:
                                                  policies=tuple(sorted({c.policy for c in todo if c.policy}))))
 
         def run_ar(i: int) -> None:
-            disks[i].append(measure_disk(expert_file, expert_bytes) if todo[i].budget else None)
-            live[i].append(decode_stats(folder, args.trace, list(range(args.sequences)), todo[i], args.io_threads,
-                                        args.max_tokens, least))
+            result, ssd = disk_around(lambda: decode_stats(folder, args.trace, list(range(args.sequences)), todo[i],
+                                                           args.io_threads, args.max_tokens, least),
+                                      (expert_file, expert_bytes) if todo[i].budget else None)
+            live[i].append(result)
+            disks[i].append(ssd)
 
         resident = [i for i, c in enumerate(todo) if c.budget is None]
         offloaded = sorted(set(range(len(todo))) - set(resident), key=lambda i: -_percent(todo[i].budget))
@@ -154,6 +156,24 @@ def main(argv=None) -> None:
         table += "\n\n" + tide_table(tide.results(), args)
     write(args.out, "sim_validation", {"machine": machine(), "profiles": [hw.to_dict() for hw in profiles],
                                        "runs": runs, "tide": tide.results() if tide else []}, table)
+
+
+def disk_around(run, disk: tuple[Path, int] | None):
+    """(run(), the disk measured just before and just after it, reading one expert of `disk` = (file, bytes) at a
+    time, as the mean of the two: rates by their time per byte); no disk measured with `disk` None."""
+    if disk is None:
+        return run(), None
+    before = measure_disk(*disk)
+    result = run()
+    return result, mean_disk(before, measure_disk(*disk))
+
+
+def mean_disk(a: SSDProfile, b: SSDProfile) -> SSDProfile:
+    """The disk between two measurements: fixed times averaged, rates by their time per byte (or per read)."""
+    rates = ("seq_read_gbs", "rand_read_gbs", "read_iops", "rand_read_qd1_gbs")
+    return replace(a, **{f: (2 / (1 / getattr(a, f) + 1 / getattr(b, f)) if f in rates
+                             else (getattr(a, f) + getattr(b, f)) / 2)
+                         for f in (*rates, "read_latency_us", "read_latency_qd1_us")})
 
 
 def bracketed(trace, shape, pair, ssd, cfg: SimConfig):
@@ -249,8 +269,9 @@ class TideValidation:
 
     def repetition(self) -> None:
         for name, options in self.todo:
-            ssd = measure_disk(self.expert_file, self.expert_bytes) if options else None
-            self.timed[name].append((tide_run(self.folder, self.ids, self.params, options), ssd))
+            self.timed[name].append(disk_around(lambda options=options: tide_run(self.folder, self.ids, self.params,
+                                                                                 options),
+                                                (self.expert_file, self.expert_bytes) if options else None))
 
     def simulate(self, profiles: list) -> None:
         """Each timed run simulated between the profiles around its repetition (`bracketed`)."""

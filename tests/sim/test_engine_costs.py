@@ -55,6 +55,17 @@ def test_an_expert_is_its_fixed_costs_plus_each_matrix_at_its_row_lengths_rate()
     assert EngineCosts(measured_cpu(), shape(), threads=2).stream(1000, 1024, 1) == pytest.approx(1000 / (60 * GB))
 
 
+def test_a_batched_forwards_experts_pay_the_grouped_kernels_fixed_cost_per_expert_when_measured():
+    gate_up, down = 2 * 64 * 1024 * 4, 1024 * 64 * 4
+    streamed = gate_up / (20 * GB) + down / (5 * GB)  # 4 rows
+    costs = EngineCosts(measured_cpu(grouped_us={"float32": {1: 1.0, 4: 2.0}}), shape(), threads=1)
+    assert costs.expert(4, batched=True) == pytest.approx(10e-6 + 2e-6 + streamed)
+    assert costs.expert(1, batched=False) == pytest.approx(6e-6 + 6e-6 + gate_up / (40 * GB) + down / (10 * GB))
+    hw = Hardware("h", 8, 10, costs.cpu, SSDProfile("d", 1, 1, 1))
+    loaded = Hardware.from_dict(json.loads(json.dumps(hw.to_dict())))
+    assert loaded.cpu.grouped_us == {"float32": {1: 1.0, 4: 2.0}}  # JSON's string keys back to rows
+
+
 def test_attention_decode_rows_each_pay_the_call_and_a_block_pays_it_once():
     costs = EngineCosts(measured_cpu(), shape(), threads=1)
     decode = 1e-6 + 8 * 2e-6 + 4.0 * 100 * 1024 / (40 * GB) + 100 * 256 * 4 / (50 * GB)

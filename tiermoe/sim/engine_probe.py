@@ -10,7 +10,9 @@ them, for any model shape:
 - `kernel_rates`: per dtype, row length K and number of x rows, the linear kernel's GB/s and fixed microseconds per
   call (two matrix sizes separate the two), and the rate of a long product's bytes beyond LONG_FROM (a third,
   larger size), weights beyond the caches; `swiglu_us`: the fused expert kernel's fixed
-  cost per call (a tiny expert, its few bytes at the measured rate taken off).
+  cost per call (a tiny expert, its few bytes at the measured rate taken off); `grouped_us`: the fixed cost per
+  expert of the grouped kernel, which computes a layer's experts in one call (a batched forward's residents).
+  Measured in batch-invariant mode, as the engine runs them (products of any number of rows on the kernels).
 - `attention_costs`: the engine's attention (`layers.attend`) over a grid of rows x context, as a fixed cost plus
   a FLOP rate, for one decode row (the kernel) and for a block of rows (block diffusion).
 - `engine_overheads`: the shipped models run with timers on their layers, experts, kernels and attention; what
@@ -55,13 +57,25 @@ DTYPES = ("float32", "bfloat16")
 
 def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 << 20):
     """({dtype: {K: {rows: GB/s}}}, {dtype: {rows: fixed us per linear call}}, {dtype: {rows: fixed us per swiglu
-    call}}, {dtype: {K: {rows: GB/s of a product's bytes beyond LONG_FROM}}}) of the engine's kernels
-    (`tiermoe.kernels.linear` / `swiglu`), over `total` bytes of weights per matrix size."""
+    call}}, {dtype: {K: {rows: GB/s of a product's bytes beyond LONG_FROM}}}, {dtype: {rows: fixed us per expert of
+    a grouped call}}) of the engine's kernels (`tiermoe.kernels.linear` / `swiglu` / `grouped_swiglu`), over `total`
+    bytes of weights per matrix size, in batch-invariant mode as the engine runs them."""
+    from tiermoe import kernels
+
+    before = kernels.batch_invariant()
+    kernels.set_batch_invariant(True)
+    try:
+        return _kernel_rates(dtypes, row_lens, rows, total)
+    finally:
+        kernels.set_batch_invariant(before)
+
+
+def _kernel_rates(dtypes, row_lens, rows, total: int):
     import torch
 
     from tiermoe import kernels
 
-    gbs, call, swiglu, long = {}, {}, {}, {}
+    gbs, call, swiglu, long, grouped = {}, {}, {}, {}, {}
     for name in dtypes:
         dtype = getattr(torch, name)
         gbs[name], long[name], fixed = {}, {}, {r: [] for r in rows}
@@ -82,23 +96,38 @@ def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 <
                 fixed[r].append(max(per[0] - sizes[0] / rate, 0.0) * 1e6)
         call[name] = {r: round(statistics.median(v), 2) for r, v in fixed.items()}
         swiglu[name] = _swiglu_fixed(dtype, rows, gbs[name])
-    return gbs, call, swiglu, long
+        grouped[name] = _swiglu_fixed(dtype, rows, gbs[name], group=GROUP)
+    return gbs, call, swiglu, long, grouped
 
 
-def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int = 64, inter: int = 16) -> dict:
-    """Microseconds of the fused expert kernel besides its bytes: a tiny expert, many of them."""
+GROUP = 16  # experts per grouped call measured: the ~28 resident experts of a 64-row layer, fewer under a budget
+
+
+def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int = 64, inter: int = 16,
+                  group: int = 0) -> dict:
+    """Microseconds of the fused expert kernel besides its bytes, per call: a tiny expert, many of them; with
+    `group`, per expert of grouped calls (`grouped_swiglu`) of that many experts, `rows` rows each."""
     import torch
 
     from tiermoe import kernels
 
-    n = 2000
+    n = 2000 // max(group, 1) * max(group, 1)
+    if group and kernels.grouped_swiglu(torch.ones(1, hidden).to(dtype), [torch.ones(2 * inter, hidden).to(dtype)],
+                                        [torch.ones(hidden, inter).to(dtype)], [1]) is None:
+        group = 0  # not served: the engine calls `swiglu` per expert
     gate_up = [torch.randn(2 * inter, hidden).to(dtype) for _ in range(n)]
     down = [torch.randn(hidden, inter).to(dtype) for _ in range(n)]
     out = {}
     for r in rows:
-        x, scale = torch.randn(r, hidden).to(dtype), torch.rand(r, 1)
-        t = _typical(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
-                                            for g, d in zip(gate_up, down, strict=True)]) / n
+        x, scale = torch.randn(r * max(group, 1), hidden).to(dtype), torch.rand(r * max(group, 1), 1)
+        if group:
+            t = _typical(lambda x=x, scale=scale: [kernels.grouped_swiglu(
+                x, gate_up[i:i + group], down[i:i + group], [x.shape[0] // group] * group, scale,
+                out_dtype=torch.float32)
+                for i in range(0, n, group)]) / n
+        else:
+            t = _typical(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
+                                                for g, d in zip(gate_up, down, strict=True)]) / n
         k0 = min(rates)  # the shortest rows measured stand for these
         streamed = 3 * hidden * inter * dtype.itemsize / (rates[k0][r] * 1e9)
         out[r] = round(max(t - streamed, 0.0) * 1e6, 2)
@@ -193,10 +222,11 @@ def _patched(pairs):
             setattr(obj, attr, value)
 
 
-def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3, cold_mib: float = 0):
-    """Generates from `prompt` on `model_dir` all resident with the engine's layers, routed experts, kernels,
-    attention, logits and prediction timed: the median of `reps` runs after a warm-up (seconds, timers, stats), as
-    the benchmarks report medians. With `cold_mib`, every kernel call first streams that many MiB (see above)."""
+def _probe(model_dir: Path, params, prompts: list[list[int]], reps: int = 3, cold_mib: float = 0):
+    """Generates from `prompts` (one batch) on `model_dir` all resident with the engine's layers, routed experts,
+    kernels, attention, logits and prediction timed: the median of `reps` runs after a warm-up (seconds, timers, the
+    requests' diffusion stats summed), as the benchmarks report medians. With `cold_mib`, every kernel call first
+    streams that many MiB (see above)."""
     from tiermoe import LLM, kernels
     from tiermoe.decode.diffusion import Denoiser
     from tiermoe.models import attention
@@ -224,13 +254,19 @@ def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3, cold_mib: 
                  (SparseMoE, "routed", t.wrap("routed", SparseMoE.routed))]
         with _patched(pairs):
             start = time.perf_counter()
-            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            outs = llm.generate(prompts, params, use_tqdm=False)
             seconds = time.perf_counter() - start
         if i:
-            runs.append((seconds, t, out.stats.get("diffusion") or {}))
+            runs.append((seconds, t, _work(outs)))
     shape = llm.model.shape
     llm.store.close()
     return (*sorted(runs, key=lambda r: r[0])[len(runs) // 2], shape.vocab_size, len(llm.model.model.layers))
+
+
+def _work(outs) -> Counter:
+    """The requests' diffusion forwards, rows and logit rows summed (empty for autoregressive outputs)."""
+    return sum((Counter({k: (o.stats.get("diffusion") or {}).get(k, 0) for k in ("nfe", "forward_rows", "logit_rows")})
+                for o in outs), Counter())
 
 
 def _layer_rest(t: _Timers, layers: int) -> float:
@@ -258,15 +294,15 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
     the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read issued meanwhile waits
     to start (`read_wait`). Decodes the shipped models
-    all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 64
-    tokens in blocks of 16 and of 32 from a 12-token prompt (rows per forward near those of the batched diffusion
-    forwards priced: the per-row slope is extrapolated less). With `cold_mib`, every kernel call streams that many MiB
-    first (see the module docstring), and the read cost is left out."""
+    all resident at the current thread count: 48 tokens from a one-token prompt, and two diffusion requests of 64
+    tokens each in blocks of 16 and of 32 from 12-token prompts, batched (32 and 64 rows per forward: the batched
+    diffusion forwards priced are measured, not extrapolated to from fewer rows). With `cold_mib`, every kernel call
+    streams that many MiB first (see the module docstring), and the read cost is left out."""
     from tiermoe import SamplingParams
     from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
 
     seconds, t, _, vocab, layers = _probe(ar_model or DEFAULT_MODEL,
-                                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), [100],
+                                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), [[100]],
                                          cold_mib=cold_mib)
     ar_forwards, expert_s, layer_1 = t.calls["model"], _per_expert(t), _layer_rest(t, layers)
     # outside the layers: embedding, final norm, sampling, the scheduler (the head's product is priced apart)
@@ -277,8 +313,8 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
     for block in (16, 32):
         params = SamplingParams(temperature=0, max_tokens=64, block_length=block, steps=block, threshold=0.95,
                                 ignore_eos=True)
-        per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params, list(range(4, 16)),
-                                  cold_mib=cold_mib)
+        per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params,
+                                  [list(range(4, 16)), list(range(5, 17))], cold_mib=cold_mib)
     rest = {}  # mean rows per forward -> layer rest seconds
     for _, t, stats, _, layers in per_block.values():
         rest[stats["forward_rows"] / t.calls["model"]] = _layer_rest(t, layers)
@@ -290,7 +326,9 @@ def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None 
            "layer_us": round(layer_1 * 1e6, 2), "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
            "step_us": round(max(ar_outside - sample_s * ar_vocab, 0.0) * 1e6, 2),
            "sample_ns": round(sample_s * 1e9, 3),
-           "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / forwards * 1e6, 2),
+           # per request in a forward: the requests' forwards summed (a request may take a step the other skips)
+           "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / max(stats["nfe"], forwards)
+                               * 1e6, 2),
            "logit_ns": round(logit_s * 1e9, 3),
            "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2)}
     return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
