@@ -47,7 +47,9 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM, SamplingParams
 from tiermoe.offload.tiers.budget import parse_budget
 from tiermoe.offload.tiers.ram import min_budget
-from tiermoe.sim.hardware import SSDProfile, measure_disk, measure_this_machine
+from tiermoe.sim.cache_cold import COLD_MIB
+from tiermoe.sim.engine_probe import ar_overheads, diffusion_overheads
+from tiermoe.sim.hardware import Hardware, SSDProfile, measure_disk, measure_this_machine
 from tiermoe.sim.machine_sim import SimConfig, simulate
 from tiermoe.sim.model_shape import load_shape
 from tiermoe.sim.trace import Trace
@@ -89,35 +91,35 @@ def main(argv=None) -> None:
         rows = trace.select_sequences(range(args.sequences))
         tide = TideValidation(args) if _csv(args.tide_budgets) else None
 
-        disks: dict[int, list] = {i: [] for i in range(len(todo))}  # per run: the disk measured just before it
+        # per run: the disk measured around it (offloaded runs) and its fixed costs measured around it
+        around: dict[int, list] = {i: [] for i in range(len(todo))}
+        local = LocalCosts()
 
         def profile() -> None:
             profiles.append(measure_this_machine(read_bytes=expert_bytes, disk_file=expert_file, store_model=folder,
                                                  policies=tuple(sorted({c.policy for c in todo if c.policy}))))
 
         def run_ar(i: int) -> None:
-            result, ssd = disk_around(lambda: decode_stats(folder, args.trace, list(range(args.sequences)), todo[i],
-                                                           args.io_threads, args.max_tokens, least),
-                                      (expert_file, expert_bytes) if todo[i].budget else None)
+            (result, ssd), costs = local.around("ar", lambda: disk_around(
+                lambda: decode_stats(folder, args.trace, list(range(args.sequences)), todo[i], args.io_threads,
+                                     args.max_tokens, least), (expert_file, expert_bytes) if todo[i].budget else None))
             live[i].append(result)
-            disks[i].append(ssd)
+            around[i].append((ssd, costs))
 
         resident = [i for i, c in enumerate(todo) if c.budget is None]
         offloaded = sorted(set(range(len(todo))) - set(resident), key=lambda i: -_percent(todo[i].budget))
         profile()
         for _ in range(args.reps):  # each repetition's runs between two profiles (the machine drifts within minutes)
-            # the runs the CPU bounds first, then the offloaded ones, most CPU-bound first, each with the disk
-            # measured again just before it
-            for i in resident:
+            # the autoregressive runs, all resident first, then the offloaded ones, most CPU-bound first, then
+            # TIDE's: runs of one kind in a row, so that the fixed costs measured after one serve the next
+            for i in resident + offloaded:
                 run_ar(i)
             if tide is not None:
-                tide.repetition()
-            for i in offloaded:
-                run_ar(i)
+                tide.repetition(local)
             profile()
         for i in range(len(todo)):
-            sims[i] = [bracketed(rows, shape, profiles[rep:rep + 2], ssd, sim_config(todo[i], shape, args))
-                       for rep, ssd in enumerate(disks[i])]
+            sims[i] = [bracketed(rows, shape, profiles[rep:rep + 2], ssd, sim_config(todo[i], shape, args), costs)
+                       for rep, (ssd, costs) in enumerate(around[i])]
         if tide is not None:
             tide.simulate(profiles)
     expected = live[0][0]["token_ids"]
@@ -133,6 +135,7 @@ def main(argv=None) -> None:
                "measured_hit_rate": summary["hit_rate"], "simulated_hit_rate": sim.hits / n if n else 1.0,
                "measured_mib_read": summary["mib_read"], "simulated_mib_read": sim.bytes_read / 2**20,
                "measured_times_s": summary["all_decode_times_s"],
+               "local_costs": [costs for _, costs in around[i]],
                "simulated": sim.to_dict()}
         runs.append(run)
         table_rows.append([run["config"], run["budget"], run["measured_tok_s"], run["simulated_tok_s"],
@@ -176,9 +179,40 @@ def mean_disk(a: SSDProfile, b: SSDProfile) -> SSDProfile:
                          for f in (*rates, "read_latency_us", "read_latency_qd1_us")})
 
 
-def bracketed(trace, shape, pair, ssd, cfg: SimConfig):
-    """A run simulated with the profiles measured just before and just after its repetition (and the disk measured
-    just before the run, `ssd`, when it reads), its time the mean of the two; both kept in its notes."""
+class LocalCosts:
+    """The engine's fixed costs a run's price leans on most (tiermoe.sim.engine_probe: `ar_overheads`, hot and
+    cache-cold, for an autoregressive run, `diffusion_overheads` for a diffusion run), measured again just before
+    and just after the run: the machine's speed moves within the minutes between two profiles. Runs of one kind in a
+    row share a measurement (the one after a run is the one before the next)."""
+
+    def __init__(self):
+        self.last: tuple[str, dict] | None = None  # (kind, costs) measured since the last run
+
+    def around(self, kind: str, run):
+        """(run(), (the costs before, the costs after))."""
+        before = self.last[1] if self.last and self.last[0] == kind else self.measure(kind)
+        result = run()
+        self.last = (kind, self.measure(kind))
+        return result, (before, self.last[1])
+
+    @staticmethod
+    def measure(kind: str) -> dict:
+        if kind == "ar":
+            return {"engine": ar_overheads(), "engine_cold": ar_overheads(cold_mib=COLD_MIB)}
+        return {"engine": diffusion_overheads()}
+
+
+def with_costs(hw: Hardware, costs: dict) -> Hardware:
+    """`hw` with the fixed costs in `costs` (a `LocalCosts.measure`) in place of its own."""
+    cpu = hw.cpu
+    return replace(hw, cpu=replace(cpu, **{k: {**getattr(cpu, k), **v} for k, v in costs.items()}))
+
+
+def bracketed(trace, shape, pair, ssd, cfg: SimConfig, costs: tuple[dict, dict]):
+    """A run simulated with the profiles measured just before and just after its repetition, each with the fixed
+    costs measured just before and just after the run (`costs`) in place of the profile's, and the disk measured
+    around the run (`ssd`, when it reads), its time the mean of the two; both kept in its notes."""
+    pair = [with_costs(hw, c) for hw, c in zip(pair, costs, strict=True)]
     a, b = (simulate(trace, shape, replace(hw, ssd=ssd) if ssd else hw, cfg) for hw in pair)
     seconds = (a.seconds + b.seconds) / 2
     return replace(a, seconds=seconds, tokens_per_s=a.tokens / seconds if seconds else 0.0,
@@ -267,16 +301,18 @@ class TideValidation:
                 self.recorded[name] = (tide_run(self.folder, self.ids, self.params, options, path), Trace.load(path))
         self.timed: dict[str, list[tuple[dict, object]]] = {name: [] for name, _ in self.todo}
 
-    def repetition(self) -> None:
+    def repetition(self, local: LocalCosts) -> None:
         for name, options in self.todo:
-            self.timed[name].append(disk_around(lambda options=options: tide_run(self.folder, self.ids, self.params,
-                                                                                 options),
-                                                (self.expert_file, self.expert_bytes) if options else None))
+            disk = (self.expert_file, self.expert_bytes) if options else None
+            (result, ssd), costs = local.around("diffusion", lambda options=options, disk=disk: disk_around(
+                lambda: tide_run(self.folder, self.ids, self.params, options), disk))
+            self.timed[name].append((result, ssd, costs))
 
     def simulate(self, profiles: list) -> None:
         """Each timed run simulated between the profiles around its repetition (`bracketed`)."""
         self.sims = {name: [bracketed(self.recorded[name][1], self._shape(), profiles[rep:rep + 2], ssd,
-                                      self._cfg(options)) for rep, (_, ssd) in enumerate(self.timed[name])]
+                                      self._cfg(options), costs)
+                            for rep, (_, ssd, costs) in enumerate(self.timed[name])]
                      for name, options in self.todo}
 
     def _shape(self):
@@ -296,7 +332,7 @@ class TideValidation:
         out = []
         for name, options in self.todo:
             live, trace = self.recorded[name]
-            runs, sims = [r for r, _ in self.timed[name]], self.sims[name]
+            runs, sims = [r for r, _, _ in self.timed[name]], self.sims[name]
             ratios = [s.tokens_per_s / (r["tokens"] / r["seconds"]) for r, s in zip(runs, sims, strict=True)]
             sim = sims[_median_index(ratios)]
             mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
@@ -306,6 +342,7 @@ class TideValidation:
                         "simulated_tok_s": statistics.median(s.tokens_per_s for s in sims),
                         "sim_over_measured": statistics.median(ratios), "ratios": ratios,
                         "measured_times_s": [r["seconds"] for r in runs],
+                        "local_costs": [costs for _, _, costs in self.timed[name]],
                         "live": {k: live[k] for k in ("hits", "misses", "streamed")},
                         "simulated_counts": dict(zip(("hits", "misses", "streamed"), counts, strict=True)),
                         "counts_equal": counts == (live["hits"], live["misses"], live["streamed"]),

@@ -286,52 +286,60 @@ def _per_expert(t: _Timers) -> float:
 
 def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None = None,
                      cold_mib: float = 0) -> dict[str, float]:
-    """The engine's fixed costs beyond its timed kernels and attention core: per routed expert (`expert_us`: one
-    token's path, `batch_expert_us`: the batched path), per decoder layer of a one-row decode forward (`layer_us`),
-    per decoder layer of a block-diffusion forward (`block_layer_us`) and per row of it (`layer_row_us`, the slope
-    between two block lengths), per autoregressive forward outside the model (`step_us`), per logit the
-    autoregressive sampler reads (`sample_ns`), per diffusion request and forward outside the model
-    (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
-    the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read issued meanwhile waits
-    to start (`read_wait`). Decodes the shipped models
-    all resident at the current thread count: 48 tokens from a one-token prompt, and two diffusion requests of 64
-    tokens each in blocks of 16 and of 32 from 12-token prompts, batched (32 and 64 rows per forward: the batched
-    diffusion forwards priced are measured, not extrapolated to from fewer rows). With `cold_mib`, every kernel call
-    streams that many MiB first (see the module docstring), and the read cost is left out."""
-    from tiermoe import SamplingParams
-    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
+    """The engine's fixed costs beyond its timed kernels and attention core: `ar_overheads`, `diffusion_overheads`,
+    per expert read besides the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read
+    issued meanwhile waits to start (`read_wait`), on the shipped models (or those given) all resident at the current
+    thread count. With `cold_mib`, every kernel call streams that many MiB first (see the module docstring), and the
+    read costs are left out."""
+    from tiermoe.sim.read_probe import read_cost_us, read_wait
 
-    seconds, t, _, vocab, layers = _probe(ar_model or DEFAULT_MODEL,
+    out = {**ar_overheads(ar_model, cold_mib), **diffusion_overheads(diffusion_model, cold_mib)}
+    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
+
+
+def ar_overheads(model: Path | None = None, cold_mib: float = 0) -> dict[str, float]:
+    """An autoregressive decode's fixed costs: per routed expert (`expert_us`, one token's path), per decoder layer
+    of a one-row forward (`layer_us`), per forward outside the model (`step_us`) and per logit the sampler reads
+    (`sample_ns`). Decodes 48 tokens from a one-token prompt."""
+    from tiermoe import SamplingParams
+    from tiermoe.models.registry import DEFAULT_MODEL
+
+    seconds, t, _, vocab, layers = _probe(model or DEFAULT_MODEL,
                                          SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), [[100]],
                                          cold_mib=cold_mib)
-    ar_forwards, expert_s, layer_1 = t.calls["model"], _per_expert(t), _layer_rest(t, layers)
     # outside the layers: embedding, final norm, sampling, the scheduler (the head's product is priced apart)
-    ar_outside, ar_vocab = (seconds - t.seconds["layer"] - t.seconds["logits"]) / ar_forwards, vocab
-    sample_s = sample_cost()
+    outside, sample_s = (seconds - t.seconds["layer"] - t.seconds["logits"]) / t.calls["model"], sample_cost()
+    return {"expert_us": round(_per_expert(t) * 1e6, 2), "layer_us": round(_layer_rest(t, layers) * 1e6, 2),
+            "step_us": round(max(outside - sample_s * vocab, 0.0) * 1e6, 2), "sample_ns": round(sample_s * 1e9, 3)}
+
+
+def diffusion_overheads(model: Path | None = None, cold_mib: float = 0) -> dict[str, float]:
+    """A block-diffusion decode's fixed costs: per routed expert of a batched forward (`batch_expert_us`), per
+    decoder layer (`block_layer_us`) and per row of it (`layer_row_us`, the slope between two block lengths), per
+    request and forward outside the model (`denoise_us`) and per logit the prediction reads (`logit_ns`). Decodes
+    two requests of 64 tokens each in blocks of 16 and of 32 from 12-token prompts, batched (32 and 64 rows per
+    forward: the batched diffusion forwards priced are measured, not extrapolated to from fewer rows)."""
+    from tiermoe import SamplingParams
+    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
 
     per_block = {}  # block length -> (seconds, timers, stats, vocab, layers)
     for block in (16, 32):
         params = SamplingParams(temperature=0, max_tokens=64, block_length=block, steps=block, threshold=0.95,
                                 ignore_eos=True)
-        per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params,
-                                  [list(range(4, 16)), list(range(5, 17))], cold_mib=cold_mib)
+        per_block[block] = _probe(model or DEFAULT_DIFFUSION_MODEL, params, [list(range(4, 16)), list(range(5, 17))],
+                                  cold_mib=cold_mib)
     rest = {}  # mean rows per forward -> layer rest seconds
     for _, t, stats, _, layers in per_block.values():
         rest[stats["forward_rows"] / t.calls["model"]] = _layer_rest(t, layers)
     (r0, s0), (r1, s1) = sorted(rest.items())
-    seconds, t, stats, vocab, layers = per_block[32]
-    forwards = t.calls["model"]
+    seconds, t, stats, vocab, _ = per_block[32]
+    # per request in a forward: the requests' forwards summed (a request may take a step the other skips)
+    outside = (seconds - t.seconds["layer"] - t.seconds["predict"]) / max(stats["nfe"], t.calls["model"])
     logit_s = (t.seconds["predict"] - t.seconds["logits"]) / max(stats["logit_rows"] * vocab, 1)
-    out = {"expert_us": round(expert_s * 1e6, 2), "batch_expert_us": round(_per_expert(t) * 1e6, 2),
-           "layer_us": round(layer_1 * 1e6, 2), "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
-           "step_us": round(max(ar_outside - sample_s * ar_vocab, 0.0) * 1e6, 2),
-           "sample_ns": round(sample_s * 1e9, 3),
-           # per request in a forward: the requests' forwards summed (a request may take a step the other skips)
-           "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / max(stats["nfe"], forwards)
-                               * 1e6, 2),
-           "logit_ns": round(logit_s * 1e9, 3),
-           "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2)}
-    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
+    return {"batch_expert_us": round(_per_expert(t) * 1e6, 2),
+            "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
+            "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2),
+            "denoise_us": round(outside * 1e6, 2), "logit_ns": round(logit_s * 1e9, 3)}
 
 
 def sample_cost(vocabs: tuple[int, int] = (4096, 131072), n: int = 200) -> float:
@@ -351,59 +359,3 @@ def sample_cost(vocabs: tuple[int, int] = (4096, 131072), n: int = 200) -> float
         rows = [torch.randn(v) for _ in range(8)]
         per.append(_typical(lambda rows=rows: [sample(rows[i % 8], params, state) for i in range(n)]) / n)
     return max((per[1] - per[0]) / (vocabs[1] - vocabs[0]), 0.0)
-
-
-def read_wait(compute_ms: float = 2.0, reps: int = 21, hidden: int = 512, inter: int = 256) -> float:
-    """Share of a stretch of the model thread's compute (the engine's expert kernel called over and over for
-    `compute_ms`, about a layer's resident experts) that a task submitted to an I/O thread at its start waits before
-    it runs, the median of `reps`: near 1 when the kernels hold the interpreter lock (a read the store issues then
-    starts only when the model's thread waits for it), near 0 when they let it go."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from tiermoe import kernels
-
-    gate_up, down = torch.randn(2 * inter, hidden), torch.randn(hidden, inter)
-    x, scale = torch.randn(1, hidden), torch.ones(1, 1)
-    started, waits = [], []
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(lambda: None).result()  # the thread exists and waits for work, as the store's do
-        for _ in range(reps):
-            start = time.perf_counter()
-            task = pool.submit(lambda: started.append(time.perf_counter()))
-            while time.perf_counter() - start < compute_ms * 1e-3:
-                kernels.swiglu(x, gate_up, down, scale, out_dtype=torch.float32)
-            end = time.perf_counter()
-            task.result()
-            waits.append(min((started[-1] - start) / (end - start), 1.0))
-    return round(statistics.median(waits), 3)
-
-
-def read_cost_us(model_dir: Path | None = None, budget: str = "25%", tau: int = 4, reps: int = 3) -> float:
-    """What one expert read costs the engine's decode besides the disk, in microseconds: the shipped diffusion model
-    decodes one request (48 tokens in blocks of 16 from a 12-token prompt) with its experts under TIDE on the RAM
-    tier at `budget` and all resident; the extra seconds per expert read (the best of `reps` runs each). Its reads
-    are small and the disk keeps up with them, so the extra is the engine's own work around a read (the store's
-    Python on the reader and model threads, which share the interpreter lock, the system calls), which the model's
-    thread waits for."""
-    from tiermoe import LLM, SamplingParams
-    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
-
-    params = SamplingParams(temperature=0, max_tokens=48, block_length=16, steps=16, threshold=0.95, ignore_eos=True)
-    prompt = list(range(4, 16))
-    out = {}
-    for name, options in (("resident", {}), ("offloaded", {"expert_cache": budget, "tau": tau})):
-        llm = LLM(model_dir or DEFAULT_DIFFUSION_MODEL, **options)
-        if not options:
-            for layer, e in llm.index.experts():
-                list(llm.store.fetch(layer, [e]))
-        runs = []
-        for _ in range(reps + 1):  # the first warms up
-            start = time.perf_counter()
-            llm.generate([prompt], params, use_tqdm=False)
-            runs.append((time.perf_counter() - start, llm.store.stats.total.misses))
-        llm.store.close()
-        out[name] = min(runs[1:])
-    (off, reads), (res, _) = out["offloaded"], out["resident"]
-    return round(max(off - res, 0.0) / max(reads, 1) * 1e6, 1)
