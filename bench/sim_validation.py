@@ -14,13 +14,18 @@ diffusion model (TIDE), tiermoe.sim.store_probe, and the disk with random direct
 checkpoint's expert file), then runs `tiermoe sim run`'s simulation of the same trace rows with the model's
 config.json, the same budget and policy, no GPU and the same thread count. The machine's speed drifts by 10-40% from
 one minute to the next (its cores and disk are shared), so a profile is measured before the first repetition and
-after every one, and the disk again just before each offloaded run; a run of repetition i is simulated with the
-profiles before and after it (i and i + 1), its simulated time the mean of the two (both are in its JSON notes), and
-the reported ratio is the median of the per-repetition ratios (every repetition's ratio is in the table and the
-JSON). The runs the CPU bounds (all resident, TIDE) come first in a repetition, the offloaded ones after them.
-Nothing is fitted to the measured speeds: the profiles are the only input measured here. Reported: both tokens/s,
-their ratio, and both RAM hit rates (the live run's prompt is routed by the random router, the simulator's has none,
-so the hit counts differ slightly; test_machine_sim.py checks them equal when both see the same routing).
+after every one, and just before and just after each run the terms its price leans on most are measured again: the
+engine's fixed costs of its kind (`LocalCosts`: tiermoe.sim.engine_probe's `ar_overheads`, hot and cache-cold, or
+`diffusion_overheads`) and, for an offloaded run, the disk. A run of repetition i is simulated twice, with the
+profile before its repetition and the measurements just before it, and with the profile after its repetition and
+the measurements just after it (the disk: the mean of both); its simulated time is the mean of the two (both are in
+its JSON notes), and the reported ratio is the median of the per-repetition ratios (every repetition's ratio is in
+the table and the JSON). A repetition runs the autoregressive runs (all resident first, then the offloaded ones,
+most CPU-bound first), then TIDE's, so that runs of one kind follow each other and the measurement after one is the
+one before the next. Nothing is fitted to the measured speeds: the measurements of the machine are the only input.
+Reported: both tokens/s, their ratio, and both RAM hit rates (the live run's prompt is routed by the random router,
+the simulator's has none, so the hit counts differ slightly; test_machine_sim.py checks them equal when both see the
+same routing).
 
 TIDE (diffusion): bench/tide_speed.py's configuration (the shipped diffusion model unless `--diffusion-model`, 2
 prompts of 32 tokens, 96 new tokens, block 32, 32 steps, threshold 0.95, a fresh engine per run, the whole
@@ -148,10 +153,11 @@ def main(argv=None) -> None:
     table += (f"\n\nModel: OLMoE shape {trace.num_layers}x{trace.num_experts} top-{trace.top_k}, hidden {args.hidden}, "
               f"expert dim {args.expert_dim}, fp32; trace {args.trace.name}, sequences 0..{args.sequences - 1}, "
               f"{args.max_tokens} decode tokens each, batch 1, {args.threads} torch thread(s). Measured: medians of "
-              f"{args.reps} interleaved runs. Simulated: a run of repetition i with the profiles measured before and "
-              f"after that repetition, its time the mean of the two (the disk measured again just before each "
-              f"offloaded run, random reads of one expert in the checkpoint's expert file); sim / measured is the "
-              f"median of the per-repetition ratios, simulated "
+              f"{args.reps} interleaved runs. Simulated: a run of repetition i with the profile measured before that "
+              f"repetition and the fixed costs of autoregressive decode measured just before the run, and with the "
+              f"profile after the repetition and the costs measured just after the run, its time the mean of the "
+              f"two (the disk measured just before and after each offloaded run, random reads of one expert in the "
+              f"checkpoint's expert file); sim / measured is the median of the per-repetition ratios, simulated "
               f"tok/s the median of the simulated runs. The store's costs (tiermoe.sim.store_probe, on this "
               f"checkpoint for the policies, on the diffusion model for TIDE) per kind as request / expert / read "
               f"(+ I/O thread) / eviction / refresh us. Profiles: {_profiles_line(profiles)}.")
@@ -280,8 +286,9 @@ def tide_run(folder: Path, ids: list[list[int]], params: SamplingParams, options
 
 class TideValidation:
     """The TIDE part: each configuration's routing recorded once (untimed), then per repetition every configuration
-    timed (the disk measured again just before an offloaded run, reads of one of this model's experts in its expert
-    file), and once all are measured simulated between the profiles around its repetition."""
+    timed (the fixed costs of diffusion measured around each run, and the disk around an offloaded run, reads of
+    one of this model's experts in its expert file), and once all are measured simulated between the profiles
+    around its repetition."""
 
     def __init__(self, args):
         self.args, self.folder = args, args.diffusion_model or default_trained()
@@ -366,9 +373,9 @@ def tide_table(rows: list[dict], args) -> str:
                     f"engine per run, the whole generate timed; medians of {args.reps} interleaved runs. Simulated: "
                     "the engine's own routing recorded in an untimed run of the same configuration, replayed with "
                     "strategy tide (the RAM tier placed by TIDE's refresh) at the same budget and tau, a run of "
-                    "repetition i between the profiles before and after it (above; the disk measured again before "
-                    "each offloaded run, reads of one of this model's experts), sim / measured the median of the "
-                    "per-repetition ratios.")
+                    "repetition i between the profiles before and after it (above) with the fixed costs of diffusion "
+                    "measured just before and after the run (the disk too around each offloaded run, reads of one of "
+                    "this model's experts), sim / measured the median of the per-repetition ratios.")
 
 
 def configs(args) -> list[Config]:

@@ -61,6 +61,9 @@ def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
     assert cpu.attention["decode_gflops"] > 0 and hw.ssd.read_latency_us >= 0
     # the batched expert path's own cost (one grouped kernel call for the layer's experts) is counted per expert
     assert cpu.engine["batch_expert_us"] > 0
+    # and its kernel's fixed cost per expert of a grouped call, per dtype and rows: no more than a call of its own
+    assert set(cpu.grouped_us) == set(cpu.swiglu_us) and all(
+        0 <= cpu.grouped_us[d][r] <= cpu.swiglu_us[d][r] for d in cpu.swiglu_us for r in cpu.swiglu_us[d])
     # how long a read issued while the model computes waits for its I/O thread (a share of that compute)
     assert 0 <= cpu.engine["read_wait"] <= 1
     # measured again cache-cold: each kernel call streams weights through the caches first, as a real model's do;
