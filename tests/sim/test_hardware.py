@@ -55,7 +55,7 @@ def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
     assert hw.cpu.gemv_bandwidth(1) > 0 and hw.cpu.call_us > 0 and hw.dram_gbs > 0
     # the engine's own costs: kernel rates for both dtypes at every row length and row count, fixed costs >= 0
     cpu = hw.cpu
-    assert cpu.engine_measured and set(cpu.kernel_gbs) == {"float32", "bfloat16"}
+    assert cpu.engine_measured and set(cpu.kernel_gbs) == {"float32", "bfloat16", "bfloat16-fp32"}
     assert all(rate > 0 for by_k in cpu.kernel_gbs.values() for by_rows in by_k.values() for rate in by_rows.values())
     assert cpu.engine["layer_us"] > 0 and cpu.engine["expert_us"] > 0 and cpu.engine["logit_ns"] >= 0
     assert cpu.attention["decode_gflops"] > 0 and hw.ssd.read_latency_us >= 0

@@ -68,7 +68,8 @@ class EngineCosts:
 
     def __init__(self, cpu: CPUProfile, shape: ModelShape, threads: int):
         self.cpu, self.shape = cpu, shape
-        dtype = shape.dtype if shape.dtype in cpu.kernel_gbs else next(iter(cpu.kernel_gbs))
+        # the kernels as the engine runs them; older profiles: the weights' dtype, else the first measured
+        dtype = next((d for d in (shape.kernel_dtype, shape.dtype) if d in cpu.kernel_gbs), next(iter(cpu.kernel_gbs)))
         self.rates, self.linear_us, self.swiglu_us = (cpu.kernel_gbs[dtype], cpu.linear_us[dtype],
                                                       cpu.swiglu_us[dtype])
         self.grouped_us = (cpu.grouped_us or {}).get(dtype, self.swiglu_us)  # older profiles: one call each

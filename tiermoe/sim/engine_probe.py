@@ -7,12 +7,14 @@ outside the model (sampling, a diffusion step's prediction and commits) is paid 
 measured here on micro-benchmarks of the engine's own functions, so the simulator prices them as the engine spends
 them, for any model shape:
 
-- `kernel_rates`: per dtype, row length K and number of x rows, the linear kernel's GB/s and fixed microseconds per
-  call (two matrix sizes separate the two), and the rate of a long product's bytes beyond LONG_FROM (a third,
-  larger size), weights beyond the caches; `swiglu_us`: the fused expert kernel's fixed
-  cost per call (a tiny expert, its few bytes at the measured rate taken off); `grouped_us`: the fixed cost per
-  expert of the grouped kernel, which computes a layer's experts in one call (a batched forward's residents).
-  Measured in batch-invariant mode, as the engine runs them (products of any number of rows on the kernels).
+- `kernel_rates`: per dtype (of the weights and activations; "bfloat16-fp32": bf16 weights under fp32 compute, the
+  engine's default for a bf16 checkpoint, slower than bf16 x bf16 beyond one row), row length K and number of x
+  rows, the linear kernel's GB/s and fixed microseconds per call (two matrix sizes separate the two), and the rate of
+  a long product's bytes beyond LONG_FROM (a third, larger size), weights beyond the caches; `swiglu_us`: the fused
+  expert kernel's fixed cost per call (a tiny expert, its few bytes at the measured rate taken off); `grouped_us`:
+  the fixed cost per expert of the grouped kernel, which computes a layer's experts in one call (a batched
+  forward's residents). Measured in batch-invariant mode, as the engine runs them (products of any number of rows
+  on the kernels).
 - `attention_costs`: the engine's attention (`layers.attend`) over a grid of rows x context, as a fixed cost plus
   a FLOP rate, for one decode row (the kernel) and for a block of rows (block diffusion).
 - `engine_overheads`: the shipped models run with timers on their layers, experts, kernels and attention; what
@@ -52,7 +54,16 @@ def _typical(fn, reps: int = 3) -> float:
 
 ROW_LENS = (64, 256, 1024, 4096)  # K of the products measured (an expert's hidden and intermediate sizes)
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # x rows per product: decode at batch 1 up to a diffusion block's rows per expert
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "bfloat16-fp32")  # weights (and activations); bf16 weights under fp32 compute
+
+
+def _dtypes(name: str):
+    """(activations' dtype, weights' dtype) of a kernel table: "bfloat16-fp32" is bf16 weights under fp32 compute
+    (the engine's default for a bf16 checkpoint: `kernels.weight_dtype`)."""
+    import torch
+
+    weights = getattr(torch, name.split("-")[0])
+    return (torch.float32 if name.endswith("-fp32") else weights), weights
 
 
 def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 << 20):
@@ -77,7 +88,7 @@ def _kernel_rates(dtypes, row_lens, rows, total: int):
 
     gbs, call, swiglu, long, grouped = {}, {}, {}, {}, {}
     for name in dtypes:
-        dtype = getattr(torch, name)
+        xtype, dtype = _dtypes(name)
         gbs[name], long[name], fixed = {}, {}, {r: [] for r in rows}
         for k in row_lens:
             gbs[name][k], long[name][k] = {}, {}
@@ -87,7 +98,7 @@ def _kernel_rates(dtypes, row_lens, rows, total: int):
             mats = {s: [torch.randn(max(s // (k * dtype.itemsize), 1), k).to(dtype) for _ in range(max(total // s, 1))]
                     for s in sizes}
             for r in rows:
-                x = torch.randn(r, k).to(dtype)
+                x = torch.randn(r, k).to(xtype)
                 per = [_typical(lambda ws=mats[s], x=x: [kernels.linear(x, w) for w in ws]) / len(mats[s])
                        for s in sizes]
                 rate = (sizes[1] - sizes[0]) / max(per[1] - per[0], 1e-12)
@@ -95,15 +106,15 @@ def _kernel_rates(dtypes, row_lens, rows, total: int):
                 long[name][k][r] = round((sizes[2] - sizes[1]) / max(per[2] - per[1], 1e-12) / 1e9, 3)
                 fixed[r].append(max(per[0] - sizes[0] / rate, 0.0) * 1e6)
         call[name] = {r: round(statistics.median(v), 2) for r, v in fixed.items()}
-        swiglu[name] = _swiglu_fixed(dtype, rows, gbs[name])
-        grouped[name] = _swiglu_fixed(dtype, rows, gbs[name], group=GROUP)
+        swiglu[name] = _swiglu_fixed(name, rows, gbs[name])
+        grouped[name] = _swiglu_fixed(name, rows, gbs[name], group=GROUP)
     return gbs, call, swiglu, long, grouped
 
 
 GROUP = 16  # experts per grouped call measured: the ~28 resident experts of a 64-row layer, fewer under a budget
 
 
-def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int = 64, inter: int = 16,
+def _swiglu_fixed(name: str, rows, rates: dict[int, dict[int, float]], hidden: int = 64, inter: int = 16,
                   group: int = 0) -> dict:
     """Microseconds of the fused expert kernel besides its bytes, per call: a tiny expert, many of them; with
     `group`, per expert of grouped calls (`grouped_swiglu`) of that many experts, `rows` rows each."""
@@ -111,15 +122,16 @@ def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int =
 
     from tiermoe import kernels
 
+    xtype, dtype = _dtypes(name)
     n = 2000 // max(group, 1) * max(group, 1)
-    if group and kernels.grouped_swiglu(torch.ones(1, hidden).to(dtype), [torch.ones(2 * inter, hidden).to(dtype)],
+    if group and kernels.grouped_swiglu(torch.ones(1, hidden).to(xtype), [torch.ones(2 * inter, hidden).to(dtype)],
                                         [torch.ones(hidden, inter).to(dtype)], [1]) is None:
         group = 0  # not served: the engine calls `swiglu` per expert
     gate_up = [torch.randn(2 * inter, hidden).to(dtype) for _ in range(n)]
     down = [torch.randn(hidden, inter).to(dtype) for _ in range(n)]
     out = {}
     for r in rows:
-        x, scale = torch.randn(r * max(group, 1), hidden).to(dtype), torch.rand(r * max(group, 1), 1)
+        x, scale = torch.randn(r * max(group, 1), hidden).to(xtype), torch.rand(r * max(group, 1), 1)
         if group:
             t = _typical(lambda x=x, scale=scale: [kernels.grouped_swiglu(
                 x, gate_up[i:i + group], down[i:i + group], [x.shape[0] // group] * group, scale,
