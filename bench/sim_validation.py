@@ -14,13 +14,18 @@ diffusion model (TIDE), tiermoe.sim.store_probe, and the disk with random direct
 checkpoint's expert file), then runs `tiermoe sim run`'s simulation of the same trace rows with the model's
 config.json, the same budget and policy, no GPU and the same thread count. The machine's speed drifts by 10-40% from
 one minute to the next (its cores and disk are shared), so a profile is measured before the first repetition and
-after every one, and the disk again just before each offloaded run; a run of repetition i is simulated with the
-profiles before and after it (i and i + 1), its simulated time the mean of the two (both are in its JSON notes), and
-the reported ratio is the median of the per-repetition ratios (every repetition's ratio is in the table and the
-JSON). The runs the CPU bounds (all resident, TIDE) come first in a repetition, the offloaded ones after them.
-Nothing is fitted to the measured speeds: the profiles are the only input measured here. Reported: both tokens/s,
-their ratio, and both RAM hit rates (the live run's prompt is routed by the random router, the simulator's has none,
-so the hit counts differ slightly; test_machine_sim.py checks them equal when both see the same routing).
+after every one, and just before and just after each run the terms its price leans on most are measured again: the
+engine's fixed costs of its kind (`LocalCosts`: tiermoe.sim.engine_probe's `ar_overheads`, hot and cache-cold, or
+`diffusion_overheads`) and, for an offloaded run, the disk. A run of repetition i is simulated twice, with the
+profile before its repetition and the measurements just before it, and with the profile after its repetition and
+the measurements just after it (the disk: the mean of both); its simulated time is the mean of the two (both are in
+its JSON notes), and the reported ratio is the median of the per-repetition ratios (every repetition's ratio is in
+the table and the JSON). A repetition runs the autoregressive runs (all resident first, then the offloaded ones,
+most CPU-bound first), then TIDE's, so that runs of one kind follow each other and the measurement after one is the
+one before the next. Nothing is fitted to the measured speeds: the measurements of the machine are the only input.
+Reported: both tokens/s, their ratio, and both RAM hit rates (the live run's prompt is routed by the random router,
+the simulator's has none, so the hit counts differ slightly; test_machine_sim.py checks them equal when both see the
+same routing).
 
 TIDE (diffusion): bench/tide_speed.py's configuration (the shipped diffusion model unless `--diffusion-model`, 2
 prompts of 32 tokens, 96 new tokens, block 32, 32 steps, threshold 0.95, a fresh engine per run, the whole
@@ -47,7 +52,9 @@ from bench.report import machine, markdown_table, write
 from tiermoe import LLM, SamplingParams
 from tiermoe.offload.tiers.budget import parse_budget
 from tiermoe.offload.tiers.ram import min_budget
-from tiermoe.sim.hardware import measure_disk, measure_this_machine
+from tiermoe.sim.cache_cold import COLD_MIB
+from tiermoe.sim.engine_probe import ar_overheads, diffusion_overheads
+from tiermoe.sim.hardware import Hardware, SSDProfile, measure_disk, measure_this_machine
 from tiermoe.sim.machine_sim import SimConfig, simulate
 from tiermoe.sim.model_shape import load_shape
 from tiermoe.sim.trace import Trace
@@ -89,33 +96,35 @@ def main(argv=None) -> None:
         rows = trace.select_sequences(range(args.sequences))
         tide = TideValidation(args) if _csv(args.tide_budgets) else None
 
-        disks: dict[int, list] = {i: [] for i in range(len(todo))}  # per run: the disk measured just before it
+        # per run: the disk measured around it (offloaded runs) and its fixed costs measured around it
+        around: dict[int, list] = {i: [] for i in range(len(todo))}
+        local = LocalCosts()
 
         def profile() -> None:
             profiles.append(measure_this_machine(read_bytes=expert_bytes, disk_file=expert_file, store_model=folder,
                                                  policies=tuple(sorted({c.policy for c in todo if c.policy}))))
 
         def run_ar(i: int) -> None:
-            disks[i].append(measure_disk(expert_file, expert_bytes) if todo[i].budget else None)
-            live[i].append(decode_stats(folder, args.trace, list(range(args.sequences)), todo[i], args.io_threads,
-                                        args.max_tokens, least))
+            (result, ssd), costs = local.around("ar", lambda: disk_around(
+                lambda: decode_stats(folder, args.trace, list(range(args.sequences)), todo[i], args.io_threads,
+                                     args.max_tokens, least), (expert_file, expert_bytes) if todo[i].budget else None))
+            live[i].append(result)
+            around[i].append((ssd, costs))
 
         resident = [i for i, c in enumerate(todo) if c.budget is None]
         offloaded = sorted(set(range(len(todo))) - set(resident), key=lambda i: -_percent(todo[i].budget))
         profile()
         for _ in range(args.reps):  # each repetition's runs between two profiles (the machine drifts within minutes)
-            # the runs the CPU bounds first, then the offloaded ones, most CPU-bound first, each with the disk
-            # measured again just before it
-            for i in resident:
+            # the autoregressive runs, all resident first, then the offloaded ones, most CPU-bound first, then
+            # TIDE's: runs of one kind in a row, so that the fixed costs measured after one serve the next
+            for i in resident + offloaded:
                 run_ar(i)
             if tide is not None:
-                tide.repetition()
-            for i in offloaded:
-                run_ar(i)
+                tide.repetition(local)
             profile()
         for i in range(len(todo)):
-            sims[i] = [bracketed(rows, shape, profiles[rep:rep + 2], ssd, sim_config(todo[i], shape, args))
-                       for rep, ssd in enumerate(disks[i])]
+            sims[i] = [bracketed(rows, shape, profiles[rep:rep + 2], ssd, sim_config(todo[i], shape, args), costs)
+                       for rep, (ssd, costs) in enumerate(around[i])]
         if tide is not None:
             tide.simulate(profiles)
     expected = live[0][0]["token_ids"]
@@ -131,6 +140,7 @@ def main(argv=None) -> None:
                "measured_hit_rate": summary["hit_rate"], "simulated_hit_rate": sim.hits / n if n else 1.0,
                "measured_mib_read": summary["mib_read"], "simulated_mib_read": sim.bytes_read / 2**20,
                "measured_times_s": summary["all_decode_times_s"],
+               "local_costs": [costs for _, costs in around[i]],
                "simulated": sim.to_dict()}
         runs.append(run)
         table_rows.append([run["config"], run["budget"], run["measured_tok_s"], run["simulated_tok_s"],
@@ -143,10 +153,11 @@ def main(argv=None) -> None:
     table += (f"\n\nModel: OLMoE shape {trace.num_layers}x{trace.num_experts} top-{trace.top_k}, hidden {args.hidden}, "
               f"expert dim {args.expert_dim}, fp32; trace {args.trace.name}, sequences 0..{args.sequences - 1}, "
               f"{args.max_tokens} decode tokens each, batch 1, {args.threads} torch thread(s). Measured: medians of "
-              f"{args.reps} interleaved runs. Simulated: a run of repetition i with the profiles measured before and "
-              f"after that repetition, its time the mean of the two (the disk measured again just before each "
-              f"offloaded run, random reads of one expert in the checkpoint's expert file); sim / measured is the "
-              f"median of the per-repetition ratios, simulated "
+              f"{args.reps} interleaved runs. Simulated: a run of repetition i with the profile measured before that "
+              f"repetition and the fixed costs of autoregressive decode measured just before the run, and with the "
+              f"profile after the repetition and the costs measured just after the run, its time the mean of the "
+              f"two (the disk measured just before and after each offloaded run, random reads of one expert in the "
+              f"checkpoint's expert file); sim / measured is the median of the per-repetition ratios, simulated "
               f"tok/s the median of the simulated runs. The store's costs (tiermoe.sim.store_probe, on this "
               f"checkpoint for the policies, on the diffusion model for TIDE) per kind as request / expert / read "
               f"(+ I/O thread) / eviction / refresh us. Profiles: {_profiles_line(profiles)}.")
@@ -156,9 +167,58 @@ def main(argv=None) -> None:
                                        "runs": runs, "tide": tide.results() if tide else []}, table)
 
 
-def bracketed(trace, shape, pair, ssd, cfg: SimConfig):
-    """A run simulated with the profiles measured just before and just after its repetition (and the disk measured
-    just before the run, `ssd`, when it reads), its time the mean of the two; both kept in its notes."""
+def disk_around(run, disk: tuple[Path, int] | None):
+    """(run(), the disk measured just before and just after it, reading one expert of `disk` = (file, bytes) at a
+    time, as the mean of the two: rates by their time per byte); no disk measured with `disk` None."""
+    if disk is None:
+        return run(), None
+    before = measure_disk(*disk)
+    result = run()
+    return result, mean_disk(before, measure_disk(*disk))
+
+
+def mean_disk(a: SSDProfile, b: SSDProfile) -> SSDProfile:
+    """The disk between two measurements: fixed times averaged, rates by their time per byte (or per read)."""
+    rates = ("seq_read_gbs", "rand_read_gbs", "read_iops", "rand_read_qd1_gbs")
+    return replace(a, **{f: (2 / (1 / getattr(a, f) + 1 / getattr(b, f)) if f in rates
+                             else (getattr(a, f) + getattr(b, f)) / 2)
+                         for f in (*rates, "read_latency_us", "read_latency_qd1_us")})
+
+
+class LocalCosts:
+    """The engine's fixed costs a run's price leans on most (tiermoe.sim.engine_probe: `ar_overheads`, hot and
+    cache-cold, for an autoregressive run, `diffusion_overheads` for a diffusion run), measured again just before
+    and just after the run: the machine's speed moves within the minutes between two profiles. Runs of one kind in a
+    row share a measurement (the one after a run is the one before the next)."""
+
+    def __init__(self):
+        self.last: tuple[str, dict] | None = None  # (kind, costs) measured since the last run
+
+    def around(self, kind: str, run):
+        """(run(), (the costs before, the costs after))."""
+        before = self.last[1] if self.last and self.last[0] == kind else self.measure(kind)
+        result = run()
+        self.last = (kind, self.measure(kind))
+        return result, (before, self.last[1])
+
+    @staticmethod
+    def measure(kind: str) -> dict:
+        if kind == "ar":
+            return {"engine": ar_overheads(), "engine_cold": ar_overheads(cold_mib=COLD_MIB)}
+        return {"engine": diffusion_overheads()}
+
+
+def with_costs(hw: Hardware, costs: dict) -> Hardware:
+    """`hw` with the fixed costs in `costs` (a `LocalCosts.measure`) in place of its own."""
+    cpu = hw.cpu
+    return replace(hw, cpu=replace(cpu, **{k: {**getattr(cpu, k), **v} for k, v in costs.items()}))
+
+
+def bracketed(trace, shape, pair, ssd, cfg: SimConfig, costs: tuple[dict, dict]):
+    """A run simulated with the profiles measured just before and just after its repetition, each with the fixed
+    costs measured just before and just after the run (`costs`) in place of the profile's, and the disk measured
+    around the run (`ssd`, when it reads), its time the mean of the two; both kept in its notes."""
+    pair = [with_costs(hw, c) for hw, c in zip(pair, costs, strict=True)]
     a, b = (simulate(trace, shape, replace(hw, ssd=ssd) if ssd else hw, cfg) for hw in pair)
     seconds = (a.seconds + b.seconds) / 2
     return replace(a, seconds=seconds, tokens_per_s=a.tokens / seconds if seconds else 0.0,
@@ -226,8 +286,9 @@ def tide_run(folder: Path, ids: list[list[int]], params: SamplingParams, options
 
 class TideValidation:
     """The TIDE part: each configuration's routing recorded once (untimed), then per repetition every configuration
-    timed (the disk measured again just before an offloaded run, reads of one of this model's experts in its expert
-    file), and once all are measured simulated between the profiles around its repetition."""
+    timed (the fixed costs of diffusion measured around each run, and the disk around an offloaded run, reads of
+    one of this model's experts in its expert file), and once all are measured simulated between the profiles
+    around its repetition."""
 
     def __init__(self, args):
         self.args, self.folder = args, args.diffusion_model or default_trained()
@@ -247,15 +308,18 @@ class TideValidation:
                 self.recorded[name] = (tide_run(self.folder, self.ids, self.params, options, path), Trace.load(path))
         self.timed: dict[str, list[tuple[dict, object]]] = {name: [] for name, _ in self.todo}
 
-    def repetition(self) -> None:
+    def repetition(self, local: LocalCosts) -> None:
         for name, options in self.todo:
-            ssd = measure_disk(self.expert_file, self.expert_bytes) if options else None
-            self.timed[name].append((tide_run(self.folder, self.ids, self.params, options), ssd))
+            disk = (self.expert_file, self.expert_bytes) if options else None
+            (result, ssd), costs = local.around("diffusion", lambda options=options, disk=disk: disk_around(
+                lambda: tide_run(self.folder, self.ids, self.params, options), disk))
+            self.timed[name].append((result, ssd, costs))
 
     def simulate(self, profiles: list) -> None:
         """Each timed run simulated between the profiles around its repetition (`bracketed`)."""
         self.sims = {name: [bracketed(self.recorded[name][1], self._shape(), profiles[rep:rep + 2], ssd,
-                                      self._cfg(options)) for rep, (_, ssd) in enumerate(self.timed[name])]
+                                      self._cfg(options), costs)
+                            for rep, (_, ssd, costs) in enumerate(self.timed[name])]
                      for name, options in self.todo}
 
     def _shape(self):
@@ -275,7 +339,7 @@ class TideValidation:
         out = []
         for name, options in self.todo:
             live, trace = self.recorded[name]
-            runs, sims = [r for r, _ in self.timed[name]], self.sims[name]
+            runs, sims = [r for r, _, _ in self.timed[name]], self.sims[name]
             ratios = [s.tokens_per_s / (r["tokens"] / r["seconds"]) for r, s in zip(runs, sims, strict=True)]
             sim = sims[_median_index(ratios)]
             mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
@@ -285,6 +349,7 @@ class TideValidation:
                         "simulated_tok_s": statistics.median(s.tokens_per_s for s in sims),
                         "sim_over_measured": statistics.median(ratios), "ratios": ratios,
                         "measured_times_s": [r["seconds"] for r in runs],
+                        "local_costs": [costs for _, _, costs in self.timed[name]],
                         "live": {k: live[k] for k in ("hits", "misses", "streamed")},
                         "simulated_counts": dict(zip(("hits", "misses", "streamed"), counts, strict=True)),
                         "counts_equal": counts == (live["hits"], live["misses"], live["streamed"]),
@@ -308,9 +373,9 @@ def tide_table(rows: list[dict], args) -> str:
                     f"engine per run, the whole generate timed; medians of {args.reps} interleaved runs. Simulated: "
                     "the engine's own routing recorded in an untimed run of the same configuration, replayed with "
                     "strategy tide (the RAM tier placed by TIDE's refresh) at the same budget and tau, a run of "
-                    "repetition i between the profiles before and after it (above; the disk measured again before "
-                    "each offloaded run, reads of one of this model's experts), sim / measured the median of the "
-                    "per-repetition ratios.")
+                    "repetition i between the profiles before and after it (above) with the fixed costs of diffusion "
+                    "measured just before and after the run (the disk too around each offloaded run, reads of one of "
+                    "this model's experts), sim / measured the median of the per-repetition ratios.")
 
 
 def configs(args) -> list[Config]:

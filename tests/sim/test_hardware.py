@@ -55,12 +55,15 @@ def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
     assert hw.cpu.gemv_bandwidth(1) > 0 and hw.cpu.call_us > 0 and hw.dram_gbs > 0
     # the engine's own costs: kernel rates for both dtypes at every row length and row count, fixed costs >= 0
     cpu = hw.cpu
-    assert cpu.engine_measured and set(cpu.kernel_gbs) == {"float32", "bfloat16"}
+    assert cpu.engine_measured and set(cpu.kernel_gbs) == {"float32", "bfloat16", "bfloat16-fp32"}
     assert all(rate > 0 for by_k in cpu.kernel_gbs.values() for by_rows in by_k.values() for rate in by_rows.values())
     assert cpu.engine["layer_us"] > 0 and cpu.engine["expert_us"] > 0 and cpu.engine["logit_ns"] >= 0
     assert cpu.attention["decode_gflops"] > 0 and hw.ssd.read_latency_us >= 0
     # the batched expert path's own cost (one grouped kernel call for the layer's experts) is counted per expert
     assert cpu.engine["batch_expert_us"] > 0
+    # and its kernel's fixed cost per expert of a grouped call, per dtype and rows: no more than a call of its own
+    assert set(cpu.grouped_us) == set(cpu.swiglu_us) and all(
+        0 <= cpu.grouped_us[d][r] <= cpu.swiglu_us[d][r] for d in cpu.swiglu_us for r in cpu.swiglu_us[d])
     # how long a read issued while the model computes waits for its I/O thread (a share of that compute)
     assert 0 <= cpu.engine["read_wait"] <= 1
     # measured again cache-cold: each kernel call streams weights through the caches first, as a real model's do;

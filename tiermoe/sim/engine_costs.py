@@ -68,9 +68,11 @@ class EngineCosts:
 
     def __init__(self, cpu: CPUProfile, shape: ModelShape, threads: int):
         self.cpu, self.shape = cpu, shape
-        dtype = shape.dtype if shape.dtype in cpu.kernel_gbs else next(iter(cpu.kernel_gbs))
+        # the kernels as the engine runs them; older profiles: the weights' dtype, else the first measured
+        dtype = next((d for d in (shape.kernel_dtype, shape.dtype) if d in cpu.kernel_gbs), next(iter(cpu.kernel_gbs)))
         self.rates, self.linear_us, self.swiglu_us = (cpu.kernel_gbs[dtype], cpu.linear_us[dtype],
                                                       cpu.swiglu_us[dtype])
+        self.grouped_us = (cpu.grouped_us or {}).get(dtype, self.swiglu_us)  # older profiles: one call each
         self.long = (cpu.long_gbs or {}).get(dtype)
         self.speedup = cpu.gemv_bandwidth(threads) / cpu.gemv_bandwidth(1)
         share = cpu.cold_share(shape.expert_bytes)
@@ -97,16 +99,17 @@ class EngineCosts:
     def linear(self, rows: int, nbytes: float, row_length: int, calls: int = 1) -> float:
         return calls * fixed_at(self.linear_us, rows) + self.stream(nbytes, row_length, rows)
 
-    def swiglu(self, rows: int, hidden: int, inter: int) -> float:
-        """The fused expert kernel: gate|up [2I, H], down [H, I]."""
+    def swiglu(self, rows: int, hidden: int, inter: int, grouped: bool = False) -> float:
+        """The fused expert kernel: gate|up [2I, H], down [H, I]; one call, or one expert of a grouped call."""
         b = self.shape.dtype_bytes
-        return (fixed_at(self.swiglu_us, rows) + self.stream(2 * inter * hidden * b, hidden, rows)
-                + self.stream(hidden * inter * b, inter, rows))
+        return (fixed_at(self.grouped_us if grouped else self.swiglu_us, rows)
+                + self.stream(2 * inter * hidden * b, hidden, rows) + self.stream(hidden * inter * b, inter, rows))
 
     def expert(self, rows: int, batched: bool) -> float:
-        """A routed expert computed for `rows` rows, in a forward of one row (`batched` False) or of several."""
+        """A routed expert computed for `rows` rows, in a forward of one row (`batched` False: a kernel call of its
+        own) or of several (the layer's experts grouped into one kernel call)."""
         fixed = self.e["batch_expert_us"] if batched else self.e["expert_us"]
-        return fixed * US + self.swiglu(rows, self.shape.hidden, self.shape.expert_dim)
+        return fixed * US + self.swiglu(rows, self.shape.hidden, self.shape.expert_dim, grouped=batched)
 
     def attention(self, rows: int, context: int, block: bool) -> float:
         """One sequence's attention core: `rows` queries over `context` keys each; a block of rows at once (block

@@ -7,10 +7,14 @@ outside the model (sampling, a diffusion step's prediction and commits) is paid 
 measured here on micro-benchmarks of the engine's own functions, so the simulator prices them as the engine spends
 them, for any model shape:
 
-- `kernel_rates`: per dtype, row length K and number of x rows, the linear kernel's GB/s and fixed microseconds per
-  call (two matrix sizes separate the two), and the rate of a long product's bytes beyond LONG_FROM (a third,
-  larger size), weights beyond the caches; `swiglu_us`: the fused expert kernel's fixed
-  cost per call (a tiny expert, its few bytes at the measured rate taken off).
+- `kernel_rates`: per dtype (of the weights and activations; "bfloat16-fp32": bf16 weights under fp32 compute, the
+  engine's default for a bf16 checkpoint, slower than bf16 x bf16 beyond one row), row length K and number of x
+  rows, the linear kernel's GB/s and fixed microseconds per call (two matrix sizes separate the two), and the rate of
+  a long product's bytes beyond LONG_FROM (a third, larger size), weights beyond the caches; `swiglu_us`: the fused
+  expert kernel's fixed cost per call (a tiny expert, its few bytes at the measured rate taken off); `grouped_us`:
+  the fixed cost per expert of the grouped kernel, which computes a layer's experts in one call (a batched
+  forward's residents). Measured in batch-invariant mode, as the engine runs them (products of any number of rows
+  on the kernels).
 - `attention_costs`: the engine's attention (`layers.attend`) over a grid of rows x context, as a fixed cost plus
   a FLOP rate, for one decode row (the kernel) and for a block of rows (block diffusion).
 - `engine_overheads`: the shipped models run with timers on their layers, experts, kernels and attention; what
@@ -50,20 +54,41 @@ def _typical(fn, reps: int = 3) -> float:
 
 ROW_LENS = (64, 256, 1024, 4096)  # K of the products measured (an expert's hidden and intermediate sizes)
 ROWS = (1, 2, 4, 8, 16, 32, 64)  # x rows per product: decode at batch 1 up to a diffusion block's rows per expert
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "bfloat16-fp32")  # weights (and activations); bf16 weights under fp32 compute
+
+
+def _dtypes(name: str):
+    """(activations' dtype, weights' dtype) of a kernel table: "bfloat16-fp32" is bf16 weights under fp32 compute
+    (the engine's default for a bf16 checkpoint: `kernels.weight_dtype`)."""
+    import torch
+
+    weights = getattr(torch, name.split("-")[0])
+    return (torch.float32 if name.endswith("-fp32") else weights), weights
 
 
 def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 << 20):
     """({dtype: {K: {rows: GB/s}}}, {dtype: {rows: fixed us per linear call}}, {dtype: {rows: fixed us per swiglu
-    call}}, {dtype: {K: {rows: GB/s of a product's bytes beyond LONG_FROM}}}) of the engine's kernels
-    (`tiermoe.kernels.linear` / `swiglu`), over `total` bytes of weights per matrix size."""
+    call}}, {dtype: {K: {rows: GB/s of a product's bytes beyond LONG_FROM}}}, {dtype: {rows: fixed us per expert of
+    a grouped call}}) of the engine's kernels (`tiermoe.kernels.linear` / `swiglu` / `grouped_swiglu`), over `total`
+    bytes of weights per matrix size, in batch-invariant mode as the engine runs them."""
+    from tiermoe import kernels
+
+    before = kernels.batch_invariant()
+    kernels.set_batch_invariant(True)
+    try:
+        return _kernel_rates(dtypes, row_lens, rows, total)
+    finally:
+        kernels.set_batch_invariant(before)
+
+
+def _kernel_rates(dtypes, row_lens, rows, total: int):
     import torch
 
     from tiermoe import kernels
 
-    gbs, call, swiglu, long = {}, {}, {}, {}
+    gbs, call, swiglu, long, grouped = {}, {}, {}, {}, {}
     for name in dtypes:
-        dtype = getattr(torch, name)
+        xtype, dtype = _dtypes(name)
         gbs[name], long[name], fixed = {}, {}, {r: [] for r in rows}
         for k in row_lens:
             gbs[name][k], long[name][k] = {}, {}
@@ -73,7 +98,7 @@ def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 <
             mats = {s: [torch.randn(max(s // (k * dtype.itemsize), 1), k).to(dtype) for _ in range(max(total // s, 1))]
                     for s in sizes}
             for r in rows:
-                x = torch.randn(r, k).to(dtype)
+                x = torch.randn(r, k).to(xtype)
                 per = [_typical(lambda ws=mats[s], x=x: [kernels.linear(x, w) for w in ws]) / len(mats[s])
                        for s in sizes]
                 rate = (sizes[1] - sizes[0]) / max(per[1] - per[0], 1e-12)
@@ -81,24 +106,40 @@ def kernel_rates(dtypes=DTYPES, row_lens=ROW_LENS, rows=ROWS, total: int = 128 <
                 long[name][k][r] = round((sizes[2] - sizes[1]) / max(per[2] - per[1], 1e-12) / 1e9, 3)
                 fixed[r].append(max(per[0] - sizes[0] / rate, 0.0) * 1e6)
         call[name] = {r: round(statistics.median(v), 2) for r, v in fixed.items()}
-        swiglu[name] = _swiglu_fixed(dtype, rows, gbs[name])
-    return gbs, call, swiglu, long
+        swiglu[name] = _swiglu_fixed(name, rows, gbs[name])
+        grouped[name] = _swiglu_fixed(name, rows, gbs[name], group=GROUP)
+    return gbs, call, swiglu, long, grouped
 
 
-def _swiglu_fixed(dtype, rows, rates: dict[int, dict[int, float]], hidden: int = 64, inter: int = 16) -> dict:
-    """Microseconds of the fused expert kernel besides its bytes: a tiny expert, many of them."""
+GROUP = 16  # experts per grouped call measured: the ~28 resident experts of a 64-row layer, fewer under a budget
+
+
+def _swiglu_fixed(name: str, rows, rates: dict[int, dict[int, float]], hidden: int = 64, inter: int = 16,
+                  group: int = 0) -> dict:
+    """Microseconds of the fused expert kernel besides its bytes, per call: a tiny expert, many of them; with
+    `group`, per expert of grouped calls (`grouped_swiglu`) of that many experts, `rows` rows each."""
     import torch
 
     from tiermoe import kernels
 
-    n = 2000
+    xtype, dtype = _dtypes(name)
+    n = 2000 // max(group, 1) * max(group, 1)
+    if group and kernels.grouped_swiglu(torch.ones(1, hidden).to(xtype), [torch.ones(2 * inter, hidden).to(dtype)],
+                                        [torch.ones(hidden, inter).to(dtype)], [1]) is None:
+        group = 0  # not served: the engine calls `swiglu` per expert
     gate_up = [torch.randn(2 * inter, hidden).to(dtype) for _ in range(n)]
     down = [torch.randn(hidden, inter).to(dtype) for _ in range(n)]
     out = {}
     for r in rows:
-        x, scale = torch.randn(r, hidden).to(dtype), torch.rand(r, 1)
-        t = _typical(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
-                                            for g, d in zip(gate_up, down, strict=True)]) / n
+        x, scale = torch.randn(r * max(group, 1), hidden).to(xtype), torch.rand(r * max(group, 1), 1)
+        if group:
+            t = _typical(lambda x=x, scale=scale: [kernels.grouped_swiglu(
+                x, gate_up[i:i + group], down[i:i + group], [x.shape[0] // group] * group, scale,
+                out_dtype=torch.float32)
+                for i in range(0, n, group)]) / n
+        else:
+            t = _typical(lambda x=x, scale=scale: [kernels.swiglu(x, g, d, scale, out_dtype=torch.float32)
+                                                for g, d in zip(gate_up, down, strict=True)]) / n
         k0 = min(rates)  # the shortest rows measured stand for these
         streamed = 3 * hidden * inter * dtype.itemsize / (rates[k0][r] * 1e9)
         out[r] = round(max(t - streamed, 0.0) * 1e6, 2)
@@ -193,10 +234,11 @@ def _patched(pairs):
             setattr(obj, attr, value)
 
 
-def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3, cold_mib: float = 0):
-    """Generates from `prompt` on `model_dir` all resident with the engine's layers, routed experts, kernels,
-    attention, logits and prediction timed: the median of `reps` runs after a warm-up (seconds, timers, stats), as
-    the benchmarks report medians. With `cold_mib`, every kernel call first streams that many MiB (see above)."""
+def _probe(model_dir: Path, params, prompts: list[list[int]], reps: int = 3, cold_mib: float = 0):
+    """Generates from `prompts` (one batch) on `model_dir` all resident with the engine's layers, routed experts,
+    kernels, attention, logits and prediction timed: the median of `reps` runs after a warm-up (seconds, timers, the
+    requests' diffusion stats summed), as the benchmarks report medians. With `cold_mib`, every kernel call first
+    streams that many MiB (see above)."""
     from tiermoe import LLM, kernels
     from tiermoe.decode.diffusion import Denoiser
     from tiermoe.models import attention
@@ -224,13 +266,19 @@ def _probe(model_dir: Path, params, prompt: list[int], reps: int = 3, cold_mib: 
                  (SparseMoE, "routed", t.wrap("routed", SparseMoE.routed))]
         with _patched(pairs):
             start = time.perf_counter()
-            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            outs = llm.generate(prompts, params, use_tqdm=False)
             seconds = time.perf_counter() - start
         if i:
-            runs.append((seconds, t, out.stats.get("diffusion") or {}))
+            runs.append((seconds, t, _work(outs)))
     shape = llm.model.shape
     llm.store.close()
     return (*sorted(runs, key=lambda r: r[0])[len(runs) // 2], shape.vocab_size, len(llm.model.model.layers))
+
+
+def _work(outs) -> Counter:
+    """The requests' diffusion forwards, rows and logit rows summed (empty for autoregressive outputs)."""
+    return sum((Counter({k: (o.stats.get("diffusion") or {}).get(k, 0) for k in ("nfe", "forward_rows", "logit_rows")})
+                for o in outs), Counter())
 
 
 def _layer_rest(t: _Timers, layers: int) -> float:
@@ -250,50 +298,60 @@ def _per_expert(t: _Timers) -> float:
 
 def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None = None,
                      cold_mib: float = 0) -> dict[str, float]:
-    """The engine's fixed costs beyond its timed kernels and attention core: per routed expert (`expert_us`: one
-    token's path, `batch_expert_us`: the batched path), per decoder layer of a one-row decode forward (`layer_us`),
-    per decoder layer of a block-diffusion forward (`block_layer_us`) and per row of it (`layer_row_us`, the slope
-    between two block lengths), per autoregressive forward outside the model (`step_us`), per logit the
-    autoregressive sampler reads (`sample_ns`), per diffusion request and forward outside the model
-    (`denoise_us`), per logit the prediction reads (`logit_ns`), per expert read besides
-    the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read issued meanwhile waits
-    to start (`read_wait`). Decodes the shipped models
-    all resident at the current thread count: 48 tokens from a one-token prompt, and one diffusion request of 64
-    tokens in blocks of 16 and of 32 from a 12-token prompt (rows per forward near those of the batched diffusion
-    forwards priced: the per-row slope is extrapolated less). With `cold_mib`, every kernel call streams that many MiB
-    first (see the module docstring), and the read cost is left out."""
-    from tiermoe import SamplingParams
-    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
+    """The engine's fixed costs beyond its timed kernels and attention core: `ar_overheads`, `diffusion_overheads`,
+    per expert read besides the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read
+    issued meanwhile waits to start (`read_wait`), on the shipped models (or those given) all resident at the current
+    thread count. With `cold_mib`, every kernel call streams that many MiB first (see the module docstring), and the
+    read costs are left out."""
+    from tiermoe.sim.read_probe import read_cost_us, read_wait
 
-    seconds, t, _, vocab, layers = _probe(ar_model or DEFAULT_MODEL,
-                                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), [100],
+    out = {**ar_overheads(ar_model, cold_mib), **diffusion_overheads(diffusion_model, cold_mib)}
+    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
+
+
+def ar_overheads(model: Path | None = None, cold_mib: float = 0) -> dict[str, float]:
+    """An autoregressive decode's fixed costs: per routed expert (`expert_us`, one token's path), per decoder layer
+    of a one-row forward (`layer_us`), per forward outside the model (`step_us`) and per logit the sampler reads
+    (`sample_ns`). Decodes 48 tokens from a one-token prompt."""
+    from tiermoe import SamplingParams
+    from tiermoe.models.registry import DEFAULT_MODEL
+
+    seconds, t, _, vocab, layers = _probe(model or DEFAULT_MODEL,
+                                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), [[100]],
                                          cold_mib=cold_mib)
-    ar_forwards, expert_s, layer_1 = t.calls["model"], _per_expert(t), _layer_rest(t, layers)
     # outside the layers: embedding, final norm, sampling, the scheduler (the head's product is priced apart)
-    ar_outside, ar_vocab = (seconds - t.seconds["layer"] - t.seconds["logits"]) / ar_forwards, vocab
-    sample_s = sample_cost()
+    outside, sample_s = (seconds - t.seconds["layer"] - t.seconds["logits"]) / t.calls["model"], sample_cost()
+    return {"expert_us": round(_per_expert(t) * 1e6, 2), "layer_us": round(_layer_rest(t, layers) * 1e6, 2),
+            "step_us": round(max(outside - sample_s * vocab, 0.0) * 1e6, 2), "sample_ns": round(sample_s * 1e9, 3)}
+
+
+def diffusion_overheads(model: Path | None = None, cold_mib: float = 0) -> dict[str, float]:
+    """A block-diffusion decode's fixed costs: per routed expert of a batched forward (`batch_expert_us`), per
+    decoder layer (`block_layer_us`) and per row of it (`layer_row_us`, the slope between two block lengths), per
+    request and forward outside the model (`denoise_us`) and per logit the prediction reads (`logit_ns`). Decodes
+    two requests of 64 tokens each in blocks of 16 and of 32 from 12-token prompts, batched (32 and 64 rows per
+    forward: the batched diffusion forwards priced are measured, not extrapolated to from fewer rows)."""
+    from tiermoe import SamplingParams
+    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
 
     per_block = {}  # block length -> (seconds, timers, stats, vocab, layers)
     for block in (16, 32):
         params = SamplingParams(temperature=0, max_tokens=64, block_length=block, steps=block, threshold=0.95,
                                 ignore_eos=True)
-        per_block[block] = _probe(diffusion_model or DEFAULT_DIFFUSION_MODEL, params, list(range(4, 16)),
+        per_block[block] = _probe(model or DEFAULT_DIFFUSION_MODEL, params, [list(range(4, 16)), list(range(5, 17))],
                                   cold_mib=cold_mib)
     rest = {}  # mean rows per forward -> layer rest seconds
     for _, t, stats, _, layers in per_block.values():
         rest[stats["forward_rows"] / t.calls["model"]] = _layer_rest(t, layers)
     (r0, s0), (r1, s1) = sorted(rest.items())
-    seconds, t, stats, vocab, layers = per_block[32]
-    forwards = t.calls["model"]
+    seconds, t, stats, vocab, _ = per_block[32]
+    # per request in a forward: the requests' forwards summed (a request may take a step the other skips)
+    outside = (seconds - t.seconds["layer"] - t.seconds["predict"]) / max(stats["nfe"], t.calls["model"])
     logit_s = (t.seconds["predict"] - t.seconds["logits"]) / max(stats["logit_rows"] * vocab, 1)
-    out = {"expert_us": round(expert_s * 1e6, 2), "batch_expert_us": round(_per_expert(t) * 1e6, 2),
-           "layer_us": round(layer_1 * 1e6, 2), "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
-           "step_us": round(max(ar_outside - sample_s * ar_vocab, 0.0) * 1e6, 2),
-           "sample_ns": round(sample_s * 1e9, 3),
-           "denoise_us": round((seconds - t.seconds["layer"] - t.seconds["predict"]) / forwards * 1e6, 2),
-           "logit_ns": round(logit_s * 1e9, 3),
-           "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2)}
-    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
+    return {"batch_expert_us": round(_per_expert(t) * 1e6, 2),
+            "layer_row_us": round(max(s1 - s0, 0.0) / (r1 - r0) * 1e6, 3),
+            "block_layer_us": round(max(s0 - (s1 - s0) / (r1 - r0) * r0, 0.0) * 1e6, 2),
+            "denoise_us": round(outside * 1e6, 2), "logit_ns": round(logit_s * 1e9, 3)}
 
 
 def sample_cost(vocabs: tuple[int, int] = (4096, 131072), n: int = 200) -> float:
@@ -313,59 +371,3 @@ def sample_cost(vocabs: tuple[int, int] = (4096, 131072), n: int = 200) -> float
         rows = [torch.randn(v) for _ in range(8)]
         per.append(_typical(lambda rows=rows: [sample(rows[i % 8], params, state) for i in range(n)]) / n)
     return max((per[1] - per[0]) / (vocabs[1] - vocabs[0]), 0.0)
-
-
-def read_wait(compute_ms: float = 2.0, reps: int = 21, hidden: int = 512, inter: int = 256) -> float:
-    """Share of a stretch of the model thread's compute (the engine's expert kernel called over and over for
-    `compute_ms`, about a layer's resident experts) that a task submitted to an I/O thread at its start waits before
-    it runs, the median of `reps`: near 1 when the kernels hold the interpreter lock (a read the store issues then
-    starts only when the model's thread waits for it), near 0 when they let it go."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from tiermoe import kernels
-
-    gate_up, down = torch.randn(2 * inter, hidden), torch.randn(hidden, inter)
-    x, scale = torch.randn(1, hidden), torch.ones(1, 1)
-    started, waits = [], []
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(lambda: None).result()  # the thread exists and waits for work, as the store's do
-        for _ in range(reps):
-            start = time.perf_counter()
-            task = pool.submit(lambda: started.append(time.perf_counter()))
-            while time.perf_counter() - start < compute_ms * 1e-3:
-                kernels.swiglu(x, gate_up, down, scale, out_dtype=torch.float32)
-            end = time.perf_counter()
-            task.result()
-            waits.append(min((started[-1] - start) / (end - start), 1.0))
-    return round(statistics.median(waits), 3)
-
-
-def read_cost_us(model_dir: Path | None = None, budget: str = "25%", tau: int = 4, reps: int = 3) -> float:
-    """What one expert read costs the engine's decode besides the disk, in microseconds: the shipped diffusion model
-    decodes one request (48 tokens in blocks of 16 from a 12-token prompt) with its experts under TIDE on the RAM
-    tier at `budget` and all resident; the extra seconds per expert read (the best of `reps` runs each). Its reads
-    are small and the disk keeps up with them, so the extra is the engine's own work around a read (the store's
-    Python on the reader and model threads, which share the interpreter lock, the system calls), which the model's
-    thread waits for."""
-    from tiermoe import LLM, SamplingParams
-    from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL
-
-    params = SamplingParams(temperature=0, max_tokens=48, block_length=16, steps=16, threshold=0.95, ignore_eos=True)
-    prompt = list(range(4, 16))
-    out = {}
-    for name, options in (("resident", {}), ("offloaded", {"expert_cache": budget, "tau": tau})):
-        llm = LLM(model_dir or DEFAULT_DIFFUSION_MODEL, **options)
-        if not options:
-            for layer, e in llm.index.experts():
-                list(llm.store.fetch(layer, [e]))
-        runs = []
-        for _ in range(reps + 1):  # the first warms up
-            start = time.perf_counter()
-            llm.generate([prompt], params, use_tqdm=False)
-            runs.append((time.perf_counter() - start, llm.store.stats.total.misses))
-        llm.store.close()
-        out[name] = min(runs[1:])
-    (off, reads), (res, _) = out["offloaded"], out["resident"]
-    return round(max(off - res, 0.0) / max(reads, 1) * 1e6, 1)

@@ -12,7 +12,8 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
            cold_mib MiB first; attention with its keys and values from beyond the caches), long_gbs {dtype: {row
            length: {rows: GB/s}}} (optional: a product's bytes beyond LONG_FROM), store {kind: {request_us, key_us,
            read_us, evict_us, refresh_us, load_us, expert_bytes}} (optional: the RAM tier's own costs,
-           tiermoe.sim.store_probe)}
+           tiermoe.sim.store_probe), grouped_us {dtype: {rows: us}} (optional: the grouped expert kernel's fixed
+           cost per expert)}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
     ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional),
            read_latency_us, read_latency_qd1_us (optional, 0)}
@@ -72,6 +73,9 @@ class CPUProfile:
     # the RAM tier's own costs per store kind (a cache policy's name, or "tide"), see tiermoe.sim.store_probe
     # (None: not measured; a read then costs the model's thread `engine["read_us"]`)
     store: dict[str, dict[str, float]] | None = None
+    # dtype -> rows -> fixed us per expert of the grouped kernel (a batched forward's experts in one call; None: not
+    # measured, each expert priced as a `swiglu_us` call)
+    grouped_us: dict[str, dict[int, float]] | None = None
 
     def __post_init__(self) -> None:
         for table in ("gemv_gbs", "gemm_gflops"):
@@ -83,7 +87,7 @@ class CPUProfile:
             if getattr(self, table) is not None:
                 object.__setattr__(self, table, {d: {int(k): _ints(v) for k, v in by_k.items()}
                                                  for d, by_k in getattr(self, table).items()})
-        for table in ("linear_us", "swiglu_us"):
+        for table in ("linear_us", "swiglu_us", "grouped_us"):
             if getattr(self, table) is not None:
                 object.__setattr__(self, table, {d: _ints(v) for d, v in getattr(self, table).items()})
         engine_measured = (self.kernel_gbs, self.linear_us, self.swiglu_us, self.attention, self.engine)
@@ -239,7 +243,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
         torch.set_num_threads(threads0)
         call_us = _call_overhead_us()
         torch.set_num_threads(1)  # the engine's own costs, at one thread (other counts scale as the GEMV does)
-        kernel_gbs, linear_us, swiglu_us, long_gbs = kernel_rates(total=kernel_mib << 20)
+        kernel_gbs, linear_us, swiglu_us, long_gbs, grouped_us = kernel_rates(total=kernel_mib << 20)
         attn, fixed = attention_costs(), engine_overheads()
         attn_cold, fixed_cold = attention_costs(cold=True), engine_overheads(cold_mib=COLD_MIB)
         store = store_costs(store_model, policies=policies)
@@ -249,7 +253,7 @@ def measure_this_machine(disk_dir: Path | None = None, read_bytes: int = 1 << 20
     return Hardware(name, ram_gib=round(_ram_bytes() / 2**30, 1), dram_gbs=round(dram, 2),
                     cpu=CPUProfile(_cpu_name(), os.cpu_count() or 1, gemv, gemm, round(call_us, 2), kernel_gbs,
                                    linear_us, swiglu_us, attn, fixed, COLD_MIB, attn_cold, fixed_cold, long_gbs,
-                                   store),
+                                   store, grouped_us),
                     ssd=measure_disk(disk_file or disk_dir, read_bytes, file_mib),
                     gpu=_measure_gpu(), description="measured by `tiermoe profile`",
                     sources=["measured on this machine by `tiermoe profile` (tiermoe.sim.hardware)"],

@@ -36,6 +36,7 @@ class ModelShape:
     q_dim: int = 0  # query width, heads x head dim (attention's FLOPs per attended key); 0: hidden
     heads: int = 0  # query heads; 0: one per 128 of the query width
     stored: str = "bfloat16"  # the checkpoint's dtype (what `with_dtype` keeps under fp32 compute)
+    compute: str = ""  # the engine's compute dtype, when `with_dtype` set it ("": the weights' own)
 
     @property
     def query_width(self) -> int:
@@ -49,6 +50,13 @@ class ModelShape:
     def dtype(self) -> str:
         """The compute dtype the engine's kernels run for these weights (2-byte weights as bfloat16)."""
         return "float32" if self.dtype_bytes == 4 else "bfloat16"
+
+    @property
+    def kernel_dtype(self) -> str:
+        """Which of a profile's kernel tables prices these products: `dtype`, or "bfloat16-fp32" for 2-byte weights
+        under fp32 compute (activations in fp32, each weight widened as it is read: slower than bf16 x bf16 beyond
+        one row)."""
+        return "bfloat16-fp32" if self.dtype_bytes == 2 and dtype_bytes(self.compute or "bf16") == 4 else self.dtype
 
     @property
     def expert_params(self) -> int:
@@ -89,7 +97,7 @@ class ModelShape:
         """The shape as an engine computing in `dtype` holds it: bf16 weights stay bf16 under fp32 compute (the
         kernels widen them as they read, kernels.weight_dtype); any other pair takes the compute dtype's bytes."""
         kept = self.stored in ("bfloat16", "bf16") and dtype_bytes(dtype) == 4
-        return replace(self, dtype_bytes=2 if kept else dtype_bytes(dtype))
+        return replace(self, dtype_bytes=2 if kept else dtype_bytes(dtype), compute=dtype)
 
     @classmethod
     def from_config(cls, path: Path, name: str | None = None) -> ModelShape:
