@@ -27,8 +27,9 @@ from tiermoe.offload.tiers.budget import parse_budget
 from tiermoe.sim import assign
 from tiermoe.sim import strategies as S
 from tiermoe.sim.hardware import load_hardware
-from tiermoe.sim.machine_sim import MachineSim, SimConfig
+from tiermoe.sim.machine_sim import MachineSim
 from tiermoe.sim.model_shape import SHAPES
+from tiermoe.sim.sim_config import SimConfig
 from tiermoe.sim.trace import Trace
 
 TRACES = {"olmoe-1b-7b-0924_decode_wikitext-mbpp": "olmoe-1b-7b",

@@ -28,8 +28,9 @@ import numpy as np
 from bench.offload_speed import SHARED
 from bench.report import machine, markdown_table, write
 from tiermoe.sim.hardware import load_hardware, presets
-from tiermoe.sim.machine_sim import SimConfig, simulate
+from tiermoe.sim.machine_sim import simulate
 from tiermoe.sim.model_shape import SHAPES
+from tiermoe.sim.sim_config import SimConfig
 from tiermoe.sim.strategies import STRATEGIES
 from tiermoe.sim.trace import Trace
 

@@ -55,8 +55,9 @@ from tiermoe.offload.tiers.ram import min_budget
 from tiermoe.sim.cache_cold import COLD_MIB
 from tiermoe.sim.engine_probe import ar_overheads, diffusion_overheads
 from tiermoe.sim.hardware import Hardware, SSDProfile, measure_disk, measure_this_machine
-from tiermoe.sim.machine_sim import SimConfig, simulate
+from tiermoe.sim.machine_sim import simulate
 from tiermoe.sim.model_shape import load_shape
+from tiermoe.sim.sim_config import SimConfig
 from tiermoe.sim.trace import Trace
 
 

@@ -11,8 +11,9 @@ from tiermoe.sim.cache_cold import KV_RING_MIB
 from tiermoe.sim.costs import Pricing
 from tiermoe.sim.engine_costs import EngineCosts, fixed_at, seconds_per_byte
 from tiermoe.sim.hardware import GB, CPUProfile, Hardware, SSDProfile, load_hardware
-from tiermoe.sim.machine_sim import SimConfig, simulate
+from tiermoe.sim.machine_sim import simulate
 from tiermoe.sim.model_shape import ModelShape
+from tiermoe.sim.sim_config import SimConfig
 from tiermoe.sim.trace import Trace
 
 RATES = {64: {1: 10.0, 4: 5.0}, 1024: {1: 40.0, 4: 20.0}}  # GB/s by row length, rows

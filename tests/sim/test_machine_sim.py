@@ -8,8 +8,9 @@ import pytest
 from tiermoe import LLM, SamplingParams
 from tiermoe.convert import convert
 from tiermoe.sim.hardware import load_hardware
-from tiermoe.sim.machine_sim import SimConfig, simulate
+from tiermoe.sim.machine_sim import simulate
 from tiermoe.sim.model_shape import load_shape
+from tiermoe.sim.sim_config import SimConfig
 from tiermoe.sim.trace import Trace
 
 OLMOE = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces" / "olmoe-1b-7b-0924_decode_wikitext-mbpp.npz"

@@ -101,8 +101,9 @@ def _add_run_command(commands: argparse._SubParsersAction) -> None:
 def run_machine(args: argparse.Namespace) -> int:
     """Runs `sim run`; returns the exit code."""
     from tiermoe.sim.hardware import load_hardware
-    from tiermoe.sim.machine_sim import SimConfig, simulate
+    from tiermoe.sim.machine_sim import simulate
     from tiermoe.sim.model_shape import load_shape
+    from tiermoe.sim.sim_config import SimConfig
 
     try:
         shape = load_shape(args.model_shape)

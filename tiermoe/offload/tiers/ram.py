@@ -301,7 +301,7 @@ class TieredStore(ExpertStore):
             return self.pool.submit(self._load, key)
         plan = self._plan(key)
         try:
-            self._check_files(key, plan, self._checked)
+            self._check_files(key, plan, once_per_step=True)
         except ExpertIOError as err:
             fut = Future()
             fut.set_exception(err)
@@ -319,17 +319,17 @@ class TieredStore(ExpertStore):
             raise self._read_error(key, plan, err) from err
         return weights, nbytes, time.perf_counter() - start
 
-    def _check_files(self, key: Key, plan: ReadPlan, checked: dict[Path, int] | None = None) -> None:
-        """ExpertIOError if a file of the expert changed since the engine opened it; with `checked` (the model's
-        thread only), each file is looked at once per step: a request's reads share one look."""
+    def _check_files(self, key: Key, plan: ReadPlan, once_per_step: bool = False) -> None:
+        """ExpertIOError if a file of the expert changed since the engine opened it; `once_per_step` (the model's
+        thread only): each file is looked at once per step, so a request's reads share one look."""
         for file in plan.files:
-            if checked is not None and checked.get(file) == self.step:
+            if once_per_step and self._checked.get(file) == self.step:
                 continue
             if _state(file) != self._file_state[file]:
                 raise ExpertIOError(f"{file} changed after the engine opened it (expert {key[1]} of layer {key[0]}); "
                                     "restart on the new checkpoint")
-            if checked is not None:
-                checked[file] = self.step
+            if once_per_step:
+                self._checked[file] = self.step
 
     @staticmethod
     def _read_error(key: Key, plan: ReadPlan, err: OSError) -> ExpertIOError:
