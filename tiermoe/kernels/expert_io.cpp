@@ -11,7 +11,9 @@
 // A gather job (an expert not read in place: its page-aligned reads would pad it out, or its parts lie apart) reads
 // into a bounce buffer of the engine's own, pooled here, and the thread that finishes its last piece copies the byte
 // ranges into the caller's buffers before the job counts as finished: the copy runs without the interpreter too.
-// A bounce buffer is held from the job's first piece to its end, so at most `threads` are in use at once.
+// A bounce buffer is held from the job's first piece to its end: a job in use has a piece running, or is the
+// queue's front with pieces left to hand out, so at most `threads` + 1 are in use at once (`threads` for
+// single-piece gathers, small experts).
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
