@@ -32,6 +32,7 @@ from tiermoe.offload.placement.refresh_store import RefreshStore
 from tiermoe.offload.policies import POLICIES
 from tiermoe.offload.prefetch import AFFINITY_FILE, AffinityTable
 from tiermoe.offload.tiers.direct_io import DirectReader
+from tiermoe.offload.tiers.expert_reads import slot_nbytes
 from tiermoe.offload.tiers.ram import min_budget
 from tiermoe.offload.tiers.store import loaded_nbytes
 from tiermoe.offload.tools.affinity_fit import count
@@ -139,8 +140,8 @@ def costs_cache(tmp_path_factory):
 
 
 class Watch:
-    """Wraps an engine's expert store (its `fetch` and `fetch_groups`, and `_load`, where expert weights come into
-    being) to check the budget's promises while the engine runs."""
+    """Wraps an engine's expert store (its `fetch` and `fetch_groups`, and `_load` and the native readers' `gather`,
+    where expert weights come into being) to check the budget's promises while the engine runs."""
 
     def __init__(self, llm: LLM):
         self.llm, self.store = llm, llm.store
@@ -151,6 +152,8 @@ class Watch:
         self.largest_group = 0  # most experts handed over at once (batched steps compute a group in one call)
         self.store.fetch, self.store._load = self._fetch(self.store.fetch), self._load(self.store._load)
         self.store.fetch_groups = self._fetch(self.store.fetch_groups, grouped=True)
+        if getattr(self.store, "native", None) is not None:
+            self.store.native.gather = self._gather(self.store.native.gather)
 
     def _load(self, load):
         def tracked(key):
@@ -159,6 +162,15 @@ class Watch:
             self._count(held)
             weakref.finalize(w.gate_up, self._count, -held)
             return w, nbytes, seconds
+        return tracked
+
+    def _gather(self, gather):
+        def tracked(spec, plan, on_error):
+            read = gather(spec, plan, on_error)  # its slot, made now, is the weights
+            assert plan.nbytes == read.weights.nbytes == slot_nbytes(spec, self.store.dtype)  # what the cache charges
+            self._count(plan.nbytes)
+            weakref.finalize(read.weights.gate_up, self._count, -plan.nbytes)
+            return read
         return tracked
 
     def _count(self, nbytes: int) -> None:

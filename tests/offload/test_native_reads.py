@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from tests.offload.test_tiered_store import GREEDY, PROMPTS, tokens
-from tiermoe import LLM
+from tiermoe import LLM, SamplingParams
 from tiermoe.convert import convert
 from tiermoe.errors import ExpertIOError
 from tiermoe.offload.policies import make_policy
 from tiermoe.offload.tiers.direct_io import DirectReader
-from tiermoe.offload.tiers.native_reads import NativeRead, engine_module
+from tiermoe.offload.tiers.expert_reads import slot_nbytes
+from tiermoe.offload.tiers.native_reads import GatherRead, NativeRead, engine_module
 from tiermoe.offload.tiers.ram import TieredStore, min_budget
 from tiermoe.offload.tiers.store import ResidentStore
 
@@ -121,12 +122,17 @@ def test_experts_file_changed_under_a_running_engine_is_named(converted, tmp_pat
         tokens(llm)
 
 
-def test_the_pieces_of_one_read_are_shared_by_the_threads_and_the_first_failed_piece_is_named(tmp_path):
-    data = os.urandom(16 * 4096)
+def _random_file(tmp_path, pages: int) -> tuple[bytes, object, int]:
+    """(its bytes, its path, a descriptor open for reading) of a file of random pages."""
+    data = os.urandom(pages * 4096)
     path = tmp_path / "data.bin"
     path.write_bytes(data)
+    return data, path, os.open(path, os.O_RDONLY)
+
+
+def test_the_pieces_of_one_read_are_shared_by_the_threads_and_the_first_failed_piece_is_named(tmp_path):
+    data, path, fd = _random_file(tmp_path, 16)
     engine = engine_module().ReadEngine(4)
-    fd = os.open(path, os.O_RDONLY)
     buf = mmap.mmap(-1, len(data))
     base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     try:
@@ -193,5 +199,110 @@ def test_native_reads_take_the_page_cache_descriptor_once_a_file_has_fallen_back
             w, _, _ = read.result()
             assert torch.equal(w.gate_up, expected[e].gate_up) and torch.equal(w.down, expected[e].down)
             del w, read
+    finally:
+        store.close()
+
+
+# --- gathers: experts not read in place (whole pages would pad them out), with no dtype to convert ----------------
+
+@pytest.fixture(scope="module")
+def small(tiny_models, folders):
+    """Checkpoints whose experts are far below a page (save_pretrained's per-expert tensors): none read in place."""
+    return {"qwen3_moe": tiny_models("qwen3_moe"), "mixtral": tiny_models("mixtral"),
+            "llada2_moe": folders["llada2_moe"]}
+
+
+@pytest.mark.parametrize("family, settings", [("qwen3_moe", dict(expert_cache="min", cache_policy="lru")),
+                                              ("mixtral", dict(expert_cache="25%", cache_policy="dali",
+                                                               prefetch="plain")),
+                                              ("llada2_moe", dict(expert_cache="25%", tau=2))])
+def test_small_experts_are_gathered_natively_with_the_all_resident_tokens_in_slots_the_cache_charges(
+        small, family, settings, monkeypatch):
+    folder = small[family]
+    diffusion = family == "llada2_moe"
+    run = _diffusion_tokens if diffusion else tokens
+    expected = run(LLM(folder))
+    for native in (True, False):
+        monkeypatch.setenv("TIERMOE_NATIVE_IO", "on" if native else "off")
+        llm = LLM(folder, **_budget(folder, settings))
+        store = llm.store
+        plans = [store._plan(k) for k in llm.index.experts()]
+        assert not any(p.kept for p in plans) and all(p.gather is not None for p in plans)
+        assert (store.native is not None) == native
+        assert run(llm) == expected
+        assert store.stats.total.misses > 0
+        ahead = sum(store.cache.size(k) for k in store.inflight)
+        assert store.cache.used == store.resident_bytes + ahead <= store.budget
+        assert all(w.nbytes == store.cache.size(k) == slot_nbytes(llm.index.expert(*k), torch.float32)
+                   for k, w in store.weights.items())
+        if native:
+            assert store.reader.pool.in_use == 0  # the bounce buffers are the engine's, not the reader's pool
+        store.close()
+
+
+def _diffusion_tokens(llm):
+    out = llm.generate([[5, 9, 14, 3, 22]], SamplingParams(temperature=0, max_tokens=16, block_length=8, steps=8))
+    return [o.outputs[0].token_ids for o in out]
+
+
+def test_a_gather_job_copies_its_ranges_out_of_the_bounce_buffer_once_read_and_not_when_a_piece_fails(tmp_path):
+    data, path, fd = _random_file(tmp_path, 8)
+    engine = engine_module().ReadEngine(2)
+    out = torch.zeros(6000, dtype=torch.uint8)
+    base = out.data_ptr()
+    try:
+        # file pages 2..4 into bounce bytes [0, 12288), page 6 into [12288, 16384); then four ranges out of it
+        pieces = [(fd, 2 * 4096, 3 * 4096, 3 * 4096, 0, False), (fd, 6 * 4096, 4096, 4096, 3 * 4096, False)]
+        copies = [(100, base, 3000), (3 * 4096 + 7, base + 3000, 1000), (5000, base + 4000, 1000),
+                  (0, base + 5000, 1000)]
+        for _ in range(3):  # bounce buffers are reused
+            out.zero_()
+            job = engine.submit(pieces, 4 * 4096, copies)
+            engine.wait_any([job])
+            error, _, _, nbytes, _ = engine.take(job)
+            assert (error, nbytes) == (0, 4 * 4096)
+            assert bytes(out.numpy()) == (data[2 * 4096 + 100:2 * 4096 + 3100] + data[6 * 4096 + 7:6 * 4096 + 1007]
+                                          + data[2 * 4096 + 5000:2 * 4096 + 6000] + data[2 * 4096:2 * 4096 + 1000])
+        bad = os.open(path, os.O_WRONLY)
+        out.zero_()
+        job = engine.submit([pieces[0], (bad, 0, 4096, 4096, 3 * 4096, False)], 4 * 4096, copies)
+        engine.wait_any([job])
+        error, failed, *_ = engine.take(job)
+        os.close(bad)
+        assert (error, failed) == (errno.EBADF, 1) and not out.any()  # nothing copied from a failed read
+    finally:
+        engine.close()
+        os.close(fd)
+
+
+class RefusingEngine:
+    """The engine, except that every read ends as O_DIRECT refused at read time (EINVAL)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def take(self, job):
+        self.engine.take(job)
+        return errno.EINVAL, 0, 0, 0, 0.0
+
+
+def test_a_gather_refused_o_direct_at_read_time_is_read_and_placed_on_the_calling_thread(small):
+    index = LLM(small["mixtral"]).index
+    layers = sorted({layer for layer, _ in index.experts()})
+    store = TieredStore(index, torch.float32, min_budget(index, layers, 2, torch.float32), make_policy("lru"), layers,
+                        2, io_threads=2)
+    reference = ResidentStore(index, torch.float32)
+    try:
+        store.native.engine = RefusingEngine(store.native.engine)
+        for key in [(layers[0], 0), (layers[-1], 3)]:
+            read = store._submit(key)
+            assert isinstance(read, GatherRead)
+            w, _, _ = read.result()
+            (_, expected), = reference.fetch(key[0], [key[1]])
+            assert torch.equal(w.gate_up, expected.gate_up) and torch.equal(w.down, expected.down)
+        assert store.reader.pool.in_use == 0
     finally:
         store.close()

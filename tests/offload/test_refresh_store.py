@@ -2,6 +2,8 @@
 steps, faults contained; and the engine options that turn it on. Lossless for every tau and budget:
 test_lossless_matrix.py."""
 
+from concurrent.futures import Future
+
 import pytest
 import torch
 
@@ -72,20 +74,22 @@ def test_refresh_places_the_busiest_and_reuse_steps_admit_nothing(store):
 
 def test_a_failed_read_leaves_placement_and_budget_consistent(store, monkeypatch):
     s, reference, (layer, *_) = store
-    load = s._load
+    submit = s._submit
 
-    def failing(key):
-        if key == (layer, 3):
-            raise ExpertIOError("disk says no")
-        return load(key)
+    def failing(key):  # the read of expert 3 fails, on whichever readers the store has
+        if key != (layer, 3):
+            return submit(key)
+        fut = Future()
+        fut.set_exception(ExpertIOError("disk says no"))
+        return fut
 
-    monkeypatch.setattr(s, "_load", failing)
+    monkeypatch.setattr(s, "_submit", failing)
     s.begin_step(REFRESH)
     with pytest.raises(ExpertIOError):
         list(s.fetch(layer, [1, 3, 5], [1, 9, 1]))
     assert (layer, 3) not in s.cache and not s.placement.is_fast(layer, 3)
     assert set(s.weights) == {k for k in s.cache.resident}  # the books agree
-    monkeypatch.setattr(s, "_load", load)
+    monkeypatch.setattr(s, "_submit", submit)
     served(s, layer, [1, 3, 5], [1, 9, 1], reference)
     assert s.placement.is_fast(layer, 3)
 

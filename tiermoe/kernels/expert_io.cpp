@@ -7,6 +7,13 @@
 // one expert split into pieces is read at the threads' depth; the model's thread polls `done` or blocks in
 // `wait_any` with the lock released. The caller keeps every buffer alive until its job is taken (`take`)
 // or cancelled before it started (`cancel`); `close` finishes the running jobs and drops the queued ones.
+//
+// A gather job (an expert not read in place: its page-aligned reads would pad it out, or its parts lie apart) reads
+// into a bounce buffer of the engine's own, pooled here, and the thread that finishes its last piece copies the byte
+// ranges into the caller's buffers before the job counts as finished: the copy runs without the interpreter too.
+// A bounce buffer is held from the job's first piece to its end: a job in use has a piece running, or is the
+// queue's front with pieces left to hand out, so at most `threads` + 1 are in use at once (`threads` for
+// single-piece gathers, small experts).
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -15,6 +22,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -33,9 +43,14 @@ constexpr int64_t kMaxCall = 0x7ffff000;  // Linux transfers at most this many b
 
 // (fd, page-aligned file offset, page-aligned bytes to read, bytes needed, buffer address, opened with O_DIRECT)
 using Piece = std::tuple<int, int64_t, int64_t, int64_t, uintptr_t, bool>;
+// (offset in the bounce buffer, destination address, bytes): a gather job's copies once its reads are in
+using Copy = std::tuple<int64_t, uintptr_t, int64_t>;
 
 struct Job {
-  std::vector<Piece> pieces;
+  std::vector<Piece> pieces;  // a gather job's addresses are offsets into its bounce buffer
+  int64_t bounce_size = 0;    // > 0: a gather job
+  char* bounce = nullptr;     // from its first piece to its end
+  std::vector<Copy> copies;
   size_t handed = 0;   // pieces taken by a thread so far (in order)
   size_t running = 0;  // pieces taken and not finished
   bool started = false, finished = false;
@@ -71,21 +86,30 @@ class ReadEngine {
   explicit ReadEngine(int threads) {
     for (int i = 0; i < std::max(threads, 1); ++i) workers_.emplace_back([this] { run(); });
   }
-  ~ReadEngine() { close(); }
+  ~ReadEngine() {
+    close();
+    for (char* b : idle_) std::free(b);
+  }
 
-  int64_t submit(std::vector<Piece> pieces) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_) throw std::runtime_error("expert read engine is closed");
-    int64_t id = next_++;
-    Job& j = jobs_[id];
-    j.pieces = std::move(pieces);
-    if (j.pieces.empty()) {
-      j.finished = true;
-      landed_.notify_all();
-      return id;
+  // Notifies with the lock released: a woken thread (on 2 cores, often run at once in place of the caller) then
+  // finds it free instead of blocking on it until the caller runs again.
+  int64_t submit(std::vector<Piece> pieces, int64_t bounce, std::vector<Copy> copies) {
+    int64_t id;
+    size_t n;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) throw std::runtime_error("expert read engine is closed");
+      id = next_++;
+      Job& j = jobs_[id];
+      j.pieces = std::move(pieces);
+      j.bounce_size = (bounce + kPage - 1) / kPage * kPage;
+      j.copies = std::move(copies);
+      n = j.pieces.size();
+      if (n == 0) j.finished = true;
+      else queue_.push_back(id);
     }
-    queue_.push_back(id);
-    if (j.pieces.size() > 1) work_.notify_all();
+    if (n == 0) landed_.notify_all();
+    else if (n > 1) work_.notify_all();
     else work_.notify_one();
     return id;
   }
@@ -146,7 +170,7 @@ class ReadEngine {
         }
         j.handed = j.pieces.size();  // its running pieces finish it, as cancelled
         if (!j.error) j.error = ECANCELED, j.failed = 0;
-        if (j.running == 0) j.finished = true;
+        if (j.running == 0) finish(j);
       }
       queue_.clear();
       work_.notify_all();
@@ -168,16 +192,21 @@ class ReadEngine {
         if (queue_.empty()) return;
         id = queue_.front();
         Job& j = jobs_[id];
-        if (!j.started) j.started = true, j.start = std::chrono::steady_clock::now();
+        if (!j.started) {
+          j.started = true, j.start = std::chrono::steady_clock::now();
+          if (j.bounce_size && !(j.bounce = acquire(j.bounce_size))) j.error = ENOMEM, j.failed = 0;
+        }
         i = j.handed++;
         if (j.handed == j.pieces.size()) queue_.pop_front();
         ++j.running;
         piece = j.pieces[i];
+        std::get<4>(piece) += reinterpret_cast<uintptr_t>(j.bounce);  // nullptr (0) unless a gather job
         skip = j.error != 0;  // a piece failed: the job has failed, read no more of it
       }
       int64_t got = 0;
       int error = skip ? 0 : read_piece(piece, got);
-      bool finished = false;
+      bool last = false;
+      const Job* copying = nullptr;
       {
         std::lock_guard<std::mutex> lock(mu_);
         Job& j = jobs_[id];  // kept while a piece runs (close and cancel drop only jobs not started)
@@ -185,13 +214,46 @@ class ReadEngine {
         j.bytes += got;
         if (error && (!j.error || static_cast<int64_t>(i) < j.failed))
           j.error = error, j.failed = static_cast<int64_t>(i), j.got = got;
-        if (j.handed == j.pieces.size() && j.running == 0) {
-          j.finished = finished = true;
-          j.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - j.start).count();
-        }
+        last = j.handed == j.pieces.size() && j.running == 0;
+        if (last && !j.error && !j.copies.empty()) copying = &j;  // nothing else touches it until it is finished
+        else if (last) finish(j);
       }
-      if (finished) landed_.notify_all();
+      if (copying) {
+        for (const auto& [from, to, n] : copying->copies)
+          std::memcpy(reinterpret_cast<char*>(to), copying->bounce + from, static_cast<size_t>(n));
+        std::lock_guard<std::mutex> lock(mu_);
+        finish(jobs_[id]);
+      }
+      if (last) landed_.notify_all();
     }
+  }
+
+  // Marks a job finished and gives its bounce buffer back (the lock held).
+  void finish(Job& j) {
+    j.finished = true;
+    j.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - j.start).count();
+    if (j.bounce) {
+      if (idle_.size() < workers_.size() && bounce_sizes_[j.bounce] == j.bounce_size) idle_.push_back(j.bounce);
+      else bounce_sizes_.erase(j.bounce), std::free(j.bounce);
+      j.bounce = nullptr;
+    }
+  }
+
+  // A page-aligned bounce buffer of `size` bytes: an idle one of that size, else a new one (the lock held).
+  char* acquire(int64_t size) {
+    for (size_t k = 0; k < idle_.size(); ++k)
+      if (bounce_sizes_[idle_[k]] == size) {
+        char* b = idle_[k];
+        idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(k));
+        return b;
+      }
+    if (!idle_.empty()) {  // another size: at most `threads` kept, so let an idle one go
+      bounce_sizes_.erase(idle_.back()), std::free(idle_.back());
+      idle_.pop_back();
+    }
+    char* b = static_cast<char*>(std::aligned_alloc(kPage, static_cast<size_t>(size)));
+    if (b != nullptr) bounce_sizes_[b] = size;
+    return b;  // nullptr: out of memory, the job fails with ENOMEM
   }
 
   std::mutex mu_;
@@ -199,6 +261,8 @@ class ReadEngine {
   std::deque<int64_t> queue_;
   std::unordered_map<int64_t, Job> jobs_;
   std::vector<std::thread> workers_;
+  std::vector<char*> idle_;                            // bounce buffers kept for the next gather jobs
+  std::unordered_map<char*, int64_t> bounce_sizes_;    // every bounce buffer allocated and not freed: its size
   int64_t next_ = 0;
   bool stopping_ = false;
 };
@@ -209,7 +273,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   py::class_<ReadEngine>(m, "ReadEngine")
       .def(py::init<int>(), py::arg("threads"))
-      .def("submit", &ReadEngine::submit, "queue a read of pieces (fd, offset, bytes, needed, address, direct)")
+      .def("submit", &ReadEngine::submit, py::arg("pieces"), py::arg("bounce") = 0,
+           py::arg("copies") = std::vector<Copy>{},
+           "queue a read of pieces (fd, offset, bytes, needed, address, direct); with `bounce` bytes, a gather: the "
+           "addresses are offsets into a bounce buffer of that size, whose ranges `copies` (offset, address, bytes) "
+           "are copied out once the reads are in")
       .def("cancel", &ReadEngine::cancel, "drop a read that has not started; False if it has")
       .def("done", &ReadEngine::done)
       .def("wait_any", &ReadEngine::wait_any, "block until one of the reads has finished; returns it", nogil)

@@ -10,9 +10,11 @@ computes a layer, top-k experts' bytes stream through the caches (untimed), so t
 as it does live (the engine probe's cold measurement). Per request, the model thread's CPU seconds inside the store
 (its waits for reads are not CPU) are regressed on what it did (requests, experts asked, reads, evictions,
 refreshes), and the resident store's per request and per expert for the same stream are taken off (the engine probe
-counts those). A read on a Python I/O thread (`_load`: a checkpoint whose experts are converted on the way, e.g.
-bf16 kept in fp32) also costs that thread's CPU, which holds the interpreter lock the model's thread needs
-(`load_us`); the compiled readers cost none.
+counts those). A read on a Python I/O thread (`_load`: a checkpoint whose experts need a dtype converted on the way,
+or any when the compiled readers are off) also costs that thread's CPU, which holds the interpreter lock the model's
+thread needs (`load_us`); the compiled readers cost none, whether they read an expert in place or gather it (a small
+expert's byte ranges copied into its slot on their own thread), and what they cost the model's thread (the slot made,
+the read queued and collected) is in `read_us`.
 
 Store kinds: a cache policy's name (a `TieredStore` with that policy) or "tide" (TIDE on the RAM tier,
 `RefreshStore`). A store's costs depend on its experts' size (freeing or installing a MiB-sized expert costs more

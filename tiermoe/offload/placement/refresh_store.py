@@ -137,7 +137,7 @@ class RefreshStore(RefreshMixin, TieredStore):
         stats.hits += len(ready)
         stats.misses += len(load) + len(stream)
         self.stats.streamed += len(stream)
-        reads = {self.pool.submit(self._load, (layer, e)): ((layer, e), True) for e in load}
+        reads = {self._submit((layer, e)): ((layer, e), True) for e in load}
         queue = deque((layer, e) for e in stream)
         self._top_up(reads, queue)
         for e in ready:

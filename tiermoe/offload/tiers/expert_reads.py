@@ -5,7 +5,10 @@ rows can be placed back to back (the converted layout, save_pretrained's per-exp
 rows, Mixtral's w1 | w2 | w3) is used in place: its `ExpertWeights` are views into one aligned read buffer, which goes
 back to the reader's pool only once the last tensor over it is gone (an eviction frees the cache's reference; a
 caller still computing with the expert keeps the bytes alive). Any other expert is converted (dtype, gate | up
-concatenated) into new tensors and its read buffers are reused at once.
+concatenated) into new tensors and its read buffers are reused at once. An expert left out of place only by its
+layout (whole pages around its bytes would pad it out, e.g. the shipped diffusion model's 96 KiB experts, or its parts
+lie apart), with no dtype to change, is a `Gather`: its conversion is placement alone, byte ranges copied into one
+exact-size buffer, which the native readers do on their own threads (tiers/native_reads.py).
 
 NOTE: nothing here may run a torch op that splits its work over torch's intra-op threads: reads run on I/O threads
 (why: store.build_expert's note, which makes the converted copies).
@@ -111,6 +114,51 @@ def layout(spec: ExpertSpec) -> Layout:
 
 
 @dataclass(frozen=True, slots=True)
+class Gather:
+    """An expert whose conversion is placement alone (no dtype change): its reads land in a bounce buffer laid out
+    as `bounce` (its reads; no patches), whose byte ranges `copies` (offset in the bounce buffer, offset in the weights,
+    bytes) make up gate | up | down back to back in one buffer of exactly `nbytes` (the expert's `slot_nbytes`)."""
+
+    bounce: Layout
+    copies: tuple[tuple[int, int, int], ...]
+    nbytes: int
+
+    def weights(self, spec: ExpertSpec) -> tuple[torch.Tensor, ExpertWeights]:
+        """A new slot (uninitialised) and the expert's weights as views of it; this runs on the model's thread for
+        every miss, so with one dtype it is three tensor ops."""
+        g, u, d = spec.parts
+        rows = (g.shape[0] + u.shape[0], *g.shape[1:])
+        if g.dtype == d.dtype:
+            slot = torch.empty(self.nbytes // g.dtype.itemsize, dtype=g.dtype)
+            down = (g.nbytes + u.nbytes) // d.dtype.itemsize
+            return slot, ExpertWeights(slot.as_strided(rows, _strides(rows), 0),
+                                       slot.as_strided(d.shape, _strides(d.shape), down))
+        slot = torch.empty(self.nbytes, dtype=torch.uint8)
+        gate_up = g.nbytes + u.nbytes
+        return slot, ExpertWeights(slot[:gate_up].view(g.dtype).view(rows), slot[gate_up:].view(d.dtype).view(d.shape))
+
+
+def gather(spec: ExpertSpec, dtype: torch.dtype, ranges: tuple[Range, ...]) -> Gather | None:
+    """The gather of an expert read as `ranges` (read_ranges), or None when it needs a dtype converted (or its gate
+    and up rows differ in width or dtype, or down cannot follow them at a whole item)."""
+    g, u, d = spec.parts
+    if not (all(p.dtype == weight_dtype(p.dtype, dtype) for p in spec.parts) and g.dtype == u.dtype
+            and g.shape[1:] == u.shape[1:] and (g.nbytes + u.nbytes) % d.dtype.itemsize == 0):
+        return None
+    reads, at = [], 0
+    for f, off, n in ranges:
+        first = align_down(off)
+        reads.append((f, first, off + n - first, at))
+        at += align_up(off + n - first)
+    copies, to = [], 0
+    for p in spec.parts:
+        i, start, n, _, _ = _place(ranges, p)
+        copies.append((reads[i][3] + ranges[i][1] - reads[i][1] + start, to, n))
+        to += n
+    return Gather(Layout(tuple(reads), (), 0, 0, at), tuple(copies), to)
+
+
+@dataclass(frozen=True, slots=True)
 class ReadPlan:
     """How one expert is read and viewed, worked out once per expert: a reader thread then runs little Python around
     its reads (it holds the interpreter lock for that time, which the model's thread waits on)."""
@@ -122,6 +170,7 @@ class ReadPlan:
     # dtype, shape) of gate, up and down when converted
     files: tuple[Path, ...]  # distinct files read
     nbytes: int  # what the disk transfers: whole pages
+    gather: Gather | None = None  # not in place, but placement alone: the native readers' way to read it
 
     @property
     def kept(self) -> bool:
@@ -135,7 +184,8 @@ def plan_read(spec: ExpertSpec, dtype: torch.dtype) -> ReadPlan:
                         sum(align_up(n) for _, _, n, _ in lay.reads))
     ranges = tuple(read_ranges(spec))
     return ReadPlan(spec, None, ranges, tuple(_place(ranges, p) for p in spec.parts), tuple(dict.fromkeys(
-        f for f, _, _ in ranges)), sum(align_up(off + n) - align_down(off) for _, off, n in ranges))
+        f for f, _, _ in ranges)), sum(align_up(off + n) - align_down(off) for _, off, n in ranges),
+        gather(spec, dtype, ranges))
 
 
 def read_expert(reader: DirectReader, plan: ReadPlan, dtype: torch.dtype) -> tuple[ExpertWeights, int]:

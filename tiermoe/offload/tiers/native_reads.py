@@ -5,7 +5,9 @@ future, while the model's thread holds it for the Python between its kernels: a 
 and the model, handing the lock over, waits for the readers (bench/results/offload_speed.md). Here the store's
 thread queues an in-place expert's page reads straight into its pooled buffer (`ExpertReads.submit`), native
 threads run them, and the store's thread polls or blocks with the lock released, then views the filled buffer as
-the weights: no copy, no future, no reader thread in the interpreter.
+the weights: no copy, no future, no reader thread in the interpreter. An expert that is not read in place but whose
+conversion is placement alone (`expert_reads.Gather`: small experts whole pages would pad out) is read into a bounce
+buffer of the engine's and copied into its exact-size slot by the native thread that read it (`ExpertReads.gather`).
 
 A `NativeRead` answers the `concurrent.futures.Future` methods the store uses (done, cancel, cancelled, exception,
 result), so the store drives either kind of read the same way; `first_landed` and `settle` wait on either kind.
@@ -26,7 +28,7 @@ import torch
 from tiermoe.checkpoint import ExpertSpec
 from tiermoe.kernels import build
 from tiermoe.offload.tiers.direct_io import DirectReader, Segment, ShortReadError, align_up
-from tiermoe.offload.tiers.expert_reads import Layout, in_place_weights, read_pages
+from tiermoe.offload.tiers.expert_reads import Gather, Layout, in_place_weights, read_pages
 from tiermoe.offload.tiers.store import ExpertWeights
 
 SOURCE = Path(build.__file__).with_name("expert_io.cpp")
@@ -78,6 +80,15 @@ class ExpertReads:
             seg.release()
             raise
         return NativeRead(self, job, spec, lay, seg, on_error, owners)
+
+    def gather(self, spec: ExpertSpec, plan: Gather, on_error: Callable[[OSError], Exception]) -> GatherRead:
+        """Queue a gather: the reads into a bounce buffer of the engine's, the copies into a new slot, both on the
+        native threads."""
+        slot, weights = plan.weights(spec)
+        base = slot.data_ptr()
+        _, _, pieces, owners = self._plan(plan.bounce)
+        job = self.engine.submit(pieces, plan.bounce.size, [(src, base + dst, n) for src, dst, n in plan.copies])
+        return GatherRead(self, job, spec, plan, slot, weights, on_error, owners)
 
     def _plan(self, lay: Layout) -> tuple:
         """A layout's pieces (fd, file offset, bytes, bytes needed, offset in the buffer, direct), made again when
@@ -140,7 +151,7 @@ class NativeRead:
         if not self._cancelled and (self._settled() or not self.reads.engine.cancel(self.job)):
             return False
         self._cancelled = True
-        self.seg.release()
+        self._free()
         return True
 
     def cancelled(self) -> bool:
@@ -169,17 +180,54 @@ class NativeRead:
         error, piece, got, nbytes, seconds = self.reads.engine.take(self.job)
         try:
             if error == errno.EINVAL:
-                read_pages(self.reads.reader, self.lay, self.seg)  # O_DIRECT refused at read time: page-cache reads
+                self._read_in_python()  # O_DIRECT refused at read time: page-cache reads
             elif error:
                 read, start = self.owners[piece]
                 f, off, n, _ = self.lay.reads[read]
                 raise (ShortReadError(os.fspath(f), off, n, start + got) if error < 0 else
                        OSError(error, os.strerror(error), os.fspath(f)))
-            self._value = in_place_weights(self.spec, self.lay, self.seg), nbytes, seconds
+            self._value = self._weights(), nbytes, seconds
         except OSError as err:
             self._error = self.on_error(err)
         finally:
-            self.seg.release()  # nothing left to release once handed over to the weights
+            self._free()
+
+    def _read_in_python(self) -> None:
+        read_pages(self.reads.reader, self.lay, self.seg)
+
+    def _weights(self) -> ExpertWeights:
+        return in_place_weights(self.spec, self.lay, self.seg)
+
+    def _free(self) -> None:
+        self.seg.release()  # nothing left to release once handed over to the weights
+
+
+class GatherRead(NativeRead):
+    """A gather on the engine: its slot, filled by the native thread that finished its reads, is the weights."""
+
+    __slots__ = ("plan", "slot", "weights")
+
+    def __init__(self, reads: ExpertReads, job: int, spec: ExpertSpec, plan: Gather, slot: torch.Tensor,
+                 weights: ExpertWeights, on_error: Callable[[OSError], Exception], owners: tuple[tuple[int, int], ...]):
+        super().__init__(reads, job, spec, plan.bounce, None, on_error, owners)
+        self.plan, self.slot, self.weights = plan, slot, weights
+
+    def _read_in_python(self) -> None:
+        """The reads and copies the engine would have done, on this thread."""
+        seg = self.reads.reader.buffer(self.lay.size)
+        try:
+            read_pages(self.reads.reader, self.lay, seg)
+            out = self.slot.view(-1).view(torch.uint8).numpy()
+            for src, dst, n in self.plan.copies:
+                out[dst:dst + n] = seg.as_tensor()[src:src + n].numpy()
+        finally:
+            seg.release()
+
+    def _weights(self) -> ExpertWeights:
+        return self.weights
+
+    def _free(self) -> None:
+        self.slot = self.weights = None  # the weights live on in the result, if any
 
 
 def first_landed(reads: Collection) -> list:

@@ -14,6 +14,7 @@ budget and a budget above the working set keeps all of it for the cache.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import deque
@@ -101,10 +102,12 @@ class TieredStore(ExpertStore):
         self.reader = DirectReader(max_workers=1, direct=direct_io)
         self._plans: dict[Key, ReadPlan] = {}
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="expert-io")
-        # Native reader threads when every expert is read in place (no conversion left for a reader to do)
+        # Native reader threads when every expert is read in place or gathered (no dtype conversion left for a reader
+        # to do: the readers run no Python)
         module = engine_module() if native_io else None
-        in_place = module is not None and all(self._plan(key).kept for key in index.experts())
-        self.native = ExpertReads(module, self.reader, io_threads) if in_place else None
+        placed = module is not None and all(self._plan(key).kept or self._plan(key).gather is not None
+                                            for key in index.experts())
+        self.native = ExpertReads(module, self.reader, io_threads) if placed else None
         self._reserve_buffers()
         self.stats = StoreStats()
         self.step = 0
@@ -306,7 +309,10 @@ class TieredStore(ExpertStore):
             fut = Future()
             fut.set_exception(err)
             return fut
-        return self.native.submit(plan.spec, plan.layout, lambda err: self._read_error(key, plan, err))
+        on_error = functools.partial(self._read_error, key, plan)
+        if plan.kept:
+            return self.native.submit(plan.spec, plan.layout, on_error)
+        return self.native.gather(plan.spec, plan.gather, on_error)
 
     def _load(self, key: Key) -> tuple[ExpertWeights, int, float]:
         """Runs on an I/O thread: read one expert's bytes as compute-ready weights."""
