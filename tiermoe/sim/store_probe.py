@@ -12,13 +12,14 @@ as it does live (the engine probe's cold measurement). Per request, the model th
 refreshes), and the resident store's per request and per expert for the same stream are taken off (the engine probe
 counts those). A read on a Python I/O thread (`_load`: a checkpoint whose experts are converted on the way, e.g.
 bf16 kept in fp32) also costs that thread's CPU, which holds the interpreter lock the model's thread needs
-(`load_us`); the compiled readers cost none. And while a cache policy's store reads, the model's thread computes
-slower (`read_slowdown`, tiermoe.sim.read_probe: the readers share the cores and the memory bus), measured on the
-same store.
+(`load_us`); the compiled readers cost none.
 
 Store kinds: a cache policy's name (a `TieredStore` with that policy) or "tide" (TIDE on the RAM tier,
 `RefreshStore`). A store's costs depend on its experts' size (freeing or installing a MiB-sized expert costs more
 than a small one's), so the simulator prices a model with the costs measured on its own checkpoint when given.
+
+While a cache policy's store reads, the model's thread computes slower (`read_slowdown`, tiermoe.sim.read_probe:
+the readers share the cores and the memory bus), measured on the same store.
 """
 
 from __future__ import annotations
