@@ -41,7 +41,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -142,6 +142,7 @@ def main(argv=None) -> None:
                "measured_mib_read": summary["mib_read"], "simulated_mib_read": sim.bytes_read / 2**20,
                "measured_times_s": summary["all_decode_times_s"],
                "local_costs": [costs for _, costs in around[i]],
+               "disk_around": [asdict(ssd) if ssd else None for ssd, _ in around[i]],
                "simulated": sim.to_dict()}
         runs.append(run)
         table_rows.append([run["config"], run["budget"], run["measured_tok_s"], run["simulated_tok_s"],
@@ -161,7 +162,8 @@ def main(argv=None) -> None:
               f"checkpoint's expert file); sim / measured is the median of the per-repetition ratios, simulated "
               f"tok/s the median of the simulated runs. The store's costs (tiermoe.sim.store_probe, on this "
               f"checkpoint for the policies, on the diffusion model for TIDE) per kind as request / expert / read "
-              f"(+ I/O thread) / eviction / refresh us. Profiles: {_profiles_line(profiles)}.")
+              f"(+ I/O thread) / eviction / refresh us, x the compute's slowdown beside its reads (policies: an "
+              f"expert computed while reads are in flight). Profiles: {_profiles_line(profiles)}.")
     if tide is not None:
         table += "\n\n" + tide_table(tide.results(), args)
     write(args.out, "sim_validation", {"machine": machine(), "profiles": [hw.to_dict() for hw in profiles],
@@ -255,9 +257,11 @@ def _profiles_line(profiles) -> str:
 
 
 def _store_line(store: dict) -> str:
-    """The RAM tier's measured costs per kind: request / expert / read (+ I/O thread) / eviction / refresh, us."""
+    """The RAM tier's measured costs per kind: request / expert / read (+ I/O thread) / eviction / refresh, us, and
+    x the model's compute slowdown while its reads are in flight (policies)."""
     return ", ".join(f"{kind} {c['request_us']:.0f}/{c['key_us']:.0f}/{c['read_us']:.0f}+{c['load_us']:.0f}/"
-                     f"{c['evict_us']:.0f}/{c['refresh_us']:.0f}" for kind, c in store.items())
+                     f"{c['evict_us']:.0f}/{c['refresh_us']:.0f}"
+                     + (f" x{c['read_slowdown']:.2f}" if "read_slowdown" in c else "") for kind, c in store.items())
 
 
 def tide_configs(args) -> list[tuple[str, dict]]:

@@ -317,3 +317,50 @@ def test_an_all_resident_engine_pays_no_tiered_stores_costs(tmp_path):
     cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=shape().total_expert_bytes, threads=1, preload=True)
     free, priced = (simulate(trace, shape(), _with_store(**over), cfg) for over in ({}, {"request_us": 500.0}))
     assert priced.misses == 0 and priced.busy_s == pytest.approx(free.busy_s)
+
+
+def test_a_clock_runs_work_slower_only_while_the_other_resource_works():
+    """`run_beside`: the part of the work inside the window takes `slowdown` times as long, the rest as priced;
+    `stretch` does the same to work already queued."""
+    from tiermoe.sim.machine_sim import Clocks
+
+    c = Clocks()
+    assert c.run_beside("cpu", 0.0, 1.0, until=0.0, slowdown=2.0) == 1.0  # no window: as priced
+    assert c.run_beside("cpu", 0.0, 1.0, until=10.0, slowdown=2.0) == 3.0  # all of it inside: twice as long
+    assert c.run_beside("cpu", 0.0, 1.0, until=4.0, slowdown=2.0) == 4.5  # 1 s of wall is 0.5 s of work, then 0.5
+    assert c.busy["cpu"] == pytest.approx(4.5)
+    d = Clocks()
+    d.run("cpu", 0.0, 2.0)
+    assert d.stretch("cpu", 1.0, 5.0, 1.5) == pytest.approx(2.5) and d.cpu == pytest.approx(2.5)
+    assert d.stretch("cpu", 3.0, 5.0, 1.5) == pytest.approx(2.5)  # nothing queued after `since`
+
+
+def test_experts_computed_while_reads_are_in_flight_take_the_measured_slowdown(tmp_path):
+    """A store whose reads slow the model's compute (`read_slowdown`, measured on it) gives the same hits and misses
+    and a run at least as long, longer by no more than its CPU's extra busy time; the slowdown is 1 when not
+    measured, and an all-resident engine (no reads) is priced as before."""
+    trace = _trace(tmp_path)
+    slow_disk = SSDProfile("d", 10.0, 10.0, 1e6, 10.0)  # a read lasts about as long as an expert's compute
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=4 * shape().expert_bytes, threads=1)
+    runs = [simulate(trace, shape(), Hardware("h", 16, 20.0, measured_cpu(store={"lru": {**STORE, **over}}),
+                                              slow_disk), cfg)
+            for over in ({}, {"read_slowdown": 1.5}, {"read_slowdown": 3.0})]
+    assert len({(r.hits, r.misses, r.evictions) for r in runs}) == 1 and runs[0].misses > 0
+    assert runs[0].seconds <= runs[1].seconds < runs[2].seconds  # hidden behind the disk while it is slower
+    assert runs[0].busy_s["cpu"] < runs[1].busy_s["cpu"] < runs[2].busy_s["cpu"]
+    assert runs[1].seconds - runs[0].seconds <= runs[1].busy_s["cpu"] - runs[0].busy_s["cpu"] + 1e-12
+    hw = Hardware("h", 16, 20.0, measured_cpu(store={"lru": STORE}), slow_disk)
+    assert Pricing(hw, shape(), 1).read_slowdown("lru") == 1.0
+    assert Pricing(load_hardware("h100"), shape(), 1).read_slowdown("lru") == 1.0
+    resident = SimConfig("tiermoe", gpu_memory=0, expert_cache=shape().total_expert_bytes, threads=1, preload=True)
+    a, b = (simulate(trace, shape(), Hardware("h", 16, 20.0, measured_cpu(store={"lru": {**STORE, **over}}),
+                                              slow_disk), resident) for over in ({}, {"read_slowdown": 3.0}))
+    assert a.seconds == b.seconds
+
+
+def test_the_slowdown_field_round_trips_through_a_profile_file(tmp_path):
+    hw = Hardware("h", 16, 20.0, measured_cpu(store={"lru": {**STORE, "read_slowdown": 1.2}}),
+                  SSDProfile("d", 2.0, 1.5, 1e5))
+    hw.save(tmp_path / "h.json")
+    back = load_hardware(tmp_path / "h.json")
+    assert back == hw and Pricing(back, shape(), 1).read_slowdown("lru") == 1.2

@@ -29,7 +29,7 @@ def lru():
 
 
 def test_a_policy_store_has_every_term_and_its_experts_size(lru):
-    assert set(lru) == {*TERMS, "load_us", "expert_bytes"} and all(v >= 0 for v in lru.values())
+    assert set(lru) == {*TERMS, "load_us", "expert_bytes", "read_slowdown"} and all(v >= 0 for v in lru.values())
     assert lru["read_us"] > 0 and lru["expert_bytes"] > 0 and lru["refresh_us"] == 0
 
 
@@ -46,3 +46,10 @@ def test_a_slower_tide_refresh_raises_the_refresh_cost_by_as_much(monkeypatch):
     monkeypatch.setattr(RefreshPlacement, "refresh", _busy(RefreshPlacement.refresh))
     slow = measure_store(DEFAULT_DIFFUSION_MODEL, {"tau": 4}, requests=240)
     assert slow["refresh_us"] - base["refresh_us"] == pytest.approx(SLOW_US, rel=0.3)
+
+
+def test_a_policy_stores_reads_slow_the_models_compute_by_a_measured_factor(lru):
+    """The slowdown is measured on the policy's own store (>= 1: reads never speed the compute up); TIDE's store has
+    none (priced as 1)."""
+    assert lru["read_slowdown"] >= 1.0
+    assert "read_slowdown" not in measure_store(DEFAULT_DIFFUSION_MODEL, {"tau": 4}, requests=120)

@@ -99,6 +99,12 @@ class Pricing:
             return 0.0
         return (c["request_us"] + keys * c["key_us"] + evictions * c["evict_us"] + refresh * c["refresh_us"]) * 1e-6
 
+    def read_slowdown(self, kind: str) -> float:
+        """How many times as long the model thread's expert compute takes while store `kind`'s reads are in flight
+        (tiermoe.sim.store_probe's `read_slowdown`, measured on the store; 1 where not measured)."""
+        store = self.store(kind)
+        return store.get("read_slowdown", 1.0) if store else 1.0
+
     def read_wait(self) -> float:
         """Share of the model thread's compute that a read issued meanwhile waits before its I/O thread starts it
         (the engine's kernels hold the interpreter lock): measured profiles only."""

@@ -11,9 +11,9 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
            cold_mib, attention_cold, engine_cold (optional: the same measured with every kernel call streaming
            cold_mib MiB first; attention with its keys and values from beyond the caches), long_gbs {dtype: {row
            length: {rows: GB/s}}} (optional: a product's bytes beyond LONG_FROM), store {kind: {request_us, key_us,
-           read_us, evict_us, refresh_us, load_us, expert_bytes}} (optional: the RAM tier's own costs,
-           tiermoe.sim.store_probe), grouped_us {dtype: {rows: us}} (optional: the grouped expert kernel's fixed
-           cost per expert)}
+           read_us, evict_us, refresh_us, load_us, expert_bytes, read_slowdown (policies)}} (optional: the RAM
+           tier's own costs, tiermoe.sim.store_probe), grouped_us {dtype: {rows: us}} (optional: the grouped
+           expert kernel's fixed cost per expert)}
     gpu   {name, memory_gib, bf16_tflops, mem_gbs, link_gbs, link, unified, launch_us} or null (no GPU)
     ssd   {name, seq_read_gbs, rand_read_gbs, read_iops, rand_read_qd1_gbs (optional),
            read_latency_us, read_latency_qd1_us (optional, 0)}

@@ -10,7 +10,8 @@ disk (reads issued together share its bandwidth, first in first out). Per MoE la
    of the RAM tier (`RamTier`: the live store's bookkeeping), whose misses are read from disk all at once and whose
    streamed experts go through the store's window (a read starts once the one before it was computed);
 3. as in `TieredStore._collect`, resident experts are computed first, then each read as it lands (on the CPU, or
-   copied over the link and run on the GPU); GPU-resident experts run on the GPU meanwhile;
+   copied over the link and run on the GPU); GPU-resident experts run on the GPU meanwhile; an expert computed on
+   the CPU while reads are in flight takes the store's measured `read_slowdown` times as long for that part;
 4. the prefetch of the next layer (`--prefetch oracle`: the trace's own next-layer top-1 experts, an upper bound
    on a router-based predictor) and policy swaps are read after the layer's demand reads.
 The layer ends when its last expert is done; the head runs after the last layer. Decode steps of a batch run the
@@ -59,6 +60,30 @@ class Clocks:
         self.busy[resource] += seconds
         return end
 
+    def run_beside(self, resource: str, ready: float, seconds: float, until: float, slowdown: float) -> float:
+        """`run`, the part of the work done before `until` (while another resource works) taking `slowdown` times
+        as long."""
+        start = max(getattr(self, resource), ready)
+        return self.run(resource, start, _slowed(seconds, max(until - start, 0.0), slowdown))
+
+    def stretch(self, resource: str, since: float, until: float, slowdown: float) -> float:
+        """The work `resource` was given from `since` to when it is next free, up to `until`, found to have run
+        `slowdown` times as long (it ran beside work queued after it): its clock moves on; returns when it is free."""
+        end = getattr(self, resource)
+        work = max(min(end, until) - since, 0.0)
+        extra = _slowed(work, max(until - since, 0.0), slowdown) - work
+        if extra > 0.0:
+            setattr(self, resource, end + extra)
+            self.busy[resource] += extra
+        return end + max(extra, 0.0)
+
+
+def _slowed(seconds: float, window: float, slowdown: float) -> float:
+    """Wall seconds of `seconds` of work whose first `window` wall seconds run `slowdown` times slower."""
+    if slowdown <= 1.0 or window <= 0.0:
+        return seconds
+    return seconds * slowdown if seconds * slowdown <= window else window + seconds - window / slowdown
+
 
 class MachineSim:
     """One strategy on one machine over one trace (see the module docstring)."""
@@ -81,6 +106,7 @@ class MachineSim:
                                trace.top_k, size, io_threads=cfg.io_threads)
         self.store_kind = self._store_kind()
         self.read_cpu = self.price.read_cpu(self.store_kind)
+        self.slowdown = self.price.read_slowdown(self.store_kind)  # expert compute while reads are in flight
         self.clock = Clocks()
         self.inflight: dict[tuple[int, int], float] = {}  # prefetched key -> when its read lands
         self.placements: Counter = Counter()
@@ -289,6 +315,8 @@ class MachineSim:
                                    queue.popleft()))
         for key in served.prefetch:  # issued after the demand reads
             self.inflight[key] = self._read(issue, size, depth_one=False)
+        if held and issue < self.clock.cpu:  # the experts at hand were computed beside the reads
+            last = max(last, self.clock.stretch("cpu", issue, self.clock.disk, self.slowdown))
         streamed, read = set(served.streamed), set(served.misses) | set(served.streamed)
         while ready:
             at, _, key = heapq.heappop(ready)
@@ -312,8 +340,9 @@ class MachineSim:
 
     def _compute(self, key, tokens: int, where: str, ready: float) -> float:
         p = self.price
-        if where == S.CPU:
-            return self.clock.run("cpu", ready, p.cpu_expert(tokens, self.batched))
+        if where == S.CPU:  # slower while the disk still reads (the readers share the cores and memory bus)
+            return self.clock.run_beside("cpu", ready, p.cpu_expert(tokens, self.batched), self.clock.disk,
+                                         self.slowdown)
         copied = self.clock.run("link", ready, p.copy(self.shape.expert_bytes))
         return self.clock.run("gpu", copied, p.gpu_expert(tokens))
 

@@ -1,6 +1,7 @@
 """What an expert read costs the engine besides the disk, measured for `tiermoe profile` (tiermoe.sim.engine_probe's
 `engine_overheads` holds them in the profile's `engine`): how long a read the store issues waits for the model's
-thread to let it start, and the extra time per read of an offloaded decode."""
+thread to let it start, the extra time per read of an offloaded decode, and how much the reads in flight slow the
+model's own compute (`read_slowdown`, held per store kind with the store's costs, tiermoe.sim.store_probe)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,44 @@ def read_cost_us(model_dir: Path | None = None, budget: str = "25%", tau: int = 
         out[name] = min(runs[1:])
     (off, reads), (res, _) = out["offloaded"], out["resident"]
     return round(max(off - res, 0.0) / max(reads, 1) * 1e6, 1)
+
+
+
+def read_slowdown(store, rounds: int = 48, reps: int = 5) -> float:
+    """How much longer the model's thread computes while the engine's reads are in flight, as it computes a layer's
+    resident experts while the layer's misses are read: per round, the model's thread submits about 2 MiB of reads
+    of `store`'s experts (an engine's RAM tier: its own read path), computes 4 experts with the engine's expert
+    kernel (one token, weights beyond the caches: a decode's memory-bound experts), then waits for the reads; the
+    compute's seconds over the same rounds' without reads, the median of `reps` alternations, >= 1. The readers'
+    system calls, their completions and the bytes they land share the cores and the memory bus with the model's
+    thread."""
+    import itertools
+    import random
+
+    import torch
+
+    from tiermoe import kernels
+
+    hidden, inter, per_round = 512, 256, 4
+    experts = itertools.cycle([(torch.randn(2 * inter, hidden), torch.randn(hidden, inter)) for _ in range(128)])
+    x, scale = torch.randn(1, hidden), torch.ones(1, 1)  # 128 experts of 1.5 MiB: beyond the caches
+    keys, rng = list(store.index.experts()), random.Random(0)
+    depth = min(max(2, -(-(2 << 20) // max(store.largest, 1))), len(keys))
+
+    def computed(reads: bool) -> float:
+        seconds = 0.0
+        for _ in range(rounds):
+            pending = [store._submit(key) for key in rng.sample(keys, depth)] if reads else []
+            start = time.perf_counter()
+            for _ in range(per_round):
+                gate_up, down = next(experts)
+                kernels.swiglu(x, gate_up, down, scale, out_dtype=torch.float32)
+            seconds += time.perf_counter() - start
+            for read in pending:
+                read.result()  # dropped at once: the buffer goes back to the pool
+            del pending
+        return seconds
+
+    computed(False)  # warm-up
+    ratios = [computed(True) / computed(False) for _ in range(reps)]
+    return round(max(statistics.median(ratios), 1.0), 3)

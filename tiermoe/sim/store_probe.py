@@ -19,6 +19,9 @@ the read queued and collected) is in `read_us`.
 Store kinds: a cache policy's name (a `TieredStore` with that policy) or "tide" (TIDE on the RAM tier,
 `RefreshStore`). A store's costs depend on its experts' size (freeing or installing a MiB-sized expert costs more
 than a small one's), so the simulator prices a model with the costs measured on its own checkpoint when given.
+
+While a cache policy's store reads, the model's thread computes slower (`read_slowdown`, tiermoe.sim.read_probe:
+the readers share the cores and the memory bus), measured on the same store.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 
 from tiermoe.sim.cache_cold import Stream
+from tiermoe.sim.read_probe import read_slowdown
 
 TERMS = ("request_us", "key_us", "read_us", "evict_us", "refresh_us")  # per request, expert, read, eviction, refresh
 
@@ -35,8 +39,8 @@ TERMS = ("request_us", "key_us", "read_us", "evict_us", "refresh_us")  # per req
 def store_costs(ar_model: Path | None = None, diffusion_model: Path | None = None, policies=("lru", "dali"),
                 requests: int = 320, seed: int = 0) -> dict[str, dict[str, float]]:
     """{kind: {term: microseconds}} for each of `policies` on `ar_model`'s checkpoint (default: the shipped model)
-    and "tide" on `diffusion_model`'s (default: the shipped diffusion model); terms as TERMS, plus `load_us` and
-    `expert_bytes` (the size the store's experts had)."""
+    and "tide" on `diffusion_model`'s (default: the shipped diffusion model); terms as TERMS, plus `load_us`,
+    `expert_bytes` (the size the store's experts had) and, for the policies, `read_slowdown`."""
     from tiermoe.models.registry import DEFAULT_DIFFUSION_MODEL, DEFAULT_MODEL
 
     out = {p: measure_store(ar_model or DEFAULT_MODEL, {"cache_policy": p}, requests, seed) for p in policies}
@@ -64,13 +68,15 @@ def measure_store(model: Path, options: dict, requests: int = 320, seed: int = 0
     llm.store.close()
     base = _fit(resident[:, 1:2], resident[:, 0])  # [per request, per expert]
     del llm
-    rows, loads = [], []
+    rows, loads, slowdown = [], [], None
     for budget in budgets:
         llm = LLM(model, expert_cache=budget, **options)
         store = llm.store
         store._load = _timed_load(store._load, loads)
         size = store.cache.size(next(iter(llm.index.experts())))
         rows += _serve(store, stream, options.get("tau", 0), between)
+        if "cache_policy" in options and budget == budgets[-1]:
+            slowdown = read_slowdown(store)
         store.close()
         del llm, store
     rows = np.array(rows)
@@ -81,6 +87,8 @@ def measure_store(model: Path, options: dict, requests: int = 320, seed: int = 0
     out = {k: round(max(float(v), 0.0) * 1e6, 2) for k, v in terms.items()}
     out["load_us"] = round(float(np.median(loads)) * 1e6, 2) if loads else 0.0
     out["expert_bytes"] = size
+    if slowdown is not None:
+        out["read_slowdown"] = slowdown
     return out
 
 
