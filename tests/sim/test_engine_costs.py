@@ -364,3 +364,34 @@ def test_the_slowdown_field_round_trips_through_a_profile_file(tmp_path):
     hw.save(tmp_path / "h.json")
     back = load_hardware(tmp_path / "h.json")
     assert back == hw and Pricing(back, shape(), 1).read_slowdown("lru") == 1.2
+
+
+def _prefills(tmp_path, sequences: int = 12, rows: int = 3) -> Trace:
+    """Prompts only: each sequence one batched forward of `rows` rows."""
+    rng = np.random.default_rng(1)
+    tokens = sequences * rows
+    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(2)]) for _ in range(tokens)])
+    return Trace(experts=ids.astype(np.int16), weights=np.full(ids.shape, 0.5, np.float16),
+                 seq_starts=np.arange(0, tokens, rows, dtype=np.int64), is_prefill=np.ones(tokens, bool),
+                 positions=np.tile(np.arange(rows, dtype=np.int32), sequences), token_ids=np.zeros(tokens, np.int32),
+                 meta={"layers": 2, "num_experts": 8, "top_k": 2})
+
+
+@pytest.mark.parametrize("disk_gbs, term", [(1e-3, "single_us"), (1e3, "group_us")])
+def test_a_batched_layers_experts_landing_apart_pay_a_call_per_group_beyond_the_first(tmp_path, disk_gbs, term):
+    """A batched layer's misses are computed in the groups they land in (residents first): each group beyond the
+    first costs the measured `single_us` (one expert) or `group_us` (several). A slow disk lands every read apart
+    (groups of one); on a fast one a layer's reads have all landed once its residents are computed (one group)."""
+    trace, ssd = _prefills(tmp_path), SSDProfile("d", disk_gbs, disk_gbs, 1e7, disk_gbs)
+    cfg = SimConfig("tiermoe", gpu_memory=0, expert_cache=6 * shape().expert_bytes, threads=1)
+    base, priced = (simulate(trace, shape(), Hardware("h", 16, 20.0, measured_cpu(engine={**ENGINE, **over}), ssd),
+                             cfg) for over in ({}, {term: 700.0}))
+    assert (base.hits, base.misses) == (priced.hits, priced.misses) and base.hits > 0 and base.misses > 0
+    groups = (priced.busy_s["cpu"] - base.busy_s["cpu"]) / 700e-6
+    assert groups == pytest.approx(round(groups)) and 0 < round(groups) <= base.misses
+    if term == "group_us":
+        assert round(groups) <= 2 * 12  # at most one beyond the residents' per layer of each forward
+    preload = dataclasses.replace(cfg, expert_cache=shape().total_expert_bytes, preload=True)
+    assert simulate(trace, shape(), Hardware("h", 16, 20.0, measured_cpu(engine={**ENGINE, term: 700.0}), ssd),
+                    preload).busy_s == pytest.approx(simulate(trace, shape(), Hardware(
+                        "h", 16, 20.0, measured_cpu(), ssd), preload).busy_s)  # all resident: one group a layer

@@ -66,9 +66,12 @@ def test_measuring_this_machine_gives_a_profile_the_simulator_loads(tmp_path):
         0 <= cpu.grouped_us[d][r] <= cpu.swiglu_us[d][r] for d in cpu.swiglu_us for r in cpu.swiglu_us[d])
     # how long a read issued while the model computes waits for its I/O thread (a share of that compute)
     assert 0 <= cpu.engine["read_wait"] <= 1
+    # what a batched layer pays per group of experts beyond its first (its reads landing apart)
+    assert cpu.engine["group_us"] >= 0 and cpu.engine["single_us"] >= 0
     # measured again cache-cold: each kernel call streams weights through the caches first, as a real model's do;
     # the same keys (but the read's), and what `tiermoe profile` writes
-    assert cpu.cold_mib > 0 and set(cpu.engine_cold) == set(cpu.engine) - {"read_us", "read_wait"}
+    assert cpu.cold_mib > 0 and set(cpu.engine_cold) == set(cpu.engine) - {"read_us", "read_wait", "group_us",
+                                                                                "single_us"}
     assert cpu.engine_cold["layer_us"] > 0 and cpu.attention_cold["decode_gflops"] > 0
     assert hw.to_dict()["cpu"]["engine_cold"] == cpu.engine_cold
     assert hw.ssd.rand_read_gbs > 0 and hw.ssd.read_iops > 0 and hw.measured

@@ -74,6 +74,10 @@ class Pricing:
             return ssd.read_latency_qd1_us * 1e-6 + nbytes / (ssd.qd1_read_gbs * GB)
         return ssd.read_latency_us * 1e-6 + nbytes / (ssd.rand_read_gbs * GB)
 
+    def extra_group(self, experts: int) -> float:
+        """A group of `experts` a batched layer computes beyond its first (measured profiles only)."""
+        return self.engine.extra_group(experts) if self.engine is not None else 0.0
+
     def read_cpu(self, kind: str = "lru") -> float:
         """The engine's own CPU time per expert read besides the read (its store's Python, under the interpreter
         lock the model's thread needs too): measured profiles only. With the store's costs measured, the model

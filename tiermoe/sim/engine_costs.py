@@ -111,6 +111,11 @@ class EngineCosts:
         fixed = self.e["batch_expert_us"] if batched else self.e["expert_us"]
         return fixed * US + self.swiglu(rows, self.shape.hidden, self.shape.expert_dim, grouped=batched)
 
+    def extra_group(self, experts: int) -> float:
+        """A group of `experts` computed beyond a batched layer's first (reads landing apart): a grouped call of its
+        own, or a single expert's call (tiermoe.sim.group_probe; 0 in profiles that did not measure it)."""
+        return self.e.get("single_us" if experts == 1 else "group_us", 0.0) * US
+
     def attention(self, rows: int, context: int, block: bool) -> float:
         """One sequence's attention core: `rows` queries over `context` keys each; a block of rows at once (block
         diffusion) or row by row as decode rows (the autoregressive engine, batch-invariant)."""

@@ -299,14 +299,17 @@ def _per_expert(t: _Timers) -> float:
 def engine_overheads(ar_model: Path | None = None, diffusion_model: Path | None = None,
                      cold_mib: float = 0) -> dict[str, float]:
     """The engine's fixed costs beyond its timed kernels and attention core: `ar_overheads`, `diffusion_overheads`,
-    per expert read besides the disk (`read_us`, see `read_cost_us`), and the share of the model's compute a read
-    issued meanwhile waits to start (`read_wait`), on the shipped models (or those given) all resident at the current
-    thread count. With `cold_mib`, every kernel call streams that many MiB first (see the module docstring), and the
-    read costs are left out."""
+    per expert read besides the disk (`read_us`, see `read_cost_us`), the share of the model's compute a read
+    issued meanwhile waits to start (`read_wait`), and each group of experts a batched layer computes beyond its first
+    (`group_us`, `single_us`: tiermoe.sim.group_probe), on the shipped models (or those given) all resident at the
+    current thread count. With `cold_mib`, every kernel call streams that many MiB first (see the module docstring),
+    and the read and group costs are left out."""
+    from tiermoe.sim.group_probe import group_costs
     from tiermoe.sim.read_probe import read_cost_us, read_wait
 
     out = {**ar_overheads(ar_model, cold_mib), **diffusion_overheads(diffusion_model, cold_mib)}
-    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait()}
+    return out if cold_mib else {**out, "read_us": read_cost_us(diffusion_model), "read_wait": read_wait(),
+                                 **group_costs(diffusion_model)}
 
 
 def ar_overheads(model: Path | None = None, cold_mib: float = 0) -> dict[str, float]:

@@ -7,7 +7,7 @@ A profile is one JSON file (the presets live in `tiermoe/sim/hardware/`, each wi
            engine-measured (optional): kernel_gbs {dtype: {row length: {rows: GB/s}}}, linear_us / swiglu_us
            {dtype: {rows: us}}, attention {decode_us, decode_gflops, block_us, block_gflops},
            engine {expert_us, batch_expert_us, layer_us, block_layer_us, layer_row_us, step_us, denoise_us, logit_ns,
-           read_us, read_wait, sample_ns (optional)},
+           read_us, read_wait, sample_ns, group_us, single_us (optional)},
            cold_mib, attention_cold, engine_cold (optional: the same measured with every kernel call streaming
            cold_mib MiB first; attention with its keys and values from beyond the caches), long_gbs {dtype: {row
            length: {rows: GB/s}}} (optional: a product's bytes beyond LONG_FROM), store {kind: {request_us, key_us,

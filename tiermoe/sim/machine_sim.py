@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -296,6 +297,7 @@ class MachineSim:
         for key in served.hits:
             ready.append((max(t0, self.inflight.pop(key, t0)), next(order), key))
         issue, held = t0, bool(self.price.read_wait())
+        formed = t0 if ready else -math.inf  # when the group being computed was formed: residents are the first
         if held and (served.misses or served.streamed or served.prefetch):
             # the I/O threads start their reads once the model's thread lets go of the interpreter lock: the
             # experts at hand are computed first, for `read_wait` of that time the reads wait; and a read's Python
@@ -320,6 +322,9 @@ class MachineSim:
         streamed, read = set(served.streamed), set(served.misses) | set(served.streamed)
         while ready:
             at, _, key = heapq.heappop(ready)
+            if at > formed and self.batched:  # landed after the group before it was formed: the next group
+                first, formed = formed == -math.inf, max(at, last)
+                at = self._group(ready, formed, first)
             if held and key in read:
                 at = self.clock.run("cpu", at, self.read_cpu)
             done = self._compute(key, tokens[key[1]], where[key[1]], at)
@@ -328,6 +333,15 @@ class MachineSim:
                 heapq.heappush(ready, (self._read(done, size, depth_one=window == 1, landing=held), next(order),
                                        queue.popleft()))
         return last
+
+    def _group(self, ready: list[tuple], at: float, first: bool) -> float:
+        """A batched layer's next group, formed at `at` of what has landed by then (the store hands over the reads
+        found landed together); one beyond the layer's first costs a call of its own. Returns when its compute can
+        start."""
+        if first:
+            return at
+        experts = 1 + sum(r[0] <= at for r in ready)
+        return self.clock.run("cpu", at, self.price.extra_group(experts))
 
     def _read(self, at: float, nbytes: int, depth_one: bool, landing: bool = False) -> float:
         """Queue one expert read issued at `at`; returns when it lands. The engine's CPU time around a read (its
