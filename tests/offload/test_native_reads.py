@@ -1,6 +1,7 @@
 """Expert reads on native threads: the tokens of all-resident, the budget kept, faults named, the Python readers still
 serving when the engine is off (the whole lossless matrix runs on whichever the machine has)."""
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -121,15 +122,24 @@ def test_experts_file_changed_under_a_running_engine_is_named(converted, tmp_pat
         tokens(llm)
 
 
-def test_the_pieces_of_one_read_are_shared_by_the_threads_and_the_first_failed_piece_is_named(tmp_path):
-    data = os.urandom(16 * 4096)
-    path = tmp_path / "data.bin"
+@contextlib.contextmanager
+def page_reads(folder, pages: int, threads: int):
+    """(engine, file descriptor, random file bytes, buffer as large, its address) over a file of `pages` pages."""
+    data = os.urandom(pages * 4096)
+    path = folder / "data.bin"
     path.write_bytes(data)
-    engine = engine_module().ReadEngine(4)
+    engine = engine_module().ReadEngine(threads)
     fd = os.open(path, os.O_RDONLY)
     buf = mmap.mmap(-1, len(data))
-    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     try:
+        yield engine, fd, data, buf, ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    finally:
+        engine.close()
+        os.close(fd)
+
+
+def test_the_pieces_of_one_read_are_shared_by_the_threads_and_the_first_failed_piece_is_named(tmp_path):
+    with page_reads(tmp_path, 16, threads=4) as (engine, fd, data, buf, base):
         # 16 pieces of a page each, file page i into buffer page 15 - i
         pieces = [(fd, i * 4096, 4096, 4096, base + (15 - i) * 4096, False) for i in range(16)]
         job = engine.submit(pieces)
@@ -138,16 +148,26 @@ def test_the_pieces_of_one_read_are_shared_by_the_threads_and_the_first_failed_p
         assert (error, failed, nbytes) == (0, -1, len(data)) and seconds >= 0
         assert all(buf[(15 - i) * 4096:(16 - i) * 4096] == data[i * 4096:(i + 1) * 4096] for i in range(16))
         # pieces 5 and 9 cannot be read (a descriptor open for writing only): the job fails at piece 5
-        bad = os.open(path, os.O_WRONLY)
+        bad = os.open(tmp_path / "data.bin", os.O_WRONLY)
         pieces[5] = pieces[9] = (bad, 0, 4096, 4096, base, False)
         job = engine.submit(pieces)
         engine.wait_any([job])
         error, failed, *_ = engine.take(job)
         os.close(bad)
         assert (error, failed) == (errno.EBADF, 5)
-    finally:
-        engine.close()
-        os.close(fd)
+
+
+def test_reads_queued_back_to_back_while_the_readers_are_busy_all_land(tmp_path):
+    """Submit wakes one reader and each reader the next while pieces are left: no piece is left unread when jobs
+    arrive faster than the readers wake."""
+    with page_reads(tmp_path, 64, threads=3) as (engine, fd, data, buf, base):
+        # 8 jobs of 8 one-page pieces each, file page p into buffer page 63 - p
+        jobs = [engine.submit([(fd, p * 4096, 4096, 4096, base + (63 - p) * 4096, False)
+                               for p in range(8 * j, 8 * j + 8)]) for j in range(8)]
+        for job in jobs:
+            engine.wait_any([job])
+            assert engine.take(job)[:4] == (0, -1, 0, 8 * 4096)
+        assert all(buf[(63 - p) * 4096:(64 - p) * 4096] == data[p * 4096:(p + 1) * 4096] for p in range(64))
 
 
 def test_an_expert_read_is_split_into_a_piece_per_thread(converted):
