@@ -1,6 +1,7 @@
 """Expert reads on native threads: the tokens of all-resident, the budget kept, faults named, the Python readers still
 serving when the engine is off (the whole lossless matrix runs on whichever the machine has)."""
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -122,20 +123,24 @@ def test_experts_file_changed_under_a_running_engine_is_named(converted, tmp_pat
         tokens(llm)
 
 
-def _random_file(tmp_path, pages: int) -> tuple[bytes, object, int]:
-    """(its bytes, its path, a descriptor open for reading) of a file of random pages."""
+@contextlib.contextmanager
+def page_reads(folder, pages: int, threads: int):
+    """(engine, file descriptor, random file bytes, buffer as large, its address) over a file of `pages` pages."""
     data = os.urandom(pages * 4096)
-    path = tmp_path / "data.bin"
+    path = folder / "data.bin"
     path.write_bytes(data)
-    return data, path, os.open(path, os.O_RDONLY)
+    engine = engine_module().ReadEngine(threads)
+    fd = os.open(path, os.O_RDONLY)
+    buf = mmap.mmap(-1, len(data))
+    try:
+        yield engine, fd, data, buf, ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    finally:
+        engine.close()
+        os.close(fd)
 
 
 def test_the_pieces_of_one_read_are_shared_by_the_threads_and_the_first_failed_piece_is_named(tmp_path):
-    data, path, fd = _random_file(tmp_path, 16)
-    engine = engine_module().ReadEngine(4)
-    buf = mmap.mmap(-1, len(data))
-    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    try:
+    with page_reads(tmp_path, 16, threads=4) as (engine, fd, data, buf, base):
         # 16 pieces of a page each, file page i into buffer page 15 - i
         pieces = [(fd, i * 4096, 4096, 4096, base + (15 - i) * 4096, False) for i in range(16)]
         job = engine.submit(pieces)
@@ -144,16 +149,26 @@ def test_the_pieces_of_one_read_are_shared_by_the_threads_and_the_first_failed_p
         assert (error, failed, nbytes) == (0, -1, len(data)) and seconds >= 0
         assert all(buf[(15 - i) * 4096:(16 - i) * 4096] == data[i * 4096:(i + 1) * 4096] for i in range(16))
         # pieces 5 and 9 cannot be read (a descriptor open for writing only): the job fails at piece 5
-        bad = os.open(path, os.O_WRONLY)
+        bad = os.open(tmp_path / "data.bin", os.O_WRONLY)
         pieces[5] = pieces[9] = (bad, 0, 4096, 4096, base, False)
         job = engine.submit(pieces)
         engine.wait_any([job])
         error, failed, *_ = engine.take(job)
         os.close(bad)
         assert (error, failed) == (errno.EBADF, 5)
-    finally:
-        engine.close()
-        os.close(fd)
+
+
+def test_reads_queued_back_to_back_while_the_readers_are_busy_all_land(tmp_path):
+    """Submit wakes one reader and each reader the next while pieces are left: no piece is left unread when jobs
+    arrive faster than the readers wake."""
+    with page_reads(tmp_path, 64, threads=3) as (engine, fd, data, buf, base):
+        # 8 jobs of 8 one-page pieces each, file page p into buffer page 63 - p
+        jobs = [engine.submit([(fd, p * 4096, 4096, 4096, base + (63 - p) * 4096, False)
+                               for p in range(8 * j, 8 * j + 8)]) for j in range(8)]
+        for job in jobs:
+            engine.wait_any([job])
+            assert engine.take(job)[:4] == (0, -1, 0, 8 * 4096)
+        assert all(buf[(63 - p) * 4096:(64 - p) * 4096] == data[p * 4096:(p + 1) * 4096] for p in range(64))
 
 
 def test_an_expert_read_is_split_into_a_piece_per_thread(converted):
@@ -246,11 +261,9 @@ def _diffusion_tokens(llm):
 
 
 def test_a_gather_job_copies_its_ranges_out_of_the_bounce_buffer_once_read_and_not_when_a_piece_fails(tmp_path):
-    data, path, fd = _random_file(tmp_path, 8)
-    engine = engine_module().ReadEngine(2)
     out = torch.zeros(6000, dtype=torch.uint8)
     base = out.data_ptr()
-    try:
+    with page_reads(tmp_path, 8, threads=2) as (engine, fd, data, _, _):
         # file pages 2..4 into bounce bytes [0, 12288), page 6 into [12288, 16384); then four ranges out of it
         pieces = [(fd, 2 * 4096, 3 * 4096, 3 * 4096, 0, False), (fd, 6 * 4096, 4096, 4096, 3 * 4096, False)]
         copies = [(100, base, 3000), (3 * 4096 + 7, base + 3000, 1000), (5000, base + 4000, 1000),
@@ -263,16 +276,13 @@ def test_a_gather_job_copies_its_ranges_out_of_the_bounce_buffer_once_read_and_n
             assert (error, nbytes) == (0, 4 * 4096)
             assert bytes(out.numpy()) == (data[2 * 4096 + 100:2 * 4096 + 3100] + data[6 * 4096 + 7:6 * 4096 + 1007]
                                           + data[2 * 4096 + 5000:2 * 4096 + 6000] + data[2 * 4096:2 * 4096 + 1000])
-        bad = os.open(path, os.O_WRONLY)
+        bad = os.open(tmp_path / "data.bin", os.O_WRONLY)
         out.zero_()
         job = engine.submit([pieces[0], (bad, 0, 4096, 4096, 3 * 4096, False)], 4 * 4096, copies)
         engine.wait_any([job])
         error, failed, *_ = engine.take(job)
         os.close(bad)
         assert (error, failed) == (errno.EBADF, 1) and not out.any()  # nothing copied from a failed read
-    finally:
-        engine.close()
-        os.close(fd)
 
 
 class RefusingEngine:

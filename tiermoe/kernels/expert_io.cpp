@@ -91,11 +91,12 @@ class ReadEngine {
     for (char* b : idle_) std::free(b);
   }
 
-  // Notifies with the lock released: a woken thread (on 2 cores, often run at once in place of the caller) then
-  // finds it free instead of blocking on it until the caller runs again.
+  // Wakes one reader, after letting go of the lock; that reader wakes the next while pieces are left (`run`). Each
+  // wake is a system call on the caller's thread, the model's: waking every reader here cost it ~55 us a read in
+  // the replay (bench/offload_speed.py), one ~40, while the readers start their pieces a wake apart.
   int64_t submit(std::vector<Piece> pieces, int64_t bounce, std::vector<Copy> copies) {
     int64_t id;
-    size_t n;
+    size_t n = pieces.size();
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) throw std::runtime_error("expert read engine is closed");
@@ -104,12 +105,10 @@ class ReadEngine {
       j.pieces = std::move(pieces);
       j.bounce_size = (bounce + kPage - 1) / kPage * kPage;
       j.copies = std::move(copies);
-      n = j.pieces.size();
       if (n == 0) j.finished = true;
       else queue_.push_back(id);
     }
     if (n == 0) landed_.notify_all();
-    else if (n > 1) work_.notify_all();
     else work_.notify_one();
     return id;
   }
@@ -185,7 +184,7 @@ class ReadEngine {
       int64_t id;
       size_t i;
       Piece piece;
-      bool skip;
+      bool skip, more;
       {
         std::unique_lock<std::mutex> lock(mu_);
         work_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
@@ -202,7 +201,9 @@ class ReadEngine {
         piece = j.pieces[i];
         std::get<4>(piece) += reinterpret_cast<uintptr_t>(j.bounce);  // nullptr (0) unless a gather job
         skip = j.error != 0;  // a piece failed: the job has failed, read no more of it
+        more = !queue_.empty();
       }
+      if (more) work_.notify_one();  // pieces left: the next reader takes one while this one reads
       int64_t got = 0;
       int error = skip ? 0 : read_piece(piece, got);
       bool last = false;
