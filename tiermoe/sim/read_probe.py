@@ -66,7 +66,6 @@ def read_cost_us(model_dir: Path | None = None, budget: str = "25%", tau: int = 
     return round(max(off - res, 0.0) / max(reads, 1) * 1e6, 1)
 
 
-
 def read_slowdown(store, rounds: int = 48, reps: int = 5) -> float:
     """How much longer the model's thread computes while the engine's reads are in flight, as it computes a layer's
     resident experts while the layer's misses are read: per round, the model's thread submits about 2 MiB of reads
