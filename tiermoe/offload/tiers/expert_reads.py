@@ -127,15 +127,11 @@ class Gather:
         """A new slot (uninitialised) and the expert's weights as views of it; this runs on the model's thread for
         every miss, so with one dtype it is three tensor ops."""
         g, u, d = spec.parts
-        rows = (g.shape[0] + u.shape[0], *g.shape[1:])
         if g.dtype == d.dtype:
             slot = torch.empty(self.nbytes // g.dtype.itemsize, dtype=g.dtype)
-            down = (g.nbytes + u.nbytes) // d.dtype.itemsize
-            return slot, ExpertWeights(slot.as_strided(rows, _strides(rows), 0),
-                                       slot.as_strided(d.shape, _strides(d.shape), down))
-        slot = torch.empty(self.nbytes, dtype=torch.uint8)
-        gate_up = g.nbytes + u.nbytes
-        return slot, ExpertWeights(slot[:gate_up].view(g.dtype).view(rows), slot[gate_up:].view(d.dtype).view(d.shape))
+        else:
+            slot = torch.empty(self.nbytes, dtype=torch.uint8)
+        return slot, _views(spec, slot, 0, g.nbytes + u.nbytes)
 
 
 def gather(spec: ExpertSpec, dtype: torch.dtype, ranges: tuple[Range, ...]) -> Gather | None:
@@ -224,18 +220,23 @@ def in_place_weights(spec: ExpertSpec, lay: Layout, seg: Segment) -> ExpertWeigh
     g, u, d = spec.parts
     for src, dst, n in lay.patches:
         seg.view[dst:dst + n] = seg.view[src:src + n]
+    # [buffer items], or [bytes] with two dtypes; views of it share its storage: no copy
+    flat = torch.frombuffer(seg.view, dtype=g.dtype) if g.dtype == d.dtype else seg.as_tensor()
+    return _handed(seg, _views(spec, flat, lay.gate_up, lay.down))
+
+
+def _views(spec: ExpertSpec, flat: torch.Tensor, gate_up: int, down: int) -> ExpertWeights:
+    """gate | up [2I, H] and down as views of `flat` from byte offsets `gate_up` and `down`: `flat` typed as the
+    parts when they share one dtype (one tensor op per weight: this runs on the model's thread between a read
+    landing and its compute; the offsets are whole items), else bytes."""
+    g, u, d = spec.parts
     rows = (g.shape[0] + u.shape[0], *g.shape[1:])
-    if g.dtype != d.dtype:
-        flat = seg.as_tensor()  # [bytes]; views of it share its storage: no copy
-        return _handed(seg, ExpertWeights(flat[lay.gate_up:lay.gate_up + g.nbytes + u.nbytes].view(g.dtype).view(rows),
-                                          flat[lay.down:lay.down + d.nbytes].view(d.dtype).view(d.shape)))
-    # one tensor op per weight (this runs on the model's thread between a read landing and its compute); in_place
-    # put both at offsets that are whole items
-    flat = torch.frombuffer(seg.view, dtype=g.dtype)  # [buffer items]
-    size = g.dtype.itemsize
-    weights = ExpertWeights(flat.as_strided(rows, _strides(rows), lay.gate_up // size),
-                            flat.as_strided(d.shape, _strides(d.shape), lay.down // size))
-    return _handed(seg, weights)
+    if flat.dtype == g.dtype == d.dtype:
+        size = g.dtype.itemsize
+        return ExpertWeights(flat.as_strided(rows, _strides(rows), gate_up // size),
+                             flat.as_strided(d.shape, _strides(d.shape), down // size))
+    return ExpertWeights(flat[gate_up:gate_up + g.nbytes + u.nbytes].view(g.dtype).view(rows),
+                         flat[down:down + d.nbytes].view(d.dtype).view(d.shape))
 
 
 def _handed(seg: Segment, weights: ExpertWeights) -> ExpertWeights:
